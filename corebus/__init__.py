@@ -1,0 +1,65 @@
+"""corebus: a plugin-based training event bus for TensorFlow / Keras 3.
+
+``import corebus`` is cheap: TensorFlow is imported only when the engine, the adapter or the
+LR controller is first used, so plugin modules (and ``corebus plugins``) load fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .alerts import Alert
+from .bus import PluginBus, hookimpl
+from .cadence import Cadence
+from .errors import ConfigError, CorebusError, MissingExtraError, PluginError, require_module
+from .logs import LazyLogs
+from .registry import installed_plugins, load_plugin_config
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Trainer": "corebus.trainer",
+    "RunContext": "corebus.context",
+    "KerasCallback": "corebus.keras_adapter",
+    "wrap_optimizer": "corebus.gradients",
+    "GradientPipelineOptimizer": "corebus.gradients",
+    "LearningRateController": "corebus.lr",
+    "ScaledSchedule": "corebus.lr",
+}
+
+__all__ = [
+    "Alert",
+    "Cadence",
+    "ConfigError",
+    "CorebusError",
+    "GradientPipelineOptimizer",
+    "KerasCallback",
+    "LazyLogs",
+    "LearningRateController",
+    "MissingExtraError",
+    "PluginBus",
+    "PluginError",
+    "RunContext",
+    "ScaledSchedule",
+    "Trainer",
+    "hookimpl",
+    "installed_plugins",
+    "load_plugin_config",
+    "require_module",
+    "wrap_optimizer",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'corebus' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import RunContext
+    from .gradients import GradientPipelineOptimizer, wrap_optimizer
+    from .keras_adapter import KerasCallback
+    from .lr import LearningRateController, ScaledSchedule
+    from .trainer import Trainer

@@ -1,0 +1,3 @@
+from corebus.cli import main
+
+raise SystemExit(main())

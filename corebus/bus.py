@@ -1,0 +1,270 @@
+"""The event bus: a thin layer over ``pluggy.PluginManager``.
+
+What it adds to pluggy, and why:
+- **order**: plugins are called in the order the user listed them (Keras list order), adjusted
+  by declared ``runs_after`` / ``runs_before`` constraints and pluggy's tryfirst/trylast;
+  ``describe()`` prints the resulting hook plan;
+- **ownership**: a plugin may declare ``controls = {"lr.schedule"}``; two plugins controlling
+  the same thing are rejected at registration, naming both;
+- **error policy** per plugin (``error_policy = "raise" | "warn" | "disable"``, with
+  ``max_failures``) and errors that name the plugin and the hook;
+- **hot path**: callers for hooks nobody implements are ``None`` (the engine skips them), and
+  per-plugin timing is compiled in only when profiling is on;
+- **tracing**: ``COREBUS_TRACE=1`` logs every hook call to the ``corebus.trace`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import ConfigError, PluginError
+from .registry import plugin_name
+
+log = logging.getLogger("corebus")
+trace_log = logging.getLogger("corebus.trace")
+
+hookimpl = pluggy.HookimplMarker("corebus")
+
+ERROR_POLICIES = ("raise", "warn", "disable")
+
+# Hooks where a failing plugin must not mask the original problem: always warn.
+_NEVER_RAISE = {"on_exception"}
+
+
+class PluginBus:
+    """Registers plugins for one run and calls their hooks.
+
+    :param plugins: ``(name, plugin)`` pairs in the order the user listed them.
+    :param profile: record host time per plugin per hook (see :meth:`profile_report`).
+    """
+
+    def __init__(self, plugins: Iterable[tuple[str, object]] = (), *, profile: bool = False):
+        self.pm = pluggy.PluginManager("corebus")
+        self.pm.add_hookspecs(hookspecs)
+        self.profile_enabled = profile
+        self.timings: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+        self.failures: dict[str, int] = defaultdict(int)
+        self.disabled: set[str] = set()
+        self.plugins: dict[str, object] = {}
+        ordered = _ordered(_unique_names(list(plugins)))
+        _check_controls(ordered)
+        # pluggy calls the last registered first: register in reverse to call in list order.
+        for name, plugin in reversed(ordered):
+            self._register(name, plugin)
+        self.plugins = dict(ordered)
+        if os.environ.get("COREBUS_TRACE"):
+            self._enable_tracing()
+        self._callers = {
+            hook: (getattr(self.pm.hook, hook) if getattr(self.pm.hook, hook).get_hookimpls() else None)
+            for hook in hookspecs.__all__
+        }
+
+    # ------------------------------------------------------------------ registration
+
+    def _register(self, name: str, plugin: object) -> None:
+        policy = getattr(plugin, "error_policy", "raise")
+        if policy not in ERROR_POLICIES:
+            raise ConfigError(
+                f"plugin {name!r}: error_policy={policy!r} is not one of {', '.join(ERROR_POLICIES)}"
+            )
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise ConfigError(f"plugin {name!r} does not match the hook specs: {exc}") from exc
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    impl.function = self._guard(name, plugin, caller.name, impl.function, policy)
+
+    def _guard(self, name: str, plugin: object, hook: str, function: Callable, policy: str) -> Callable:
+        """Wrap one hook implementation with the plugin's error policy (and timing if on)."""
+        bus = self
+        max_failures = int(getattr(plugin, "max_failures", 3) or 3)
+        if hook in _NEVER_RAISE:
+            policy = "warn"
+
+        def on_error(exc: Exception) -> None:
+            if policy == "raise":
+                raise PluginError(name, hook, exc) from exc
+            bus.failures[name] += 1
+            log.warning("plugin %r failed in %s: %s: %s", name, hook, type(exc).__name__, exc)
+            if policy == "disable" and bus.failures[name] >= max_failures:
+                bus.disable(name)
+
+        if self.profile_enabled:
+            timing = self.timings[(name, hook)]
+            perf_counter = time.perf_counter
+
+            def guarded(*args):
+                if name in bus.disabled:
+                    return None
+                start = perf_counter()
+                try:
+                    return function(*args)
+                except Exception as exc:
+                    on_error(exc)
+                finally:
+                    timing[0] += 1
+                    timing[1] += perf_counter() - start
+
+        else:
+
+            def guarded(*args):
+                if name in bus.disabled:
+                    return None
+                try:
+                    return function(*args)
+                except Exception as exc:
+                    on_error(exc)
+
+        guarded.__wrapped__ = function
+        return guarded
+
+    def disable(self, name: str) -> None:
+        """Stop calling a plugin (after too many failures under the ``disable`` policy)."""
+        if name not in self.disabled:
+            log.warning("plugin %r disabled after %d failures", name, self.failures[name])
+            self.disabled.add(name)
+
+    def _enable_tracing(self) -> None:
+        def before(hook_name, impls, kwargs):
+            trace_log.debug("%s -> %s", hook_name, [i.plugin_name for i in reversed(impls)])
+
+        def after(outcome, hook_name, impls, kwargs):
+            if outcome.exception is not None:
+                trace_log.debug("%s raised %r", hook_name, outcome.exception)
+
+        self.pm.add_hookcall_monitoring(before, after)
+
+    # ------------------------------------------------------------------ calling
+
+    def caller(self, hook: str) -> Callable[..., Any] | None:
+        """The pluggy caller of ``hook``, or ``None`` when no plugin implements it.
+
+        The engine caches these once per run and skips ``None``: a hook nobody implements
+        costs nothing per batch.
+        """
+        return self._callers[hook]
+
+    def call(self, hook: str, **kwargs: Any) -> list[Any]:
+        """Call ``hook`` on every implementing plugin (no-op when none does)."""
+        caller = self._callers[hook]
+        if caller is None:
+            return []
+        return caller(**kwargs)
+
+    def implementations(self, hook: str) -> list[tuple[str, Any]]:
+        """``(plugin name, hookimpl)`` pairs in the order they are called."""
+        hook_caller = getattr(self.pm.hook, hook)
+        return [(impl.plugin_name, impl) for impl in reversed(hook_caller.get_hookimpls())]
+
+    def chain(self, hook: str, value_arg: str, value: Any, **kwargs: Any) -> Any:
+        """Call ``hook`` feeding each implementation the previous one's result.
+
+        Used for ``transform_gradients``: clipping after accumulation after logging, in hook
+        order. ``None`` results leave the value unchanged.
+        """
+        for _, impl in self.implementations(hook):
+            available = {value_arg: value, **kwargs}
+            result = impl.function(*[available[arg] for arg in impl.argnames])
+            if result is not None:
+                value = result
+        return value
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every plugin's ``state_dict()``, keyed by plugin name."""
+        return {
+            name: plugin.state_dict()
+            for name, plugin in self.plugins.items()
+            if callable(getattr(plugin, "state_dict", None))
+        }
+
+    def load_state_dict(self, states: Mapping[str, Any]) -> None:
+        for name, state in states.items():
+            plugin = self.plugins.get(name)
+            if plugin is not None and callable(getattr(plugin, "load_state_dict", None)):
+                plugin.load_state_dict(state)
+
+    # ------------------------------------------------------------------ reporting
+
+    def describe(self) -> str:
+        """The hook plan: which plugin runs at which hook, in call order."""
+        lines = [f"plugins: {', '.join(self.plugins) or '(none)'}"]
+        for hook in hookspecs.__all__:
+            impls = self.implementations(hook)
+            if not impls:
+                continue
+            names = []
+            for name, impl in impls:
+                marks = [m for m in ("tryfirst", "trylast", "wrapper") if getattr(impl, m)]
+                names.append(name + (f" [{','.join(marks)}]" if marks else ""))
+            lines.append(f"  {hook:<24} {' -> '.join(names)}")
+        return "\n".join(lines)
+
+    def profile_report(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Host time per plugin per hook: ``{plugin: {hook: {"calls", "seconds"}}}``."""
+        report: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+        for (name, hook), (calls, seconds) in self.timings.items():
+            if calls:
+                report[name][hook] = {"calls": calls, "seconds": seconds}
+        return dict(report)
+
+
+def _unique_names(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    seen: dict[str, int] = {}
+    unique = []
+    for name, plugin in pairs:
+        if any(plugin is other for _, other in unique):
+            raise ConfigError(f"plugin {name!r} was given twice (the same instance)")
+        seen[name] = seen.get(name, 0) + 1
+        unique.append((name if seen[name] == 1 else f"{name}#{seen[name]}", plugin))
+    return unique
+
+
+def _matches(name: str, plugin: object, ref: str) -> bool:
+    return ref == name or ref == type(plugin).__name__ or ref == plugin_name(plugin)
+
+
+def _ordered(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """List order, adjusted by ``runs_after`` / ``runs_before`` (stable topological sort)."""
+    after: dict[int, set[int]] = {i: set() for i in range(len(pairs))}
+    for i, (name, plugin) in enumerate(pairs):
+        for ref in getattr(plugin, "runs_after", ()) or ():
+            after[i] |= {j for j, (n, p) in enumerate(pairs) if j != i and _matches(n, p, ref)}
+        for ref in getattr(plugin, "runs_before", ()) or ():
+            for j, (n, p) in enumerate(pairs):
+                if j != i and _matches(n, p, ref):
+                    after[j].add(i)
+    done: list[int] = []
+    pending = list(range(len(pairs)))
+    while pending:
+        ready = [i for i in pending if after[i] <= set(done)]
+        if not ready:
+            cycle = ", ".join(pairs[i][0] for i in pending)
+            raise ConfigError(f"plugin ordering constraints form a cycle among: {cycle}")
+        done.append(ready[0])
+        pending.remove(ready[0])
+    return [pairs[i] for i in done]
+
+
+def _check_controls(pairs: list[tuple[str, object]]) -> None:
+    owners: dict[str, str] = {}
+    for name, plugin in pairs:
+        for key in getattr(plugin, "controls", ()) or ():
+            if key in owners:
+                raise ConfigError(
+                    f"plugins {owners[key]!r} and {name!r} both control {key!r}; "
+                    f"keep one of them (a schedule composes with a plateau multiplier, "
+                    f"two schedules do not)"
+                )
+            owners[key] = name

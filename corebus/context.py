@@ -1,0 +1,176 @@
+"""What every hook receives as ``trainer``: the run's state and the event dispatch.
+
+Both the engine (:class:`corebus.Trainer`) and the Keras adapter (:class:`corebus.KerasCallback`)
+drive plugins through the methods here, so a plugin sees the same arguments, the same order
+and the same step numbers in ``Trainer.fit`` and in ``model.fit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .alerts import Alert
+from .bus import PluginBus
+from .logs import LazyLogs
+
+
+class RunContext:
+    """The run state plugins read and write.
+
+    Attributes plugins use:
+      ``model``, ``optimizer`` (the default one), ``optimizers`` (by name), ``lr`` (the LR
+      handle of the default optimizer), ``global_step`` (optimizer updates done),
+      ``previous_global_step`` (before the last train call), ``epoch``, ``batch``,
+      ``stop_training`` (set it to end ``fit`` after the current step), ``params``
+      (``epochs``, ``steps``, ``batch_size``, ``verbose``...), ``mode`` (``"train"``,
+      ``"test"``, ``"predict"``).
+    """
+
+    def __init__(self) -> None:
+        self.bus: PluginBus = PluginBus()
+        self.model: Any = None
+        self.optimizers: dict[str, Any] = {}
+        self.global_step = 0
+        self.previous_global_step = 0
+        self.epoch = 0
+        self.batch = 0
+        self.params: dict[str, Any] = {}
+        self.mode = "train"
+        self._stop_training = False
+        self._lr: Any = None
+        self._callers: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- state plugins use
+
+    @property
+    def optimizer(self) -> Any:
+        return self.optimizers.get("default") or next(iter(self.optimizers.values()), None)
+
+    @property
+    def lr(self) -> Any:
+        """The :class:`corebus.lr.LearningRateController` of the default optimizer."""
+        if self._lr is None or self._lr.optimizer is not self.optimizer:
+            from .lr import LearningRateController
+
+            self._lr = LearningRateController(self.optimizer)
+        return self._lr
+
+    def lr_for(self, optimizer_name: str) -> Any:
+        """The LR handle of a named optimizer (custom steps with several optimizers)."""
+        from .lr import LearningRateController
+
+        return LearningRateController(self.optimizers[optimizer_name])
+
+    @property
+    def stop_training(self) -> bool:
+        return self._stop_training
+
+    @stop_training.setter
+    def stop_training(self, value: bool) -> None:
+        self._stop_training = bool(value)
+
+    def alert(self, kind: str, title: str, text: str = "", level: str = "warning") -> Alert:
+        """Raise an alert on the bus (``on_alert``); returns it."""
+        alert = Alert(
+            kind=kind, title=title, text=text, level=level, step=self.global_step, epoch=self.epoch
+        )
+        self.bus.call("on_alert", trainer=self, alert=alert)
+        return alert
+
+    # ---------------------------------------------------------------- dispatch
+
+    def _use_bus(self, bus: PluginBus) -> None:
+        self.bus = bus
+        self._callers = {hook: bus.caller(hook) for hook in bus._callers}
+
+    def _emit(self, hook: str, **kwargs: Any) -> None:
+        caller = self._callers.get(hook)
+        if caller is not None:
+            caller(trainer=self, **kwargs)
+
+    def _train_begin(self) -> None:
+        self.mode = "train"
+        self._emit("on_train_begin", logs={})
+
+    def _epoch_begin(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.mode = "train"
+        self._emit("on_epoch_begin", epoch=epoch, logs={})
+
+    def _train_batch_begin(self, batch: int) -> None:
+        self.batch = batch
+        self._emit("on_train_batch_begin", batch=batch, logs={})
+
+    def _train_batch_end(self, batch: int, steps_done: int, logs: Mapping[str, Any]) -> None:
+        """``steps_done`` optimizer updates happened in the call that just ended."""
+        self.batch = batch
+        self.previous_global_step = self.global_step
+        self.global_step += steps_done
+        on_batch_end = self._callers.get("on_train_batch_end")
+        if on_batch_end is not None:
+            on_batch_end(trainer=self, batch=batch, logs=logs)
+        on_log = self._callers.get("on_log")
+        if on_log is not None:
+            on_log(trainer=self, kind="batch", step=self.global_step, logs=logs)
+
+    def _epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        self._emit("on_epoch_end", epoch=epoch, logs=logs)
+        if self._callers.get("on_log") is not None:
+            record = dict(logs)
+            if self.optimizer is not None:
+                record.setdefault("learning_rate", self.lr.value)
+            self._emit("on_log", kind="epoch", step=self.global_step, logs=record)
+
+    def _train_end(self, logs: dict[str, float] | None) -> None:
+        self._emit("on_train_end", logs=logs)
+
+    def _exception(self, exception: BaseException) -> None:
+        self._emit("on_exception", exception=exception)
+
+    def _test_begin(self) -> None:
+        self.mode = "test"
+        self._emit("on_test_begin", logs={})
+
+    def _test_batch_begin(self, batch: int) -> None:
+        self._emit("on_test_batch_begin", batch=batch, logs={})
+
+    def _test_batch_end(self, batch: int, logs: Mapping[str, Any]) -> None:
+        self._emit("on_test_batch_end", batch=batch, logs=logs)
+
+    def _test_end(self, logs: dict[str, float]) -> None:
+        self._emit("on_test_end", logs=logs)
+        self.mode = "train"
+
+    def _predict_begin(self) -> None:
+        self.mode = "predict"
+        self._emit("on_predict_begin", logs={})
+
+    def _predict_batch_begin(self, batch: int) -> None:
+        self._emit("on_predict_batch_begin", batch=batch, logs={})
+
+    def _predict_batch_end(self, batch: int, logs: Mapping[str, Any]) -> None:
+        self._emit("on_predict_batch_end", batch=batch, logs=logs)
+
+    def _predict_end(self) -> None:
+        self._emit("on_predict_end", logs={})
+        self.mode = "train"
+
+    def transform_gradients(self, gradients: list, variables: list, optimizer_name: str = "default") -> list:
+        """Run the gradient pipeline (trace time, inside the compiled step)."""
+        if self.bus.caller("transform_gradients") is None:
+            return list(gradients)
+        return self.bus.chain(
+            "transform_gradients",
+            "gradients",
+            list(gradients),
+            trainer=self,
+            variables=list(variables),
+            optimizer_name=optimizer_name,
+        )
+
+    def wants_batch_logs(self) -> bool:
+        return self._callers.get("on_train_batch_end") is not None or self._callers.get("on_log") is not None
+
+
+__all__ = ["RunContext", "LazyLogs"]

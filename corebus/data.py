@@ -1,0 +1,188 @@
+"""Turning ``fit(x, y, ...)`` inputs into per-epoch batch iterators.
+
+Arrays are shuffled by index with a per-epoch seeded permutation (not a ``tf.data`` shuffle
+buffer), so the order of any epoch is reproducible from ``(seed, epoch)``: a resumed run can
+skip to the exact batch it stopped at.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .errors import ConfigError
+
+
+def _is_dataset(x: Any) -> bool:
+    return isinstance(x, tf.data.Dataset)
+
+
+def _num_samples(structure: Any, what: str) -> int:
+    sizes = set()
+    for leaf in keras.tree.flatten(structure):
+        if leaf is None:
+            continue
+        shape = getattr(leaf, "shape", None)
+        if shape is None or len(shape) == 0:
+            raise ConfigError(f"{what} must be arrays with a batch dimension, got {type(leaf).__name__}")
+        sizes.add(int(shape[0]))
+    if len(sizes) > 1:
+        raise ConfigError(f"the arrays in {what} have different lengths: {sorted(sizes)}")
+    return sizes.pop() if sizes else 0
+
+
+def _to_arrays(structure: Any) -> Any:
+    def convert(leaf):
+        if leaf is None or isinstance(leaf, (np.ndarray, tf.Tensor)):
+            return leaf
+        return np.asarray(leaf)
+
+    return keras.tree.map_structure(convert, structure)
+
+
+class ArrayData:
+    """In-memory arrays (numpy, tensors, or nested dicts/lists of them)."""
+
+    def __init__(
+        self,
+        x: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        *,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        steps: int | None = None,
+    ):
+        if x is None:
+            raise ConfigError("no training data: pass x (arrays or a tf.data.Dataset)")
+        x, y, sample_weight = _to_arrays(x), _to_arrays(y), _to_arrays(sample_weight)
+        n = _num_samples(x, "x")
+        for name, other in (("y", y), ("sample_weight", sample_weight)):
+            if other is not None:
+                m = _num_samples(other, name)
+                if m != n:
+                    raise ConfigError(
+                        f"x has {n} samples but {name} has {m}: they must have the same length"
+                    )
+        if n == 0:
+            raise ConfigError("x has no samples")
+        self.num_samples = n
+        self.batch_size = int(batch_size or 32)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
+        self.shuffle = shuffle
+        self.seed = seed
+        full_steps = math.ceil(n / self.batch_size)
+        self.steps = min(steps, full_steps) if steps else full_steps
+        parts = tuple(p for p in (x, y, sample_weight) if p is not None)
+        self._tensors = keras.tree.map_structure(
+            lambda a: None if a is None else tf.convert_to_tensor(a), parts
+        )
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The sample order of ``epoch`` (reproducible from the seed and the epoch)."""
+        if not self.shuffle:
+            return np.arange(self.num_samples, dtype=np.int64)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def dataset(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
+        tensors = self._tensors
+        indices = self.order(epoch)[skip_batches * self.batch_size :]
+        ds = tf.data.Dataset.from_tensor_slices(indices).batch(self.batch_size)
+        ds = ds.map(
+            lambda idx: keras.tree.map_structure(lambda t: tf.gather(t, idx), tensors),
+        )
+        return ds.prefetch(2)
+
+    def iterator(self, epoch: int, skip_batches: int = 0) -> Iterator:
+        return iter(self.dataset(epoch, skip_batches))
+
+    def first_batch(self) -> Any:
+        return next(iter(self.dataset(0)))
+
+
+class DatasetData:
+    """A ``tf.data.Dataset`` the user batched already (``batch_size`` is ignored, as in Keras)."""
+
+    def __init__(self, dataset: tf.data.Dataset, *, steps: int | None = None):
+        self._dataset = dataset
+        cardinality = int(dataset.cardinality())
+        if cardinality == tf.data.INFINITE_CARDINALITY and not steps:
+            raise ConfigError(
+                "the dataset is infinite (repeat()): pass steps_per_epoch so epochs have an end"
+            )
+        self.known_steps = cardinality if cardinality >= 0 else None
+        self.steps = steps or self.known_steps
+        self.batch_size = None
+        # With steps_per_epoch, Keras keeps one iterator across epochs (an epoch is a number of
+        # steps, not a pass over the data); without it, every epoch is a fresh pass.
+        self._persistent = steps is not None
+        self._iterator: Iterator | None = None
+
+    def iterator(self, epoch: int, skip_batches: int = 0) -> Iterator:
+        if self._persistent and self._iterator is not None:
+            return self._iterator
+        ds = self._dataset.skip(skip_batches) if skip_batches else self._dataset
+        self._iterator = iter(ds)
+        return self._iterator
+
+    def exhausted(self) -> None:
+        """The persistent iterator ran out: the next epoch starts a new pass."""
+        self._iterator = None
+
+    def first_batch(self) -> Any:
+        return next(iter(self._dataset.take(1)))
+
+
+def make_data(
+    x: Any,
+    y: Any = None,
+    sample_weight: Any = None,
+    *,
+    batch_size: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    steps: int | None = None,
+) -> ArrayData | DatasetData:
+    """Pick the adapter for ``x`` and validate the inputs (one clear error, before training)."""
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"steps_per_epoch={steps!r} must be a positive integer")
+    if _is_dataset(x):
+        if y is not None:
+            raise ConfigError("x is a tf.data.Dataset: it must yield (x, y) itself; do not pass y")
+        return DatasetData(x, steps=steps)
+    if isinstance(x, tf.data.Iterator) or hasattr(x, "__next__"):
+        raise ConfigError("pass a tf.data.Dataset or arrays, not an iterator or generator")
+    return ArrayData(
+        x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=seed, steps=steps
+    )
+
+
+def split_validation(x: Any, y: Any, sample_weight: Any, validation_split: float) -> tuple:
+    """Keras semantics: the last ``validation_split`` fraction, taken before shuffling."""
+    if not 0.0 < validation_split < 1.0:
+        raise ConfigError(f"validation_split={validation_split!r} must be between 0 and 1")
+    if _is_dataset(x):
+        raise ConfigError("validation_split needs arrays; with a Dataset pass validation_data")
+    x, y, sample_weight = _to_arrays(x), _to_arrays(y), _to_arrays(sample_weight)
+    n = _num_samples(x, "x")
+    split_at = int(math.floor(n * (1.0 - validation_split)))
+    if split_at in (0, n):
+        raise ConfigError(
+            f"validation_split={validation_split} leaves an empty train or validation set "
+            f"with {n} samples"
+        )
+
+    def head(structure):
+        return keras.tree.map_structure(lambda a: None if a is None else a[:split_at], structure)
+
+    def tail(structure):
+        return keras.tree.map_structure(lambda a: None if a is None else a[split_at:], structure)
+
+    return (head(x), head(y), head(sample_weight)), (tail(x), tail(y), tail(sample_weight))

@@ -1,0 +1,89 @@
+"""Gradient-pipeline plugins inside ``model.fit``: an optimizer wrapper.
+
+``model.fit`` owns its train step, so the only place to transform gradients is the optimizer.
+This follows Keras's ``LossScaleOptimizer`` pattern: wrap the real optimizer, run the
+``transform_gradients`` hooks on the way in (at trace time, compiled into Keras's step), and
+delegate everything else. One line::
+
+    model.compile(optimizer=callback.wrap_optimizer("adam"), loss=...)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from .context import RunContext
+
+
+@keras.saving.register_keras_serializable(package="corebus")
+class GradientPipelineOptimizer(keras.optimizers.Optimizer):
+    """Runs the corebus gradient pipeline, then lets ``inner_optimizer`` apply the result."""
+
+    def __init__(self, inner_optimizer: Any, context: RunContext | None = None, name: str | None = None):
+        inner = keras.optimizers.get(inner_optimizer)
+        super().__init__(learning_rate=0.0, name=name or f"corebus_{inner.name}")
+        self.inner_optimizer = inner
+        self._context = context
+
+    def build(self, var_list):
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            self.build(trainable_variables)
+        variables = list(trainable_variables or self._trainable_variables)
+        grads = list(grads)
+        if self._context is not None:
+            grads = self._context.transform_gradients(grads, variables, "default")
+        self.inner_optimizer.apply(grads, trainable_variables=variables)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise NotImplementedError("GradientPipelineOptimizer supports the TensorFlow backend only")
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        inner = keras.saving.deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
+
+
+def wrap_optimizer(optimizer: Any, callback: Any) -> GradientPipelineOptimizer:
+    """Wrap ``optimizer`` so ``callback``'s gradient plugins run inside ``model.fit``."""
+    return GradientPipelineOptimizer(optimizer, callback.context)
+
+
+def unwrap(optimizer: Any) -> Any:
+    """The optimizer that owns the learning rate and the slots."""
+    while isinstance(optimizer, GradientPipelineOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer

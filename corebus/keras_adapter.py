@@ -1,0 +1,126 @@
+"""Run corebus plugins inside ``model.fit`` / ``evaluate`` / ``predict``.
+
+The same plugin instances, the same hook arguments and order, the same stop and learning-rate
+semantics as in :class:`corebus.Trainer`: the adapter translates Keras callback calls into the
+shared dispatch of :class:`corebus.RunContext`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from . import registry
+from .bus import PluginBus
+from .context import RunContext
+from .gradients import GradientPipelineOptimizer, unwrap
+from .logs import LazyLogs
+
+
+class KerasRunContext(RunContext):
+    """What plugins see as ``trainer`` inside ``model.fit``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._first_batch = 0
+
+    @property
+    def stop_training(self) -> bool:
+        return bool(getattr(self.model, "stop_training", False))
+
+    @stop_training.setter
+    def stop_training(self, value: bool) -> None:
+        if self.model is not None:
+            self.model.stop_training = bool(value)
+
+    def _attach(self, model: Any, params: dict[str, Any]) -> None:
+        self.model = model
+        optimizer = getattr(model, "optimizer", None)
+        self.optimizers = {"default": unwrap(optimizer)} if optimizer is not None else {}
+        self.params = dict(params or {})
+
+
+class KerasCallback(keras.callbacks.Callback):
+    """A Keras callback that drives corebus plugins.
+
+    ::
+
+        callback = corebus.KerasCallback(plugins=["early_stopping", MyPlugin()])
+        model.compile(optimizer=callback.wrap_optimizer("adam"), loss=...)  # gradient plugins
+        model.fit(x, y, callbacks=[callback])
+    """
+
+    def __init__(self, plugins: Any = None, *, profile: bool = False):
+        super().__init__()
+        self.context = KerasRunContext()
+        self.context._use_bus(PluginBus(registry.resolve_all(plugins), profile=profile))
+
+    @property
+    def bus(self) -> PluginBus:
+        return self.context.bus
+
+    def wrap_optimizer(self, optimizer: Any) -> GradientPipelineOptimizer:
+        """Wrap ``optimizer`` so this callback's gradient plugins run inside ``model.fit``."""
+        return GradientPipelineOptimizer(optimizer, self.context)
+
+    # --------------------------------------------------------------- train
+
+    def on_train_begin(self, logs=None):
+        ctx = self.context
+        ctx._attach(self.model, self.params)
+        iterations = ctx.optimizer.iterations if ctx.optimizer is not None else 0
+        ctx.global_step = ctx.previous_global_step = int(keras.ops.convert_to_numpy(iterations))
+        ctx._train_begin()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.context._epoch_begin(epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.context._first_batch = batch
+        self.context._train_batch_begin(batch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        ctx = self.context
+        steps_done = batch - ctx._first_batch + 1
+        ctx._train_batch_end(batch, steps_done, LazyLogs.from_tensors(logs or {}))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.context._epoch_end(epoch, logs if logs is not None else {})
+
+    def on_train_end(self, logs=None):
+        self.context._train_end(logs)
+
+    # --------------------------------------------------------------- evaluate
+
+    def on_test_begin(self, logs=None):
+        ctx = self.context
+        if ctx.model is None:
+            ctx._attach(self.model, self.params)
+        ctx._test_begin()
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self.context._test_batch_begin(batch)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.context._test_batch_end(batch, LazyLogs.from_tensors(logs or {}))
+
+    def on_test_end(self, logs=None):
+        self.context._test_end(logs if logs is not None else {})
+
+    # --------------------------------------------------------------- predict
+
+    def on_predict_begin(self, logs=None):
+        ctx = self.context
+        if ctx.model is None:
+            ctx._attach(self.model, self.params)
+        ctx._predict_begin()
+
+    def on_predict_batch_begin(self, batch, logs=None):
+        self.context._predict_batch_begin(batch)
+
+    def on_predict_batch_end(self, batch, logs=None):
+        self.context._predict_batch_end(batch, logs or {})
+
+    def on_predict_end(self, logs=None):
+        self.context._predict_end()

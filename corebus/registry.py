@@ -1,0 +1,258 @@
+"""Installed plugins (the ``corebus.plugins`` entry-point group) and turning specs into plugins.
+
+Installed is not active: a run activates a plugin by instance, by entry-point name, or by a
+``{"name": ..., **params}`` mapping, possibly read from a TOML/YAML file. Built-in plugins are
+registered in pyproject exactly as a third party registers one.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata as metadata
+import importlib.util
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from .errors import ConfigError, MissingExtraError
+
+ENTRY_POINT_GROUP = "corebus.plugins"
+
+PluginSpec = Union[object, str, Mapping[str, Any]]
+
+
+@dataclass
+class PluginInfo:
+    """One installed plugin, described without importing it."""
+
+    name: str
+    target: str
+    distribution: str
+    version: str
+    extras: list[str] = field(default_factory=list)
+    hooks: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "target": self.target,
+            "distribution": self.distribution,
+            "version": self.version,
+            "extras": self.extras,
+            "hooks": self.hooks,
+        }
+
+
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    found: dict[str, metadata.EntryPoint] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def installed_names() -> list[str]:
+    return sorted(_entry_points())
+
+
+def installed_plugins() -> list[PluginInfo]:
+    """Every installed plugin with its distribution, version and the hooks it implements.
+
+    Hooks are read from the plugin's source with ``ast``, so listing never imports heavy SDKs.
+    """
+    infos = []
+    for name, ep in sorted(_entry_points().items()):
+        dist = ep.dist
+        infos.append(
+            PluginInfo(
+                name=name,
+                target=ep.value.split("[")[0].strip(),
+                distribution=dist.metadata["Name"] if dist else "?",
+                version=dist.version if dist else "?",
+                extras=list(ep.extras),
+                hooks=_hooks_from_source(ep.module, ep.attr),
+            )
+        )
+    return infos
+
+
+def _hooks_from_source(module: str, attr: str | None) -> list[str]:
+    from . import hookspecs
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return []
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == attr:
+            return sorted(
+                item.name
+                for item in node.body
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and item.name in hookspecs.__all__
+                and any(_is_hookimpl(d) for d in item.decorator_list)
+            )
+    return []
+
+
+def _is_hookimpl(decorator: ast.expr) -> bool:
+    if isinstance(decorator, ast.Call):
+        decorator = decorator.func
+    if isinstance(decorator, ast.Name):
+        return decorator.id == "hookimpl"
+    return isinstance(decorator, ast.Attribute) and decorator.attr == "hookimpl"
+
+
+def load_plugin_class(name: str) -> type:
+    """Import the class registered under ``name``; one clear error for unknown names."""
+    eps = _entry_points()
+    if name not in eps:
+        raise ConfigError(
+            f"unknown plugin {name!r}. Installed plugins: {', '.join(sorted(eps)) or '(none)'}. "
+            f"Check the spelling, or install the package that provides it."
+        )
+    ep = eps[name]
+    try:
+        return ep.load()
+    except MissingExtraError:
+        raise
+    except ImportError as exc:
+        if ep.extras:
+            raise MissingExtraError(
+                f"plugin {name!r}", exc.name or str(exc), ep.extras[0]
+            ) from exc
+        raise ConfigError(f"plugin {name!r} could not be imported: {exc}") from exc
+
+
+def instantiate(name: str, params: Mapping[str, Any]) -> object:
+    """Create the plugin registered as ``name`` with ``params``; bad params name the fix."""
+    cls = load_plugin_class(name)
+    try:
+        signature = inspect.signature(cls)
+        signature.bind(**params)
+    except TypeError as exc:
+        raise ConfigError(
+            f"plugin {name!r} ({cls.__qualname__}) got bad params {dict(params)!r}: {exc}. "
+            f"Accepted: {cls.__qualname__}{_signature_text(cls)}"
+        ) from None
+    try:
+        return cls(**params)
+    except MissingExtraError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"plugin {name!r} rejected its params: {exc}") from exc
+
+
+def _signature_text(cls: type) -> str:
+    try:
+        return str(inspect.signature(cls))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def resolve(spec: PluginSpec) -> object:
+    """Turn one plugin spec (instance, name or mapping) into a plugin instance."""
+    if isinstance(spec, str):
+        return instantiate(spec, {})
+    if isinstance(spec, Mapping):
+        params = dict(spec)
+        name = params.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(
+                f"plugin mapping {dict(spec)!r} has no 'name': write "
+                '{"name": "<entry-point name>", **params}'
+            )
+        return instantiate(name, params)
+    if inspect.isclass(spec):
+        raise ConfigError(
+            f"got the class {spec.__qualname__} instead of an instance: "
+            f"pass {spec.__qualname__}() (did you forget the parentheses?)"
+        )
+    return spec
+
+
+def resolve_all(specs: Any) -> list[tuple[str, object]]:
+    """Resolve a list of specs, or a path to a TOML/YAML file holding them, to named plugins.
+
+    A plugin activated by entry-point name is called by that name in the hook plan and in
+    checkpoints; an instance by its class name.
+    """
+    if specs is None:
+        return []
+    if isinstance(specs, (os.PathLike,)) or (
+        isinstance(specs, str) and specs.endswith((".toml", ".yaml", ".yml"))
+    ):
+        specs = load_plugin_config(specs)
+    if isinstance(specs, (str, Mapping)) or not hasattr(specs, "__iter__"):
+        specs = [specs]
+    named = []
+    for spec in specs:
+        plugin = resolve(spec)
+        if isinstance(spec, str):
+            name = spec
+        elif isinstance(spec, Mapping):
+            name = spec["name"]
+        else:
+            name = plugin_name(plugin)
+        named.append((name, plugin))
+    return named
+
+
+def load_plugin_config(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read plugin specs from a TOML or YAML file.
+
+    Either a list (``[[plugins]]`` tables with a ``name`` key) or a table keyed by name
+    (``[plugins.early_stopping]`` with its params).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read plugin config {str(path)!r}: {exc}") from exc
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # the parsers raise their own error types
+        raise ConfigError(f"{path}: does not parse: {exc}") from exc
+    plugins = data.get("plugins") if isinstance(data, Mapping) else None
+    if plugins is None:
+        raise ConfigError(f"{path}: no 'plugins' key (expected a list or a table of plugins)")
+    if isinstance(plugins, Mapping):
+        specs = []
+        for name, params in plugins.items():
+            if params is None:
+                params = {}
+            if not isinstance(params, Mapping):
+                raise ConfigError(f"{path}: plugins.{name} must be a table of params")
+            specs.append({"name": name, **params})
+        return specs
+    if isinstance(plugins, list):
+        for i, item in enumerate(plugins):
+            if isinstance(item, str):
+                plugins[i] = {"name": item}
+            elif not isinstance(item, Mapping) or "name" not in item:
+                raise ConfigError(f"{path}: plugins[{i}] needs a 'name' key")
+        return plugins
+    raise ConfigError(f"{path}: 'plugins' must be a list or a table")
+
+
+def plugin_name(plugin: object) -> str:
+    """The display name of a plugin instance: its ``name`` attribute or its class name."""
+    name = getattr(plugin, "plugin_name", None)
+    if isinstance(name, str) and name:
+        return name
+    return type(plugin).__name__

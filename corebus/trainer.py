@@ -1,0 +1,467 @@
+"""The engine: a compiled custom training loop that drives plugins through the bus."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from . import registry
+from .bus import PluginBus
+from .context import RunContext
+from .data import ArrayData, DatasetData, make_data, split_validation
+from .errors import ConfigError
+from .logs import LazyLogs
+
+TrainStep = Callable[["Trainer", Any], Mapping[str, Any]]
+
+
+def _unscale_for_distribution(loss):
+    # Keras's own helper (identity without a strategy); private, so degrade gracefully.
+    try:
+        from keras.src.losses.loss import unscale_loss_for_distribution
+    except ImportError:  # pragma: no cover - depends on the Keras version
+        return loss
+    return unscale_loss_for_distribution(loss)
+
+
+def _pack(logs: Mapping[str, Any], names_out: list[str]) -> tf.Tensor:
+    """Pack every reported scalar into one float32 vector (one host fetch later).
+
+    Runs at trace time; the names are recorded as a side effect, in the same order.
+    """
+    names_out[:] = list(logs.keys())
+    if not names_out:
+        return tf.zeros((0,), tf.float32)
+    return tf.stack([tf.reduce_mean(tf.cast(logs[k], tf.float32)) for k in names_out])
+
+
+class Trainer(RunContext):
+    """Train a Keras model with a compiled custom loop, plugins attached.
+
+    :param model: a ``keras.Model``.
+    :param optimizer: a Keras optimizer or identifier (``"adam"``); for custom steps with
+        several optimizers, a dict ``{"generator": ..., "discriminator": ...}``. Defaults to the
+        model's compiled optimizer, else ``"rmsprop"`` as ``model.compile`` does.
+    :param loss: a Keras loss or identifier, as ``model.compile`` accepts.
+    :param metrics: Keras metrics or identifiers, as ``model.compile`` accepts.
+    :param plugins: instances, entry-point names, ``{"name": ..., **params}`` mappings, or a
+        path to a TOML/YAML file listing them.
+    :param train_step: optional ``(trainer, data) -> dict of scalars``, traced into the compiled
+        step. Call ``trainer.apply_gradients(grads, variables, optimizer="name")`` inside it so
+        the gradient pipeline (clipping, accumulation, logging) applies per optimizer.
+    :param test_step: optional ``(trainer, data) -> dict`` for ``evaluate`` with custom steps.
+    :param steps_per_execution: steps run per compiled call; batch hooks fire once per call.
+    :param jit_compile: compile the step with XLA.
+    :param seed: seed for the per-epoch shuffle order (random if not given).
+    :param profile: record host time per plugin per hook (``trainer.bus.profile_report()``).
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        optimizer: Any = None,
+        loss: Any = None,
+        metrics: Any = None,
+        plugins: Any = None,
+        *,
+        strategy: tf.distribute.Strategy | None = None,
+        train_step: TrainStep | None = None,
+        test_step: TrainStep | None = None,
+        steps_per_execution: int = 1,
+        jit_compile: bool = False,
+        seed: int | None = None,
+        profile: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(model, keras.Model):
+            raise ConfigError(
+                f"model must be a keras.Model (Sequential, functional or subclassed), "
+                f"got {type(model).__name__}"
+            )
+        if not isinstance(steps_per_execution, int) or steps_per_execution < 1:
+            raise ConfigError(f"steps_per_execution={steps_per_execution!r} must be an integer >= 1")
+        if train_step is not None and not callable(train_step):
+            raise ConfigError("train_step must be a callable (trainer, data) -> dict of logs")
+        self.model = model
+        self.strategy = strategy
+        self.steps_per_execution = steps_per_execution
+        self.jit_compile = bool(jit_compile)
+        self.seed = int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
+        self.profile = profile
+        self._user_train_step = train_step
+        self._user_test_step = test_step
+        self._plugins = registry.resolve_all(plugins)
+        PluginBus(self._plugins)  # validates names, order and ownership before any training
+        self._setup_optimizers(optimizer, loss, metrics)
+        with tf.init_scope():
+            self._step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self._train_fn: dict[int, Callable] = {}
+        self._test_fn: dict[int, Callable] = {}
+        self._predict_fn: Callable | None = None
+        self._train_log_names: list[str] = []
+        self._test_log_names: list[str] = []
+        self.history: Any = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_optimizers(self, optimizer: Any, loss: Any, metrics: Any) -> None:
+        if self._user_train_step is None:
+            if isinstance(optimizer, Mapping):
+                raise ConfigError("several optimizers need a custom train_step to say which applies where")
+            if optimizer is None and loss is None and metrics is None and self.model.compiled:
+                pass  # use the model's own compile() settings
+            else:
+                if loss is None and not self.model.compiled:
+                    raise ConfigError("no loss: pass loss=... (e.g. 'sparse_categorical_crossentropy')")
+                try:
+                    self.model.compile(
+                        optimizer=optimizer if optimizer is not None else "rmsprop",
+                        loss=loss,
+                        metrics=metrics,
+                    )
+                except (ValueError, TypeError) as exc:
+                    raise ConfigError(f"bad optimizer/loss/metrics: {exc}") from exc
+            self.optimizers = {"default": self.model.optimizer}
+            self.loss = self.model.loss
+        else:
+            specs = optimizer if isinstance(optimizer, Mapping) else {"default": optimizer or "adam"}
+            try:
+                self.optimizers = {name: keras.optimizers.get(spec) for name, spec in specs.items()}
+                self.loss = keras.losses.get(loss) if loss is not None else None
+                self.metrics = [keras.metrics.get(m) for m in (metrics or [])]
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"bad optimizer/loss/metrics: {exc}") from exc
+
+    def _make_bus(self, extra: list[str]) -> PluginBus:
+        named = list(self._plugins)
+        active = {type(p).__name__ for _, p in named} | {n for n, _ in named}
+        for name in extra:
+            if name not in active:
+                named.append((name, registry.instantiate(name, {})))
+        bus = PluginBus(named, profile=self.profile)
+        self._use_bus(bus)
+        return bus
+
+    # ------------------------------------------------------------------ steps
+
+    def _default_train_step(self, data: Any) -> Mapping[str, Any]:
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            model._loss_tracker.update_state(
+                _unscale_for_distribution(loss),
+                sample_weight=tf.shape(next(i for i in keras.tree.flatten(x) if i is not None))[0],
+            )
+            loss = model.optimizer.scale_loss(loss)
+        variables = model.trainable_variables
+        gradients = tape.gradient(loss, variables)
+        self.apply_gradients(gradients, variables)
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _default_test_step(self, data: Any) -> Mapping[str, Any]:
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = model(x, training=False)
+        loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+        model._loss_tracker.update_state(
+            _unscale_for_distribution(loss),
+            sample_weight=tf.shape(next(i for i in keras.tree.flatten(x) if i is not None))[0],
+        )
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def apply_gradients(self, gradients: Any, variables: Any, optimizer: str = "default") -> None:
+        """Run the gradient pipeline, then let the named optimizer apply the result.
+
+        Call this from a custom ``train_step`` (inside the compiled step).
+        """
+        if optimizer not in self.optimizers:
+            raise KeyError(f"no optimizer named {optimizer!r}; have {', '.join(self.optimizers)}")
+        gradients = self.transform_gradients(list(gradients), list(variables), optimizer)
+        self.optimizers[optimizer].apply(gradients, list(variables))
+
+    def _one_train_step(self, data: Any) -> Mapping[str, Any]:
+        if self._user_train_step is not None:
+            logs = self._user_train_step(self, data)
+        else:
+            logs = self._default_train_step(data)
+        self._step_counter.assign_add(1)
+        return logs
+
+    def _one_test_step(self, data: Any) -> Mapping[str, Any]:
+        if self._user_test_step is not None:
+            return self._user_test_step(self, data)
+        if self._user_train_step is not None and not self.model.compiled:
+            raise ConfigError("evaluate with a custom train_step needs test_step=... as well")
+        return self._default_test_step(data)
+
+    def _compiled(self, step: Callable, names: list[str], steps: int) -> Callable:
+        """A ``tf.function`` running ``steps`` steps on an iterator, returning packed logs."""
+        one_step = step
+        if self.jit_compile:
+            one_step = tf.function(step, jit_compile=True, reduce_retracing=True)
+
+        if steps == 1:
+
+            def call(iterator):
+                return _pack(one_step(next(iterator)), names)
+
+        else:
+
+            def call(iterator):
+                packed = _pack(one_step(next(iterator)), names)
+                for _ in tf.range(steps - 1):
+                    packed = _pack(one_step(next(iterator)), names)
+                return packed
+
+        return tf.function(call)
+
+    def _train_function(self, steps: int) -> Callable:
+        if steps not in self._train_fn:
+            self._train_fn[steps] = self._compiled(self._one_train_step, self._train_log_names, steps)
+        return self._train_fn[steps]
+
+    def _test_function(self, steps: int) -> Callable:
+        if steps not in self._test_fn:
+            self._test_fn[steps] = self._compiled(self._one_test_step, self._test_log_names, steps)
+        return self._test_fn[steps]
+
+    def _build(self, data: ArrayData | DatasetData) -> None:
+        """Create every variable (model, metrics, optimizer) before the first compiled call."""
+        if self._user_train_step is None:
+            # Keras's own pre-build (model, compiled loss/metrics, optimizer), as model.fit does.
+            self.model._symbolic_build(data_batch=data.first_batch())
+            if not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+        elif not self.model.built:
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(data.first_batch())
+            self.model(x)
+
+    # ------------------------------------------------------------------ loop pieces
+
+    def _batches(self, steps: int | None) -> Any:
+        """``(first batch index, number of steps)`` per compiled call of one epoch."""
+        spe = self.steps_per_execution
+        begin = 0
+        while steps is None or begin < steps:
+            n = spe if steps is None else min(spe, steps - begin)
+            yield begin, n
+            begin += n
+
+    def _run_epoch(self, data: ArrayData | DatasetData, epoch: int) -> Mapping[str, Any] | None:
+        begin_hook = self._callers["on_train_batch_begin"]
+        wants_logs = self.wants_batch_logs()
+        names = self._train_log_names
+        iterator = data.iterator(epoch)
+        packed = None
+        logs = None
+        for begin, n in self._batches(data.steps):
+            if begin_hook is not None:
+                self.batch = begin
+                begin_hook(trainer=self, batch=begin, logs={})
+            try:
+                packed = self._train_function(n)(iterator)
+            except tf.errors.OutOfRangeError:
+                done = self._steps_done_since(begin)
+                if isinstance(data, DatasetData):
+                    data.exhausted()
+                if done:
+                    logs = self._metrics_or(None)
+                    self._train_batch_end(begin + done - 1, done, logs or {})
+                break
+            if wants_logs:
+                logs = LazyLogs(names, packed)
+                self._train_batch_end(begin + n - 1, n, logs)
+            else:
+                self.previous_global_step = self.global_step
+                self.global_step += n
+            if self.stop_training:
+                break
+        if packed is not None and logs is None:
+            logs = LazyLogs(names, packed)
+        return logs
+
+    def _steps_done_since(self, begin: int) -> int:
+        # A call that hit the end of a dataset of unknown length ran some of its steps:
+        # the step counter variable tells how many.
+        done = int(self._step_counter.numpy()) - self._counter_at_epoch_start - begin
+        return max(done, 0)
+
+    def _metrics_or(self, logs: Mapping[str, Any] | None) -> dict[str, float]:
+        """Keras's rule: the model's metric results, unless a custom step reports other keys."""
+        metric_logs = self.model.get_metrics_result() if self.model.compiled else {}
+        if logs is None or (metric_logs and set(logs) == set(metric_logs)):
+            chosen = metric_logs
+        else:
+            chosen = logs
+        return {k: float(np.asarray(v)) for k, v in dict(chosen).items()}
+
+    def _evaluate_data(self, data: ArrayData | DatasetData) -> dict[str, float]:
+        self._test_begin()
+        for metric in self.model.metrics:
+            metric.reset_state()
+        begin_hook = self._callers["on_test_batch_begin"]
+        end_hook = self._callers["on_test_batch_end"]
+        iterator = data.iterator(0)
+        logs: Mapping[str, Any] | None = None
+        for begin, n in self._batches(data.steps):
+            if begin_hook is not None:
+                begin_hook(trainer=self, batch=begin, logs={})
+            try:
+                packed = self._test_function(n)(iterator)
+            except tf.errors.OutOfRangeError:
+                break
+            logs = LazyLogs(self._test_log_names, packed)
+            if end_hook is not None:
+                end_hook(trainer=self, batch=begin + n - 1, logs=logs)
+        result = self._metrics_or(logs)
+        self._test_end(result)
+        return result
+
+    # ------------------------------------------------------------------ public API
+
+    def fit(
+        self,
+        x: Any = None,
+        y: Any = None,
+        batch_size: int | None = None,
+        epochs: int = 1,
+        verbose: Any = "auto",
+        validation_split: float = 0.0,
+        validation_data: Any = None,
+        shuffle: bool = True,
+        sample_weight: Any = None,
+        initial_epoch: int = 0,
+        steps_per_epoch: int | None = None,
+        validation_steps: int | None = None,
+        validation_batch_size: int | None = None,
+        validation_freq: int = 1,
+    ) -> Any:
+        """Train like ``model.fit``; returns a Keras-like ``History``."""
+        if not isinstance(epochs, int) or epochs < 0:
+            raise ConfigError(f"epochs={epochs!r} must be a non-negative integer")
+        if validation_split and validation_data is None:
+            (x, y, sample_weight), validation_data = split_validation(x, y, sample_weight, validation_split)
+        data = make_data(
+            x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=self.seed, steps=steps_per_epoch
+        )
+        val_data = None
+        if validation_data is not None:
+            if isinstance(validation_data, tf.data.Dataset):
+                val_data = make_data(validation_data, steps=validation_steps)
+            else:
+                val_x, val_y, val_sw = keras.utils.unpack_x_y_sample_weight(tuple(validation_data))
+                val_data = make_data(
+                    val_x, val_y, val_sw, batch_size=validation_batch_size or batch_size, steps=validation_steps
+                )
+        verbose = 1 if verbose == "auto" else int(verbose)
+        bus = self._make_bus(["history"] + (["progress"] if verbose else []))
+        self.history = next(p for n, p in bus.plugins.items() if n == "history" or type(p).__name__ == "History")
+        self.params = {
+            "epochs": epochs,
+            "steps": data.steps,
+            "verbose": verbose,
+            "batch_size": data.batch_size,
+            "steps_per_execution": self.steps_per_execution,
+            "initial_epoch": initial_epoch,
+            "validation": val_data is not None,
+        }
+        self._build(data)
+        self.stop_training = False
+        self.global_step = self.previous_global_step = int(self._step_counter.numpy())
+        epoch_logs: dict[str, float] | None = None
+        try:
+            self._train_begin()
+            for epoch in range(initial_epoch, epochs):
+                self.model.reset_metrics()
+                self._counter_at_epoch_start = self.global_step
+                self._epoch_begin(epoch)
+                last = self._run_epoch(data, epoch)
+                epoch_logs = self._metrics_or(last)
+                if val_data is not None and (epoch + 1) % validation_freq == 0:
+                    val_logs = self._evaluate_data(val_data)
+                    epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
+                self._epoch_end(epoch, epoch_logs)
+                if self.stop_training:
+                    break
+            for optimizer in self.optimizers.values():
+                optimizer.finalize_variable_values(self.model.trainable_variables)
+            self._train_end(epoch_logs)
+        except BaseException as exc:
+            self._exception(exc)
+            raise
+        return self.history
+
+    def evaluate(
+        self,
+        x: Any = None,
+        y: Any = None,
+        batch_size: int | None = None,
+        verbose: Any = "auto",
+        sample_weight: Any = None,
+        steps: int | None = None,
+        return_dict: bool = False,
+    ) -> Any:
+        """Evaluate like ``model.evaluate``: a scalar, a list in metric order, or a dict."""
+        data = make_data(x, y, sample_weight, batch_size=batch_size, steps=steps)
+        verbose = 1 if verbose == "auto" else int(verbose)
+        self._make_bus(["progress"] if verbose else [])
+        self.params = {"epochs": 1, "steps": data.steps, "verbose": verbose}
+        self._build_for_eval(data)
+        logs = self._evaluate_data(data)
+        if return_dict:
+            return logs
+        return self.model._flatten_metrics_in_order(logs)
+
+    def _build_for_eval(self, data: ArrayData | DatasetData) -> None:
+        if self.model.compiled:
+            self.model._symbolic_build(data_batch=data.first_batch())
+
+    def predict(self, x: Any, batch_size: int | None = None, verbose: Any = "auto", steps: int | None = None) -> Any:
+        """Predict like ``model.predict``: numpy outputs for every sample."""
+        data = make_data(x, batch_size=batch_size, steps=steps)
+        verbose = 1 if verbose == "auto" else int(verbose)
+        self._make_bus(["progress"] if verbose else [])
+        self.params = {"epochs": 1, "steps": data.steps, "verbose": verbose}
+        if self._predict_fn is None:
+            model = self.model
+
+            def predict_call(iterator):
+                x_batch, _, _ = keras.utils.unpack_x_y_sample_weight(next(iterator))
+                return model(x_batch, training=False)
+
+            self._predict_fn = tf.function(predict_call, jit_compile=False)
+        self._predict_begin()
+        outputs = []
+        iterator = data.iterator(0)
+        for begin, _ in self._batches_of_one(data.steps):
+            self._predict_batch_begin(begin)
+            try:
+                batch_out = self._predict_fn(iterator)
+            except tf.errors.OutOfRangeError:
+                break
+            batch_out = keras.tree.map_structure(np.asarray, batch_out)
+            outputs.append(batch_out)
+            self._predict_batch_end(begin, {"outputs": batch_out})
+        self._predict_end()
+        if not outputs:
+            raise ConfigError("predict got no batches")
+        return keras.tree.map_structure_up_to(
+            outputs[0], lambda *parts: np.concatenate(parts), *outputs
+        )
+
+    def _batches_of_one(self, steps: int | None) -> Any:
+        begin = 0
+        while steps is None or begin < steps:
+            yield begin, 1
+            begin += 1
+
+    def describe(self, verbose: int = 1) -> str:
+        """The hook plan of a ``fit(verbose=...)`` with these plugins (no training)."""
+        return self._make_bus(["history"] + (["progress"] if verbose else [])).describe()

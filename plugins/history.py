@@ -1,0 +1,34 @@
+"""Records epoch logs, like ``keras.callbacks.History``; ``fit`` returns it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corebus import hookimpl
+
+
+class History:
+    """``history.history`` is a dict of per-epoch lists; ``history.epoch`` the epoch indices."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+        self.params: dict[str, Any] = {}
+        self.model: Any = None
+
+    @hookimpl(trylast=True)
+    def on_train_begin(self, trainer):
+        self.epoch = []
+        self.params = dict(trainer.params)
+        self.model = trainer.model
+
+    # trylast: record the logs after every other plugin had the chance to add to them
+    # (a plateau plugin adding "learning_rate", for instance), as Keras's History does.
+    @hookimpl(trylast=True)
+    def on_epoch_end(self, epoch, logs):
+        self.epoch.append(epoch)
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(value)
+
+    def __repr__(self) -> str:
+        return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
