@@ -91,20 +91,29 @@ class ArrayData:
             return np.arange(self.num_samples, dtype=np.int64)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
-    def dataset(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
-        tensors = self._tensors
-        indices = self.order(epoch)[skip_batches * self.batch_size :]
-        ds = tf.data.Dataset.from_tensor_slices(indices).batch(self.batch_size)
-        ds = ds.map(
-            lambda idx: keras.tree.map_structure(lambda t: tf.gather(t, idx), tensors),
-        )
-        return ds.prefetch(2)
-
     def iterator(self, epoch: int, skip_batches: int = 0) -> Iterator:
-        return iter(self.dataset(epoch, skip_batches))
+        """An iterator of index batches; the compiled step gathers the rows itself.
+
+        Gathering inside the step (``take``) instead of in a ``tf.data`` map keeps the input
+        pipeline to one cheap op per batch: measured faster than a ``from_tensor_slices``
+        + ``shuffle`` pipeline on small models, where the host is the bottleneck.
+        """
+        indices = self.order(epoch)[skip_batches * self.batch_size :]
+        return iter(tf.data.Dataset.from_tensor_slices(indices).batch(self.batch_size))
+
+    @property
+    def source(self) -> Any:
+        """The arrays as tensors, passed to the compiled step as an argument (not captured,
+        so large arrays never end up as graph constants)."""
+        return self._tensors
+
+    @staticmethod
+    def take(source: Any, element: Any) -> Any:
+        """Inside the compiled step: the batch rows for a batch of indices."""
+        return keras.tree.map_structure(lambda t: tf.gather(t, element), source)
 
     def first_batch(self) -> Any:
-        return next(iter(self.dataset(0)))
+        return self.take(self._tensors, tf.range(min(self.batch_size, self.num_samples), dtype=tf.int64))
 
 
 class DatasetData:
@@ -131,6 +140,12 @@ class DatasetData:
         ds = self._dataset.skip(skip_batches) if skip_batches else self._dataset
         self._iterator = iter(ds)
         return self._iterator
+
+    source: tuple = ()
+
+    @staticmethod
+    def take(source: Any, element: Any) -> Any:
+        return element
 
     def exhausted(self) -> None:
         """The persistent iterator ran out: the next epoch starts a new pass."""

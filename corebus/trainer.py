@@ -201,7 +201,7 @@ class Trainer(RunContext):
             raise ConfigError("evaluate with a custom train_step needs test_step=... as well")
         return self._default_test_step(data)
 
-    def _compiled(self, step: Callable, names: list[str], steps: int) -> Callable:
+    def _compiled(self, step: Callable, names: list[str], steps: int, take: Callable) -> Callable:
         """A ``tf.function`` running ``steps`` steps on an iterator, returning packed logs."""
         one_step = step
         if self.jit_compile:
@@ -209,28 +209,30 @@ class Trainer(RunContext):
 
         if steps == 1:
 
-            def call(iterator):
-                return _pack(one_step(next(iterator)), names)
+            def call(iterator, source):
+                return _pack(one_step(take(source, next(iterator))), names)
 
         else:
 
-            def call(iterator):
-                packed = _pack(one_step(next(iterator)), names)
+            def call(iterator, source):
+                packed = _pack(one_step(take(source, next(iterator))), names)
                 for _ in tf.range(steps - 1):
-                    packed = _pack(one_step(next(iterator)), names)
+                    packed = _pack(one_step(take(source, next(iterator))), names)
                 return packed
 
         return tf.function(call)
 
-    def _train_function(self, steps: int) -> Callable:
-        if steps not in self._train_fn:
-            self._train_fn[steps] = self._compiled(self._one_train_step, self._train_log_names, steps)
-        return self._train_fn[steps]
+    def _train_function(self, steps: int, data: ArrayData | DatasetData) -> Callable:
+        key = (steps, type(data))
+        if key not in self._train_fn:
+            self._train_fn[key] = self._compiled(self._one_train_step, self._train_log_names, steps, data.take)
+        return self._train_fn[key]
 
-    def _test_function(self, steps: int) -> Callable:
-        if steps not in self._test_fn:
-            self._test_fn[steps] = self._compiled(self._one_test_step, self._test_log_names, steps)
-        return self._test_fn[steps]
+    def _test_function(self, steps: int, data: ArrayData | DatasetData) -> Callable:
+        key = (steps, type(data))
+        if key not in self._test_fn:
+            self._test_fn[key] = self._compiled(self._one_test_step, self._test_log_names, steps, data.take)
+        return self._test_fn[key]
 
     def _build(self, data: ArrayData | DatasetData) -> None:
         """Create every variable (model, metrics, optimizer) before the first compiled call."""
@@ -259,6 +261,7 @@ class Trainer(RunContext):
         wants_logs = self.wants_batch_logs()
         names = self._train_log_names
         iterator = data.iterator(epoch)
+        source = data.source
         packed = None
         logs = None
         for begin, n in self._batches(data.steps):
@@ -266,7 +269,7 @@ class Trainer(RunContext):
                 self.batch = begin
                 begin_hook(trainer=self, batch=begin, logs={})
             try:
-                packed = self._train_function(n)(iterator)
+                packed = self._train_function(n, data)(iterator, source)
             except tf.errors.OutOfRangeError:
                 done = self._steps_done_since(begin)
                 if isinstance(data, DatasetData):
@@ -309,12 +312,13 @@ class Trainer(RunContext):
         begin_hook = self._callers["on_test_batch_begin"]
         end_hook = self._callers["on_test_batch_end"]
         iterator = data.iterator(0)
+        source = data.source
         logs: Mapping[str, Any] | None = None
         for begin, n in self._batches(data.steps):
             if begin_hook is not None:
                 begin_hook(trainer=self, batch=begin, logs={})
             try:
-                packed = self._test_function(n)(iterator)
+                packed = self._test_function(n, data)(iterator, source)
             except tf.errors.OutOfRangeError:
                 break
             logs = LazyLogs(self._test_log_names, packed)
@@ -432,18 +436,18 @@ class Trainer(RunContext):
         if self._predict_fn is None:
             model = self.model
 
-            def predict_call(iterator):
-                x_batch, _, _ = keras.utils.unpack_x_y_sample_weight(next(iterator))
+            def predict_call(iterator, source, take):
+                x_batch, _, _ = keras.utils.unpack_x_y_sample_weight(take(source, next(iterator)))
                 return model(x_batch, training=False)
 
-            self._predict_fn = tf.function(predict_call, jit_compile=False)
+            self._predict_fn = tf.function(predict_call)
         self._predict_begin()
         outputs = []
         iterator = data.iterator(0)
         for begin, _ in self._batches_of_one(data.steps):
             self._predict_batch_begin(begin)
             try:
-                batch_out = self._predict_fn(iterator)
+                batch_out = self._predict_fn(iterator, data.source, data.take)
             except tf.errors.OutOfRangeError:
                 break
             batch_out = keras.tree.map_structure(np.asarray, batch_out)
