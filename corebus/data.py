@@ -73,8 +73,8 @@ class ArrayData:
         if n == 0:
             raise ConfigError("x has no samples")
         self.num_samples = n
-        self.batch_size = int(batch_size or 32)
-        if self.batch_size < 1:
+        self.batch_size = 32 if batch_size is None else batch_size
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
         self.shuffle = shuffle
         self.seed = seed

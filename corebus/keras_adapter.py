@@ -82,6 +82,11 @@ class KerasCallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         ctx = self.context
+        # Keras reports begin + N - 1 even for a short last call of an epoch; clamp to the
+        # real last batch so step counts (and every cadence built on them) stay exact.
+        steps = ctx.params.get("steps")
+        if steps:
+            batch = min(batch, steps - 1)
         steps_done = batch - ctx._first_batch + 1
         ctx._train_batch_end(batch, steps_done, LazyLogs.from_tensors(logs or {}))
 

@@ -34,7 +34,8 @@ def _pack(logs: Mapping[str, Any], names_out: list[str]) -> tf.Tensor:
 
     Runs at trace time; the names are recorded as a side effect, in the same order.
     """
-    names_out[:] = list(logs.keys())
+    # Sorted, because Keras hands callbacks sorted logs (pythonify_logs).
+    names_out[:] = sorted(logs.keys())
     if not names_out:
         return tf.zeros((0,), tf.float32)
     return tf.stack([tf.reduce_mean(tf.cast(logs[k], tf.float32)) for k in names_out])
@@ -191,7 +192,10 @@ class Trainer(RunContext):
             logs = self._user_train_step(self, data)
         else:
             logs = self._default_train_step(data)
-        self._step_counter.assign_add(1)
+        # Automatic control dependencies order ops per resource only: without this, the
+        # counter could move before a get_next that then hits the end of the data.
+        with tf.control_dependencies([t for t in keras.tree.flatten(data) if t is not None]):
+            self._step_counter.assign_add(1)
         return logs
 
     def _one_test_step(self, data: Any) -> Mapping[str, Any]:
@@ -237,13 +241,14 @@ class Trainer(RunContext):
     def _build(self, data: ArrayData | DatasetData) -> None:
         """Create every variable (model, metrics, optimizer) before the first compiled call."""
         if self._user_train_step is None:
-            # Keras's own pre-build (model, compiled loss/metrics, optimizer), as model.fit does.
-            self.model._symbolic_build(data_batch=data.first_batch())
+            # Keras's own pre-build (model, compiled loss/metrics, optimizer), as model.fit does;
+            # it is also where Keras resolves loss and metric identifiers.
+            try:
+                self.model._symbolic_build(data_batch=data.first_batch())
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"bad optimizer/loss/metrics for this model and data: {exc}") from exc
             if not self.model.optimizer.built:
                 self.model.optimizer.build(self.model.trainable_variables)
-        elif not self.model.built:
-            x, _, _ = keras.utils.unpack_x_y_sample_weight(data.first_batch())
-            self.model(x)
 
     # ------------------------------------------------------------------ loop pieces
 
@@ -303,7 +308,7 @@ class Trainer(RunContext):
             chosen = metric_logs
         else:
             chosen = logs
-        return {k: float(np.asarray(v)) for k, v in dict(chosen).items()}
+        return {k: float(np.asarray(v)) for k, v in sorted(dict(chosen).items())}
 
     def _evaluate_data(self, data: ArrayData | DatasetData) -> dict[str, float]:
         self._test_begin()
@@ -391,6 +396,7 @@ class Trainer(RunContext):
                 if val_data is not None and (epoch + 1) % validation_freq == 0:
                     val_logs = self._evaluate_data(val_data)
                     epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
+                    epoch_logs = dict(sorted(epoch_logs.items()))
                 self._epoch_end(epoch, epoch_logs)
                 if self.stop_training:
                     break
