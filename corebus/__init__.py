@@ -13,7 +13,9 @@ from .alerts import Alert
 from .bus import PluginBus, hookimpl
 from .cadence import Cadence
 from .errors import ConfigError, CorebusError, MissingExtraError, PluginError, require_module
+from .io import BackgroundWorker, atomic_path, check_writable, fsync_path
 from .logs import LazyLogs
+from .monitor import Monitor
 from .registry import installed_plugins, load_plugin_config
 
 __version__ = "0.1.0"
@@ -30,6 +32,11 @@ _LAZY = {
 
 __all__ = [
     "Alert",
+    "BackgroundWorker",
+    "Monitor",
+    "atomic_path",
+    "check_writable",
+    "fsync_path",
     "Cadence",
     "ConfigError",
     "CorebusError",

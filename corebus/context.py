@@ -20,7 +20,8 @@ class RunContext:
 
     Attributes plugins use:
       ``model``, ``optimizer`` (the default one), ``optimizers`` (by name), ``lr`` (the LR
-      handle of the default optimizer), ``global_step`` (optimizer updates done),
+      handle of the default optimizer), ``global_step`` (optimizer updates done; with
+      gradient accumulation, batches // accumulation steps), ``micro_step`` (batches trained),
       ``previous_global_step`` (before the last train call), ``epoch``, ``batch``,
       ``stop_training`` (set it to end ``fit`` after the current step), ``params``
       (``epochs``, ``steps``, ``batch_size``, ``verbose``...), ``mode`` (``"train"``,
@@ -33,6 +34,9 @@ class RunContext:
         self.optimizers: dict[str, Any] = {}
         self.global_step = 0
         self.previous_global_step = 0
+        self.micro_step = 0
+        self._accumulation = 1
+        self._pipeline: Any = None
         self.epoch = 0
         self.batch = 0
         self.params: dict[str, Any] = {}
@@ -83,6 +87,35 @@ class RunContext:
     def _use_bus(self, bus: PluginBus) -> None:
         self.bus = bus
         self._callers = {hook: bus.caller(hook) for hook in bus._callers}
+        self._accumulation = self.accumulation_steps("default")
+
+    def _start_steps(self, micro_step: int) -> None:
+        """Set the step counters at the start of a run (``micro_step`` = batches trained)."""
+        self.micro_step = micro_step
+        self.global_step = self.previous_global_step = micro_step // self._accumulation
+
+    def _advance(self, micro_steps_done: int) -> None:
+        self.micro_step += micro_steps_done
+        self.previous_global_step = self.global_step
+        self.global_step = self.micro_step // self._accumulation
+
+    @property
+    def gradient_pipeline(self) -> Any:
+        if self._pipeline is None:
+            from .gradients import GradientPipeline
+
+            self._pipeline = GradientPipeline(self)
+        return self._pipeline
+
+    def accumulation_steps(self, optimizer_name: str = "default") -> int:
+        """Micro-batches per optimizer update (the ``gradient_accumulation_steps`` hook)."""
+        caller = self._callers.get("gradient_accumulation_steps")
+        steps = caller(trainer=self, optimizer_name=optimizer_name) if caller is not None else None
+        if steps is None:
+            return 1
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {steps!r}")
+        return steps
 
     def _emit(self, hook: str, **kwargs: Any) -> None:
         caller = self._callers.get(hook)
@@ -103,10 +136,9 @@ class RunContext:
         self._emit("on_train_batch_begin", batch=batch, logs={})
 
     def _train_batch_end(self, batch: int, steps_done: int, logs: Mapping[str, Any]) -> None:
-        """``steps_done`` optimizer updates happened in the call that just ended."""
+        """``steps_done`` batches were trained in the call that just ended."""
         self.batch = batch
-        self.previous_global_step = self.global_step
-        self.global_step += steps_done
+        self._advance(steps_done)
         on_batch_end = self._callers.get("on_train_batch_end")
         if on_batch_end is not None:
             on_batch_end(trainer=self, batch=batch, logs=logs)

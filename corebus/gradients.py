@@ -13,8 +13,63 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 from .context import RunContext
+
+
+class GradientPipeline:
+    """Accumulate (if asked) -> transform (clip, log...) -> apply, built at trace time.
+
+    One instance per run context, shared by the engine's step and the ``model.fit`` optimizer
+    wrapper, so both paths compute exactly the same update.
+    """
+
+    def __init__(self, context: RunContext):
+        self.context = context
+        self._accumulators: dict[str, tuple[list[Any], tf.Variable]] = {}
+
+    def apply(self, optimizer: Any, gradients: list, variables: list, name: str = "default") -> None:
+        if not optimizer.built:
+            with tf.init_scope():
+                optimizer.build(variables)
+        steps = self.context.accumulation_steps(name)
+        if steps <= 1:
+            optimizer.apply(self.context.transform_gradients(gradients, variables, name), variables)
+            return
+        accumulators, count = self._state(name, variables)
+        count.assign_add(1)
+        summed = [None if g is None else a + tf.cast(g, a.dtype) for a, g in zip(accumulators, gradients)]
+
+        def update():
+            mean = [None if g is None else g / steps for g in summed]
+            optimizer.apply(self.context.transform_gradients(mean, variables, name), variables)
+            for accumulator in accumulators:
+                accumulator.assign(tf.zeros_like(accumulator))
+            return tf.constant(True)
+
+        def accumulate():
+            for accumulator, g in zip(accumulators, summed):
+                if g is not None:
+                    accumulator.assign(g)
+            return tf.constant(False)
+
+        tf.cond(count % steps == 0, update, accumulate)
+
+    def _state(self, name: str, variables: list) -> tuple[list[Any], tf.Variable]:
+        if name not in self._accumulators:
+            with tf.init_scope():
+                accumulators = [
+                    tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="grad_accumulator")
+                    for v in variables
+                ]
+                count = tf.Variable(0, dtype=tf.int64, trainable=False, name="accumulated_micro_batches")
+            self._accumulators[name] = (accumulators, count)
+        return self._accumulators[name]
+
+    def state_variables(self) -> list[Any]:
+        """Accumulators and counters (for run snapshots)."""
+        return [v for accs, count in self._accumulators.values() for v in [*accs, count]]
 
 
 @keras.saving.register_keras_serializable(package="corebus")
@@ -39,10 +94,10 @@ class GradientPipelineOptimizer(keras.optimizers.Optimizer):
         if not self.built:
             self.build(trainable_variables)
         variables = list(trainable_variables or self._trainable_variables)
-        grads = list(grads)
-        if self._context is not None:
-            grads = self._context.transform_gradients(grads, variables, "default")
-        self.inner_optimizer.apply(grads, trainable_variables=variables)
+        if self._context is None:
+            self.inner_optimizer.apply(list(grads), trainable_variables=variables)
+        else:
+            self._context.gradient_pipeline.apply(self.inner_optimizer, list(grads), variables)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise NotImplementedError("GradientPipelineOptimizer supports the TensorFlow backend only")

@@ -57,6 +57,7 @@ __all__ = [
     "on_predict_batch_end",
     # gradients
     "transform_gradients",
+    "gradient_accumulation_steps",
     # checkpoint
     "on_checkpoint_saved",
     "on_state_restored",
@@ -278,6 +279,23 @@ def transform_gradients(trainer, gradients, variables, optimizer_name):
     :param optimizer_name: which optimizer will apply them (``"default"`` for the single
         optimizer of a standard step; the key of the ``optimizer`` dict for custom steps).
     :return: a new list of gradients of the same length, or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def gradient_accumulation_steps(trainer, optimizer_name):
+    """How many micro-batches the named optimizer accumulates before one update.
+
+    Asked once per run (and at trace time). The first non-``None`` answer wins. With N > 1 the
+    pipeline sums gradients into accumulators and, every N-th micro-batch, hands their mean to
+    :func:`transform_gradients` and then to the optimizer, so clipping sees the accumulated
+    gradient (as with Keras's ``gradient_accumulation_steps`` + ``global_clipnorm``), and the
+    optimizer's step counter, LR schedules and ``trainer.global_step`` count updates, not
+    micro-batches.
+
+    :param trainer: the running trainer.
+    :param optimizer_name: which optimizer is asking (``"default"`` for a standard step).
+    :return: an integer >= 1, or ``None`` for no opinion.
     """
 
 

@@ -70,7 +70,7 @@ class KerasCallback(keras.callbacks.Callback):
         ctx = self.context
         ctx._attach(self.model, self.params)
         iterations = ctx.optimizer.iterations if ctx.optimizer is not None else 0
-        ctx.global_step = ctx.previous_global_step = int(keras.ops.convert_to_numpy(iterations))
+        ctx._start_steps(int(keras.ops.convert_to_numpy(iterations)) * ctx._accumulation)
         ctx._train_begin()
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -100,7 +100,7 @@ class Trainer(RunContext):
         PluginBus(self._plugins)  # validates names, order and ownership before any training
         self._setup_optimizers(optimizer, loss, metrics)
         with tf.init_scope():
-            self._step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            self._step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="micro_step")
         self._train_fn: dict[int, Callable] = {}
         self._test_fn: dict[int, Callable] = {}
         self._predict_fn: Callable | None = None
@@ -184,8 +184,7 @@ class Trainer(RunContext):
         """
         if optimizer not in self.optimizers:
             raise KeyError(f"no optimizer named {optimizer!r}; have {', '.join(self.optimizers)}")
-        gradients = self.transform_gradients(list(gradients), list(variables), optimizer)
-        self.optimizers[optimizer].apply(gradients, list(variables))
+        self.gradient_pipeline.apply(self.optimizers[optimizer], list(gradients), list(variables), optimizer)
 
     def _one_train_step(self, data: Any) -> Mapping[str, Any]:
         if self._user_train_step is not None:
@@ -287,8 +286,7 @@ class Trainer(RunContext):
                 logs = LazyLogs(names, packed)
                 self._train_batch_end(begin + n - 1, n, logs)
             else:
-                self.previous_global_step = self.global_step
-                self.global_step += n
+                self._advance(n)
             if self.stop_training:
                 break
         if packed is not None and logs is None:
@@ -383,13 +381,13 @@ class Trainer(RunContext):
         }
         self._build(data)
         self.stop_training = False
-        self.global_step = self.previous_global_step = int(self._step_counter.numpy())
+        self._start_steps(int(self._step_counter.numpy()))
         epoch_logs: dict[str, float] | None = None
         try:
             self._train_begin()
             for epoch in range(initial_epoch, epochs):
                 self.model.reset_metrics()
-                self._counter_at_epoch_start = self.global_step
+                self._counter_at_epoch_start = self.micro_step
                 self._epoch_begin(epoch)
                 last = self._run_epoch(data, epoch)
                 epoch_logs = self._metrics_or(last)

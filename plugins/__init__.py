@@ -9,6 +9,14 @@ from typing import Any
 _CLASSES = {
     "History": "history",
     "ProgressBar": "progress",
+    "CSVLogger": "csv_logger",
+    "ModelCheckpoint": "checkpoint",
+    "EarlyStopping": "early_stopping",
+    "ReduceLROnPlateau": "reduce_lr_on_plateau",
+    "LRSchedule": "lr_schedule",
+    "GradientClipping": "gradient_clipping",
+    "GradientAccumulation": "gradient_accumulation",
+    "TerminateOnNaN": "terminate_on_nan",
 }
 
 __all__ = sorted(_CLASSES)

@@ -24,6 +24,7 @@ PINNED = {
     "on_predict_batch_begin": "(trainer, batch, logs)",
     "on_predict_batch_end": "(trainer, batch, logs)",
     "transform_gradients": "(trainer, gradients, variables, optimizer_name)",
+    "gradient_accumulation_steps": "(trainer, optimizer_name)",
     "on_checkpoint_saved": "(trainer, filepath, step, metadata)",
     "on_state_restored": "(trainer, step, state)",
     "on_log": "(trainer, kind, step, logs)",

@@ -1,0 +1,105 @@
+"""Watching one metric for improvement, with Keras's semantics (``MonitorCallback``).
+
+One helper for every plugin that monitors a quantity (checkpointing, early stopping, plateau
+LR, plateau alerts), so "is this better?" is decided the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import ConfigError
+
+log = logging.getLogger("corebus")
+
+MODES = ("auto", "min", "max")
+
+
+class Monitor:
+    """``monitor`` name, ``mode`` (min/max/auto), ``min_delta`` and a missing-metric policy.
+
+    ``mode="auto"`` follows Keras: ``*loss`` is minimised; otherwise the direction of the
+    model's metric of that name (``_direction``), e.g. accuracy is maximised.
+    """
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "auto", min_delta: float = 0.0, *, owner: str = "plugin", strict: bool = False):
+        if mode not in MODES:
+            raise ConfigError(f"{owner}: mode={mode!r} is unknown; use one of {', '.join(MODES)}")
+        if not isinstance(monitor, str) or not monitor:
+            raise ConfigError(f"{owner}: monitor must be a metric name such as 'val_loss'")
+        self.monitor = monitor
+        self.mode = mode
+        self.min_delta = abs(float(min_delta))
+        self.owner = owner
+        self.strict = strict
+        self.op: Any = None
+        self._warned = False
+
+    def resolve(self, model: Any = None) -> None:
+        """Decide the direction (needs the model's metrics for ``auto``)."""
+        if self.op is not None:
+            return
+        if self.mode == "min":
+            self.op = operator.lt
+        elif self.mode == "max":
+            self.op = operator.gt
+        else:
+            name = self.monitor.removeprefix("val_")
+            if name == "loss" or name.endswith("loss"):
+                self.op = operator.lt
+            for metric in _all_metrics(model):
+                if metric.name == name and hasattr(metric, "_direction"):
+                    self.op = operator.gt if metric._direction == "up" else operator.lt
+            if self.op is None:
+                raise ConfigError(
+                    f"{self.owner}: monitor={self.monitor!r} with mode='auto', but its direction "
+                    "cannot be inferred; pass mode='max' or mode='min'"
+                )
+
+    @property
+    def minimize(self) -> bool:
+        return self.op is operator.lt
+
+    @property
+    def worst(self) -> float:
+        return float("inf") if self.minimize else float("-inf")
+
+    def is_improvement(self, value: float, reference: float | None) -> bool:
+        """Keras's rule: better than ``reference`` by more than ``min_delta``."""
+        if reference is None:
+            return True
+        delta = -self.min_delta if self.minimize else self.min_delta
+        return bool(self.op(value - delta, reference))
+
+    def better(self, value: float, reference: float) -> bool:
+        """Strictly better, ignoring ``min_delta`` (for ranking, e.g. top-k checkpoints)."""
+        return bool(self.op(value, reference))
+
+    def value(self, logs: Mapping[str, Any] | None) -> float | None:
+        """The monitored value in ``logs``; a missing metric warns once (errors if strict)."""
+        if logs is not None and self.monitor in logs:
+            return float(logs[self.monitor])
+        available = ", ".join(sorted(logs or {})) or "(none)"
+        message = (
+            f"{self.owner}: monitor={self.monitor!r} is not in the logs; available metrics: "
+            f"{available}"
+        )
+        if self.strict:
+            raise ConfigError(message)
+        if not self._warned:
+            log.warning(message)
+            self._warned = True
+        return None
+
+
+def _all_metrics(model: Any) -> list[Any]:
+    found = []
+    for metric in getattr(model, "metrics", None) or []:
+        inner = getattr(metric, "metrics", None)
+        if isinstance(inner, list):
+            found.extend(inner)
+        found.append(metric)
+    return found
