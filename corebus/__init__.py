@@ -17,6 +17,7 @@ from .io import BackgroundWorker, atomic_path, check_writable, fsync_path
 from .logs import LazyLogs
 from .monitor import Monitor
 from .registry import installed_plugins, load_plugin_config
+from .snapshot import RunSnapshot, SnapshotError
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,8 @@ __all__ = [
     "PluginBus",
     "PluginError",
     "RunContext",
+    "RunSnapshot",
+    "SnapshotError",
     "ScaledSchedule",
     "Trainer",
     "hookimpl",

@@ -60,6 +60,7 @@ class PluginBus:
         for name, plugin in reversed(ordered):
             self._register(name, plugin)
         self.plugins = dict(ordered)
+        self._enforce_list_order([name for name, _ in ordered])
         if os.environ.get("COREBUS_TRACE"):
             self._enable_tracing()
         self._callers = {
@@ -84,6 +85,21 @@ class PluginBus:
                 if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
                     impl.function = self._guard(name, plugin, caller.name, impl.function, policy)
 
+    def _enforce_list_order(self, names: list[str]) -> None:
+        """Within each tier (tryfirst, plain, trylast) call plugins in list order.
+
+        pluggy calls plain impls last-registered-first but trylast impls first-registered-first,
+        so no single registration order gives list order in every tier; re-sort instead.
+        """
+        position = {name: i for i, name in enumerate(names)}
+        for hook in hookspecs.__all__:
+            caller = getattr(self.pm.hook, hook)
+            impls = caller._hookimpls
+            wrappers = [i for i in impls if i.wrapper or i.hookwrapper]
+            plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
+            call_order = sorted(plain, key=lambda i: (0 if i.tryfirst else 2 if i.trylast else 1, position.get(i.plugin_name, 0)))
+            impls[:] = list(reversed(call_order)) + wrappers
+
     def _guard(self, name: str, plugin: object, hook: str, function: Callable, policy: str) -> Callable:
         """Wrap one hook implementation with the plugin's error policy (and timing if on)."""
         bus = self
@@ -92,6 +108,8 @@ class PluginBus:
             policy = "warn"
 
         def on_error(exc: Exception) -> None:
+            if isinstance(exc, ConfigError):
+                raise exc  # bad input: its message already says what to fix
             if policy == "raise":
                 raise PluginError(name, hook, exc) from exc
             bus.failures[name] += 1

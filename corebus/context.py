@@ -16,6 +16,10 @@ from .logs import LazyLogs
 
 
 class RunContext:
+    #: Whether a run snapshot taken mid-epoch can be resumed at that exact batch (the engine
+    #: can; ``model.fit`` restarts epochs from their first batch).
+    supports_mid_epoch_resume = True
+
     """The run state plugins read and write.
 
     Attributes plugins use:
@@ -43,7 +47,10 @@ class RunContext:
         self.mode = "train"
         self._stop_training = False
         self._lr: Any = None
+        self._lr_by_name: dict[str, Any] = {}
         self._callers: dict[str, Any] = {}
+        self._at_epoch_end = False
+        self._resume_at: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- state plugins use
 
@@ -62,9 +69,15 @@ class RunContext:
 
     def lr_for(self, optimizer_name: str) -> Any:
         """The LR handle of a named optimizer (custom steps with several optimizers)."""
-        from .lr import LearningRateController
+        if self.optimizers.get(optimizer_name) is self.optimizer:
+            return self.lr
+        optimizer = self.optimizers[optimizer_name]
+        handle = self._lr_by_name.get(optimizer_name)
+        if handle is None or handle.optimizer is not optimizer:
+            from .lr import LearningRateController
 
-        return LearningRateController(self.optimizers[optimizer_name])
+            handle = self._lr_by_name[optimizer_name] = LearningRateController(optimizer)
+        return handle
 
     @property
     def stop_training(self) -> bool:
@@ -147,7 +160,11 @@ class RunContext:
             on_log(trainer=self, kind="batch", step=self.global_step, logs=logs)
 
     def _epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
-        self._emit("on_epoch_end", epoch=epoch, logs=logs)
+        self._at_epoch_end = True
+        try:
+            self._emit("on_epoch_end", epoch=epoch, logs=logs)
+        finally:
+            self._at_epoch_end = False
         if self._callers.get("on_log") is not None:
             record = dict(logs)
             if self.optimizer is not None:
@@ -200,6 +217,46 @@ class RunContext:
             variables=list(variables),
             optimizer_name=optimizer_name,
         )
+
+    # ---------------------------------------------------------------- run snapshots
+
+    def _state_variables(self) -> dict[str, list[Any]]:
+        """Every variable a run snapshot must hold, in a stable order, by group."""
+        from .lr import ScaledSchedule
+
+        groups: dict[str, list[Any]] = {"model": list(self.model.variables)}
+        for name in sorted(self.optimizers):
+            optimizer = self.optimizers[name]
+            groups[f"optimizer.{name}"] = list(optimizer.variables)
+            if isinstance(optimizer._learning_rate, ScaledSchedule):
+                groups[f"optimizer.{name}"].append(optimizer._learning_rate.multiplier)
+        groups["metrics"] = [v for metric in self.model.metrics for v in metric.variables]
+        groups["gradient_pipeline"] = self.gradient_pipeline.state_variables()
+        return groups
+
+    def _run_state(self) -> dict[str, Any]:
+        """The JSON part of a run snapshot: position, LR controllers, plugin states."""
+        epoch, next_batch = (self.epoch + 1, 0) if self._at_epoch_end else (self.epoch, self.batch + 1)
+        return {
+            "micro_step": self.micro_step,
+            "global_step": self.global_step,
+            "epoch": epoch,
+            "next_batch": next_batch,
+            "stop_training": self.stop_training,
+            "lr": {name: self.lr_for(name).state_dict() for name in sorted(self.optimizers)},
+            "plugins": self.bus.state_dict(),
+        }
+
+    def _load_run_state(self, state: dict[str, Any]) -> None:
+        self._start_steps(int(state["micro_step"]))
+        for name, lr_state in state.get("lr", {}).items():
+            if name in self.optimizers:
+                self.lr_for(name).load_state_dict(lr_state)
+        self.bus.load_state_dict(state.get("plugins", {}))
+        self.epoch = int(state["epoch"])
+        self.stop_training = bool(state.get("stop_training", False))
+        self._resume_at = (int(state["epoch"]), int(state["next_batch"]))
+        self._emit("on_state_restored", step=self.global_step, state=state)
 
     def wants_batch_logs(self) -> bool:
         return self._callers.get("on_train_batch_end") is not None or self._callers.get("on_log") is not None

@@ -56,6 +56,11 @@ class GradientPipeline:
 
         tf.cond(count % steps == 0, update, accumulate)
 
+    def prepare(self, optimizer: Any, variables: list, name: str = "default") -> None:
+        """Create accumulators before the first step, so a snapshot can be restored into them."""
+        if self.context.accumulation_steps(name) > 1:
+            self._state(name, variables)
+
     def _state(self, name: str, variables: list) -> tuple[list[Any], tf.Variable]:
         if name not in self._accumulators:
             with tf.init_scope():

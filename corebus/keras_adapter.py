@@ -21,6 +21,8 @@ from .logs import LazyLogs
 class KerasRunContext(RunContext):
     """What plugins see as ``trainer`` inside ``model.fit``."""
 
+    supports_mid_epoch_resume = False
+
     def __init__(self) -> None:
         super().__init__()
         self._first_batch = 0
@@ -72,6 +74,12 @@ class KerasCallback(keras.callbacks.Callback):
         iterations = ctx.optimizer.iterations if ctx.optimizer is not None else 0
         ctx._start_steps(int(keras.ops.convert_to_numpy(iterations)) * ctx._accumulation)
         ctx._train_begin()
+        if ctx._resume_at is not None:
+            # A plugin restored a run snapshot. Keras's fit reads `_initial_epoch` right after
+            # on_train_begin (the hook its own BackupAndRestore uses): epoch granularity only.
+            epoch, _ = ctx._resume_at
+            ctx._resume_at = None
+            self.model._initial_epoch = epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self.context._epoch_begin(epoch)

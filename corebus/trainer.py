@@ -248,27 +248,27 @@ class Trainer(RunContext):
                 raise ConfigError(f"bad optimizer/loss/metrics for this model and data: {exc}") from exc
             if not self.model.optimizer.built:
                 self.model.optimizer.build(self.model.trainable_variables)
+            self.gradient_pipeline.prepare(self.model.optimizer, self.model.trainable_variables)
 
     # ------------------------------------------------------------------ loop pieces
 
-    def _batches(self, steps: int | None) -> Any:
+    def _batches(self, steps: int | None, begin: int = 0) -> Any:
         """``(first batch index, number of steps)`` per compiled call of one epoch."""
         spe = self.steps_per_execution
-        begin = 0
         while steps is None or begin < steps:
             n = spe if steps is None else min(spe, steps - begin)
             yield begin, n
             begin += n
 
-    def _run_epoch(self, data: ArrayData | DatasetData, epoch: int) -> Mapping[str, Any] | None:
+    def _run_epoch(self, data: ArrayData | DatasetData, epoch: int, first_batch: int = 0) -> Mapping[str, Any] | None:
         begin_hook = self._callers["on_train_batch_begin"]
         wants_logs = self.wants_batch_logs()
         names = self._train_log_names
-        iterator = data.iterator(epoch)
+        iterator = data.iterator(epoch, skip_batches=first_batch)
         source = data.source
         packed = None
         logs = None
-        for begin, n in self._batches(data.steps):
+        for begin, n in self._batches(data.steps, first_batch):
             if begin_hook is not None:
                 self.batch = begin
                 begin_hook(trainer=self, batch=begin, logs={})
@@ -385,11 +385,25 @@ class Trainer(RunContext):
         epoch_logs: dict[str, float] | None = None
         try:
             self._train_begin()
-            for epoch in range(initial_epoch, epochs):
-                self.model.reset_metrics()
-                self._counter_at_epoch_start = self.micro_step
-                self._epoch_begin(epoch)
-                last = self._run_epoch(data, epoch)
+            start_epoch, skip = initial_epoch, 0
+            if self._resume_at is not None:  # a plugin restored a run snapshot
+                (start_epoch, skip), self._resume_at = self._resume_at, None
+                if isinstance(data, ArrayData):
+                    data.seed = self.seed
+            for epoch in range(start_epoch, epochs):
+                if self.stop_training:  # the snapshot was taken after a plugin stopped the run
+                    break
+                if skip:
+                    # Mid-epoch resume: metrics were restored and on_epoch_begin already ran
+                    # before the interruption (repeating it could apply a per-epoch change twice).
+                    self.epoch = epoch
+                    self._counter_at_epoch_start = self.micro_step - skip
+                else:
+                    self.model.reset_metrics()
+                    self._counter_at_epoch_start = self.micro_step
+                    self._epoch_begin(epoch)
+                last = self._run_epoch(data, epoch, skip)
+                skip = 0
                 epoch_logs = self._metrics_or(last)
                 if val_data is not None and (epoch + 1) % validation_freq == 0:
                     val_logs = self._evaluate_data(val_data)
@@ -469,6 +483,24 @@ class Trainer(RunContext):
         while steps is None or begin < steps:
             yield begin, 1
             begin += 1
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _state_variables(self) -> dict[str, list[Any]]:
+        groups = super()._state_variables()
+        groups["engine"] = [self._step_counter]
+        try:
+            groups["engine"].append(tf.random.get_global_generator().state)
+        except RuntimeError:  # op determinism on and no global generator set: none to save
+            pass
+        return groups
+
+    def _run_state(self) -> dict[str, Any]:
+        return {**super()._run_state(), "seed": self.seed}
+
+    def _load_run_state(self, state: dict[str, Any]) -> None:
+        self.seed = int(state.get("seed", self.seed))
+        super()._load_run_state(state)
 
     def describe(self, verbose: int = 1) -> str:
         """The hook plan of a ``fit(verbose=...)`` with these plugins (no training)."""

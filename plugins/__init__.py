@@ -17,6 +17,7 @@ _CLASSES = {
     "GradientClipping": "gradient_clipping",
     "GradientAccumulation": "gradient_accumulation",
     "TerminateOnNaN": "terminate_on_nan",
+    "BackupAndRestore": "backup",
 }
 
 __all__ = sorted(_CLASSES)

@@ -30,5 +30,12 @@ class History:
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(value)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.epoch = list(state["epoch"])
+
     def __repr__(self) -> str:
         return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"

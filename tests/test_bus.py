@@ -220,3 +220,19 @@ def test_lazy_logs_fetch_once_and_names_are_free():
     assert LazyLogs.fetches == before + 1
     with pytest.raises(KeyError):
         logs["nope"]
+
+
+def test_list_order_holds_in_every_tier():
+    log = []
+
+    class Last:
+        def __init__(self, tag):
+            self.tag = tag
+
+        @hookimpl(trylast=True)
+        def on_epoch_end(self):
+            log.append(self.tag)
+
+    bus = PluginBus([("x", Last("x")), ("y", Last("y")), ("plain", Calls(log, "plain")), ("z", Last("z"))])
+    bus.call("on_epoch_end", trainer=None, epoch=0, logs={})
+    assert log == ["plain", "x", "y", "z"]

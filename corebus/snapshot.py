@@ -1,0 +1,197 @@
+"""Run snapshots: everything needed to continue a run at the exact next step.
+
+A snapshot holds every variable that changes while training (model weights and seed-generator
+states, optimizer slots and iteration count, metric accumulators, the engine's step counter,
+gradient accumulators, the LR multiplier), plus a JSON run state (epoch, position within the
+epoch, shuffle seed, LR controller, every plugin's ``state_dict()``, Python / NumPy RNG).
+
+On disk (no pickle anywhere; arrays in ``.npz`` loaded with ``allow_pickle=False``)::
+
+    <dir>/snapshot-000000001234/  arrays.npz  state.json  manifest.json (sha256 of both)
+
+Writing is transactional: a hidden temporary directory is written, fsynced and renamed into
+place, and the previous snapshot is deleted only once the new one is complete (double
+buffering). Loading verifies the manifest; a corrupt or truncated snapshot is reported by name
+and the previous good one is used, never a partial load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+from .io import fsync_path
+
+log = logging.getLogger("corebus")
+
+FORMAT = 1
+PREFIX = "snapshot-"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _describe(variable: Any) -> list[Any]:
+    name = getattr(variable, "path", None) or getattr(variable, "name", "?")
+    return [str(name), list(variable.shape), str(np.dtype(getattr(variable.dtype, "as_numpy_dtype", variable.dtype)))]
+
+
+class SnapshotError(ConfigError):
+    """A snapshot that cannot be used: corrupt, truncated, or from another model."""
+
+
+class RunSnapshot:
+    """A captured run: ``arrays`` (name -> numpy array) and ``state`` (JSON-serialisable)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], state: dict[str, Any], path: Path | None = None):
+        self.arrays = arrays
+        self.state = state
+        self.path = path
+
+    @property
+    def micro_step(self) -> int:
+        return int(self.state["micro_step"])
+
+    # ------------------------------------------------------------------ capture
+
+    @classmethod
+    def capture(cls, trainer: Any) -> "RunSnapshot":
+        """Copy the run's state to host memory (on the training thread, between steps)."""
+        groups = trainer._state_variables()
+        arrays: dict[str, np.ndarray] = {}
+        layout: dict[str, list[Any]] = {}
+        for group, variables in groups.items():
+            layout[group] = [_describe(v) for v in variables]
+            for i, variable in enumerate(variables):
+                arrays[f"{group}/{i}"] = np.array(variable.numpy(), copy=True)
+        numpy_state = np.random.get_state()
+        arrays["rng/numpy"] = np.asarray(numpy_state[1])
+        python_state = random.getstate()
+        state = {
+            "format": FORMAT,
+            "layout": layout,
+            "rng": {
+                "python": [python_state[0], list(python_state[1]), python_state[2]],
+                "numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+            },
+            **trainer._run_state(),
+        }
+        return cls(arrays, state)
+
+    # ------------------------------------------------------------------ disk
+
+    def write(self, directory: str | os.PathLike, keep: int = 2) -> Path:
+        """Write transactionally into ``directory``; keep the ``keep`` newest snapshots."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"{PREFIX}{self.micro_step:012d}"
+        final = directory / name
+        tmp = directory / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            np.savez(tmp / "arrays.npz", **self.arrays)
+            (tmp / "state.json").write_text(json.dumps(self.state), encoding="utf-8")
+            manifest = {
+                "format": FORMAT,
+                "micro_step": self.micro_step,
+                "files": {f: _sha256(tmp / f) for f in ("arrays.npz", "state.json")},
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+            fsync_path(tmp)
+            if final.exists():  # the same step written twice (epoch end right after a step save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_path(final / "manifest.json")
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.path = final
+        return final
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RunSnapshot":
+        """Load one snapshot directory, verifying its manifest; errors name the bad file."""
+        path = Path(path)
+        manifest_file = path / "manifest.json"
+        try:
+            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SnapshotError(f"snapshot {manifest_file} is missing or corrupt: {exc}") from exc
+        for file, expected in files.items():
+            actual = _sha256(path / file) if (path / file).exists() else "missing"
+            if actual != expected:
+                raise SnapshotError(f"snapshot file {path / file} is corrupt or truncated (checksum mismatch)")
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if state.get("format") != FORMAT:
+            raise SnapshotError(f"snapshot {path} has format {state.get('format')!r}; this corebus reads {FORMAT}")
+        with np.load(path / "arrays.npz", allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        return cls(arrays, state, path)
+
+    @classmethod
+    def latest(cls, directory: str | os.PathLike) -> "RunSnapshot | None":
+        """The newest valid snapshot in ``directory`` (a corrupt newer one is reported and
+        skipped); ``None`` if there is none; an error if every snapshot there is corrupt."""
+        candidates = sorted(Path(directory).glob(f"{PREFIX}*"), reverse=True)
+        errors = []
+        for candidate in candidates:
+            try:
+                return cls.load(candidate)
+            except SnapshotError as exc:
+                log.warning("skipping unusable snapshot: %s", exc)
+                errors.append(str(exc))
+        if errors:
+            raise SnapshotError("no usable snapshot in " + str(directory) + ": " + "; ".join(errors))
+        return None
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, trainer: Any) -> None:
+        """Put the run back exactly; validates everything before changing anything."""
+        groups = trainer._state_variables()
+        where = self.path or "the snapshot"
+        saved_layout = self.state["layout"]
+        for group, variables in groups.items():
+            saved = saved_layout.get(group, [])
+            if len(saved) != len(variables):
+                raise SnapshotError(
+                    f"{where} was written by a different setup: it has {len(saved)} {group} variables, "
+                    f"this run has {len(variables)}. Use another backup_dir or remove it."
+                )
+            for i, (variable, (name, shape, _)) in enumerate(zip(variables, saved)):
+                if list(variable.shape) != shape:
+                    raise SnapshotError(
+                        f"{where} was written by a different setup: {group} variable {i} ({name}) has "
+                        f"shape {shape} in the snapshot but {list(variable.shape)} here ({_describe(variable)[0]})"
+                    )
+        for group, saved in saved_layout.items():
+            if group not in groups and saved:
+                raise SnapshotError(f"{where} has {group} variables this run does not have")
+        for group, variables in groups.items():
+            for i, variable in enumerate(variables):
+                variable.assign(self.arrays[f"{group}/{i}"])
+        rng = self.state["rng"]
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, self.arrays["rng/numpy"], pos, has_gauss, cached))
+        trainer._load_run_state(self.state)

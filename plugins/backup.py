@@ -1,0 +1,99 @@
+"""Exact resume after a crash: periodic run snapshots, restored on start."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from corebus import BackgroundWorker, Cadence, ConfigError, RunSnapshot, check_writable, hookimpl
+
+log = logging.getLogger("corebus")
+
+
+class BackupAndRestore:
+    """Like ``keras.callbacks.BackupAndRestore``, but resumes at the exact next step.
+
+    Every ``save_freq`` steps and at every epoch end it writes a run snapshot (weights,
+    optimizer, metrics, step counters, LR state, every plugin's ``state_dict()``, data position,
+    RNG) into ``backup_dir``; on start it restores the newest valid one. Snapshots are captured on
+    the training thread and written on a background thread (``background=True``), at most one at a
+    time; the two newest are kept, so a crash during a write leaves the previous one loadable.
+
+    In ``model.fit`` (through ``KerasCallback``) Keras restarts epochs from their first batch,
+    so there snapshots are written at epoch ends only and resume is per epoch.
+
+    :param backup_dir: directory for the snapshots (created; must be writable).
+    :param save_freq: ``"epoch"``, or an integer number of global steps between snapshots.
+    :param delete_checkpoint: delete the snapshots when training ends normally (Keras default).
+    :param background: write snapshots off the training thread.
+    """
+
+    controls = {"run.backup"}
+    # History records the epoch in its own trylast on_epoch_end; the snapshot must include it.
+    runs_after = ("history",)
+
+    def __init__(self, backup_dir: str, save_freq: str | int = "epoch", delete_checkpoint: bool = True, background: bool = True):
+        if save_freq != "epoch" and (not isinstance(save_freq, int) or save_freq < 1):
+            raise ConfigError(f"BackupAndRestore: save_freq={save_freq!r}; use 'epoch' or a positive number of steps")
+        if not backup_dir:
+            raise ConfigError("BackupAndRestore: backup_dir is required")
+        self.backup_dir = Path(backup_dir)
+        self.save_freq = save_freq
+        self.delete_checkpoint = delete_checkpoint
+        self.background = background
+        self._cadence = Cadence.every_n(save_freq) if isinstance(save_freq, int) else None
+        self._worker: BackgroundWorker | None = None
+        self.restored_step: int | None = None
+        self.snapshots_written = 0
+
+    @hookimpl(trylast=True)
+    def on_train_begin(self, trainer: Any) -> None:
+        # trylast: every other plugin has initialised its state (and installed LR schedules)
+        # before the snapshot overwrites it with the interrupted run's state.
+        check_writable(self.backup_dir, "BackupAndRestore")
+        if self._cadence is not None and not trainer.supports_mid_epoch_resume:
+            log.warning("BackupAndRestore: model.fit resumes per epoch; snapshots at epoch ends only")
+        snapshot = RunSnapshot.latest(self.backup_dir)
+        if snapshot is not None:
+            snapshot.restore(trainer)
+            self.restored_step = trainer.global_step
+            log.info("BackupAndRestore: resumed from %s at step %d", snapshot.path, trainer.global_step)
+
+    @hookimpl(trylast=True)
+    def on_train_batch_end(self, trainer: Any) -> None:
+        if self._cadence is not None and trainer.supports_mid_epoch_resume and self._cadence.due_now(trainer):
+            self._save(trainer)
+
+    @hookimpl(trylast=True)
+    def on_epoch_end(self, trainer: Any) -> None:
+        self._save(trainer)
+
+    @hookimpl
+    def on_train_end(self) -> None:
+        self._close()
+        if self.delete_checkpoint and self.backup_dir.exists():
+            for snapshot in self.backup_dir.glob("snapshot-*"):
+                shutil.rmtree(snapshot, ignore_errors=True)
+
+    @hookimpl
+    def on_exception(self) -> None:
+        self._close()  # keep the snapshots: they are what the next start resumes from
+
+    def _save(self, trainer: Any) -> None:
+        if self._worker is not None:
+            self._worker.flush()  # at most one snapshot in flight
+        snapshot = RunSnapshot.capture(trainer)
+        self.snapshots_written += 1
+        if not self.background:
+            snapshot.write(self.backup_dir)
+            return
+        if self._worker is None:
+            self._worker = BackgroundWorker("backup", max_pending=1)
+        self._worker.submit(lambda: snapshot.write(self.backup_dir))
+
+    def _close(self) -> None:
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            worker.close()
