@@ -36,6 +36,13 @@ class KerasRunContext(RunContext):
         if self.model is not None:
             self.model.stop_training = bool(value)
 
+    def _state_variables(self) -> dict[str, list[Any]]:
+        # Resume in model.fit is per epoch and Keras resets metrics at every epoch start (its
+        # compiled metrics are not even built yet when a snapshot is restored): leave them out.
+        groups = super()._state_variables()
+        groups.pop("metrics", None)
+        return groups
+
     def _attach(self, model: Any, params: dict[str, Any]) -> None:
         self.model = model
         optimizer = getattr(model, "optimizer", None)
@@ -71,6 +78,12 @@ class KerasCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         ctx = self.context
         ctx._attach(self.model, self.params)
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None and not optimizer.built:
+            # Build before any plugin runs, so a run snapshot can be restored into the slots.
+            optimizer.build(self.model.trainable_variables)
+        if ctx.optimizer is not None:
+            ctx.gradient_pipeline.prepare(ctx.optimizer, self.model.trainable_variables)
         iterations = ctx.optimizer.iterations if ctx.optimizer is not None else 0
         ctx._start_steps(int(keras.ops.convert_to_numpy(iterations)) * ctx._accumulation)
         ctx._train_begin()

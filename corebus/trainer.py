@@ -105,6 +105,7 @@ class Trainer(RunContext):
         self._test_fn: dict[int, Callable] = {}
         self._predict_fn: Callable | None = None
         self._train_log_names: list[str] = []
+        self._gradient_signature: tuple = ()
         self._test_log_names: list[str] = []
         self.history: Any = None
 
@@ -146,6 +147,12 @@ class Trainer(RunContext):
                 named.append((name, registry.instantiate(name, {})))
         bus = PluginBus(named, profile=self.profile)
         self._use_bus(bus)
+        # Gradient hooks are compiled into the step: a different set of them needs a new trace.
+        self._gradient_signature = tuple(
+            id(impl.plugin)
+            for hook in ("transform_gradients", "gradient_accumulation_steps")
+            for _, impl in bus.implementations(hook)
+        )
         return bus
 
     # ------------------------------------------------------------------ steps
@@ -226,7 +233,7 @@ class Trainer(RunContext):
         return tf.function(call)
 
     def _train_function(self, steps: int, data: ArrayData | DatasetData) -> Callable:
-        key = (steps, type(data))
+        key = (steps, type(data), self._gradient_signature)
         if key not in self._train_fn:
             self._train_fn[key] = self._compiled(self._one_train_step, self._train_log_names, steps, data.take)
         return self._train_fn[key]

@@ -28,12 +28,6 @@ def run_worker(out, *args):
     return subprocess.run([sys.executable, str(WORKER), str(out), *args], capture_output=True, text=True, timeout=600)
 
 
-def killed_then_resumed(out, *kill_args):
-    killed = run_worker(out, *kill_args)
-    resumed = run_worker(out, *kill_args[:1][:0], *(a for a in kill_args if a.startswith("--mode") or a in ("engine", "keras")))
-    return killed, resumed
-
-
 def final(out):
     arrays = np.load(Path(out) / "final.npz")
     return [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k.split("_")[1]))], json.loads(Path(out, "final.json").read_text())

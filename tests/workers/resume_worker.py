@@ -126,7 +126,9 @@ def main():
         weights = m.get_weights()
     np.savez(Path(args.out) / "final.npz", *weights)
     states = {type(p).__name__: p.state_dict() for p in active if hasattr(p, "state_dict")}
-    states["history"] = history.history
+    if args.mode == "engine":
+        # Keras's own History callback in model.fit starts empty on every fit, resumed or not.
+        states["history"] = history.history
     Path(args.out, "final.json").write_text(json.dumps(states, sort_keys=True, default=float))
     return 0
 
