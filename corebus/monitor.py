@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import operator
+
+import numpy as np
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,7 +74,9 @@ class Monitor:
         if reference is None:
             return True
         delta = -self.min_delta if self.minimize else self.min_delta
-        return bool(self.op(value - delta, reference))
+        # Keras compares with keras.ops, i.e. as float32 tensors: values that differ only below
+        # float32 precision are equal there, and must be here too.
+        return bool(self.op(np.float32(value - delta), np.float32(reference)))
 
     def better(self, value: float, reference: float) -> bool:
         """Strictly better, ignoring ``min_delta`` (for ranking, e.g. top-k checkpoints)."""
