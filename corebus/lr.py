@@ -129,8 +129,11 @@ class LearningRateController:
         if not isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
             schedule = _CallableSchedule(schedule)
         # The old variable stays tracked, so the optimizer's variable list (and checkpoints)
-        # keep the same layout with or without a schedule.
-        self.optimizer._learning_rate = ScaledSchedule(schedule, self._multiplier)
+        # keep the same layout with or without a schedule. An existing multiplier variable is
+        # reused: a step traced earlier keeps reading the same one.
+        current = self.optimizer._learning_rate
+        multiplier = current.multiplier if isinstance(current, ScaledSchedule) else self._multiplier
+        self.optimizer._learning_rate = ScaledSchedule(schedule, multiplier)
         self._schedule_owner = owner
 
     # ---------------------------------------------------------------- state
@@ -148,16 +151,13 @@ class LearningRateController:
 
 
 class _CallableSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Adapts a ``step -> lr`` callable (Keras also accepts zero-argument callables)."""
+    """Adapts a traceable ``step -> lr`` callable."""
 
     def __init__(self, function: Any):
         self.function = function
 
     def __call__(self, step):
-        try:
-            return self.function(step)
-        except TypeError:
-            return self.function()
+        return self.function(step)
 
     def get_config(self) -> dict[str, Any]:
         return {}

@@ -233,7 +233,10 @@ class Trainer(RunContext):
         return tf.function(call)
 
     def _train_function(self, steps: int, data: ArrayData | DatasetData) -> Callable:
-        key = (steps, type(data), self._gradient_signature)
+        # The LR (a variable or a schedule) is read inside the compiled step: a schedule
+        # installed after the last trace needs a new one.
+        lr_signature = tuple(id(o._learning_rate) for o in self.optimizers.values())
+        key = (steps, type(data), self._gradient_signature, lr_signature)
         if key not in self._train_fn:
             self._train_fn[key] = self._compiled(self._one_train_step, self._train_log_names, steps, data.take)
         return self._train_fn[key]
