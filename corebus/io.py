@@ -118,6 +118,9 @@ class BackgroundWorker:
             raise error
 
     def close(self) -> None:
-        self.flush()
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
+        """Finish pending jobs and stop the thread (even when a job failed: that re-raises)."""
+        try:
+            self.flush()
+        finally:
+            self._jobs.put(None)
+            self._thread.join(timeout=30)

@@ -1,0 +1,378 @@
+"""Save the model or its weights during training, like ``keras.callbacks.ModelCheckpoint``.
+
+Same arguments and semantics as Keras, plus what long runs need: ``save_top_k`` (keep the k
+best files, delete the rest), ``save_last`` (a ``last.keras`` to resume from), atomic writes
+(a killed process never leaves a partial file under the final name), optional background
+writing, and an ``on_checkpoint_saved`` event so loggers can upload each file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import string
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from corebus import BackgroundWorker, Cadence, ConfigError, Monitor, atomic_path, check_writable, hookimpl
+
+log = logging.getLogger("corebus")
+
+
+class ModelCheckpoint:
+    """Save the model (``.keras``, or legacy ``.h5``) or its weights (``.weights.h5``).
+
+    :param filepath: where to save; may hold ``{epoch}`` (1-based, as in Keras), ``{step}``
+        (global optimizer step), ``{batch}`` (1-based, with an integer ``save_freq``) and any
+        logged metric, with format specs: ``"ckpt/{epoch:02d}-{val_loss:.2f}.keras"``.
+    :param monitor: metric deciding "best" (``save_best_only``, ``save_top_k``).
+    :param verbose: 1 prints a line for every decision, as Keras does.
+    :param save_best_only: save only when ``monitor`` improves on the best value so far.
+    :param save_weights_only: ``model.save_weights`` (path must end ``.weights.h5``) instead
+        of ``model.save`` (path must end ``.keras`` or ``.h5``).
+    :param mode: ``"min"``, ``"max"`` or ``"auto"`` (from the metric, as in Keras).
+    :param save_freq: ``"epoch"``, or an integer N: save each time the global step crosses a
+        multiple of N (exact under ``steps_per_execution`` and after a resume).
+    :param initial_value_threshold: a value the monitored metric must beat to be saved.
+    :param save_top_k: keep only the k best files by ``monitor`` (a value entering the top k
+        is saved, the file falling out is deleted). With ``save_best_only`` only improvements
+        are saved, and the k most recent improvements are kept.
+    :param save_last: at every save point also write ``last.keras`` (or ``last.h5`` /
+        ``last.weights.h5``) beside the checkpoints, whether or not the metric improved.
+    :param background: snapshot the variables on the training thread and write the file on
+        a worker thread (at most one write pending); ``fit`` waits for it at the end and
+        re-raises its errors.
+    :param strict: a monitored metric missing from the logs is an error, not a warning.
+
+    ::
+
+        ModelCheckpoint("ckpt/{epoch:02d}-{val_loss:.3f}.keras", save_top_k=3, save_last=True)
+
+    Where it differs from Keras, and why: bad arguments and an unwritable directory raise
+    :class:`corebus.ConfigError` here (the directory is created now), not at the first save;
+    ``save_freq=N`` counts global steps by boundary crossing (one save per multiple of N
+    crossed) where Keras resets a batch counter, which drifts under ``steps_per_execution``;
+    a full model to ``*.weights.h5`` is refused rather than written as legacy HDF5. When the
+    monitored metric is missing, ``save_best_only`` saves anyway (as Keras does), but
+    ``save_top_k`` skips the save, since it cannot rank it.
+
+    After each file is in place, ``on_checkpoint_saved`` fires with its final path, the step it
+    holds and ``metadata = {"kind": "model" | "weights", "monitor", "value", "epoch" (0-based),
+    "last": bool}``.
+    """
+
+    def __init__(
+        self,
+        filepath: str | os.PathLike,
+        monitor: str | None = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "auto",
+        save_freq: str | int = "epoch",
+        initial_value_threshold: float | None = None,
+        *,
+        save_top_k: int | None = None,
+        save_last: bool = False,
+        background: bool = False,
+        strict: bool = False,
+    ):
+        self.filepath = os.fspath(filepath)
+        self.verbose = verbose
+        self.save_best_only = bool(save_best_only)
+        self.save_weights_only = bool(save_weights_only)
+        self.save_freq = save_freq
+        self.save_top_k = save_top_k
+        self.save_last = bool(save_last)
+        self.background = bool(background)
+        self.monitor = monitor
+        self.mode = mode
+        self.best: float | None = None if initial_value_threshold is None else float(initial_value_threshold)
+        self._threshold = self.best
+        self._check_config()
+        self._monitor = None if monitor is None else Monitor(monitor, mode, owner="ModelCheckpoint", strict=strict)
+        self._cadence = None if save_freq == "epoch" else Cadence.every_n(save_freq)
+        self._top_k: list[tuple[str, float]] = []  # kept files, best first
+        self._epoch = 0
+        self._last_saved: dict[str, Any] = {}
+        self._worker: BackgroundWorker | None = None
+        self._shadow: tuple[str, Any, list] | None = None
+        self._done: deque = deque()  # completed writes, announced on the training thread
+        # Fail before training, not at the first save: Keras would only fail there.
+        check_writable(self._directory, "ModelCheckpoint")
+
+    def _check_config(self) -> None:
+        path, where = self.filepath, f"ModelCheckpoint(filepath={self.filepath!r})"
+        if self.save_weights_only and not path.endswith(".weights.h5"):
+            raise ConfigError(f"{where}: save_weights_only=True needs a path ending in '.weights.h5'")
+        if not self.save_weights_only and (path.endswith(".weights.h5") or not path.endswith((".keras", ".h5"))):
+            raise ConfigError(
+                f"{where}: a full model is saved to a path ending in '.keras' (or legacy '.h5'); "
+                "for weights use save_weights_only=True and '.weights.h5'"
+            )
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(path) if name is not None}
+        except ValueError as exc:
+            raise ConfigError(f"{where}: bad placeholder: {exc}") from exc
+        if self.save_freq != "epoch" and not _positive_int(self.save_freq):
+            raise ConfigError(
+                f"ModelCheckpoint: save_freq={self.save_freq!r}; use 'epoch' or a positive number of steps"
+            )
+        if (self.save_best_only or self.save_top_k is not None) and self.monitor is None:
+            raise ConfigError(
+                "ModelCheckpoint: save_best_only / save_top_k rank checkpoints by a metric; "
+                "pass monitor='val_loss' (or another)"
+            )
+        if self.save_top_k is not None and not _positive_int(self.save_top_k):
+            raise ConfigError(f"ModelCheckpoint: save_top_k={self.save_top_k!r} must be a positive integer (or None)")
+        if (self.save_top_k or 0) > 1 and not fields:
+            raise ConfigError(
+                f"{where}: save_top_k={self.save_top_k} keeps several files, so the path needs "
+                "a placeholder such as {epoch} or {val_loss:.4f}"
+            )
+
+    @property
+    def _directory(self) -> Path:
+        # The part of the directory before any placeholder: it exists whatever the values.
+        parts = Path(self.filepath).parent.parts
+        fixed = parts[: next((i for i, part in enumerate(parts) if "{" in part), len(parts))]
+        return Path(*fixed) if fixed else Path(".")
+
+    @property
+    def _last_path(self) -> str:
+        suffix = ".weights.h5" if self.save_weights_only else Path(self.filepath).suffix
+        return str(self._directory / f"last{suffix}")
+
+    # ---------------------------------------------------------------- hooks
+
+    @hookimpl
+    def on_train_begin(self, trainer):
+        self._epoch = int(trainer.params.get("initial_epoch", trainer.epoch) or 0)
+        if self._monitor is not None:
+            try:
+                self._monitor.resolve(trainer.model)
+            except ConfigError:
+                pass  # model.fit builds its metrics at the first step: decide at the first save
+        if self.background and self._worker is None:
+            self._worker = BackgroundWorker("checkpoint", max_pending=1)
+
+    @hookimpl
+    def on_epoch_begin(self, epoch):
+        self._epoch = epoch
+
+    # trylast (here and at epoch end): save after every plugin that changes state in the same
+    # hook (an LR plateau, a schedule, a stop decision, metrics added to the logs), so the file
+    # holds the state training continues from, as when ModelCheckpoint is last in Keras's list.
+    @hookimpl(trylast=True)
+    def on_train_batch_end(self, trainer, batch, logs):
+        if self._done:
+            self._announce(trainer)
+        if self._cadence is not None and self._cadence.due_now(trainer):
+            self._save(trainer, self._epoch, batch, logs)
+
+    @hookimpl(trylast=True)
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self._done:
+            self._announce(trainer)
+        if self.save_freq == "epoch":
+            self._save(trainer, epoch, None, logs)
+
+    @hookimpl
+    def on_train_end(self, trainer):
+        self._close(trainer)
+
+    @hookimpl
+    def on_exception(self, trainer):
+        self._close(trainer)
+
+    # ---------------------------------------------------------------- deciding
+
+    def _save(self, trainer: Any, epoch: int, batch: int | None, logs: Any) -> None:
+        fields = dict(logs or {})  # on a save step only: one batched fetch of lazy batch logs
+        ranked = self.save_best_only or self.save_top_k is not None
+        value = self._monitor.value(fields) if ranked else fields.get(self.monitor)
+        path = self._format(epoch, batch, trainer.global_step, fields)
+        removed: list[str] = []
+        save = self._should_save(trainer, epoch, path, value, ranked)
+        if save and ranked and value is not None:
+            if self.best is None or self._monitor.better(value, self.best):
+                self.best = value
+            if self.save_top_k is not None:
+                self._top_k = [e for e in self._top_k if e[0] != path] + [(path, value)]
+                self._top_k.sort(key=lambda e: e[1], reverse=not self._monitor.minimize)
+                removed = [p for p, _ in self._top_k[self.save_top_k :]]
+                self._top_k = self._top_k[: self.save_top_k]
+        if not save and not self.save_last:
+            return
+        meta = {
+            "kind": "weights" if self.save_weights_only else "model",
+            "monitor": self.monitor,
+            "value": None if value is None else float(value),
+            "epoch": epoch,
+            "last": False,
+        }
+        self._last_saved = {"path": path if save else None, "step": trainer.global_step, "epoch": epoch}
+        self._write(trainer, path if save else None, removed, trainer.global_step, meta)
+
+    def _should_save(self, trainer: Any, epoch: int, path: str, value: float | None, ranked: bool) -> bool:
+        """Keras's ``_should_save_model``, extended with the top-k rule."""
+        if not ranked:
+            self._say(f"\nEpoch {epoch + 1}: saving model to {path}")
+            return True
+        if value is None:  # Monitor warned once; Keras saves anyway, a top-k cannot rank it
+            return self.save_top_k is None
+        self._monitor.resolve(trainer.model)
+        best_str = "None" if self.best is None else f"{self.best:.5f}"
+        if self.save_best_only:
+            good = self._monitor.is_improvement(value, self.best)
+        else:
+            others = [v for p, v in self._top_k if p != path]
+            enters = len(others) < self.save_top_k or self._monitor.better(value, others[-1])
+            good = enters and self._monitor.is_improvement(value, self._threshold)
+        if good:
+            self._say(
+                f"\nEpoch {epoch + 1}: {self.monitor} improved from {best_str} to {value:.5f}, "
+                f"saving model to {path}"
+            )
+        else:
+            self._say(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best_str}")
+        return good
+
+    def _format(self, epoch: int, batch: int | None, step: int, fields: dict) -> str:
+        values = {**fields, "epoch": epoch + 1, "step": step}
+        if batch is not None:
+            values.setdefault("batch", batch + 1)
+        try:
+            return self.filepath.format(**values)
+        except KeyError as exc:
+            raise KeyError(
+                f'Failed to format this callback filepath: "{self.filepath}". Reason: {exc}; '
+                f"available: {', '.join(sorted(values))}"
+            ) from exc
+
+    def _say(self, message: str) -> None:
+        if self.verbose > 0:
+            print(message)
+
+    # ---------------------------------------------------------------- writing
+
+    def _write(self, trainer: Any, path: str | None, removed: list[str], step: int, meta: dict) -> None:
+        snapshot = None
+        if self._worker is not None:
+            try:
+                snapshot = self._snapshot(trainer.model)
+            except Exception as exc:  # e.g. a subclassed model clone_model cannot rebuild
+                log.warning("ModelCheckpoint: background=True needs a copy of the model (%s); "
+                            "saving on the training thread instead", exc)
+                self._close(trainer)
+
+        def job() -> None:
+            model = trainer.model if snapshot is None else snapshot()
+            if path is not None:
+                with atomic_path(path) as tmp:
+                    self._save_file(model, tmp)
+                self._done.append((path, step, meta, removed))
+            if self.save_last and path != self._last_path:
+                with atomic_path(self._last_path) as tmp:
+                    if path is not None:
+                        shutil.copyfile(path, tmp)
+                    else:
+                        self._save_file(model, tmp)
+                self._done.append((self._last_path, step, {**meta, "last": True}, []))
+
+        if self._worker is None:
+            job()
+            self._announce(trainer)
+        else:
+            self._worker.submit(job)
+
+    def _save_file(self, model: Any, path: Path) -> None:
+        if self.save_weights_only:
+            model.save_weights(str(path))
+        else:
+            model.save(str(path))
+
+    def _snapshot(self, model: Any) -> Any:
+        """Copy every variable now (training thread); return a job loading them into a twin."""
+        import keras
+        import numpy as np
+
+        config = model.get_compile_config() if model.compiled else {}
+        key = json.dumps(config, sort_keys=True, default=repr)
+        live = _variables(model)
+        shapes = [v.shape for v in live]
+        if self._shadow is None or self._shadow[0] != key or [v.shape for v in self._shadow[2]] != shapes:
+            # A twin built once (and when the compile config changes, e.g. a new LR schedule):
+            # clone_model keeps the layer names, so the files match a direct save.
+            twin = keras.models.clone_model(model)
+            if config:
+                twin.compile_from_config(config)
+                if twin.optimizer is not None and not twin.optimizer.built:
+                    twin.optimizer.build(twin.trainable_variables)
+            twin_vars = _variables(twin)
+            if [v.shape for v in twin_vars] != shapes:
+                raise ValueError("keras.models.clone_model did not rebuild the same variables")
+            self._shadow = (key, twin, twin_vars)
+        _, twin, twin_vars = self._shadow
+        values = [np.array(v) for v in live]
+
+        def load() -> Any:
+            for variable, value in zip(twin_vars, values):
+                variable.assign(value)
+            return twin
+
+        return load
+
+    def _announce(self, trainer: Any) -> None:
+        """Fire ``on_checkpoint_saved`` for finished writes, on the training thread.
+
+        Files that fell out of the top k are deleted only after the newer file was announced,
+        so no listener is told about a file that is already gone.
+        """
+        while self._done:
+            path, step, meta, removed = self._done.popleft()
+            self._say(f"\nEpoch {meta['epoch'] + 1}: finished saving model to {path}")
+            trainer.bus.call("on_checkpoint_saved", trainer=trainer, filepath=str(path), step=step, metadata=meta)
+            kept = {p for p, _ in self._top_k}  # a later save may have written the same name again
+            for old in removed:
+                if old not in kept:
+                    Path(old).unlink(missing_ok=True)
+
+    def _close(self, trainer: Any) -> None:
+        worker, self._worker = self._worker, None
+        try:
+            if worker is not None:
+                try:
+                    worker.flush()  # waits for the pending write; re-raises its error
+                finally:
+                    worker.close()  # the error was consumed above, so this only stops the thread
+        finally:
+            self._announce(trainer)
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "top_k": [list(entry) for entry in self._top_k],
+            "epoch": self._epoch,
+            "last_saved": dict(self._last_saved),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]
+        self._top_k = [(str(p), float(v)) for p, v in state["top_k"]]
+        self._epoch = int(state["epoch"])
+        self._last_saved = dict(state.get("last_saved") or {})
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _variables(model: Any) -> list:
+    optimizer = getattr(model, "optimizer", None) if getattr(model, "compiled", False) else None
+    return list(model.variables) + (list(optimizer.variables) if optimizer is not None else [])
