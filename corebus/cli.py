@@ -26,7 +26,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(epochs=args.epochs, batch_size=args.batch_size, verbose=args.verbose)
+    run_demo(epochs=args.epochs, batch_size=args.batch_size, verbose=args.verbose, root=args.root)
     return 0
 
 
@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.set_defaults(func=_cmd_plugins)
 
     demo = sub.add_parser("demo", help="train a small model on the bundled digits dataset")
-    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--epochs", type=int, default=15)
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    demo.add_argument("--root", default="corebus-runs", help="runs are written under ROOT/<run>/")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

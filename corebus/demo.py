@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -37,29 +38,65 @@ def digits_mlp(seed: int = 0):
     )
 
 
-def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1) -> dict:
+def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int) -> list:
+    """The default stack, by entry-point name, exactly as a config file would name it."""
+    return [
+        {"name": "lr_schedule", "schedule": "cosine", "initial_learning_rate": 2e-3,
+         "decay_steps": steps_per_epoch * epochs, "alpha": 0.05, "warmup_steps": steps_per_epoch},
+        {"name": "reduce_lr_on_plateau", "monitor": "val_loss", "factor": 0.5, "patience": 2},
+        {"name": "gradient_clipping", "global_norm": 1.0},
+        {"name": "early_stopping", "monitor": "val_loss", "patience": 4, "restore_best_weights": True},
+        {"name": "terminate_on_nan", "check_every": 10},
+        {"name": "checkpoint", "filepath": str(run_dir / "checkpoints" / "epoch{epoch:02d}-{val_loss:.4f}.weights.h5"),
+         "monitor": "val_loss", "save_weights_only": True, "save_top_k": 3, "save_last": True},
+        {"name": "csv_logger", "filename": str(run_dir / "history.csv")},
+        {"name": "backup", "backup_dir": str(run_dir / "backup")},
+    ]
+
+
+def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str | Path = "corebus-runs") -> dict:
+    import math
+
     import corebus
 
     (x_train, y_train), (x_test, y_test) = load_digits_split()
+    run_dir = Path(root).resolve() / time.strftime("demo-%Y%m%d-%H%M%S")
+    steps_per_epoch = math.ceil(len(x_train) * 0.9 / batch_size)
     trainer = corebus.Trainer(
         digits_mlp(),
         optimizer="adam",
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        plugins=demo_plugins(run_dir, steps_per_epoch, epochs),
         seed=0,
         profile=True,
     )
     print(f"corebus {corebus.__version__} demo: digits ({len(x_train)} train / {len(x_test)} test), "
-          f"MLP 64-256-256-10, {epochs} epochs")
-    print(trainer.describe())
+          f"MLP 64-256-256-10, {epochs} epochs\nrun directory: {run_dir}\n")
+    print(trainer.describe(verbose=verbose))
     start = time.perf_counter()
     history = trainer.fit(
         x_train, y_train, batch_size=batch_size, epochs=epochs, validation_split=0.1, verbose=verbose
     )
     seconds = time.perf_counter() - start
+    profile = trainer.bus.profile_report()  # evaluate() below runs with a bus of its own
     test = trainer.evaluate(x_test, y_test, verbose=0, return_dict=True)
     _print_summary(history, trainer, seconds, test)
-    return {"history": history.history, "test": test, "seconds": seconds}
+    _print_overhead(profile)
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.h5"))
+    print(f"\nwritten under {run_dir}:")
+    print("  checkpoints: " + ", ".join(p.name for p in checkpoints))
+    print(f"  epoch log:   {run_dir / 'history.csv'}")
+    return {"history": history.history, "test": test, "seconds": seconds, "run_dir": run_dir}
+
+
+def _print_overhead(report: dict) -> None:
+    rows = sorted(((sum(h["seconds"] for h in hooks.values()), name) for name, hooks in report.items()), reverse=True)
+    print("host time per plugin (all hooks): " + ", ".join(f"{name} {t * 1e3:.0f} ms" for t, name in rows[:6]))
+
+
+def history_plugins(trainer) -> dict:
+    return dict(trainer._plugins)
 
 
 def _print_summary(history, trainer, seconds: float, test: dict) -> None:
@@ -76,5 +113,9 @@ def _print_summary(history, trainer, seconds: float, test: dict) -> None:
         print(" | ".join(cell.rjust(w) for cell, w in zip(row, widths)))
     print(line)
     steps = trainer.global_step
+    stopper = history_plugins(trainer).get("early_stopping")
+    if stopper is not None and stopper.best_epoch is not None:
+        print(f"early stopping: best epoch {stopper.best_epoch + 1} (val_loss {stopper.best:.4f}); "
+              f"stopped at epoch {stopper.stopped_epoch + 1 if stopper.stopped_epoch else '-'}")
     print(f"steps: {steps}   time: {seconds:.1f}s   steps/s: {steps / seconds:.0f}")
     print("test: " + "   ".join(f"{k}={v:.4f}" for k, v in test.items()))

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 
-def run(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "corebus", *args], capture_output=True, text=True, timeout=timeout)
+def run(*args, timeout=300, cwd=None):
+    return subprocess.run([sys.executable, "-m", "corebus", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_plugins_listing_does_not_import_tensorflow():
@@ -26,10 +26,17 @@ def test_plugins_listing_does_not_import_tensorflow():
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["name", "distribution", "version"]
 
 
-def test_demo_trains_and_prints_a_summary():
-    result = run("demo", "--epochs", "3")
+def test_demo_trains_with_the_plugin_stack_and_prints_a_summary(tmp_path):
+    result = run("demo", "--epochs", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert "Epoch 3/3" in out and "Summary" in out
+    assert "Epoch 3/3" in out and "Summary" in out and "learning_rate" in out
+    for name in ("lr_schedule", "reduce_lr_on_plateau", "gradient_clipping", "early_stopping", "checkpoint", "csv_logger", "backup", "progress"):
+        assert name in out.split("Epoch 1/3")[0], f"{name} missing from the hook plan"
     accuracy = float(out.split("test: ")[1].split("accuracy=")[1].split()[0])
     assert accuracy > 0.8, out  # digits is easy: 3 epochs of an MLP reach > 80 %
+    (run_dir,) = (tmp_path / "corebus-runs").iterdir()
+    assert len(list((run_dir / "checkpoints").glob("epoch*.weights.h5"))) == 3
+    assert (run_dir / "checkpoints" / "last.weights.h5").exists()
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 4
+    assert not list((run_dir / "backup").glob("snapshot-*"))  # removed after a clean finish
