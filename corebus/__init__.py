@@ -17,6 +17,7 @@ from .io import BackgroundWorker, atomic_path, check_writable, fsync_path
 from .logs import LazyLogs
 from .monitor import Monitor
 from .registry import installed_plugins, load_plugin_config
+from .sinks import LogSink, Spool, read_spool, redact
 from .snapshot import RunSnapshot, SnapshotError
 
 __version__ = "0.1.0"
@@ -45,6 +46,10 @@ __all__ = [
     "KerasCallback",
     "LazyLogs",
     "LearningRateController",
+    "LogSink",
+    "Spool",
+    "read_spool",
+    "redact",
     "MissingExtraError",
     "PluginBus",
     "PluginError",

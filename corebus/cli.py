@@ -30,6 +30,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    """Replay every spool under a run directory through the plugin that wrote it."""
+    from pathlib import Path
+
+    from .registry import load_plugin_class
+    from .sinks import SPOOL_SUFFIX, read_spool
+
+    spools = sorted(Path(args.run_dir).rglob(f"*{SPOOL_SUFFIX}"))
+    if not spools:
+        print(f"nothing to replay under {args.run_dir}")
+        return 0
+    failed = 0
+    for path in spools:
+        header, records = read_spool(path)
+        plugin = header.get("plugin")
+        if not plugin:
+            print(f"{path}: no header naming its plugin; skipped")
+            failed += 1
+            continue
+        cls = load_plugin_class(plugin)
+        replay = getattr(cls, "replay_spool", None)
+        if replay is None:
+            print(f"{path}: plugin {plugin!r} cannot replay spools; skipped")
+            failed += 1
+            continue
+        sent = replay(path)
+        print(f"{path}: replayed {sent} of {len(records)} records through {plugin}")
+        failed += sent < len(records)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corebus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     demo.add_argument("--root", default="corebus-runs", help="runs are written under ROOT/<run>/")
     demo.set_defaults(func=_cmd_demo)
+    sync = sub.add_parser("sync", help="replay undelivered logger records (spools) of a run directory")
+    sync.add_argument("run_dir")
+    sync.set_defaults(func=_cmd_sync)
     return parser
 
 

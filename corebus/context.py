@@ -7,6 +7,8 @@ and the same step numbers in ``Trainer.fit`` and in ``model.fit``.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -140,6 +142,7 @@ class RunContext:
         self._emit("on_train_begin", logs={})
 
     def _epoch_begin(self, epoch: int) -> None:
+        self._epoch_clock = (time.perf_counter(), self.global_step)
         self.epoch = epoch
         self.mode = "train"
         self._emit("on_epoch_begin", epoch=epoch, logs={})
@@ -169,6 +172,9 @@ class RunContext:
             record = dict(logs)
             if self.optimizer is not None:
                 record.setdefault("learning_rate", self.lr.value)
+            started, step_at_start = getattr(self, "_epoch_clock", (None, 0))
+            if started is not None and self.global_step > step_at_start:
+                record["steps_per_second"] = (self.global_step - step_at_start) / (time.perf_counter() - started)
             self._emit("on_log", kind="epoch", step=self.global_step, logs=record)
 
     def _train_end(self, logs: dict[str, float] | None) -> None:
@@ -217,6 +223,25 @@ class RunContext:
             variables=list(variables),
             optimizer_name=optimizer_name,
         )
+
+    def run_params(self) -> dict[str, Any]:
+        """What loggers record as run parameters: the fit arguments, the optimizer's config and
+        every active plugin's config, JSON-safe, with secret-looking values redacted."""
+        from .sinks import redact
+
+        def jsonable(value: Any) -> Any:
+            return json.loads(json.dumps(value, default=str))
+
+        plugins = {}
+        for name, plugin in self.bus.plugins.items():
+            if callable(getattr(plugin, "get_config", None)):
+                config = plugin.get_config()
+            else:
+                config = {k: v for k, v in vars(plugin).items()
+                          if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+            plugins[name] = jsonable(config)
+        optimizer = {name: jsonable(opt.get_config()) for name, opt in self.optimizers.items()}
+        return redact({"fit": jsonable(self.params), "optimizer": optimizer, "plugins": plugins})
 
     # ---------------------------------------------------------------- run snapshots
 

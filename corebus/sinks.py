@@ -1,0 +1,292 @@
+"""Never block, never lose: the delivery machinery every logger shares.
+
+A :class:`LogSink` sits between a logger plugin and its backend (MLflow, W&B, TensorBoard...):
+
+- ``put(record)`` only appends to a bounded in-memory queue: the training thread never waits
+  on a backend. When the queue is full the record goes straight to the spool (never dropped).
+- one worker thread takes records in batches and calls ``send(records)``;
+- a failed batch is appended to a durable **spool** (JSONL, fsynced) and retried with
+  exponential backoff; spooled records are replayed, oldest first, before new ones;
+- ``close(timeout)`` drains for at most ``timeout`` seconds; whatever is left is written to the
+  spool, and a warning says how to replay it (``corebus sync <run-dir>``);
+- ``stats`` counts queued / sent / retries / failures / spooled records and send latency.
+
+The spool starts with a header record naming the plugin and its (secret-free) config, so
+``corebus sync`` can rebuild a backend and replay it later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("corebus")
+
+Record = dict[str, Any]
+SPOOL_SUFFIX = ".spool.jsonl"
+
+
+class Spool:
+    """An append-only JSONL file of records not yet delivered (header first)."""
+
+    def __init__(self, path: str | os.PathLike, header: Record):
+        self.path = Path(path)
+        self.header = header
+        self._lock = threading.Lock()
+
+    def append(self, records: Iterable[Record]) -> int:
+        records = list(records)
+        if not records:
+            return 0
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            with open(self.path, "a", encoding="utf-8") as handle:
+                if new:
+                    handle.write(json.dumps({"type": "header", **self.header}) + "\n")
+                for record in records:
+                    handle.write(json.dumps(record, default=float) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        return len(records)
+
+    def read(self) -> list[Record]:
+        with self._lock:
+            return read_spool(self.path)[1]
+
+    def pop_front(self, count: int) -> None:
+        """Drop the ``count`` oldest records (just delivered). Appends only ever go to the end,
+        so re-reading under the lock keeps records spooled meanwhile."""
+        with self._lock:
+            remaining = read_spool(self.path)[1][count:]
+            self._rewrite(remaining)
+
+    def replace(self, remaining: list[Record]) -> None:
+        """Atomically rewrite the spool with ``remaining`` (or remove it when empty)."""
+        with self._lock:
+            self._rewrite(remaining)
+
+    def _rewrite(self, remaining: list[Record]) -> None:
+        if not remaining:
+            self.path.unlink(missing_ok=True)
+            return
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps({"type": "header", **self.header}) + "\n")
+            for record in remaining:
+                handle.write(json.dumps(record, default=float) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+
+    def __len__(self) -> int:
+        return len(self.read()) if self.path.exists() else 0
+
+
+def read_spool(path: str | os.PathLike) -> tuple[Record, list[Record]]:
+    """``(header, records)`` of a spool file; a torn last line (crash mid-write) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return {}, []
+    header: Record = {}
+    records: list[Record] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("type") == "header":
+            header = record
+        else:
+            records.append(record)
+    return header, records
+
+
+class LogSink:
+    """Bounded queue + worker thread + spool + retry for one backend.
+
+    :param name: shown in logs and thread names.
+    :param send: called on the worker thread with a list of records; raises on failure. It
+        must be all-or-nothing per call (a failed batch is retried whole).
+    :param spool: where undelivered records go (``None``: keep them in memory only).
+    :param max_queue: records held in memory before ``put`` spools directly.
+    :param batch_size: records per ``send`` call at most.
+    :param flush_interval: seconds the worker waits to fill a batch.
+    :param shutdown_timeout: default bound for :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        send: Callable[[list[Record]], None],
+        *,
+        spool: Spool | None = None,
+        max_queue: int = 10_000,
+        batch_size: int = 200,
+        flush_interval: float = 0.5,
+        shutdown_timeout: float = 30.0,
+        max_backoff: float = 30.0,
+    ):
+        self.name = name
+        self._send = send
+        self.spool = spool
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.shutdown_timeout = shutdown_timeout
+        self.max_backoff = max_backoff
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._memory_spool: list[Record] = []
+        self.stats = {"queued": 0, "sent": 0, "retries": 0, "failures": 0, "spooled": 0, "overflow": 0,
+                      "send_seconds": 0.0, "sends": 0, "max_queue_depth": 0}
+        self._thread = threading.Thread(target=self._run, name=f"corebus-sink-{name}", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- training thread
+
+    def put(self, record: Record) -> None:
+        """Hand a record over; never blocks and never drops (overflow goes to the spool)."""
+        self.stats["queued"] += 1
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.stats["overflow"] += 1
+            self._spool([record])
+        depth = self._queue.qsize()
+        if depth > self.stats["max_queue_depth"]:
+            self.stats["max_queue_depth"] = depth
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Deliver what can be delivered within ``timeout`` seconds; spool the rest.
+
+        Returns ``True`` when nothing is left undelivered.
+        """
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self._retry_at = 0.0  # one last prompt attempt
+        while time.monotonic() < deadline and (self._queue.qsize() or self._pending()):
+            if self._backoff and self._retry_at > deadline:
+                break
+            time.sleep(0.02)
+        self._stop.set()
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        leftover = self._drain_queue()
+        self._spool(leftover)
+        remaining = self._pending()
+        if remaining:
+            where = f"spooled in {self.spool.path}" if self.spool else "lost (no spool configured)"
+            log.warning(
+                "%s: %d records could not be delivered within %.0f s and are %s; replay them with: corebus sync %s",
+                self.name, remaining, timeout, where, self.spool.path.parent if self.spool else "<run-dir>",
+            )
+        log.info("%s sink: %s", self.name, self.describe_stats())
+        return remaining == 0
+
+    def describe_stats(self) -> str:
+        s = self.stats
+        latency = s["send_seconds"] / s["sends"] * 1e3 if s["sends"] else 0.0
+        return (f"queued {s['queued']}, sent {s['sent']}, retries {s['retries']}, spooled {s['spooled']}, "
+                f"overflow {s['overflow']}, max queue depth {s['max_queue_depth']}, mean send latency {latency:.1f} ms")
+
+    # ---------------------------------------------------------------- worker thread
+
+    def _pending(self) -> int:
+        if self.spool is not None:
+            return len(self.spool)
+        return len(self._memory_spool)
+
+    def _spool(self, records: list[Record]) -> None:
+        if not records:
+            return
+        self.stats["spooled"] += len(records)
+        if self.spool is not None:
+            self.spool.append(records)
+        else:
+            self._memory_spool.extend(records)
+
+    def _drain_queue(self, limit: int | None = None) -> list[Record]:
+        batch: list[Record] = []
+        while limit is None or len(batch) < limit:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _deliver(self, records: list[Record]) -> bool:
+        start = time.perf_counter()
+        try:
+            self._send(records)
+        except Exception as exc:  # any backend error: keep the records, back off
+            self.stats["failures"] += 1
+            self._backoff = min(self.max_backoff, max(0.5, self._backoff * 2))
+            self._retry_at = time.monotonic() + self._backoff
+            log.warning("%s: send failed (%s: %s); retrying in %.1f s", self.name, type(exc).__name__, exc, self._backoff)
+            return False
+        self.stats["sends"] += 1
+        self.stats["send_seconds"] += time.perf_counter() - start
+        self.stats["sent"] += len(records)
+        self._backoff = 0.0
+        return True
+
+    def _replay_spool(self) -> bool:
+        """Send spooled records oldest first; ``True`` when the spool is empty."""
+        if self.spool is not None:
+            pending = self.spool.read()
+        else:
+            pending = list(self._memory_spool)
+        while pending:
+            batch = pending[: self.batch_size]
+            self.stats["retries"] += 1
+            if not self._deliver(batch):
+                return False
+            pending = pending[len(batch):]
+            if self.spool is not None:
+                self.spool.pop_front(len(batch))
+            else:
+                del self._memory_spool[: len(batch)]
+        return True
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            if self._backoff and time.monotonic() < self._retry_at:
+                if stopping:
+                    return
+                # While backing off, new records go to the spool so memory stays bounded.
+                self._spool(self._drain_queue())
+                time.sleep(min(0.05, self._retry_at - time.monotonic()) if self._retry_at > time.monotonic() else 0)
+                continue
+            if self._pending() and not self._replay_spool():
+                continue
+            try:
+                first = self._queue.get(timeout=0.05 if stopping else self.flush_interval)
+            except queue.Empty:
+                if stopping:
+                    return
+                continue
+            batch = [first] + self._drain_queue(self.batch_size - 1)
+            if not self._deliver(batch):
+                self._spool(batch)
+
+
+def redact(config: Any, secret_words: tuple[str, ...] = ("url", "token", "key", "secret", "password", "webhook")) -> Any:
+    """Replace values whose key names a secret with ``"***"`` (recursively)."""
+    if isinstance(config, dict):
+        return {
+            k: "***" if any(w in str(k).lower() for w in secret_words) and v not in (None, "") else redact(v, secret_words)
+            for k, v in config.items()
+        }
+    if isinstance(config, (list, tuple)):
+        return [redact(v, secret_words) for v in config]
+    return config

@@ -1,0 +1,100 @@
+"""The shared delivery machinery: a slow or dead backend never blocks, nothing is lost."""
+
+import threading
+import time
+
+from corebus import LogSink, Spool, read_spool, redact
+
+
+class Backend:
+    def __init__(self):
+        self.up = True
+        self.delay = 0.0
+        self.received = []
+        self.lock = threading.Lock()
+
+    def send(self, records):
+        time.sleep(self.delay)
+        if not self.up:
+            raise ConnectionError("backend down")
+        with self.lock:
+            self.received.extend(records)
+
+
+def records(n, start=0):
+    return [{"type": "metrics", "step": i, "values": {"loss": float(i)}} for i in range(start, start + n)]
+
+
+def test_put_never_waits_on_a_slow_backend():
+    backend = Backend()
+    backend.delay = 0.5
+    sink = LogSink("slow", backend.send, flush_interval=0.01)
+    start = time.perf_counter()
+    for record in records(500):
+        sink.put(record)
+    assert time.perf_counter() - start < 0.2
+    assert sink.close(timeout=10)
+    assert [r["step"] for r in backend.received] == list(range(500))
+
+
+def test_outage_spools_and_everything_arrives_once_in_order(tmp_path):
+    backend = Backend()
+    spool = Spool(tmp_path / "mlflow.spool.jsonl", {"plugin": "mlflow", "config": {}})
+    sink = LogSink("flaky", backend.send, spool=spool, flush_interval=0.01, max_backoff=0.2)
+    for record in records(50):
+        sink.put(record)
+    time.sleep(0.3)
+    backend.up = False
+    for record in records(50, start=50):
+        sink.put(record)
+    time.sleep(0.5)
+    assert spool.path.exists() and len(spool) > 0  # durable while the backend is down
+    backend.up = True
+    for record in records(50, start=100):
+        sink.put(record)
+    assert sink.close(timeout=10)
+    steps = [r["step"] for r in backend.received]
+    assert sorted(steps) == list(range(150)) and len(steps) == len(set(steps))
+    assert sink.stats["failures"] >= 1 and sink.stats["retries"] >= 1
+    assert not spool.path.exists()
+
+
+def test_shutdown_is_bounded_and_leftovers_stay_in_the_spool(tmp_path, caplog):
+    backend = Backend()
+    backend.up = False
+    spool = Spool(tmp_path / "dead.spool.jsonl", {"plugin": "mlflow", "config": {"run_id": "r1"}})
+    sink = LogSink("dead", backend.send, spool=spool, flush_interval=0.01)
+    for record in records(20):
+        sink.put(record)
+    start = time.perf_counter()
+    assert sink.close(timeout=1.0) is False
+    assert time.perf_counter() - start < 3.0
+    header, spooled = read_spool(spool.path)
+    assert header["plugin"] == "mlflow" and header["config"] == {"run_id": "r1"}
+    assert [r["step"] for r in spooled] == list(range(20))
+    assert "corebus sync" in caplog.text
+
+
+def test_queue_overflow_goes_to_the_spool_not_the_floor(tmp_path):
+    backend = Backend()
+    backend.delay = 0.2
+    spool = Spool(tmp_path / "o.spool.jsonl", {"plugin": "x", "config": {}})
+    sink = LogSink("small", backend.send, spool=spool, max_queue=5, batch_size=5, flush_interval=0.01)
+    for record in records(100):
+        sink.put(record)
+    assert sink.stats["overflow"] > 0
+    assert sink.close(timeout=20)
+    assert sorted(r["step"] for r in backend.received) == list(range(100))
+
+
+def test_torn_last_line_of_a_spool_is_ignored(tmp_path):
+    path = tmp_path / "t.spool.jsonl"
+    Spool(path, {"plugin": "x"}).append(records(3))
+    with open(path, "a") as handle:
+        handle.write('{"type": "metrics", "st')
+    assert [r["step"] for r in read_spool(path)[1]] == [0, 1, 2]
+
+
+def test_redact_hides_secrets():
+    config = {"url": "https://hooks.example/abc", "api_key": "k", "monitor": "val_loss", "nested": {"token": "t"}}
+    assert redact(config) == {"url": "***", "api_key": "***", "monitor": "val_loss", "nested": {"token": "***"}}
