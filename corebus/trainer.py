@@ -141,9 +141,11 @@ class Trainer(RunContext):
 
     def _make_bus(self, extra: list[str]) -> PluginBus:
         named = list(self._plugins)
-        active = {type(p).__name__ for _, p in named} | {n for n, _ in named}
         for name in extra:
-            if name not in active:
+            # the user may have activated it already (by name or as an instance, configured)
+            if name not in {n for n, _ in named} and not any(
+                isinstance(p, registry.load_plugin_class(name)) for _, p in named
+            ):
                 named.append((name, registry.instantiate(name, {})))
         bus = PluginBus(named, profile=self.profile)
         self._use_bus(bus)

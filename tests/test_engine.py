@@ -348,3 +348,16 @@ def test_profile_and_describe(tiny_data):
     trainer.fit(x, y, batch_size=32, epochs=2, verbose=0)
     report = trainer.bus.profile_report()
     assert report["RecordingPlugin"]["on_train_batch_end"]["calls"] == 6
+
+
+def test_a_configured_progress_bar_is_not_doubled(tiny_data):
+    import io
+
+    from corebus.plugins import ProgressBar
+
+    x, y = tiny_data
+    stream = io.StringIO()
+    trainer = make_trainer([ProgressBar(stream=stream)])
+    trainer.fit(x, y, batch_size=32, epochs=2, verbose=1)
+    assert [n for n in trainer.bus.plugins if "Progress" in n or n == "progress"] == ["ProgressBar"]
+    assert stream.getvalue().count("Epoch 2/2") == 1
