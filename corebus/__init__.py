@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .alerts import Alert
 from .bus import PluginBus, hookimpl
 from .cadence import Cadence
+from .context import optimizer_names
 from .errors import ConfigError, CorebusError, MissingExtraError, PluginError, require_module
 from .io import BackgroundWorker, atomic_path, check_writable, fsync_path
 from .logs import LazyLogs
@@ -61,6 +62,7 @@ __all__ = [
     "hookimpl",
     "installed_plugins",
     "load_plugin_config",
+    "optimizer_names",
     "require_module",
     "wrap_optimizer",
 ]

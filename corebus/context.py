@@ -17,6 +17,16 @@ from .bus import PluginBus
 from .logs import LazyLogs
 
 
+def optimizer_names(value: Any, owner: str) -> list[str] | None:
+    """Validate a plugin's ``optimizers=`` argument: ``None`` (all), a name, or a list of names."""
+    from .errors import ConfigError
+
+    names = [value] if isinstance(value, str) else (None if value is None else list(value))
+    if names is not None and (not names or not all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"{owner} optimizers={value!r} must be None or a non-empty list of names")
+    return names
+
+
 class RunContext:
     #: Whether a run snapshot taken mid-epoch can be resumed at that exact batch (the engine
     #: can; ``model.fit`` restarts epochs from their first batch).
@@ -68,6 +78,16 @@ class RunContext:
 
             self._lr = LearningRateController(self.optimizer)
         return self._lr
+
+    def check_optimizer_names(self, names: list[str] | None, owner: str) -> None:
+        """Fail before training when a plugin names an optimizer this run does not have."""
+        from .errors import ConfigError
+
+        unknown = sorted(set(names or ()) - set(self.optimizers))
+        if unknown:
+            raise ConfigError(
+                f"{owner} optimizers={names}: no optimizer named {unknown}; this run has {sorted(self.optimizers)}"
+            )
 
     def lr_for(self, optimizer_name: str) -> Any:
         """The LR handle of a named optimizer (custom steps with several optimizers)."""

@@ -7,7 +7,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
-from corebus import ConfigError, hookimpl
+from corebus import ConfigError, hookimpl, optimizer_names
 
 
 class GradientAccumulation:
@@ -41,25 +41,11 @@ class GradientAccumulation:
                 f"GradientAccumulation steps={steps!r} must be an integer >= 1 (micro-batches per update)"
             )
         self.steps = int(steps)
-        if isinstance(optimizers, str):
-            optimizers = [optimizers]
-        self.optimizers = None if optimizers is None else list(optimizers)
-        if self.optimizers is not None and (
-            not self.optimizers or not all(isinstance(n, str) for n in self.optimizers)
-        ):
-            raise ConfigError(
-                f"GradientAccumulation optimizers={optimizers!r} must be None or a non-empty list of names"
-            )
+        self.optimizers = optimizer_names(optimizers, "GradientAccumulation")
 
     @hookimpl
     def on_train_begin(self, trainer):
-        if self.optimizers is not None:
-            unknown = sorted(set(self.optimizers) - set(trainer.optimizers))
-            if unknown:
-                raise ConfigError(
-                    f"GradientAccumulation optimizers={self.optimizers}: no optimizer named {unknown}; "
-                    f"this run has {sorted(trainer.optimizers)}"
-                )
+        trainer.check_optimizer_names(self.optimizers, "GradientAccumulation")
 
     @hookimpl
     def gradient_accumulation_steps(self, optimizer_name):

@@ -9,7 +9,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from corebus import ConfigError, hookimpl
+from corebus import ConfigError, hookimpl, optimizer_names
 
 
 class GradientClipping:
@@ -57,15 +57,7 @@ class GradientClipping:
         ):
             raise ConfigError(f"GradientClipping {self.mode}={threshold!r} must be a finite number > 0")
         self.threshold = float(threshold)
-        if isinstance(optimizers, str):
-            optimizers = [optimizers]
-        self.optimizers = None if optimizers is None else list(optimizers)
-        if self.optimizers is not None and (
-            not self.optimizers or not all(isinstance(n, str) for n in self.optimizers)
-        ):
-            raise ConfigError(
-                f"GradientClipping optimizers={optimizers!r} must be None or a non-empty list of names"
-            )
+        self.optimizers = optimizer_names(optimizers, "GradientClipping")
         self.log_norm = bool(log_norm)
         self._norms: dict[str, tf.Variable] = {}
         self._restored: dict[str, float] = {}
@@ -74,13 +66,7 @@ class GradientClipping:
 
     @hookimpl
     def on_train_begin(self, trainer):
-        if self.optimizers is not None:
-            unknown = sorted(set(self.optimizers) - set(trainer.optimizers))
-            if unknown:
-                raise ConfigError(
-                    f"GradientClipping optimizers={self.optimizers}: no optimizer named {unknown}; "
-                    f"this run has {sorted(trainer.optimizers)}"
-                )
+        trainer.check_optimizer_names(self.optimizers, "GradientClipping")
 
     @hookimpl
     def transform_gradients(self, gradients, optimizer_name):
