@@ -1,0 +1,367 @@
+"""TensorBoard event files for corebus runs, laid out like ``keras.callbacks.TensorBoard``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from corebus import Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+
+log = logging.getLogger("corebus")
+
+SPOOL_NAME = "tensorboard.spool.jsonl"
+HISTOGRAM_BUCKETS = 30  # tf.summary.histogram's default
+
+
+class TensorBoardLogger:
+    """``keras.callbacks.TensorBoard`` as a corebus logger: same directories, same tags.
+
+    Writes ``<log_dir>/train`` and ``<log_dir>/validation`` event files that dashboards built on
+    Keras's callback read unchanged:
+
+    - ``epoch_<metric>`` (train metrics and ``epoch_learning_rate`` in ``train/``, ``val_*``
+      metrics without the prefix in ``validation/``) at step = epoch index, as Keras does;
+    - ``evaluation_<metric>_vs_iterations`` in ``validation/`` after every evaluation, at the
+      global optimizer step;
+    - ``batch_<metric>`` in ``train/`` when ``update_freq`` is an integer N (or ``"batch"``,
+      i.e. 1), at the global optimizer step, whenever the updates of a train call cross a
+      multiple of N. Keras counts compiled calls instead; with ``steps_per_execution=1`` and
+      no gradient accumulation both are the same steps;
+    - with ``histogram_freq=N``, every N epochs: ``<weight.path>/histogram`` for every layer
+      weight (Keras's tag and buckets) plus a ``<weight.path>/norm`` scalar (its L2 norm);
+    - with ``write_graph=True``: the ``keras`` conceptual graph of Functional and Sequential
+      models (as Keras) and the op graph of the model's forward pass where the model has
+      symbolic ``inputs``;
+    - text summaries ``run_params`` (``trainer.run_params()`` as JSON, step 0),
+      ``checkpoints`` (every ``on_checkpoint_saved``) and ``run_status`` (``FINISHED``,
+      ``FAILED (<error>)`` or ``KILLED`` for ``KeyboardInterrupt``). Inside ``model.fit`` there
+      is no exception hook (Keras has none), so the status is only written on a normal end.
+
+    ``write_steps_per_second=True`` adds ``epoch_steps_per_second`` (Keras also writes a
+    per-batch rate; corebus does not). ``profile_batch=(a, b)`` (or ``a`` for ``(a, a)``; ``0``
+    disables) runs the TensorFlow profiler over global steps ``a``..``b`` into ``train/``; the
+    profiler starts and stops between compiled calls, so with ``steps_per_execution > 1`` the
+    window is rounded out to whole calls (``profiled_steps`` says which steps it covered).
+    Keras's ``write_images`` and embeddings are not supported.
+
+    Summaries are written by a :class:`corebus.LogSink` worker thread, never on the training
+    thread (which only copies weights for histograms and traces the graph once). Records that
+    cannot be written (full disk...) are spooled to ``<log_dir>/tensorboard.spool.jsonl``;
+    ``corebus sync <log_dir>`` writes them later. ``shutdown_timeout`` bounds how long the end
+    of ``fit`` waits for the writer. A resumed run (``load_state_dict``) keeps writing into the
+    original ``log_dir``. Under ``tf.distribute`` only the chief should log.
+    """
+
+    error_policy = "warn"
+    max_failures = 5
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike = "./corebus-runs/tensorboard",
+        histogram_freq: int = 0,
+        write_graph: bool = True,
+        write_steps_per_second: bool = False,
+        update_freq: str | int = "epoch",
+        profile_batch: int | str | tuple[int, int] = 0,
+        shutdown_timeout: float = 30.0,
+    ):
+        require_module("tensorboard", extra="tensorboard", what="TensorBoardLogger")
+        update_freq = 1 if update_freq == "batch" else update_freq
+        if update_freq != "epoch" and not (isinstance(update_freq, int) and update_freq >= 1):
+            raise ConfigError(
+                f'TensorBoardLogger: update_freq={update_freq!r} must be "epoch", "batch" or an integer >= 1')
+        if not isinstance(histogram_freq, int) or histogram_freq < 0:
+            raise ConfigError(
+                f"TensorBoardLogger: histogram_freq={histogram_freq!r} must be an integer >= 0 (0 disables)")
+        self.log_dir = os.fspath(log_dir)
+        check_writable(self.log_dir, "TensorBoardLogger")
+        self.histogram_freq = histogram_freq
+        self.write_graph = bool(write_graph)
+        self.write_steps_per_second = bool(write_steps_per_second)
+        self.update_freq = update_freq
+        self.profile_batch = _profile_window(profile_batch)
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.profiled_steps: tuple[int, int] | None = None
+        self._batch_cadence = None if update_freq == "epoch" else Cadence.every_n(update_freq)
+        self._sink: LogSink | None = None
+        self._files: _EventFiles | None = None
+        self._training = False
+        self._pending: list[dict[str, Any]] = []
+        self._graph_pending = False
+        self._profiler = "idle"  # -> "running" -> "done" (or "done" when it could not start)
+        self._call_steps = 1
+
+    def get_config(self) -> dict[str, Any]:
+        return {"log_dir": os.path.abspath(self.log_dir), "histogram_freq": self.histogram_freq,
+                "write_graph": self.write_graph, "write_steps_per_second": self.write_steps_per_second,
+                "update_freq": self.update_freq, "profile_batch": list(self.profile_batch or (0, 0)),
+                "shutdown_timeout": self.shutdown_timeout}
+
+    # ---------------------------------------------------------------- hooks
+
+    @hookimpl
+    def on_train_begin(self, trainer):
+        self._training = True
+        self._graph_pending = self.write_graph
+        self._profiler = "idle"
+        # Updates per compiled call, to know whether the next call reaches the profiler window
+        # (afterwards measured on each call).
+        per_call = trainer.params.get("steps_per_execution") or getattr(trainer.model, "steps_per_execution", 1)
+        self._call_steps = max(1, -(-int(per_call) // trainer.accumulation_steps()))
+        # Held until the first write opens the sink: a snapshot restored later in this hook
+        # (BackupAndRestore) may still point log_dir at the run being resumed.
+        self._pending = [_text("run_params", 0, "```\n" + json.dumps(trainer.run_params(), indent=2) + "\n```")]
+
+    @hookimpl
+    def on_train_batch_begin(self, trainer):
+        window = self.profile_batch
+        # The window is in global steps, so a later fit or a resumed run past it never re-profiles.
+        if window and self._profiler == "idle" and trainer.global_step < window[1]:
+            if trainer.global_step + self._call_steps >= window[0]:
+                self._start_profiler(trainer.global_step + 1)
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        self._call_steps = max(1, trainer.global_step - trainer.previous_global_step)
+        if self._graph_pending:
+            self._graph_pending = False
+            for record in _graph_records(trainer.model):
+                self._put(record)
+        if self._profiler == "running" and Cadence.once(self.profile_batch[1]).due_now(trainer):
+            self._stop_profiler(trainer.global_step)
+
+    @hookimpl
+    def on_log(self, trainer, kind, step, logs):
+        if kind == "batch":
+            if self._batch_cadence is not None and self._batch_cadence.due_now(trainer):
+                self._put(_scalars("train", step, {f"batch_{k}": float(v) for k, v in logs.items()}))
+            return
+        epoch = trainer.epoch
+        train = {f"epoch_{k}": float(v) for k, v in logs.items() if not k.startswith("val_")}
+        if not self.write_steps_per_second:
+            train.pop("epoch_steps_per_second", None)
+        self._put(_scalars("train", epoch, train))
+        val = {f"epoch_{k[4:]}": float(v) for k, v in logs.items() if k.startswith("val_")}
+        if val:
+            self._put(_scalars("validation", epoch, val))
+        if self.histogram_freq and epoch % self.histogram_freq == 0:
+            self._put_weights(trainer.model, epoch)
+
+    @hookimpl
+    def on_test_end(self, trainer, logs):
+        if trainer.optimizer is not None and logs:
+            values = {f"evaluation_{k}_vs_iterations": float(v) for k, v in logs.items()}
+            self._put(_scalars("validation", trainer.global_step, values))
+        if not self._training:  # a standalone evaluate: nothing else will close the sink
+            self._close()
+
+    @hookimpl
+    def on_checkpoint_saved(self, filepath, step, metadata):
+        text = f"`{os.fspath(filepath)}` " + json.dumps(metadata, default=str)
+        self._put(_text("checkpoints", step, text))
+
+    @hookimpl
+    def on_train_end(self, trainer):
+        self._finish(trainer, "FINISHED")
+
+    @hookimpl
+    def on_exception(self, trainer, exception):
+        if isinstance(exception, KeyboardInterrupt):
+            self._finish(trainer, "KILLED")
+        else:
+            self._finish(trainer, f"FAILED ({type(exception).__name__}: {exception})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_dir": self.log_dir}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log_dir = state["log_dir"]
+
+    # ---------------------------------------------------------------- delivery
+
+    @classmethod
+    def replay_spool(cls, path: str | os.PathLike) -> int:
+        """Write the records of a spool into the event files beside it; returns how many."""
+        require_module("tensorboard", extra="tensorboard", what="TensorBoardLogger")
+        header, records = read_spool(path)
+        files, sent = _EventFiles(Path(path).parent), 0
+        try:
+            for start in range(0, len(records), 200):
+                files.write(records[start:start + 200])
+                sent = min(len(records), start + 200)
+        except Exception as exc:  # keep what is left for the next sync
+            log.warning("TensorBoardLogger: replay of %s stopped after %d records: %s", path, sent, exc)
+        finally:
+            files.close()
+            Spool(path, {k: v for k, v in header.items() if k != "type"}).replace(records[sent:])
+        return sent
+
+    def _put(self, record: dict[str, Any]) -> None:
+        if self._sink is None:
+            self._files = _EventFiles(self.log_dir)
+            spool = Spool(Path(self.log_dir) / SPOOL_NAME, {"plugin": "tensorboard", "config": self.get_config()})
+            self._sink = LogSink("tensorboard", self._files.write, spool=spool, shutdown_timeout=self.shutdown_timeout)
+            for pending in self._pending:
+                self._sink.put(pending)
+            self._pending = []
+        self._sink.put(record)
+
+    def _put_weights(self, model: Any, epoch: int) -> None:
+        # Weights change with the next step, so they are copied (and bucketed) here.
+        histograms, norms = {}, {}
+        for layer in model.layers:
+            for weight in layer.weights:
+                name = weight.path.replace(":", "_")
+                values = np.asarray(weight.numpy(), dtype=np.float64).reshape(-1)
+                histograms[f"{name}/histogram"] = _buckets(values).tolist()
+                norms[f"{name}/norm"] = float(np.linalg.norm(values))
+        self._put({"type": "histograms", "run": "train", "step": epoch, "values": histograms})
+        self._put(_scalars("train", epoch, norms))
+
+    def _finish(self, trainer: Any, status: str) -> None:
+        if self._profiler == "running":
+            self._stop_profiler(trainer.global_step)
+        self._put(_text("run_status", trainer.global_step, status))
+        self._training = False
+        self._close()
+
+    def _close(self) -> None:
+        if self._sink is not None:
+            self._sink.close(self.shutdown_timeout)
+            self._files.close()
+        self._sink = self._files = None
+
+    def _start_profiler(self, first_step: int) -> None:
+        import tensorflow as tf
+
+        try:
+            tf.profiler.experimental.start(os.path.join(self.log_dir, "train"))
+        except Exception as exc:  # another profiler running: not worth failing the run (Keras)
+            log.error("TensorBoardLogger: failed to start the profiler: %s", exc)
+            self._profiler = "done"
+            return
+        self._profiler, self._profile_first = "running", first_step
+
+    def _stop_profiler(self, last_step: int) -> None:
+        import tensorflow as tf
+
+        self._profiler = "done"
+        self.profiled_steps = (self._profile_first, last_step)
+        try:
+            tf.profiler.experimental.stop()
+        except Exception as exc:
+            log.error("TensorBoardLogger: failed to stop the profiler: %s", exc)
+
+
+class _EventFiles:
+    """The ``train`` and ``validation`` summary writers of one log_dir, used from one thread."""
+
+    def __init__(self, log_dir: str | os.PathLike):
+        self.log_dir = os.fspath(log_dir)
+        self._writers: dict[str, Any] = {}
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        import tensorflow as tf
+        from tensorboard.plugins.histogram import metadata as histogram_metadata
+
+        # Open every writer first, so a failure (a full disk) leaves no half-written batch.
+        for run in sorted({record["run"] for record in records}):
+            if run not in self._writers:
+                self._writers[run] = tf.summary.create_file_writer(os.path.join(self.log_dir, run))
+        for record in records:
+            kind, values = record["type"], record.get("values", {})
+            with self._writers[record["run"]].as_default(step=record.get("step", 0)):
+                if kind == "scalars":
+                    for tag, value in values.items():
+                        tf.summary.scalar(tag, value)
+                elif kind == "histograms":
+                    metadata = histogram_metadata.create_summary_metadata(display_name=None, description=None)
+                    for tag, buckets in values.items():
+                        tf.summary.write(tag, tf.constant(buckets, tf.float64), metadata=metadata)
+                elif kind == "text":
+                    for tag, text in values.items():
+                        tf.summary.text(tag, text)
+                elif kind == "keras_model":
+                    metadata = tf.compat.v1.SummaryMetadata()
+                    metadata.plugin_data.plugin_name = "graph_keras_model"  # what Keras writes
+                    metadata.plugin_data.content = b"1"
+                    tf.summary.write("keras", tf.constant(record["json"]), metadata=metadata)
+                elif kind == "graph":
+                    tf.summary.graph(tf.compat.v1.GraphDef.FromString(base64.b64decode(record["graph_def"])))
+        for writer in self._writers.values():
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+
+
+def _scalars(run: str, step: int, values: dict[str, float]) -> dict[str, Any]:
+    return {"type": "scalars", "run": run, "step": int(step), "values": values}
+
+
+def _text(tag: str, step: int, text: str) -> dict[str, Any]:
+    return {"type": "text", "run": "train", "step": int(step), "values": {tag: text}}
+
+
+def _buckets(data: np.ndarray, count: int = HISTOGRAM_BUCKETS) -> np.ndarray:
+    """``tf.summary.histogram``'s buckets ([left, right, count] rows), computed in numpy."""
+    data = data[np.isfinite(data)]
+    if data.size == 0:
+        return np.zeros((count, 3))
+    low, high = data.min(), data.max()
+    if low == high:
+        counts = np.zeros(count)
+        counts[-1] = data.size
+        return np.stack([np.full(count, high), np.full(count, high), counts], axis=1)
+    indices = np.minimum(np.floor((data - low) / ((high - low) / count)).astype(np.int64), count - 1)
+    edges = np.linspace(low, high, count + 1)
+    edges[-1] = high
+    return np.stack([edges[:-1], edges[1:], np.bincount(indices, minlength=count).astype(np.float64)], axis=1)
+
+
+def _graph_records(model: Any) -> list[dict[str, Any]]:
+    """The conceptual graph (model JSON, as Keras writes it) and the forward pass's op graph."""
+    import tensorflow as tf
+
+    records = []
+    if type(model).__name__ in ("Functional", "Sequential"):
+        try:
+            records.append({"type": "keras_model", "run": "train", "step": 0, "json": model.to_json()})
+        except Exception as exc:  # as Keras: a model that cannot serialise still trains
+            warnings.warn(f"Model failed to serialize as JSON. Ignoring... {exc}")
+    inputs = getattr(model, "inputs", None)
+    if inputs:
+        try:
+            specs = [tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in inputs]
+            forward = tf.function(lambda *xs: model(xs[0] if len(xs) == 1 else list(xs), training=False))
+            graph_def = forward.get_concrete_function(*specs).graph.as_graph_def()
+            encoded = base64.b64encode(graph_def.SerializeToString()).decode()
+            records.append({"type": "graph", "run": "train", "graph_def": encoded})
+        except Exception as exc:
+            log.warning("TensorBoardLogger: could not trace the model's graph: %s", exc)
+    return records
+
+
+def _profile_window(profile_batch: Any) -> tuple[int, int] | None:
+    """Keras's ``profile_batch`` rules: ``0`` off, ``n`` -> ``(n, n)``, ``"a,b"`` or ``(a, b)``."""
+    message = (f"TensorBoardLogger: profile_batch={profile_batch!r} must be a non-negative integer or a pair "
+               "(start, stop) of positive integers with start <= stop, e.g. profile_batch=(10, 20)")
+    window = profile_batch.split(",") if isinstance(profile_batch, str) else profile_batch
+    if not isinstance(window, (tuple, list)):
+        window = (window, window)
+    try:
+        start, stop = (int(v) if isinstance(v, str) else v for v in window)
+    except ValueError:
+        raise ConfigError(message) from None
+    if not all(type(v) is int for v in (start, stop)) or start < 0 or stop < start or (stop > 0 and start == 0):
+        raise ConfigError(message)
+    return None if stop == 0 else (start, stop)
