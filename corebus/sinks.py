@@ -147,6 +147,10 @@ class LogSink:
         self._backoff = 0.0
         self._retry_at = 0.0
         self._memory_spool: list[Record] = []
+        # A batch being sent when close() gives up must not vanish with the stuck call.
+        self._inflight: list[Record] | None = None
+        self._abandoned = False
+        self._inflight_lock = threading.Lock()
         self.stats = {"queued": 0, "sent": 0, "retries": 0, "failures": 0, "spooled": 0, "overflow": 0,
                       "send_seconds": 0.0, "sends": 0, "max_queue_depth": 0}
         self._thread = threading.Thread(target=self._run, name=f"corebus-sink-{name}", daemon=True)
@@ -180,6 +184,11 @@ class LogSink:
             time.sleep(0.02)
         self._stop.set()
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        if self._thread.is_alive():  # a send is stuck: spool its batch first, in order
+            with self._inflight_lock:
+                self._abandoned = True
+                if self._inflight:
+                    self._spool(self._inflight)
         leftover = self._drain_queue()
         self._spool(leftover)
         remaining = self._pending()
@@ -276,8 +285,14 @@ class LogSink:
                     return
                 continue
             batch = [first] + self._drain_queue(self.batch_size - 1)
-            if not self._deliver(batch):
-                self._spool(batch)
+            self._inflight = batch
+            delivered = self._deliver(batch)
+            with self._inflight_lock:
+                self._inflight = None
+                if self._abandoned:  # close() already spooled it (or gave up on the sink)
+                    return
+                if not delivered:
+                    self._spool(batch)
 
 
 def redact(config: Any, secret_words: tuple[str, ...] = ("url", "token", "key", "secret", "password", "webhook")) -> Any:

@@ -98,3 +98,25 @@ def test_torn_last_line_of_a_spool_is_ignored(tmp_path):
 def test_redact_hides_secrets():
     config = {"url": "https://hooks.example/abc", "api_key": "k", "monitor": "val_loss", "nested": {"token": "t"}}
     assert redact(config) == {"url": "***", "api_key": "***", "monitor": "val_loss", "nested": {"token": "***"}}
+
+
+def test_a_send_stuck_at_shutdown_is_spooled_first(tmp_path):
+    release = threading.Event()
+    received = []
+
+    def send(batch):
+        if not release.is_set():
+            release.wait(5)
+            raise TimeoutError("stuck")
+        received.extend(batch)
+
+    spool = Spool(tmp_path / "s.spool.jsonl", {"plugin": "x"})
+    sink = LogSink("stuck", send, spool=spool, flush_interval=0.01, batch_size=3)
+    for record in records(3):
+        sink.put(record)
+    time.sleep(0.2)  # the first batch is now in flight
+    for record in records(3, start=3):
+        sink.put(record)
+    assert sink.close(timeout=0.5) is False
+    release.set()
+    assert [r["step"] for r in read_spool(spool.path)[1]] == list(range(6))

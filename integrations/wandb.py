@@ -1,0 +1,254 @@
+"""Weights & Biases logger: metrics, run params, checkpoints as artifacts, alerts, final status."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import string
+import time
+from pathlib import Path
+from typing import Any
+
+from corebus import Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+
+log = logging.getLogger("corebus")
+
+MODES = ("online", "offline", "disabled")
+LEVELS = {"info": "INFO", "warning": "WARN", "error": "ERROR"}
+
+
+class WandbLogger:
+    """Log a run to W&B from ``on_log``, in ``Trainer.fit`` and in ``model.fit`` alike.
+
+    What lands where (the conventions of W&B's own ``WandbMetricsLogger``), on one x axis,
+    W&B's ``_step`` = the global optimizer step (exact under ``steps_per_execution``, gradient
+    accumulation and resume):
+
+    - every ``log_every_n_steps`` steps (boundary crossing): ``batch/<metric>`` and
+      ``batch/learning_rate``; ``None`` logs epochs only;
+    - at every epoch end: ``epoch/<metric>`` (``epoch/val_*``, ``epoch/learning_rate``,
+      ``epoch/steps_per_second``) and ``epoch/epoch`` (0-based). W&B steps must only grow, so
+      the epoch values join the row of the epoch's last step (one row per step);
+    - ``trainer.run_params()`` (fit arguments, optimizer, plugin configs, secrets redacted)
+      as the run config; checkpoints from ``on_checkpoint_saved`` as ``model`` artifacts
+      ``run_<id>_model`` (aliases ``latest``, ``step_<N>``);
+    - alerts (``on_alert``): ``run.alert`` in online mode, and always a ``summary["alerts"]``
+      list (offline, ``run.alert`` would only fire, stale, when the run is synced);
+    - the end: ``finish(exit_code=0)`` on success, ``1`` on an exception, ``255`` on
+      ``KeyboardInterrupt`` (the SDK has no "killed" API; 255 is its own Ctrl-C code), and
+      ``summary["corebus/status"]`` = ``FINISHED`` / ``FAILED`` / ``KILLED``. Inside
+      ``model.fit`` Keras has no exception hook: the status is only set by ``on_train_end``.
+
+    Every SDK call, ``wandb.init`` included (0.5-1 s the first time in a process, as it
+    starts the wandb-core service; 0.1-0.2 s after), runs on a :class:`corebus.LogSink`
+    worker: a step never waits on W&B. Records not delivered are spooled to
+    ``<dir>/wandb-<run id>.spool.jsonl``; replay them with ``corebus sync <dir>``. Re-sent
+    records are harmless: W&B ignores steps at or below its last one.
+
+    Resume: ``state_dict()`` holds the run id; a run restored from a snapshot logs to the same
+    run (``resume="allow"``); offline, W&B writes a new ``offline-run-*`` directory with the
+    same id, which ``wandb sync`` appends to the run. Only the chief logs under tf.distribute.
+
+    :param project: W&B project (default ``$WANDB_PROJECT`` or ``"corebus"``).
+    :param entity: W&B user or team (default: the account's).
+    :param mode: ``"online"``, ``"offline"`` (no server, no network) or ``"disabled"``
+        (default ``$WANDB_MODE`` or ``"offline"``).
+    :param dir: where W&B writes ``wandb/`` and the spool (default ``$WANDB_DIR`` or
+        ``./corebus-runs``).
+    :param name: the run's display name.
+    :param log_every_n_steps: batch metrics cadence in global steps, or ``None``.
+    :param log_checkpoints: upload checkpoints as artifacts.
+    :param shutdown_timeout: seconds ``fit`` waits at the end for W&B to take the records.
+    :param tags: the run's tags.
+    """
+
+    error_policy = "warn"
+    max_failures = 5
+
+    def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None,
+                 dir: str | os.PathLike | None = None, name: str | None = None, log_every_n_steps: int | None = 10,
+                 log_checkpoints: bool = True, shutdown_timeout: float = 30.0, tags: list[str] | None = None):
+        self._wandb = require_module("wandb", extra="wandb", what="WandbLogger")
+        self.project = project or os.environ.get("WANDB_PROJECT") or "corebus"
+        self.entity = entity
+        self.mode = mode or os.environ.get("WANDB_MODE") or "offline"
+        # Absolute: `corebus sync` may replay the spool from another working directory.
+        self.dir = os.path.abspath(dir or os.environ.get("WANDB_DIR") or "corebus-runs")
+        self.name = name
+        self.tags = list(tags or [])
+        self.log_every_n_steps = log_every_n_steps
+        self.log_checkpoints = log_checkpoints
+        self.shutdown_timeout = shutdown_timeout
+        if self.mode not in MODES:
+            raise ConfigError(f"WandbLogger: mode={self.mode!r}; use one of {', '.join(MODES)}")
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ConfigError(f"WandbLogger: log_every_n_steps={log_every_n_steps!r}; use a positive integer or None")
+        if not shutdown_timeout or shutdown_timeout <= 0:
+            raise ConfigError(f"WandbLogger: shutdown_timeout={shutdown_timeout!r}; use a positive number of seconds")
+        self._cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
+        self.run_id: str | None = None
+        self._resume_id: str | None = None
+        self._resumed_step: int | None = None
+        self._params: dict[str, Any] = {}
+        self._sink: LogSink | None = None
+        self._run: Any = None  # the wandb Run; touched only by the sink's worker thread
+        self._started = False
+
+    def get_config(self) -> dict[str, Any]:
+        return {"project": self.project, "entity": self.entity, "mode": self.mode, "dir": self.dir,
+                "name": self.name, "tags": self.tags, "log_every_n_steps": self.log_every_n_steps,
+                "log_checkpoints": self.log_checkpoints, "shutdown_timeout": self.shutdown_timeout}
+
+    # ---------------------------------------------------------------- hooks (training thread)
+
+    @hookimpl
+    def on_train_begin(self, trainer: Any) -> None:
+        check_writable(self.dir, "WandbLogger")
+        alphabet = string.ascii_lowercase + string.digits
+        self.run_id = self._resume_id or "".join(secrets.choice(alphabet) for _ in range(8))
+        self._params = trainer.run_params()
+        self._resumed_step = None
+        self._sink = None  # opened at the first record: a snapshot restore may still change run_id
+        self._started = True
+
+    @hookimpl
+    def on_state_restored(self, step: int) -> None:
+        self._resumed_step = step
+
+    @hookimpl
+    def on_log(self, trainer: Any, kind: str, step: int, logs: Any) -> None:
+        if kind == "batch":
+            if self._cadence is None or not self._cadence.due_now(trainer):
+                return
+            values = {f"batch/{k}": float(v) for k, v in dict(logs).items()}  # one host fetch
+            if trainer.optimizer is not None:
+                values["batch/learning_rate"] = trainer.lr.value
+        else:
+            values = {f"epoch/{k}": float(v) for k, v in logs.items()}
+            values["epoch/epoch"] = trainer.epoch
+        self._put({"type": "log", "step": int(step), "values": values})
+
+    @hookimpl
+    def on_checkpoint_saved(self, filepath: str, step: int, metadata: dict[str, Any]) -> None:
+        if self.log_checkpoints:
+            path, staged = self._stage(filepath)
+            self._put({"type": "artifact", "path": path, "name": Path(filepath).name, "staged": staged,
+                       "step": int(step), "metadata": {**(metadata or {}), "step": int(step)}})
+
+    @hookimpl
+    def on_alert(self, alert: Any) -> None:
+        self._put({"type": "alert", "kind": alert.kind, "title": alert.title, "text": alert.text,
+                   "level": alert.level, "step": alert.step, "epoch": alert.epoch, "time": alert.time})
+
+    @hookimpl
+    def on_train_end(self) -> None:
+        self._end(0, "FINISHED")
+
+    @hookimpl
+    def on_exception(self, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self._end(255, "KILLED")
+        else:
+            self._end(1, "FAILED", f"{type(exception).__name__}: {exception}"[:1000])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = self._resume_id = state.get("run_id")
+
+    # ---------------------------------------------------------------- delivery
+
+    def _put(self, record: dict[str, Any]) -> None:
+        if self._sink is None:
+            header = {"plugin": "wandb", "config": {**self.get_config(), "run_id": self.run_id}}
+            spool = Spool(Path(self.dir) / f"wandb-{self.run_id}.spool.jsonl", header)
+            self._sink = LogSink("wandb", self._send, spool=spool, shutdown_timeout=self.shutdown_timeout)
+            self._sink.put({"type": "config", "values": self._params, "resumed_step": self._resumed_step})
+        self._sink.put(record)
+
+    def _end(self, exit_code: int, status: str, error: str | None = None) -> None:
+        if not self._started:  # fit failed before this plugin's on_train_begin: no run to end
+            return
+        self._started = False
+        self._put({"type": "finish", "exit_code": exit_code, "status": status, "error": error})
+        sink, self._sink = self._sink, None
+        sink.close(self.shutdown_timeout)
+        self._resume_id = None  # the next fit of this instance is a new run
+
+    def _stage(self, filepath: str) -> tuple[str, bool]:
+        """Hard-link the file aside (O(1)), so a checkpoint rotated away before the worker
+        uploads it (save_top_k) is still there; directories and cross-device paths as-is."""
+        staging = Path(self.dir) / f"wandb-{self.run_id}.staging"
+        target = staging / f"{secrets.token_hex(6)}-{Path(filepath).name}"
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            os.link(filepath, target)
+            return str(target), True
+        except OSError:
+            return str(filepath), False
+
+    def _open(self) -> Any:
+        if self._run is None:
+            start = time.perf_counter()
+            self._run = self._wandb.init(
+                project=self.project, entity=self.entity, mode=self.mode, dir=self.dir, name=self.name,
+                tags=self.tags or None, id=self.run_id, resume="allow", reinit="create_new")
+            log.info("WandbLogger: wandb.init took %.2f s (run %s)", time.perf_counter() - start, self.run_id)
+        return self._run
+
+    def _send(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            run, kind = self._open(), record["type"]
+            if kind == "log":
+                run.log(record["values"], step=record["step"])
+            elif kind == "config":
+                run.config.update(record["values"], allow_val_change=True)
+                if record.get("resumed_step") is not None:
+                    run.summary["corebus/resumed_at_step"] = record["resumed_step"]
+            elif kind == "artifact":
+                self._send_artifact(run, record)
+            elif kind == "alert":
+                alert = {k: record[k] for k in ("kind", "title", "text", "level", "step", "epoch", "time")}
+                run.summary["alerts"] = list(run.summary.get("alerts") or []) + [alert]
+                if self.mode == "online":
+                    run.alert(title=record["title"][:63], text=record["text"] or record["title"],
+                              level=LEVELS[record["level"]])
+            elif kind == "finish":
+                run.summary["corebus/status"] = record["status"]
+                if record.get("error"):
+                    run.summary["corebus/exception"] = record["error"]
+                run.finish(exit_code=record["exit_code"])
+                self._run = None
+                shutil.rmtree(Path(self.dir) / f"wandb-{self.run_id}.staging", ignore_errors=True)
+
+    def _send_artifact(self, run: Any, record: dict[str, Any]) -> None:
+        path = Path(record["path"])
+        if not path.exists():  # retrying cannot bring it back
+            log.warning("WandbLogger: checkpoint %s no longer exists; not uploaded", path)
+            return
+        artifact = self._wandb.Artifact(f"run_{self.run_id}_model", type="model", metadata=record["metadata"])
+        if path.is_dir():
+            artifact.add_dir(str(path))
+        else:
+            artifact.add_file(str(path), name=record["name"])
+        run.log_artifact(artifact, aliases=["latest", f"step_{record['step']}"])
+        if record["staged"]:
+            path.unlink(missing_ok=True)  # add_file copied it into W&B's own staging area
+
+    @classmethod
+    def replay_spool(cls, path: str | os.PathLike) -> int:
+        """Deliver the records of a spool left by a run (``corebus sync``); returns how many."""
+        header, _ = read_spool(path)
+        config = dict(header.get("config", {}))
+        run_id = config.pop("run_id")
+        logger = cls(**config)
+        logger.run_id = run_id
+        sink = LogSink("wandb-replay", logger._send, spool=Spool(path, {"plugin": "wandb", "config": header["config"]}),
+                       flush_interval=0.05)
+        sink.close(logger.shutdown_timeout)
+        if logger._run is not None:  # the spool ended without the run's status: it did not finish
+            logger._send([{"type": "finish", "exit_code": 1, "status": "FAILED", "error": "no final status recorded"}])
+        return sink.stats["sent"]

@@ -1,0 +1,336 @@
+"""WandbLogger: train for real in W&B offline mode, then read the run's ``.wandb`` file back.
+
+Nothing is mocked except ``wandb.init`` in the one online-alert test (there is no server here).
+"""
+
+import base64
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import corebus
+import corebus.cli
+from corebus import ConfigError, MissingExtraError, PluginError, hookimpl, read_spool
+from corebus.integrations.wandb import WandbLogger
+from corebus.plugins import BackupAndRestore, ModelCheckpoint
+from corebus.testing import RecordingPlugin, make_trainer, tiny_data, tiny_model
+
+from wandb_reader import read_run, run_files
+
+BATCH, N = 8, 96  # 12 steps per epoch
+
+
+@pytest.fixture(autouse=True)
+def wandb_env(tmp_path, monkeypatch):
+    root = tmp_path / "wb"
+    for name, value in {
+        "WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_CODE": "true", "WANDB_DISABLE_GIT": "true", "WANDB__DISABLE_STATS": "true",
+        "WANDB__DISABLE_META": "true", "WANDB__DISABLE_MACHINE_INFO": "true",
+        "WANDB_DATA_DIR": str(tmp_path / "data"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    return root
+
+
+def only_run(root, run_id):
+    files = run_files(root, run_id)
+    assert len(files) == 1, files
+    return read_run(files[0])
+
+
+def crossed(steps, n, spe):
+    """The train-call end steps at which a multiple of n was crossed since the previous call."""
+    return [s for s in steps if s // n > (s - spe) // n]
+
+
+class Notifier:
+    """Stands in for a plugin whose config holds a secret (run params must redact it)."""
+
+    def __init__(self):
+        self.webhook_url = "https://hooks.example.com/T000/B000/secret"
+        self.channel = "#training"
+
+
+class StopWith:
+    """Raises ``error`` at the first train call of epoch ``epoch`` (or alerts, with ``alert``)."""
+
+    def __init__(self, error=None, epoch=1, alert=False):
+        self.error, self.epoch, self.alert = error, epoch, alert
+
+    @hookimpl
+    def on_train_batch_end(self, trainer, batch):
+        if trainer.epoch == self.epoch and self.error is not None:
+            raise self.error
+
+    @hookimpl
+    def on_epoch_end(self, trainer, epoch):
+        if self.alert and epoch == 0:
+            trainer.alert("stall", "Training stalled", "no progress for 60 s", "warning")
+
+
+class Saved:
+    """Records every checkpoint announced on the bus."""
+
+    def __init__(self):
+        self.files = []
+
+    @hookimpl
+    def on_checkpoint_saved(self, filepath, step):
+        self.files.append((filepath, step))
+
+
+def test_engine_fit_logs_every_metric_at_its_step_config_summary_and_exit_code(wandb_env):
+    x, y = tiny_data(N)
+    logger = WandbLogger(log_every_n_steps=2, name="engine-run", tags=["tiny"])
+    recorder = RecordingPlugin(read_logs=True)
+    trainer = make_trainer([logger, recorder, Notifier()], steps_per_execution=3)
+    start = time.perf_counter()
+    history = trainer.fit(x, y, batch_size=BATCH, epochs=2, validation_data=(x[:32], y[:32]), shuffle=False, verbose=0)
+    assert time.perf_counter() - start < 30
+
+    run = only_run(wandb_env, logger.run_id)
+    assert (run.run_id, run.project, run.name, run.tags) == (logger.run_id, "corebus", "engine-run", ["tiny"])
+    steps = [row["_step"] for row in run.history]
+    assert steps == sorted(set(steps))  # W&B's rule: one row per step, steps only grow
+
+    # Batch metrics: every train call that crossed a multiple of 2 (spe=3: each call, 3, 6, 9,
+    # ..., where `step % 2 == 0` would have dropped the odd ones), with the values fit saw.
+    seen = {step: logs for name, kind, step, logs in
+            (e for e in recorder.events if e[0] == "on_log") if kind == "batch"}
+    assert sorted(seen) == list(range(3, 25, 3))
+    expected = crossed(sorted(seen), 2, 3)
+    assert sorted(run.metric("batch/loss")) == expected == sorted(run.metric("batch/accuracy"))
+    for step in expected:
+        assert run.metric("batch/loss")[step] == pytest.approx(seen[step]["loss"], abs=1e-5)
+        assert run.metric("batch/accuracy")[step] == pytest.approx(seen[step]["accuracy"], abs=1e-5)
+        assert run.metric("batch/learning_rate")[step] == pytest.approx(trainer.lr.value)
+
+    # Epoch metrics join the row of the epoch's last step (merged with that step's batch values).
+    for epoch, step in enumerate((12, 24)):
+        row = next(r for r in run.history if r["_step"] == step)
+        assert row["epoch/epoch"] == epoch and "batch/loss" in row
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert row[f"epoch/{key}"] == pytest.approx(history.history[key][epoch], abs=1e-6)
+        assert row["epoch/learning_rate"] == pytest.approx(trainer.lr.value) and row["epoch/steps_per_second"] > 0
+
+    fit = run.config["fit"]
+    assert (fit["epochs"], fit["batch_size"], fit["steps_per_execution"], fit["steps"]) == (2, BATCH, 3, 12)
+    assert run.config["optimizer"]["default"]["name"] == trainer.optimizer.get_config()["name"]
+    assert run.config["optimizer"]["default"]["learning_rate"] == pytest.approx(trainer.lr.value)
+    plugins = run.config["plugins"]
+    assert plugins["Notifier"] == {"webhook_url": "***", "channel": "#training"}
+    wandb_config = next(c for c in plugins.values() if c.get("log_every_n_steps") == 2)
+    assert wandb_config["mode"] == "offline" and wandb_config["project"] == "corebus"
+    assert "secret" not in str(run.config)
+
+    assert run.summary["epoch/loss"] == pytest.approx(history.history["loss"][-1], abs=1e-6)
+    assert run.summary["epoch/val_accuracy"] == pytest.approx(history.history["val_accuracy"][-1], abs=1e-6)
+    assert run.summary["_step"] == 24 and run.summary["corebus/status"] == "FINISHED"
+    assert run.exit_code == 0
+    assert not list(wandb_env.glob("*.spool.jsonl"))  # everything delivered
+
+
+def test_model_fit_through_keras_callback(wandb_env):
+    x, y = tiny_data(N)
+    logger = WandbLogger(log_every_n_steps=4)
+    model = tiny_model()
+    callback = corebus.KerasCallback([logger])
+    model.compile(optimizer=callback.wrap_optimizer("sgd"), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], steps_per_execution=3)
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
+
+    run = only_run(wandb_env, logger.run_id)
+    # Boundary crossing of multiples of 4 with steps 3, 6, 9, ...: 6 (crossed 4), 9 (8), 12,
+    # 18 (16), 21 (20), 24; never 3 or 15.
+    assert sorted(run.metric("batch/loss")) == crossed(range(3, 25, 3), 4, 3) == [6, 9, 12, 18, 21, 24]
+    assert run.metric("epoch/epoch") == {12: 0, 24: 1}
+    assert list(run.metric("epoch/loss").values()) == pytest.approx(history.history["loss"], abs=1e-6)
+    assert list(run.metric("epoch/accuracy").values()) == pytest.approx(history.history["accuracy"], abs=1e-6)
+    assert run.config["fit"]["epochs"] == 2 and run.config["fit"]["steps"] == 12
+    assert run.summary["corebus/status"] == "FINISHED" and run.exit_code == 0
+
+
+@pytest.mark.parametrize("error, exit_code, status", [
+    (ValueError("boom"), 1, "FAILED"),
+    (KeyboardInterrupt(), 255, "KILLED"),
+])
+def test_a_run_that_raises_is_marked_failed_or_killed(wandb_env, error, exit_code, status):
+    x, y = tiny_data(N)
+    logger = WandbLogger(log_every_n_steps=1)
+    trainer = make_trainer([logger, StopWith(error, epoch=1)])
+    with pytest.raises(PluginError if isinstance(error, Exception) else KeyboardInterrupt):
+        trainer.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+
+    run = only_run(wandb_env, logger.run_id)
+    assert run.exit_code == exit_code and run.summary["corebus/status"] == status
+    # Everything before the failing call (it raised in on_train_batch_end, before on_log).
+    assert sorted(run.metric("batch/loss")) == list(range(1, 13))
+    assert run.metric("epoch/epoch") == {12: 0}
+    if status == "FAILED":
+        assert "ValueError: boom" in run.summary["corebus/exception"]
+
+
+def test_resumed_run_continues_the_same_run_id(wandb_env, tmp_path):
+    x, y = tiny_data(N)
+    backup = str(tmp_path / "backup")
+    first = WandbLogger(log_every_n_steps=6)
+    with pytest.raises(KeyboardInterrupt):  # killed during epoch 1; the snapshot holds epoch 0
+        make_trainer([first, BackupAndRestore(backup), StopWith(KeyboardInterrupt(), epoch=1)]).fit(
+            x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+    assert first.state_dict() == {"run_id": first.run_id}
+
+    second = WandbLogger(log_every_n_steps=6)
+    make_trainer([second, BackupAndRestore(backup)]).fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+    assert second.run_id == first.run_id  # restored from the snapshot's plugin state
+
+    killed, resumed = (read_run(path) for path in run_files(wandb_env, first.run_id))
+    assert killed.run_id == resumed.run_id == first.run_id
+    assert killed.exit_code == 255 and resumed.exit_code == 0
+    assert killed.metric("epoch/epoch") == {12: 0}
+    assert sorted(killed.metric("batch/loss")) == [6, 12]
+    # The resumed process continues at step 12 (epoch 1), on the same step axis.
+    assert resumed.summary["corebus/resumed_at_step"] == 12
+    assert resumed.metric("epoch/epoch") == {24: 1, 36: 2}
+    assert sorted(resumed.metric("batch/loss")) == [18, 24, 30, 36]
+
+    # A new fit of the same instance starts a new run; load_state_dict alone resumes one.
+    fresh = WandbLogger()
+    fresh.load_state_dict(second.state_dict())
+    assert fresh.state_dict() == {"run_id": first.run_id}
+
+
+def test_checkpoints_become_model_artifacts(wandb_env, tmp_path):
+    x, y = tiny_data(N)
+    logger = WandbLogger(log_every_n_steps=None)
+    # save_top_k=1 deletes each file at the next save, 3 steps later: usually before the worker
+    # uploads it, so this fails unless the logger keeps the file (a hard link) until then.
+    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "{step:03d}.weights.h5"), monitor="loss",
+                                 save_weights_only=True, save_top_k=1, save_freq=3)
+    saved = Saved()
+    make_trainer([logger, checkpoint, saved]).fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+
+    run = only_run(wandb_env, logger.run_id)
+    saves = [step for _, step in saved.files]
+    assert len(saves) > 3 and all(not Path(path).exists() for path, _ in saved.files[:-1])
+    assert [(a.name, a.type) for a in run.artifacts] == [(f"run_{logger.run_id}_model", "model")] * len(saves)
+    assert [set(a.aliases) for a in run.artifacts] == [{"latest", f"step_{s}"} for s in saves]
+    assert [[c.path for c in a.manifest.contents] for a in run.artifacts] == [[f"{s:03d}.weights.h5"] for s in saves]
+    assert [json.loads(a.metadata)["step"] for a in run.artifacts] == saves
+    # Only the last file is left on disk; its upload is that file, byte for byte.
+    (kept,) = (tmp_path / "ckpt").iterdir()
+    assert str(kept) == saved.files[-1][0]
+    digest = base64.b64encode(hashlib.md5(kept.read_bytes()).digest()).decode()
+    assert run.artifacts[-1].manifest.contents[0].digest == digest
+    assert run.metric("batch/loss") == {} and run.metric("epoch/epoch") == {12: 0, 24: 1}  # epochs only
+    assert not (wandb_env / f"wandb-{logger.run_id}.staging").exists()
+
+
+def test_alerts_offline_are_kept_in_the_summary(wandb_env):
+    x, y = tiny_data(N)
+    logger = WandbLogger()
+    make_trainer([logger, StopWith(alert=True)]).fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+
+    run = only_run(wandb_env, logger.run_id)
+    (alert,) = run.summary["alerts"]
+    assert {k: alert[k] for k in ("kind", "title", "text", "level", "step", "epoch")} == {
+        "kind": "stall", "title": "Training stalled", "text": "no progress for 60 s", "level": "warning",
+        "step": 12, "epoch": 0}
+    assert run.alerts == []  # offline: no alert record that would fire, stale, at sync time
+
+
+def test_alerts_online_call_run_alert(wandb_env, mocker):
+    # The one mock of this file: there is no W&B server here.
+    import wandb
+
+    fake_run = mocker.MagicMock()
+    fake_run.summary = {}
+    init = mocker.patch.object(wandb, "init", return_value=fake_run)
+    x, y = tiny_data(N)
+    logger = WandbLogger(mode="online", entity="team", log_every_n_steps=12)
+    make_trainer([logger, StopWith(alert=True)]).fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+
+    init.assert_called_once()
+    kwargs = init.call_args.kwargs
+    assert {k: kwargs[k] for k in ("mode", "entity", "id", "resume", "reinit")} == {
+        "mode": "online", "entity": "team", "id": logger.run_id, "resume": "allow", "reinit": "create_new"}
+    fake_run.alert.assert_called_once_with(title="Training stalled", text="no progress for 60 s", level="WARN")
+    assert fake_run.summary["alerts"][0]["kind"] == "stall"
+    assert [c.kwargs["step"] for c in fake_run.log.call_args_list] == [12, 12]  # batch, then epoch
+    fake_run.finish.assert_called_once_with(exit_code=0)
+
+
+def test_undeliverable_records_are_spooled_and_corebus_sync_replays_them(wandb_env, capsys):
+    # A real delivery failure, no server or mock needed: W&B cannot create <dir>/wandb/.
+    wandb_env.mkdir(parents=True)
+    (wandb_env / "wandb").write_text("")
+    x, y = tiny_data(N)
+    logger = WandbLogger(log_every_n_steps=4, shutdown_timeout=1)
+    start = time.perf_counter()
+    make_trainer([logger]).fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert time.perf_counter() - start < 15  # bounded shutdown, training never waited
+
+    spool = wandb_env / f"wandb-{logger.run_id}.spool.jsonl"
+    header, records = read_spool(spool)
+    assert header["plugin"] == "wandb" and header["config"]["run_id"] == logger.run_id
+    assert [r["type"] for r in records] == ["config"] + ["log"] * 8 + ["finish"]  # all of them, in order
+    assert [r["step"] for r in records if r["type"] == "log"] == [4, 8, 12, 12, 16, 20, 24, 24]
+
+    (wandb_env / "wandb").unlink()  # the backend is back
+    assert corebus.cli.main(["sync", str(wandb_env)]) == 0
+    assert f"replayed {len(records)} of {len(records)} records through wandb" in capsys.readouterr().out
+    run = only_run(wandb_env, logger.run_id)
+    assert sorted(run.metric("batch/loss")) == [4, 8, 12, 16, 20, 24]
+    assert run.metric("epoch/epoch") == {12: 0, 24: 1}
+    assert run.config["fit"]["epochs"] == 2
+    assert run.exit_code == 0 and run.summary["corebus/status"] == "FINISHED"
+    assert not spool.exists()
+
+
+def test_bad_configuration_fails_before_training(wandb_env, tmp_path):
+    with pytest.raises(ConfigError, match="mode='live'.*online, offline, disabled"):
+        WandbLogger(mode="live")
+    with pytest.raises(ConfigError, match="log_every_n_steps=0"):
+        WandbLogger(log_every_n_steps=0)
+    (tmp_path / "file").write_text("")
+    logger = WandbLogger(dir=tmp_path / "file" / "runs")
+    trainer = make_trainer([logger])
+    with pytest.raises(ConfigError, match="WandbLogger: cannot write"):
+        trainer.fit(*tiny_data(N), batch_size=BATCH, epochs=1, verbose=0)
+    assert trainer.global_step == 0
+
+
+def test_disabled_mode_trains_and_writes_nothing(wandb_env):
+    logger = WandbLogger(mode="disabled", log_every_n_steps=1)
+    history = make_trainer([logger]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, verbose=0)
+    assert len(history.history["loss"]) == 1
+    assert not run_files(wandb_env) and not list(wandb_env.glob("*.spool.jsonl"))
+
+
+def test_missing_sdk_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(MissingExtraError, match=r'pip install "corebus\[wandb\]"'):
+        WandbLogger()
+
+
+def test_reader_reassembles_records_spanning_blocks(wandb_env):
+    # The reader under every test above: a record larger than a 32 KiB block comes back whole.
+    import wandb
+
+    run = wandb.init(project="reader", id="bigrecord", dir=str(wandb_env), reinit="create_new")
+    blob = "".join(chr(ord("a") + i % 26) for i in range(100_000))
+    run.config.update({"blob": blob})
+    for step in range(1, 2001):
+        run.log({"x": step * 0.5}, step=step)
+    run.finish(exit_code=3)
+    (path,) = run_files(wandb_env, "bigrecord")
+    assert path.stat().st_size > 3 * 32768
+    back = read_run(path)
+    assert back.config["blob"] == blob and back.exit_code == 3
+    assert back.metric("x") == {step: step * 0.5 for step in range(1, 2001)}
