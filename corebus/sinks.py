@@ -118,7 +118,7 @@ class LogSink:
     :param spool: where undelivered records go (``None``: keep them in memory only).
     :param max_queue: records held in memory before ``put`` spools directly.
     :param batch_size: records per ``send`` call at most.
-    :param flush_interval: seconds the worker waits to fill a batch.
+    :param flush_interval: seconds the worker gathers records into one batch before sending.
     :param shutdown_timeout: default bound for :meth:`close`.
     """
 
@@ -232,6 +232,21 @@ class LogSink:
                 break
         return batch
 
+    def _linger(self, deadline: float) -> list[Record]:
+        """Collect more records until the batch is full or ``deadline``: one send per interval,
+        not one per record. Backend clients are Python-heavy, and every call they make on this
+        thread takes the interpreter lock away from the training loop."""
+        batch: list[Record] = []
+        while len(batch) < self.batch_size - 1 and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=min(remaining, 0.05)))
+            except queue.Empty:
+                continue
+        return batch + self._drain_queue(self.batch_size - 1 - len(batch))
+
     def _deliver(self, records: list[Record]) -> bool:
         start = time.perf_counter()
         try:
@@ -284,7 +299,7 @@ class LogSink:
                 if stopping:
                     return
                 continue
-            batch = [first] + self._drain_queue(self.batch_size - 1)
+            batch = [first] + self._linger(time.monotonic() + (0.0 if stopping else self.flush_interval))
             self._inflight = batch
             delivered = self._deliver(batch)
             with self._inflight_lock:
