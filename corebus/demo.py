@@ -51,6 +51,10 @@ def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int) -> list:
          "monitor": "val_loss", "save_weights_only": True, "save_top_k": 3, "save_last": True},
         {"name": "csv_logger", "filename": str(run_dir / "history.csv")},
         {"name": "backup", "backup_dir": str(run_dir / "backup")},
+        {"name": "tensorboard", "log_dir": str(run_dir / "tensorboard"), "update_freq": 10, "histogram_freq": 5},
+        {"name": "mlflow", "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}", "experiment_name": "corebus-demo",
+         "dir": str(run_dir / "mlflow"), "log_every_n_steps": 10},
+        {"name": "wandb", "mode": "offline", "dir": str(run_dir), "project": "corebus-demo", "log_every_n_steps": 10},
     ]
 
 
@@ -87,6 +91,9 @@ def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str
     print(f"\nwritten under {run_dir}:")
     print("  checkpoints: " + ", ".join(p.name for p in checkpoints))
     print(f"  epoch log:   {run_dir / 'history.csv'}")
+    print(f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"  MLflow:      mlflow ui --backend-store-uri sqlite:///{run_dir / 'mlflow.db'}")
+    print(f"  W&B:         wandb sync {run_dir / 'wandb'}/offline-run-*   (offline run, upload when you like)")
     return {"history": history.history, "test": test, "seconds": seconds, "run_dir": run_dir}
 
 

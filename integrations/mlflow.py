@@ -1,0 +1,505 @@
+"""Log a run to MLflow: params, metrics, checkpoints, the final model and an honest status.
+
+Everything goes through :class:`corebus.LogSink`: hooks only enqueue records, one worker thread
+turns them into ``MlflowClient`` calls, and records that could not be delivered wait in a spool
+under ``dir`` (``corebus sync <dir>`` replays them later). Nothing global of MLflow is touched
+(no fluent ``mlflow.start_run``), so several loggers and the user's own MLflow code coexist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from corebus import Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+
+log = logging.getLogger("corebus")
+
+RUN_KEY_TAG = "corebus.run_key"  # names the run across retries, resumes and `corebus sync`
+MAX_KEY, MAX_PARAM, MAX_TAG = 250, 6000, 8000  # MLflow's limits (mlflow.utils.validation)
+COALESCE_SECONDS, COALESCE_POINTS = 1.0, 250
+# MLflow's HTTP client retries a dead server for ~4 minutes by default; the sink retries instead.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
+
+
+class MLflowLogger:
+    """Log params, metrics, checkpoints and the final model of a ``fit`` to an MLflow run.
+
+    :param tracking_uri: where to log; default ``mlflow.get_tracking_uri()`` (the
+        ``MLFLOW_TRACKING_URI`` variable, else MLflow's own default, ``sqlite:///mlflow.db`` in
+        the working directory). Pass ``"sqlite:///<run-dir>/mlflow.db"`` to keep a run's store
+        beside its files, or ``"http://host:5000"`` for a tracking server.
+    :param experiment_name: default ``MLFLOW_EXPERIMENT_NAME``, else ``"corebus"`` (created
+        when missing).
+    :param run_name: the MLflow run name (MLflow picks one when ``None``).
+    :param log_every_n_steps: log batch metrics each time the global step crosses a multiple
+        of N (exact under ``steps_per_execution``); ``None`` logs epoch metrics only.
+    :param dir: where the spool and the files waiting for upload live.
+    :param log_model: at the end of training upload the model as ``model/model.keras``.
+    :param shutdown_timeout: seconds ``fit`` waits at the end for delivery; the rest stays
+        in the spool.
+    :param tags: run tags.
+
+    Naming: batch metrics under their Keras names (``loss``) at the global optimizer step;
+    epoch metrics as ``epoch/<name>`` (``epoch/val_loss``, ``epoch/learning_rate``...) at the
+    global step the epoch ended on, beside an ``epoch`` metric (0-based index) so a chart can
+    use either axis. Params are ``trainer.run_params()`` flattened with dots
+    (``fit.epochs``, ``optimizer.default.learning_rate``, ``plugins.<name>.<param>``), secrets
+    redacted, values cut to 6000 characters. Checkpoints go to ``checkpoints/`` as they are
+    announced (``on_checkpoint_saved``); the file is hard-linked first, so a checkpoint rotated
+    away before the upload still arrives. Metric points are handed to the sink about once a
+    second (one MLflow request per second instead of one per step), so a dashboard trails
+    training by about a second.
+
+    Status: FINISHED at the end of ``fit``; FAILED when it raises; KILLED on
+    ``KeyboardInterrupt``. Inside ``model.fit`` Keras has no exception hook, so the status is
+    set at ``on_train_end`` only: a crash there leaves the run RUNNING until the same logger's
+    next ``fit`` marks it FAILED. A run restored from a
+    snapshot (``state_dict`` holds the run) continues the same MLflow run; steps the
+    interrupted process had already logged are not logged twice. Each metric lands once per
+    (key, step) after an outage too: records of a failed request are checked against the
+    server before they are sent again.
+
+    For an ``http(s)`` tracking URI, while a run is open this sets
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``, ``MLFLOW_HTTP_REQUEST_TIMEOUT=10`` and
+    ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=0`` unless you set them yourself (MLflow reads them per
+    request and has no per-client setting), and removes them at the end. Credentials in the URI
+    are not written to params or the spool: use ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``.
+    Only the chief logs under ``tf.distribute``.
+    """
+
+    error_policy = "warn"
+    max_failures = 5
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        log_every_n_steps: int | None = 10,
+        dir: str | os.PathLike = "corebus-runs/mlflow",
+        log_model: bool = False,
+        shutdown_timeout: float = 30.0,
+        tags: dict[str, Any] | None = None,
+    ):
+        mlflow = require_module("mlflow", extra="mlflow", what="MLflowLogger")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ConfigError(f"MLflowLogger: log_every_n_steps={log_every_n_steps!r}; use a positive integer, "
+                              "or None for epoch metrics only")
+        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
+            raise ConfigError(f"MLflowLogger: shutdown_timeout={shutdown_timeout!r} must be a number of seconds >= 0")
+        self.tracking_uri = str(tracking_uri or mlflow.get_tracking_uri())
+        if self.tracking_uri.startswith("sqlite:///") and not self.tracking_uri[10:].startswith("/"):
+            # absolute, so `corebus sync` run from another directory finds the same database
+            self.tracking_uri = "sqlite:///" + os.path.abspath(self.tracking_uri[10:])
+        self.experiment_name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "corebus"
+        self.run_name = run_name
+        self.log_every_n_steps = log_every_n_steps
+        self.dir = os.path.abspath(os.fspath(dir))
+        check_writable(self.dir, "MLflowLogger")
+        self.log_model = bool(log_model)
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.tags = {_clean_key(k): str(v)[:MAX_TAG] for k, v in (tags or {}).items()}
+        self.sink: LogSink | None = None
+        self._cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
+        self._writer = _Writer(self.tracking_uri, self.experiment_name, run_name)
+        self._key: str | None = None
+        self._restored = False
+        self._phase = "idle"  # -> "begun" (on_train_begin) -> "open" (sink running) -> "idle"
+        self._params: dict[str, Any] = {}
+        self._names: dict[str, str] = {}
+        self._points: list[list[Any]] = []  # [step, timestamp ms, values] not yet handed to the sink
+        self._points_since = 0.0
+        self._staged = 0
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id, once the worker created (or found) the run."""
+        return self._writer.run_ids.get(self._key) if self._key else None
+
+    def get_config(self) -> dict[str, Any]:
+        return {"tracking_uri": _safe_uri(self.tracking_uri), "experiment_name": self.experiment_name,
+                "run_name": self.run_name, "log_every_n_steps": self.log_every_n_steps, "dir": self.dir,
+                "log_model": self.log_model, "shutdown_timeout": self.shutdown_timeout, "tags": self.tags}
+
+    # ---------------------------------------------------------------- hooks (training thread)
+
+    @hookimpl
+    def on_train_begin(self, trainer):
+        if self._phase == "open":  # the last model.fit raised: Keras told no callback
+            log.warning("MLflowLogger: the previous fit ended without on_train_end; marking run %s FAILED", self.run_id)
+            self._finish("FAILED")
+        if not self._restored:
+            self._key = uuid.uuid4().hex
+        self._params = trainer.run_params()
+        self._points = []
+        # The run is opened at the first event, not here: a snapshot restored later in
+        # on_train_begin (BackupAndRestore) may still hand us the interrupted run to continue.
+        self._phase = "begun"
+
+    @hookimpl
+    def on_state_restored(self, step):
+        if self._ready():
+            self._put("tags", tags={"corebus.resumed_at_step": str(step)})
+
+    @hookimpl
+    def on_log(self, trainer, kind, step, logs):
+        if not self._ready():
+            return
+        # About one record a second, not one per step: an MLflow request costs the client (GIL
+        # time) and the server far more than its payload does.
+        if self._points and time.monotonic() - self._points_since >= COALESCE_SECONDS:
+            self._put("metrics", points=self._points)
+        if kind == "batch":
+            if self._cadence is None or not self._cadence.due_now(trainer):
+                return
+            # Kept lazy until the points are handed over: reading now would wait for this step
+            # to finish on the device; a second later one read fetches steps long done.
+            values = logs
+        else:
+            values = {f"epoch/{name}": value for name, value in logs.items()}
+            values["epoch"] = trainer.epoch
+        if not self._points:
+            self._points_since = time.monotonic()
+        self._points.append([int(step), _now_ms(), values])
+        if len(self._points) >= COALESCE_POINTS:
+            self._put("metrics", points=self._points)
+
+    @hookimpl
+    def on_checkpoint_saved(self, filepath):
+        if self._ready():
+            self._put("artifact", path=str(self._stage(filepath)), artifact_path="checkpoints")
+
+    # trylast: other plugins' on_train_end / on_exception may still announce a checkpoint
+    # (background writes are announced when they finish) or log; the run closes after them.
+    @hookimpl(trylast=True)
+    def on_train_end(self, trainer):
+        if not self._ready():
+            return
+        if self.log_model:
+            try:
+                path = self._stage(None, "model.keras")
+                trainer.model.save(str(path))
+                self._put("artifact", path=str(path), artifact_path="model")
+            except Exception as exc:  # e.g. a subclassed model Keras cannot serialise
+                log.warning("MLflowLogger: could not save the final model (%s: %s)", type(exc).__name__, exc)
+        self._finish("FINISHED")
+
+    @hookimpl(trylast=True)
+    def on_exception(self, exception):
+        if self._ready():
+            self._finish("KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED")
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_key": self._key, "run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._key = state.get("run_key") or uuid.uuid4().hex
+        if state.get("run_id"):
+            self._writer.run_ids[self._key] = state["run_id"]
+        self._restored = True
+
+    # ---------------------------------------------------------------- helpers
+
+    def _ready(self) -> bool:
+        """Open the run on the first event after on_train_begin; False when no run is going."""
+        if self._phase == "begun":
+            resumed, self._restored = self._restored, False
+            self._key = self._key or uuid.uuid4().hex
+            spool = Spool(Path(self.dir) / f"mlflow-{self._key}.spool.jsonl",
+                          {"plugin": "mlflow", "config": self._writer.config()})
+            self.sink = LogSink(f"mlflow-{self._key[:8]}", self._writer.send, spool=spool,
+                                shutdown_timeout=self.shutdown_timeout)
+            _http_env(self.tracking_uri, +1)
+            self._phase = "open"
+            self._put("start", ts=_now_ms(), run_name=self.run_name, tags=self.tags, resumed=resumed)
+            self._put("params", params=_flatten(self._params))
+        return self._phase == "open"
+
+    def _put(self, kind: str, **fields: Any) -> None:
+        if kind != "metrics" and self._points:  # keep the order: metrics logged before come first
+            self._put("metrics", points=self._points)
+        if kind == "metrics":
+            fields["points"] = [[step, ts, self._floats(values)] for step, ts, values in fields["points"]]
+            self._points = []
+        self.sink.put({"type": kind, "run": self._key, **fields})
+
+    def _floats(self, values: dict[str, Any]) -> dict[str, float]:
+        out = {}
+        for name, value in values.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue  # not a scalar (Keras lets a metric return a vector): MLflow cannot chart it
+            key = self._names.get(name)
+            if key is None:
+                key = self._names[name] = _clean_key(name)
+            out[key] = number
+        return out
+
+    def _stage(self, source: str | None, name: str | None = None) -> Path:
+        """A private path for a file waiting for upload (a hard link to ``source`` if given)."""
+        self._staged += 1
+        target = Path(self.dir) / f"mlflow-{self._key}-artifacts" / str(self._staged) / (name or Path(source).name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source is not None:
+            if Path(source).is_dir():
+                shutil.copytree(source, target)
+            else:
+                try:
+                    os.link(source, target)  # O(1), and immune to the original being rotated away
+                except OSError:
+                    shutil.copy2(source, target)
+        return target
+
+    def _finish(self, status: str) -> None:
+        self._put("status", status=status, ts=_now_ms())
+        self._phase = "idle"
+        try:
+            self.sink.close(self.shutdown_timeout)
+        finally:
+            _http_env(self.tracking_uri, -1)
+            staged = Path(self.dir) / f"mlflow-{self._key}-artifacts"
+            if staged.is_dir() and not any(staged.iterdir()):
+                staged.rmdir()
+
+    @classmethod
+    def replay_spool(cls, path: str | os.PathLike) -> int:
+        """Deliver the records of a spool left by an earlier run (``corebus sync``); returns how
+        many were delivered. Delivered records leave the spool; metrics the server already has
+        (same key and step) are skipped."""
+        require_module("mlflow", extra="mlflow", what="MLflowLogger")
+        header, records = read_spool(path)
+        config = header.get("config", {})
+        writer = _Writer(config["tracking_uri"], config["experiment_name"], config.get("run_name"), verify=True)
+        spool = Spool(path, {k: v for k, v in header.items() if k != "type"})
+        sent = 0
+        _http_env(writer.tracking_uri, +1)
+        try:
+            while sent < len(records):
+                batch = records[sent: sent + 200]
+                try:
+                    writer.send(batch)
+                except Exception as exc:
+                    log.warning("MLflowLogger: replay of %s stopped after %d records: %s: %s",
+                                path, sent, type(exc).__name__, exc)
+                    break
+                sent += len(batch)
+                spool.pop_front(len(batch))
+        finally:
+            _http_env(writer.tracking_uri, -1)
+        staged = Path(str(path).replace(".spool.jsonl", "-artifacts"))
+        if sent == len(records) and staged.is_dir() and not any(staged.iterdir()):
+            staged.rmdir()
+        return sent
+
+
+class _Writer:
+    """Records -> ``MlflowClient`` calls, on the sink's worker thread (or in ``corebus sync``).
+
+    Every record type lands once however often its batch is retried: the run is found by its
+    ``corebus.run_key`` tag before one is created, params already on the run are skipped,
+    artifacts overwrite, and metrics of a request that failed (a timeout may still have been
+    committed) or of a resumed run are checked against the server's history by (key, step).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None, verify: bool = False):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.run_ids: dict[str, str] = {}
+        self._verify_all = verify
+        self._verify_runs: set[str] = set()
+        self._uncertain: set[tuple[str, str, int]] = set()
+        self._history: dict[tuple[str, str], set[int]] = {}
+        self._client: Any = None
+        self._experiment_id: str | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {"tracking_uri": _safe_uri(self.tracking_uri), "experiment_name": self.experiment_name,
+                "run_name": self.run_name}
+
+    def send(self, records: list[dict[str, Any]]) -> None:
+        try:
+            self._send(records)
+        except Exception:
+            self._uncertain.update((r["run"], key, step) for r in records if r["type"] == "metrics"
+                                   for step, _, values in r["points"] for key in values)
+            raise
+
+    def _send(self, records: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        client = self._client
+        uploaded: list[Path] = []
+        pending: list[Any] = []  # consecutive metrics of one run go out in one log_batch
+        pending_run: tuple[str, str] | None = None
+        for record in records:
+            run_key, kind = record["run"], record["type"]
+            run_id = self._run_id(client, record)
+            if pending and (kind != "metrics" or pending_run != (run_key, run_id)):
+                self._log_metrics(client, *pending_run, pending)
+                pending = []
+            if kind == "metrics":
+                pending_run = (run_key, run_id)
+                pending += [Metric(k, v, ts, step) for step, ts, values in record["points"] for k, v in values.items()]
+            elif kind == "start" and record.get("resumed"):
+                self._verify_runs.add(run_key)
+                client.update_run(run_id, status="RUNNING")
+            elif kind == "params":
+                self._log_params(client, run_id, record["params"])
+            elif kind == "tags":
+                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()], synchronous=True)
+            elif kind == "artifact":
+                path = Path(record["path"])
+                if not path.exists():  # uploaded and removed by a run that died before popping its spool
+                    continue
+                if path.is_dir():
+                    client.log_artifacts(run_id, str(path), posixpath.join(record["artifact_path"], path.name))
+                else:
+                    client.log_artifact(run_id, str(path), record["artifact_path"])
+                uploaded.append(path)
+            elif kind == "status":
+                client.set_terminated(run_id, record["status"], end_time=record["ts"])
+        if pending:
+            self._log_metrics(client, *pending_run, pending)
+        for path in uploaded:  # only once the whole batch is in: a retried batch uploads again
+            shutil.rmtree(path.parent, ignore_errors=True)
+
+    def _run_id(self, client: Any, record: dict[str, Any]) -> str:
+        run_key = record["run"]
+        run_id = self.run_ids.get(run_key)
+        if run_id is None:
+            experiment_id = self._experiment(client)
+            found = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+            else:
+                tags = {**record.get("tags", {}), RUN_KEY_TAG: run_key}
+                run_name = record.get("run_name") or self.run_name
+                run = client.create_run(experiment_id, start_time=record.get("ts"), tags=tags, run_name=run_name)
+                run_id = run.info.run_id
+            self.run_ids[run_key] = run_id
+        return run_id
+
+    def _experiment(self, client: Any) -> str:
+        if self._experiment_id is None:
+            experiment = client.get_experiment_by_name(self.experiment_name)
+            if experiment is not None:
+                self._experiment_id = experiment.experiment_id
+            else:
+                try:
+                    self._experiment_id = client.create_experiment(self.experiment_name)
+                except Exception:  # created meanwhile by another process
+                    experiment = client.get_experiment_by_name(self.experiment_name)
+                    if experiment is None:
+                        raise
+                    self._experiment_id = experiment.experiment_id
+        return self._experiment_id
+
+    def _log_params(self, client: Any, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        existing = client.get_run(run_id).data.params
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        if changed:  # a resumed run with other settings: MLflow refuses to change a param
+            log.warning("MLflowLogger: run %s keeps its first values of %s", run_id, ", ".join(changed[:10]))
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        if new:
+            client.log_batch(run_id, params=new, synchronous=True)
+
+    def _log_metrics(self, client: Any, run_key: str, run_id: str, metrics: list[Any]) -> None:
+        suspects = {m.key for m in metrics if (run_key, m.key, m.step) in self._uncertain}
+        check = {m.key for m in metrics} if (self._verify_all or run_key in self._verify_runs) else suspects
+        for key in check:
+            if key in suspects or (run_id, key) not in self._history:
+                self._history[(run_id, key)] = {m.step for m in client.get_metric_history(run_id, key)}
+        fresh = [m for m in metrics if m.step not in self._history.get((run_id, m.key), ())]
+        if fresh:
+            client.log_batch(run_id, metrics=fresh, synchronous=True)
+        for m in metrics:
+            self._uncertain.discard((run_key, m.key, m.step))
+            if (run_id, m.key) in self._history:
+                self._history[(run_id, m.key)].add(m.step)
+
+
+# ---------------------------------------------------------------- module helpers
+
+_env_lock = threading.Lock()
+_env_users = 0
+_env_ours: dict[str, str] = {}
+
+
+def _http_env(tracking_uri: str, delta: int) -> None:
+    """Reference-counted short HTTP settings for MLflow, only those the user did not set."""
+    global _env_users
+    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+        return
+    with _env_lock:
+        if delta > 0 and _env_users == 0:
+            for name, value in HTTP_ENV.items():
+                if name not in os.environ:
+                    os.environ[name] = _env_ours[name] = value
+        _env_users = max(0, _env_users + delta)
+        if _env_users == 0:
+            for name, value in _env_ours.items():
+                if os.environ.get(name) == value:
+                    del os.environ[name]
+            _env_ours.clear()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _safe_uri(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _clean_key(name: Any) -> str:
+    """A valid MLflow metric/param/tag key: allowed characters, no path tricks, <= 250 chars."""
+    key = re.sub(r"[^/\w.\- :]", "_", str(name)) or "_"
+    if posixpath.normpath(key) != key or key.startswith("/"):
+        key = key.replace("/", "_")  # "a//b", "a/../b": MLflow refuses names that are not plain paths
+    if key == "." or key.startswith(".."):
+        key = "_" + key
+    if len(key) > MAX_KEY:
+        key = key[: MAX_KEY - 9] + "_" + hashlib.sha1(key.encode()).hexdigest()[:8]
+    return key
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"fit": {"epochs": 3}}`` -> ``{"fit.epochs": "3"}``, keys and values within MLflow's limits."""
+    flat: dict[str, str] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update({k: v for k, v in _flatten(value, f"{prefix}{name}.").items() if k not in flat})
+            continue
+        text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        if len(text) > MAX_PARAM:
+            text = text[: MAX_PARAM - 3] + "..."
+        flat.setdefault(_clean_key(f"{prefix}{name}"), text)
+    return flat

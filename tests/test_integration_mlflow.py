@@ -1,0 +1,308 @@
+"""MLflowLogger against a real ``mlflow server`` (sqlite store, one per module), read back with
+``MlflowClient``: every metric at its step, params, artifacts, status, outages, resume, sync."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import keras
+import numpy as np
+import pytest
+from mlflow_server import mlflow_server  # noqa: F401  (the module-scoped server fixture)
+
+import corebus
+from corebus import ConfigError, KerasCallback, MissingExtraError, PluginError, hookimpl
+from corebus.integrations import MLflowLogger
+from corebus.plugins import BackupAndRestore, ModelCheckpoint
+from corebus.testing import make_trainer, tiny_data, tiny_model
+
+SECRET = "https://hooks.example.com/services/T000/B000/very-secret"
+HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+
+
+@pytest.fixture
+def server(mlflow_server):  # noqa: F811
+    mlflow_server.start()  # a failed outage test must not take the others down with it
+    return mlflow_server
+
+
+class Recorder:
+    """What the plugins saw: global step and logs of every train call, announced checkpoints."""
+
+    def __init__(self):
+        self.steps, self.logs, self.checkpoints = [], {}, []
+
+    @hookimpl
+    def on_train_batch_end(self, trainer, logs):
+        self.steps.append(trainer.global_step)
+        self.logs[trainer.global_step] = dict(logs)
+
+    @hookimpl
+    def on_checkpoint_saved(self, filepath):
+        self.checkpoints.append(filepath)
+
+
+class Notifier:
+    """A plugin with a secret, a very long value and a very long name among its params."""
+
+    def __init__(self):
+        self.webhook_url = SECRET
+        self.notes = "n" * 7000
+        setattr(self, "k" * 300, 1)
+
+    @hookimpl
+    def on_train_end(self):
+        pass
+
+
+class FailAt:
+    def __init__(self, step, error):
+        self.step, self.error = step, error
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        if trainer.global_step >= self.step:
+            raise self.error
+
+
+def logger(server, tmp_path, **kwargs):
+    kwargs.setdefault("experiment_name", "corebus-tests")
+    kwargs.setdefault("shutdown_timeout", 10)
+    return MLflowLogger(tracking_uri=server.uri, dir=tmp_path / "mlflow", **kwargs)
+
+
+def fit(mode, plugins, x, y, epochs=2, spe=1, validation_split=0.0):
+    kwargs = dict(batch_size=8, epochs=epochs, validation_split=validation_split, verbose=0, shuffle=False)
+    if mode == "engine":
+        trainer = make_trainer(plugins, steps_per_execution=spe)
+        return trainer.model, trainer.fit(x, y, **kwargs).history
+    model = tiny_model()
+    callback = KerasCallback(plugins)
+    model.compile(optimizer=callback.wrap_optimizer("sgd"), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], steps_per_execution=spe)
+    return model, model.fit(x, y, callbacks=[callback], **kwargs).history
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def run_of(client, mlflow_logger):
+    """The run, found by the tag naming it (the logger may not have seen its id: sync made it)."""
+    (run,) = client.search_runs([client.get_experiment_by_name("corebus-tests").experiment_id],
+                                f"tags.`corebus.run_key` = '{mlflow_logger.state_dict()['run_key']}'")
+    return run
+
+
+def steps_of(client, run_id, key):
+    return [step for step, _ in history(client, run_id, key)]
+
+
+@pytest.mark.parametrize("mode", ["engine", "keras"])
+def test_every_metric_param_and_artifact_reaches_the_server(server, tmp_path, mode):
+    env_before = {name: os.environ.get(name) for name in HTTP_ENV}
+    x, y = tiny_data(96)
+    recorder = Recorder()
+    # Background writes: the last file is announced in the checkpoint's on_train_end, which
+    # runs after the logger's in list order; the logger must still upload it.
+    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "ep{epoch:02d}.weights.h5"), save_weights_only=True,
+                                 monitor="val_loss", save_top_k=1, background=True)
+    mlflow_logger = logger(server, tmp_path, run_name=f"tiny-{mode}", log_every_n_steps=4, log_model=True,
+                           tags={"team": "corebus"})
+    # 72 train samples, batch 8, 3 steps per call: calls end at steps 3, 6, 9 | 12, 15, 18.
+    model, hist = fit(mode, [recorder, Notifier(), mlflow_logger, checkpoint], x, y, spe=3, validation_split=0.25)
+    assert recorder.steps == [3, 6, 9, 12, 15, 18]
+
+    client = server.client()
+    run = client.get_run(mlflow_logger.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == f"tiny-{mode}"
+    assert run.data.tags["team"] == "corebus"
+    assert run.data.tags["corebus.run_key"] == mlflow_logger.state_dict()["run_key"]
+
+    # Batch metrics: at the first call end at or after each multiple of 4 (4->6, 8->9, 12, 16->18).
+    expected = sorted({min(s for s in recorder.steps if s >= m) for m in range(4, recorder.steps[-1] + 1, 4)})
+    assert expected == [6, 9, 12, 18]
+    for key in ("loss", "accuracy"):
+        seen = [(s, pytest.approx(recorder.logs[s][key], rel=1e-12)) for s in expected]
+        assert history(client, run.info.run_id, key) == seen
+    # Epoch metrics: every one of them, per epoch, at the step the epoch ended on.
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        per_epoch = [(9, pytest.approx(hist[key][0])), (18, pytest.approx(hist[key][1]))]
+        assert history(client, run.info.run_id, f"epoch/{key}") == per_epoch
+    assert history(client, run.info.run_id, "epoch") == [(9, 0.0), (18, 1.0)]
+    assert steps_of(client, run.info.run_id, "epoch/learning_rate") == [9, 18]
+
+    params = run.data.params
+    assert params["fit.epochs"] == "2" and params["fit.steps"] == "9"
+    assert float(params["optimizer.default.learning_rate"]) == pytest.approx(0.01)
+    assert params["plugins.ModelCheckpoint.monitor"] == "val_loss"
+    assert params["plugins.MLflowLogger.experiment_name"] == "corebus-tests"
+    assert params["plugins.Notifier.webhook_url"] == "***"
+    assert not any(SECRET in value for value in params.values())
+    assert len(params["plugins.Notifier.notes"]) == 6000 and params["plugins.Notifier.notes"].endswith("...")
+    (long_key,) = [k for k in params if k.startswith("plugins.Notifier.kkk")]
+    assert len(long_key) == 250
+
+    # Every announced checkpoint was uploaded, even the one save_top_k deleted locally.
+    announced = {os.path.basename(p) for p in recorder.checkpoints}
+    assert announced == {"ep01.weights.h5", "ep02.weights.h5"}
+    assert os.listdir(tmp_path / "ckpt") == ["ep02.weights.h5"]  # ep01 was rotated away locally
+    assert {os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "checkpoints")} == announced
+    # The final model, loadable and equal to the trained one.
+    local = client.download_artifacts(run.info.run_id, "model/model.keras", str(tmp_path / "download"))
+    restored = keras.models.load_model(local)
+    for a, b in zip(restored.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+    assert not list((tmp_path / "mlflow").iterdir())  # no spool, no file left waiting for upload
+    assert {name: os.environ.get(name) for name in HTTP_ENV} == env_before  # nothing left behind
+
+
+class Outage:
+    """Stops the server at one step and restarts it (in the background) at a later one; times
+    every train call made while the server is down."""
+
+    def __init__(self, server, stop_at, restart_at):
+        self.server, self.stop_at, self.restart_at = server, stop_at, restart_at
+        self.down_intervals, self.last, self.thread = [], None, None
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        now = time.perf_counter()
+        step = trainer.global_step
+        if self.last is not None and step > self.stop_at and not self.server.running:
+            self.down_intervals.append(now - self.last)
+        elif self.last is not None and step > self.stop_at and self.thread.is_alive():
+            self.down_intervals.append(now - self.last)  # restarting: not answering yet
+        if step == self.stop_at:
+            self.server.stop()
+        if step == self.restart_at:
+            self.thread = threading.Thread(target=self.server.start)
+            self.thread.start()
+        self.last = time.perf_counter()  # the stop itself is the test's doing, not a stall
+
+
+def test_a_dead_server_never_stalls_training_and_every_metric_lands_once(server, tmp_path):
+    x, y = tiny_data(640)  # 80 steps per epoch
+    outage = Outage(server, stop_at=10, restart_at=40)
+    mlflow_logger = logger(server, tmp_path, log_every_n_steps=1, shutdown_timeout=60)
+    try:
+        make_trainer([outage, mlflow_logger]).fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+    finally:
+        outage.thread.join()
+    stats = mlflow_logger.sink.stats
+    assert stats["failures"] >= 1 and stats["spooled"] > 0, stats  # the outage was really hit
+    assert len(outage.down_intervals) > 100
+    assert max(outage.down_intervals) < 0.5, max(outage.down_intervals)
+
+    client = server.client()
+    run_id = mlflow_logger.run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert steps_of(client, run_id, "loss") == list(range(1, 241))  # each step once, none lost
+    assert steps_of(client, run_id, "accuracy") == list(range(1, 241))
+    assert steps_of(client, run_id, "epoch/loss") == [80, 160, 240]
+    assert not list((tmp_path / "mlflow").glob("*.spool.jsonl"))
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_crash_marks_the_run_failed_and_an_interrupt_killed(server, tmp_path, error, status):
+    x, y = tiny_data(96)
+    mlflow_logger = logger(server, tmp_path, log_every_n_steps=1)
+    with pytest.raises(PluginError if status == "FAILED" else KeyboardInterrupt):
+        make_trainer([mlflow_logger, FailAt(5, error)]).fit(x, y, batch_size=8, epochs=2, verbose=0)
+    client = server.client()
+    assert client.get_run(mlflow_logger.run_id).info.status == status
+    # on_log follows on_train_batch_end, where step 5 raised: steps 1-4 were logged, all of them.
+    assert steps_of(client, mlflow_logger.run_id, "loss") == [1, 2, 3, 4]
+
+
+def test_in_model_fit_a_crashed_run_is_closed_by_the_next_fit(server, tmp_path):
+    x, y = tiny_data(96)
+    mlflow_logger, fail = logger(server, tmp_path, log_every_n_steps=1), FailAt(5, RuntimeError("boom"))
+    model = tiny_model()
+    callback = KerasCallback([mlflow_logger, fail])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with pytest.raises(PluginError):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    deadline = time.monotonic() + 10
+    while mlflow_logger.run_id is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    crashed = mlflow_logger.run_id
+    client = server.client()
+    assert client.get_run(crashed).info.status == "RUNNING"  # Keras has no hook to tell us
+    fail.step = 10**9
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    assert client.get_run(crashed).info.status == "FAILED"
+    assert mlflow_logger.run_id != crashed and client.get_run(mlflow_logger.run_id).info.status == "FINISHED"
+
+
+def test_a_resumed_run_continues_the_same_mlflow_run_without_repeating_steps(server, tmp_path):
+    x, y = tiny_data(96)  # 12 steps per epoch
+    backup_dir = tmp_path / "backup"
+    first = logger(server, tmp_path, log_every_n_steps=1)
+    with pytest.raises(PluginError):  # snapshots every 5 steps; dies at 18, so resumes at 15
+        make_trainer([BackupAndRestore(str(backup_dir), save_freq=5), first, FailAt(18, RuntimeError("crash"))]).fit(
+            x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+    client = server.client()
+    assert client.get_run(first.run_id).info.status == "FAILED"
+    assert steps_of(client, first.run_id, "loss") == list(range(1, 18))
+
+    second, recorder = logger(server, tmp_path, log_every_n_steps=1), Recorder()
+    make_trainer([BackupAndRestore(str(backup_dir), save_freq=5), second, recorder]).fit(
+        x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+    assert recorder.steps[0] == 16  # it really resumed mid-epoch, and re-ran steps 16 and 17
+    run = client.get_run(second.run_id)
+    assert second.run_id == first.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["corebus.resumed_at_step"] == "15"
+    assert steps_of(client, run.info.run_id, "loss") == list(range(1, 37))  # 16, 17 not twice
+    assert steps_of(client, run.info.run_id, "epoch/loss") == [12, 24, 36]
+    after = dict(history(client, run.info.run_id, "loss"))
+    assert all(after[s] == pytest.approx(recorder.logs[s]["loss"], rel=1e-12) for s in range(18, 37))
+
+
+def test_records_left_by_a_dead_server_arrive_with_corebus_sync(server, tmp_path):
+    x, y = tiny_data(96)
+
+    class StopServer:
+        @hookimpl
+        def on_train_batch_end(self, trainer):
+            if trainer.global_step == 5:
+                server.stop()
+
+    mlflow_logger = logger(server, tmp_path, log_every_n_steps=1, shutdown_timeout=1)
+    try:
+        make_trainer([StopServer(), mlflow_logger]).fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+        spools = list((tmp_path / "mlflow").glob("*.spool.jsonl"))
+        assert len(spools) == 1
+    finally:
+        server.start()
+    result = subprocess.run([sys.executable, "-m", "corebus", "sync", str(tmp_path / "mlflow")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "replayed" in result.stdout and not spools[0].exists()
+    client = server.client()
+    run = run_of(client, mlflow_logger)
+    assert steps_of(client, run.info.run_id, "loss") == list(range(1, 25))
+    assert steps_of(client, run.info.run_id, "epoch/loss") == [12, 24]
+    assert run.info.status == "FINISHED"
+
+
+def test_missing_mlflow_names_the_extra_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(MissingExtraError, match=r'pip install "corebus\[mlflow\]"'):
+        MLflowLogger(dir=tmp_path)
+    with pytest.raises(MissingExtraError, match=r'pip install "corebus\[mlflow\]"'):
+        corebus.Trainer(tiny_model(), "sgd", "sparse_categorical_crossentropy",
+                        plugins=[{"name": "mlflow", "dir": str(tmp_path)}])
+
+
+def test_bad_settings_fail_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="log_every_n_steps"):
+        MLflowLogger(log_every_n_steps=0, dir=tmp_path)
+    with pytest.raises(ConfigError, match="shutdown_timeout"):
+        MLflowLogger(shutdown_timeout=-1, dir=tmp_path)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write"):
+        MLflowLogger(dir=tmp_path / "a-file")
