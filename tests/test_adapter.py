@@ -18,7 +18,8 @@ def test_same_event_sequence_in_both_modes(tiny_data):
         assert ours[:-1] == theirs[:-1] or ours == theirs
         if isinstance(ours[-1], dict):
             assert ours[-1].keys() == theirs[-1].keys(), ours[0]
-            np.testing.assert_allclose(list(ours[-1].values()), list(theirs[-1].values()), rtol=1e-4, atol=1e-5)
+            measured = [k for k in ours[-1] if k != "steps_per_second"]  # a wall-clock rate
+            np.testing.assert_allclose([ours[-1][k] for k in measured], [theirs[-1][k] for k in measured], rtol=1e-4, atol=1e-5)
     # the documented order of one epoch
     names = [e[0] for e in engine_events]
     first_epoch = names[: names.index("on_epoch_end") + 2]
