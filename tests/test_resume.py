@@ -76,7 +76,8 @@ def assert_same_run(runs, name, reference="uninterrupted"):
 def test_sigkill_at_any_step_resumes_to_identical_weights(runs, kill_at):
     assert runs["uninterrupted"][1].returncode == 0, runs["uninterrupted"][1].stderr[-3000:]
     _, states = final(runs["uninterrupted"][2])
-    assert {"EarlyStopping", "ReduceLROnPlateau", "StepTrace", "history"} <= set(states)
+    assert {"EarlyStopping", "ReduceLROnPlateau", "LRSchedule", "StepTrace", "history"} <= set(states)
+    assert len(set(states["StepTrace"]["lrs"].values())) > 10  # the schedule moves the LR every step
     assert len(states["StepTrace"]["lrs"]) > 20
     assert_same_run(runs, f"kill_{kill_at}")
 

@@ -91,11 +91,9 @@ def plugins(args):
         KillAt(args.kill_at_step),
     ]
     for name, params in (("early_stopping", {"patience": 2, "min_delta": 0.01, "restore_best_weights": True}),
-                         ("reduce_lr_on_plateau", {"patience": 1, "factor": 0.5, "min_delta": 0.01})):
-        try:
-            chosen.append(corebus.registry.resolve(dict(name=name, **params)))
-        except corebus.ConfigError:  # not built yet in this checkout
-            pass
+                         ("reduce_lr_on_plateau", {"patience": 1, "factor": 0.5, "min_delta": 0.01}),
+                         ("lr_schedule", {"schedule": "exponential", "decay_steps": 10, "decay_rate": 0.9})):
+        chosen.append(corebus.registry.resolve(dict(name=name, **params)))
     return chosen
 
 
@@ -126,6 +124,8 @@ def main():
         weights = m.get_weights()
     np.savez(Path(args.out) / "final.npz", *weights)
     states = {type(p).__name__: p.state_dict() for p in active if hasattr(p, "state_dict")}
+    optimizer = trainer.optimizer if args.mode == "engine" else m.optimizer
+    states["final_lr"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
     if args.mode == "engine":
         # Keras's own History callback in model.fit starts empty on every fit, resumed or not.
         states["history"] = history.history
