@@ -5,7 +5,8 @@ Same model and data as ``bench_engine.py`` (digits MLP 64-256-256-10, batch 64, 
 
 (a) raw ``tf.function`` loop doing the same work by hand: train on 90 %, global-norm
     clipping in the step, loss / accuracy tracking, a compiled validation pass per epoch
-(b) ``Trainer.fit`` with the stack: checkpoint (every epoch, best only), early stopping,
+(b) ``Trainer.fit`` with the stack: checkpoint (every epoch, best only; atomic + fsync),
+    early stopping,
     plateau LR, a cosine LR schedule, global-norm clipping, progress bar
 (c) ``Trainer.fit`` with no plugins and the same validation split
 (d) ``model.fit`` with the Keras equivalents: ModelCheckpoint, EarlyStopping,
@@ -58,7 +59,7 @@ def raw_loop(x, y, epochs):
         loss_mean.update_state(loss)
         accuracy.update_state(yb, y_pred)
 
-    @tf.function
+    @tf.function(reduce_retracing=True)
     def val_step(xb, yb):
         y_pred = model(xb, training=False)
         loss_mean.update_state(loss_fn(yb, y_pred))

@@ -67,6 +67,18 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
                 tmp.unlink()
 
 
+def lower_thread_priority(niceness: int = 10) -> None:
+    """Make the calling thread yield the CPU to the training threads (Linux: per-thread nice).
+
+    Background writers and loggers are throughput work; on a small machine they would
+    otherwise take cores from the step in flight.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
 def check_writable(directory: str | os.PathLike, owner: str) -> None:
     """Fail before training if ``directory`` cannot be created or written."""
     from .errors import ConfigError
@@ -91,6 +103,7 @@ class BackgroundWorker:
         self._thread.start()
 
     def _run(self) -> None:
+        lower_thread_priority()
         while True:
             job = self._jobs.get()
             try:

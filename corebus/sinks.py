@@ -282,6 +282,9 @@ class LogSink:
         return True
 
     def _run(self) -> None:
+        from .io import lower_thread_priority
+
+        lower_thread_priority()
         while True:
             stopping = self._stop.is_set()
             if self._backoff and time.monotonic() < self._retry_at:

@@ -106,6 +106,8 @@ class Trainer(RunContext):
         self._predict_fn: Callable | None = None
         self._train_log_names: list[str] = []
         self._gradient_signature: tuple = ()
+        self._results_fn: Any = None
+        self._reset_fn: Callable | None = None
         self._test_log_names: list[str] = []
         self.history: Any = None
 
@@ -313,17 +315,37 @@ class Trainer(RunContext):
 
     def _metrics_or(self, logs: Mapping[str, Any] | None) -> dict[str, float]:
         """Keras's rule: the model's metric results, unless a custom step reports other keys."""
-        metric_logs = self.model.get_metrics_result() if self.model.compiled else {}
+        metric_logs = self._metric_results() if self.model.compiled else {}
         if logs is None or (metric_logs and set(logs) == set(metric_logs)):
             chosen = metric_logs
         else:
             chosen = logs
         return {k: float(np.asarray(v)) for k, v in sorted(dict(chosen).items())}
 
+    def _metric_results(self) -> dict[str, float]:
+        """``model.get_metrics_result()`` as one compiled call and one host fetch (eagerly it is
+        a few small ops and a sync per metric, every epoch and every validation pass)."""
+        if self._results_fn is None:
+            names: list[str] = []
+            self._results_fn = (tf.function(lambda: _pack(self.model.get_metrics_result(), names)), names)
+        function, names = self._results_fn
+        return dict(zip(names, np.asarray(function(), dtype=np.float64).tolist()))
+
+    def _reset_metrics(self) -> None:
+        if self._reset_fn is None:
+            metrics = self.model.metrics
+
+            def reset():
+                for metric in metrics:
+                    metric.reset_state()
+                return tf.constant(0)
+
+            self._reset_fn = tf.function(reset)
+        self._reset_fn()
+
     def _evaluate_data(self, data: ArrayData | DatasetData) -> dict[str, float]:
         self._test_begin()
-        for metric in self.model.metrics:
-            metric.reset_state()
+        self._reset_metrics()
         begin_hook = self._callers["on_test_batch_begin"]
         end_hook = self._callers["on_test_batch_end"]
         iterator = data.iterator(0)
@@ -411,7 +433,7 @@ class Trainer(RunContext):
                     self.epoch = epoch
                     self._counter_at_epoch_start = self.micro_step - skip
                 else:
-                    self.model.reset_metrics()
+                    self._reset_metrics()
                     self._counter_at_epoch_start = self.micro_step
                     self._epoch_begin(epoch)
                 last = self._run_epoch(data, epoch, skip)
