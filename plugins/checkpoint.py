@@ -300,9 +300,11 @@ class ModelCheckpoint:
         import keras
         import numpy as np
 
-        config = model.get_compile_config() if model.compiled else {}
+        # A weights file holds no optimizer state: the twin needs no optimizer either.
+        with_optimizer = not self.save_weights_only
+        config = model.get_compile_config() if model.compiled and with_optimizer else {}
         key = json.dumps(config, sort_keys=True, default=repr)
-        live = _variables(model)
+        live = _variables(model, with_optimizer)
         shapes = [v.shape for v in live]
         if self._shadow is None or self._shadow[0] != key or [v.shape for v in self._shadow[2]] != shapes:
             # A twin built once (and when the compile config changes, e.g. a new LR schedule):
@@ -312,7 +314,7 @@ class ModelCheckpoint:
                 twin.compile_from_config(config)
                 if twin.optimizer is not None and not twin.optimizer.built:
                     twin.optimizer.build(twin.trainable_variables)
-            twin_vars = _variables(twin)
+            twin_vars = _variables(twin, with_optimizer)
             if [v.shape for v in twin_vars] != shapes:
                 raise ValueError("keras.models.clone_model did not rebuild the same variables")
             self._shadow = (key, twin, twin_vars)
@@ -373,6 +375,7 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _variables(model: Any) -> list:
-    optimizer = getattr(model, "optimizer", None) if getattr(model, "compiled", False) else None
+def _variables(model: Any, with_optimizer: bool = True) -> list:
+    compiled = with_optimizer and getattr(model, "compiled", False)
+    optimizer = getattr(model, "optimizer", None) if compiled else None
     return list(model.variables) + (list(optimizer.variables) if optimizer is not None else [])
