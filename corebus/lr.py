@@ -83,16 +83,8 @@ class LearningRateController:
     @property
     def value(self) -> float:
         """The effective learning rate at the optimizer's current step."""
-        current = self.optimizer._learning_rate
-        if isinstance(current, keras.Variable):
-            return float(current.numpy())
-        # A schedule evaluated eagerly runs a dozen small ops (~1 ms); plugins read the LR at
-        # every epoch end, so evaluate it through one compiled call instead.
-        if getattr(self, "_reader_for", None) is not current:
-            optimizer = self.optimizer
-            self._reader = tf.function(lambda: tf.cast(optimizer.learning_rate, tf.float32))
-            self._reader_for = current
-        return float(self._reader().numpy())
+        # Evaluated eagerly, like Keras: a compiled read can differ in the last float32 bit.
+        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
 
     @property
     def base(self) -> float:
