@@ -39,6 +39,24 @@ def tiny_model(features: int = 4, classes: int = 3, seed: int = 0, hidden: int =
     )
 
 
+def tiny_gan(noise_dim: int = 4, data_dim: int = 2, seed: int = 0) -> Any:
+    """A two-network model for custom-step tests: ``.generator`` and ``.discriminator``."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+    class TinyGAN(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.generator = keras.Sequential([keras.Input((noise_dim,)), keras.layers.Dense(data_dim)])
+            self.discriminator = keras.Sequential([keras.Input((data_dim,)), keras.layers.Dense(1)])
+
+        def call(self, z):
+            return self.discriminator(self.generator(z))
+
+    return TinyGAN()
+
+
 class RecordingPlugin:
     """Records every hook call as a tuple, for comparing event sequences.
 

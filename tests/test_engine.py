@@ -225,18 +225,8 @@ def test_gradient_pipeline_in_engine_and_model_fit(tiny_data):
 
 def test_custom_train_step_with_two_optimizers_gets_every_hook():
     x = np.random.default_rng(0).normal(size=(64, 2)).astype("float32")
-    keras.utils.set_random_seed(0)
-    generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    discriminator = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-
-    class GAN(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.generator, self.discriminator = generator, discriminator
-
-        def call(self, z):
-            return self.discriminator(self.generator(z))
-
+    gan = corebus.testing.tiny_gan()
+    generator, discriminator = gan.generator, gan.discriminator
     bce = keras.losses.BinaryCrossentropy(from_logits=True)
 
     def gan_step(trainer, data):
@@ -260,7 +250,7 @@ def test_custom_train_step_with_two_optimizers_gets_every_hook():
         def transform_gradients(self, optimizer_name, gradients):
             seen.append(optimizer_name)
 
-    trainer = corebus.Trainer(GAN(), optimizer={"discriminator": "adam", "generator": "adam"},
+    trainer = corebus.Trainer(gan, optimizer={"discriminator": "adam", "generator": "adam"},
                               train_step=gan_step, plugins=[recorder, SeeOptimizers()], seed=0)
     history = trainer.fit(x, batch_size=16, epochs=2, verbose=0)
     assert set(history.history) == {"d_loss", "g_loss"}

@@ -11,7 +11,7 @@ import tensorflow as tf
 import corebus
 from corebus import ConfigError, CorebusError
 from corebus.plugins import GradientClipping
-from corebus.testing import fit_both_ways, make_trainer, tiny_data, tiny_model
+from corebus.testing import fit_both_ways, make_trainer, tiny_data, tiny_gan, tiny_model
 
 KERAS_OPTIMIZERS = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}
 # Thresholds well below the tiny model's gradient norm (~0.6), so clipping acts on every step.
@@ -99,17 +99,8 @@ def two_optimizer_run(plugins, clip_generator_in_step=None):
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(64, 4)).astype("float32")
     real = rng.normal(loc=2.0, size=(64, 2)).astype("float32")
-    keras.utils.set_random_seed(0)
-    generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    discriminator = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-
-    class GAN(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.generator, self.discriminator = generator, discriminator
-
-        def call(self, z):
-            return self.discriminator(self.generator(z))
+    gan = tiny_gan()
+    generator, discriminator = gan.generator, gan.discriminator
 
     bce = keras.losses.BinaryCrossentropy(from_logits=True)
 
@@ -129,7 +120,7 @@ def two_optimizer_run(plugins, clip_generator_in_step=None):
         return {"d_loss": d_loss, "g_loss": g_loss}
 
     trainer = corebus.Trainer(
-        GAN(),
+        gan,
         optimizer={"discriminator": keras.optimizers.SGD(0.5), "generator": keras.optimizers.SGD(0.5)},
         train_step=gan_step, plugins=plugins, seed=0,
     )
