@@ -14,3 +14,12 @@ def test_readme_shows_two_commands_that_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for command in commands:
         assert command in ci, f"CI does not run the README command: {command}"
+
+
+def test_quick_start_runs(capsys):
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Quick start.*?```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code.replace("epochs=5", "epochs=1"), "README quick start", "exec"), namespace)
+    assert namespace["history"].epoch == [0]
+    assert namespace["model"].optimizer.iterations.numpy() > 0
