@@ -56,8 +56,7 @@ class PluginBus:
         self.plugins: dict[str, object] = {}
         ordered = _ordered(_unique_names(list(plugins)))
         _check_controls(ordered)
-        # pluggy calls the last registered first: register in reverse to call in list order.
-        for name, plugin in reversed(ordered):
+        for name, plugin in ordered:
             self._register(name, plugin)
         self.plugins = dict(ordered)
         self._enforce_list_order([name for name, _ in ordered])

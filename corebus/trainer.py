@@ -282,12 +282,14 @@ class Trainer(RunContext):
         source = data.source
         packed = None
         logs = None
+        functions: dict[int, Callable] = {}  # looked up once per epoch, not once per call
         for begin, n in self._batches(data.steps, first_batch):
             if begin_hook is not None:
                 self.batch = begin
                 begin_hook(trainer=self, batch=begin, logs={})
             try:
-                packed = self._train_function(n, data)(iterator, source)
+                function = functions.get(n) or functions.setdefault(n, self._train_function(n, data))
+                packed = function(iterator, source)
             except tf.errors.OutOfRangeError:
                 done = self._steps_done_since(begin)
                 if isinstance(data, DatasetData):

@@ -82,13 +82,13 @@ class EarlyStopping:
             self.best_epoch = epoch
 
         self.wait += 1
-        if self._is_improvement(current, self.best):
+        if self._monitor.is_improvement(current, self.best):
             self.best = current
             self.best_epoch = epoch
             if self.restore_best_weights:
                 self.best_weights = trainer.model.get_weights()
             # Only restart the wait if both the baseline and the previous best are beaten.
-            if self.baseline is None or self._is_improvement(current, self.baseline):
+            if self.baseline is None or self._monitor.is_improvement(current, self.baseline):
                 self.wait = 0
             return
 
@@ -105,8 +105,6 @@ class EarlyStopping:
                 print(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
             trainer.model.set_weights(self.best_weights)
 
-    def _is_improvement(self, value: float, reference: float | None) -> bool:
-        return self._monitor.is_improvement(value, reference)
 
     # ------------------------------------------------------------------ state
 
