@@ -17,6 +17,11 @@ from .bus import PluginBus
 from .logs import LazyLogs
 
 
+#: What a plugin may ask the gradient pipeline for (``gradient_taps = {...}``); see
+#: :class:`corebus.gradients.GradientPipeline`.
+GRADIENT_TAPS = ("norm", "values")
+
+
 def optimizer_names(value: Any, owner: str) -> list[str] | None:
     """Validate a plugin's ``optimizers=`` argument: ``None`` (all), a name, or a list of names."""
     from .errors import ConfigError
@@ -63,6 +68,7 @@ class RunContext:
         self._callers: dict[str, Any] = {}
         self._at_epoch_end = False
         self._resume_at: tuple[int, int] | None = None
+        self.gradient_taps: frozenset[str] = frozenset()
 
     # ---------------------------------------------------------------- state plugins use
 
@@ -120,7 +126,16 @@ class RunContext:
     # ---------------------------------------------------------------- dispatch
 
     def _use_bus(self, bus: PluginBus) -> None:
+        from .errors import ConfigError
+
+        taps = {}
+        for name, plugin in bus.plugins.items():
+            for tap in getattr(plugin, "gradient_taps", ()) or ():
+                if tap not in GRADIENT_TAPS:
+                    raise ConfigError(f"plugin {name!r}: gradient_taps has {tap!r}; use any of {GRADIENT_TAPS}")
+                taps[tap] = name
         self.bus = bus
+        self.gradient_taps = frozenset(taps)
         self._callers = {hook: bus.caller(hook) for hook in bus._callers}
         self._accumulation = self.accumulation_steps("default")
 
@@ -171,8 +186,11 @@ class RunContext:
         self.batch = batch
         self._emit("on_train_batch_begin", batch=batch, logs={})
 
-    def _train_batch_end(self, batch: int, steps_done: int, logs: Mapping[str, Any]) -> None:
-        """``steps_done`` batches were trained in the call that just ended."""
+    def _train_batch_end(
+        self, batch: int, steps_done: int, logs: Mapping[str, Any], step_values: Mapping[str, Any] | None = None
+    ) -> None:
+        """``steps_done`` batches were trained in the call that just ended. ``step_values`` are
+        what ``on_log`` gets: the last step's own values where known (default: ``logs``)."""
         self.batch = batch
         self._advance(steps_done)
         on_batch_end = self._callers.get("on_train_batch_end")
@@ -180,7 +198,7 @@ class RunContext:
             on_batch_end(trainer=self, batch=batch, logs=logs)
         on_log = self._callers.get("on_log")
         if on_log is not None:
-            on_log(trainer=self, kind="batch", step=self.global_step, logs=logs)
+            on_log(trainer=self, kind="batch", step=self.global_step, logs=logs if step_values is None else step_values)
 
     def _epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         self._at_epoch_end = True

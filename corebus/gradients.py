@@ -15,19 +15,34 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from .context import RunContext
+from .context import GRADIENT_TAPS, RunContext  # noqa: F401 (GRADIENT_TAPS: documented here)
 
 
 class GradientPipeline:
-    """Accumulate (if asked) -> transform (clip, log...) -> apply, built at trace time.
+    """Accumulate (if asked) -> tap -> transform (clip...) -> apply, built at trace time.
 
     One instance per run context, shared by the engine's step and the ``model.fit`` optimizer
     wrapper, so both paths compute exactly the same update.
+
+    **Taps** let loggers see the gradients without a host round-trip per step. A plugin asks
+    for them with a class attribute ``gradient_taps = {"norm", "values"}``:
+
+    - ``"norm"``: the global L2 norm of the gradients the optimizer is about to apply (before
+      clipping; with accumulation, of the accumulated mean, at each update) is kept in a
+      variable per optimizer. The engine adds it to ``on_log``'s batch values as
+      ``grad_norm`` (``grad_norm/<optimizer>`` for named optimizers), in the same packed host
+      fetch as the other values; :meth:`gradient_norm` reads it.
+    - ``"values"``: while :meth:`capture_gradients` is on, every update also copies its
+      gradients into variables that :meth:`captured_gradients` reads (for histograms). Off,
+      this costs one ``tf.cond`` on a boolean per step.
     """
 
     def __init__(self, context: RunContext):
         self.context = context
         self._accumulators: dict[str, tuple[list[Any], tf.Variable]] = {}
+        self._norms: dict[str, tf.Variable] = {}
+        self._captures: dict[str, tuple[list[Any], list[Any]]] = {}
+        self._capture_on: tf.Variable | None = None
 
     def apply(self, optimizer: Any, gradients: list, variables: list, name: str = "default") -> None:
         if not optimizer.built:
@@ -35,6 +50,7 @@ class GradientPipeline:
                 optimizer.build(variables)
         steps = self.context.accumulation_steps(name)
         if steps <= 1:
+            self._tap(gradients, variables, name)
             optimizer.apply(self.context.transform_gradients(gradients, variables, name), variables)
             return
         accumulators, count = self._state(name, variables)
@@ -43,6 +59,7 @@ class GradientPipeline:
 
         def update():
             mean = [None if g is None else g / steps for g in summed]
+            self._tap(mean, variables, name)
             optimizer.apply(self.context.transform_gradients(mean, variables, name), variables)
             for accumulator in accumulators:
                 accumulator.assign(tf.zeros_like(accumulator))
@@ -55,6 +72,55 @@ class GradientPipeline:
             return tf.constant(False)
 
         tf.cond(count % steps == 0, update, accumulate)
+
+    def _tap(self, gradients: list, variables: list, name: str) -> None:
+        taps = self.context.gradient_taps
+        if "norm" in taps:
+            present = [g for g in gradients if g is not None]
+            if present:
+                self._variable(self._norms, name, lambda: tf.Variable(0.0, trainable=False, name="grad_norm"))
+                self._norms[name].assign(tf.cast(tf.linalg.global_norm(present), tf.float32))
+        if "values" in taps:
+            if self._capture_on is None:
+                with tf.init_scope():
+                    self._capture_on = tf.Variable(False, trainable=False, name="capture_gradients")
+            copies = self._variable(self._captures, name, lambda: (
+                list(variables), [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="captured_gradient")
+                                  for v in variables]))[1]
+
+            def copy():
+                for target, g in zip(copies, gradients):
+                    if g is not None:
+                        target.assign(tf.cast(tf.convert_to_tensor(g), target.dtype))
+                return tf.constant(True)
+
+            tf.cond(self._capture_on, copy, lambda: tf.constant(False))
+
+    @staticmethod
+    def _variable(store: dict[str, Any], name: str, create: Any) -> Any:
+        if name not in store:
+            with tf.init_scope():
+                store[name] = create()
+        return store[name]
+
+    def norm_variables(self) -> dict[str, tf.Variable]:
+        """The ``"norm"`` tap's variable per optimizer name (created at the first trace)."""
+        return dict(self._norms)
+
+    def gradient_norm(self, name: str = "default") -> float | None:
+        """The last update's global gradient norm (``"norm"`` tap), or ``None`` before one."""
+        variable = self._norms.get(name)
+        return None if variable is None else float(variable.numpy())
+
+    def capture_gradients(self, on: bool) -> None:
+        """Start or stop copying each update's gradients (``"values"`` tap) for the host."""
+        if self._capture_on is not None:
+            self._capture_on.assign(bool(on))
+
+    def captured_gradients(self, name: str = "default") -> list[tuple[Any, Any]]:
+        """``(variable, numpy gradient)`` pairs of the last captured update of ``name``."""
+        variables, copies = self._captures.get(name, ([], []))
+        return [(v, c.numpy()) for v, c in zip(variables, copies)]
 
     def prepare(self, optimizer: Any, variables: list, name: str = "default") -> None:
         """Create accumulators before the first step, so a snapshot can be restored into them."""

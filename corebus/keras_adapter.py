@@ -109,7 +109,16 @@ class KerasCallback(keras.callbacks.Callback):
         if steps:
             batch = min(batch, steps - 1)
         steps_done = batch - ctx._first_batch + 1
-        ctx._train_batch_end(batch, steps_done, LazyLogs.from_tensors(logs or {}))
+        logs = dict(logs or {})
+        norms = ctx.gradient_pipeline.norm_variables() if "norm" in ctx.gradient_taps else {}
+        if not norms:
+            ctx._train_batch_end(batch, steps_done, LazyLogs.from_tensors(logs))
+            return
+        # Keras hands callbacks running means only; the gradient norm joins the same fetch.
+        step_values = LazyLogs.from_tensors(
+            {**logs, **{"grad_norm" if k == "default" else f"grad_norm/{k}": v.value() for k, v in norms.items()}})
+        names = list(logs)
+        ctx._train_batch_end(batch, steps_done, step_values.view(names, range(len(names))), step_values)
 
     def on_epoch_end(self, epoch, logs=None):
         self.context._epoch_end(epoch, logs if logs is not None else {})

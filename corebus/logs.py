@@ -8,45 +8,67 @@ from typing import Any
 import numpy as np
 
 
+class _Packed:
+    """One step's packed values, shared by every view of them: fetched at most once."""
+
+    __slots__ = ("packed", "flat")
+
+    def __init__(self, packed: Any):
+        self.packed = packed
+        self.flat: list[float] | None = None
+
+    def fetch(self) -> list[float]:
+        if self.flat is None:
+            LazyLogs.fetches += 1
+            packed = self.packed
+            if isinstance(packed, Mapping):
+                packed = _stack_scalars(list(packed.values()))
+            self.flat = np.asarray(packed, dtype=np.float64).reshape(-1).tolist()
+            self.packed = None
+        return self.flat
+
+
 class LazyLogs(Mapping):
     """A read-only mapping of metric name to float, fetched from the device on first read.
 
     The compiled step packs every scalar it reports into one float32 vector, so the first
     ``logs["loss"]`` costs a single host transfer for all values and later reads are free.
     Names (``keys()``, ``in``, ``len``) are known without touching the device, so a plugin
-    can check for a metric without forcing a sync.
+    can check for a metric without forcing a sync. Several mappings can be views of the same
+    packed vector (:meth:`view`): the batch logs of ``on_train_batch_end`` and the per-step
+    values of ``on_log`` share one fetch.
     """
 
-    __slots__ = ("_names", "_packed", "_values")
+    __slots__ = ("_names", "_positions", "_source", "_values")
 
     #: Total number of host fetches performed by all LazyLogs (tests and benchmarks read it).
     fetches = 0
 
-    def __init__(self, names: Sequence[str], packed: Any):
+    def __init__(self, names: Sequence[str], packed: Any, positions: Sequence[int] | None = None):
         self._names = tuple(names)
-        self._packed = packed
+        self._positions = tuple(range(len(self._names))) if positions is None else tuple(positions)
+        self._source = packed if isinstance(packed, _Packed) else _Packed(packed)
         self._values: dict[str, float] | None = None
 
     @classmethod
     def from_tensors(cls, values: Mapping[str, Any]) -> "LazyLogs":
         """Wrap a dict of scalar tensors (e.g. Keras batch logs); packing happens on first read."""
-        return cls(list(values), values)
+        return cls(list(values), dict(values))
+
+    def view(self, names: Sequence[str], positions: Sequence[int]) -> "LazyLogs":
+        """Another mapping over the same packed values (``positions`` index the packed vector)."""
+        return LazyLogs(names, self._source, positions)
 
     def _fetch(self) -> dict[str, float]:
         if self._values is None:
-            LazyLogs.fetches += 1
-            packed = self._packed
-            if isinstance(packed, Mapping):
-                packed = _stack_scalars(list(packed.values()))
-            flat = np.asarray(packed, dtype=np.float64).reshape(-1).tolist()
-            self._values = dict(zip(self._names, flat))
-            self._packed = None
+            flat = self._source.fetch()
+            self._values = {name: flat[i] for name, i in zip(self._names, self._positions)}
         return self._values
 
     @property
     def fetched(self) -> bool:
         """Whether the values were already brought to the host."""
-        return self._values is not None
+        return self._source.flat is not None
 
     def __getitem__(self, key: str) -> float:
         if key not in self._names:
@@ -66,9 +88,9 @@ class LazyLogs(Mapping):
         return dict(self._fetch())
 
     def __repr__(self) -> str:
-        if self._values is None:
+        if not self.fetched:
             return f"LazyLogs(<not fetched: {', '.join(self._names)}>)"
-        return f"LazyLogs({self._values!r})"
+        return f"LazyLogs({self._fetch()!r})"
 
 
 def _stack_scalars(values: list[Any]) -> Any:

@@ -29,6 +29,38 @@ def _unscale_for_distribution(loss):
     return unscale_loss_for_distribution(loss)
 
 
+#: Prefix, inside the packed vector, of the values only ``on_log`` sees (the step's own values).
+STEP_VALUE = "@"
+
+
+def _mean_metrics(model: keras.Model) -> list[tuple[str, Any]]:
+    """``(log name, metric)`` of the model's metrics that are running means (loss tracker,
+    ``MeanMetricWrapper`` metrics): their last batch's own value is a difference of totals."""
+    found: dict[str, Any] = {}
+    for metric in model.metrics:
+        groups = getattr(metric, "_flat_metrics", None)
+        if groups is None:
+            if isinstance(metric, keras.metrics.Mean):
+                found.setdefault(metric.name, metric)
+            continue
+        for group in groups:  # CompileMetrics: name as Keras does (output prefix)
+            for inner in getattr(group, "metrics", None) or []:
+                name = f"{group.output_name}_{inner.name}" if group.output_name else inner.name
+                if isinstance(inner, keras.metrics.Mean):
+                    found.setdefault(name, inner)
+    return list(found.items())
+
+
+def _views(names: tuple[str, ...]) -> tuple[tuple, tuple, tuple, tuple]:
+    """Names and positions of the batch logs and of ``on_log``'s step values in a packed vector."""
+    position = {name: i for i, name in enumerate(names)}
+    logs = [n for n in names if not n.startswith(STEP_VALUE)]
+    extra = [n[len(STEP_VALUE):] for n in names if n.startswith(STEP_VALUE) and n[len(STEP_VALUE):] not in position]
+    step_names = logs + sorted(extra)
+    step_positions = [position.get(STEP_VALUE + n, position.get(n)) for n in step_names]
+    return tuple(logs), tuple(position[n] for n in logs), tuple(step_names), tuple(step_positions)
+
+
 def _pack(logs: Mapping[str, Any], names_out: list[str]) -> tf.Tensor:
     """Pack every reported scalar into one float32 vector (one host fetch later).
 
@@ -105,6 +137,8 @@ class Trainer(RunContext):
         self._test_fn: dict[int, Callable] = {}
         self._predict_fn: Callable | None = None
         self._train_log_names: list[str] = []
+        self._step_values = False
+        self._log_views: tuple = ((), (), (), (), ())
         self._gradient_signature: tuple = ()
         self._results_fn: Any = None
         self._reset_fn: Callable | None = None
@@ -156,7 +190,9 @@ class Trainer(RunContext):
             id(impl.plugin)
             for hook in ("transform_gradients", "gradient_accumulation_steps")
             for _, impl in bus.implementations(hook)
-        )
+        ) + tuple(sorted(self.gradient_taps))
+        # on_log subscribers get each step's own values, measured inside the step.
+        self._step_values = bus.caller("on_log") is not None
         return bus
 
     # ------------------------------------------------------------------ steps
@@ -198,6 +234,12 @@ class Trainer(RunContext):
         self.gradient_pipeline.apply(self.optimizers[optimizer], list(gradients), list(variables), optimizer)
 
     def _one_train_step(self, data: Any) -> Mapping[str, Any]:
+        means = []
+        if self._step_values and self._user_train_step is None:
+            # Read before the step updates them (automatic control dependencies keep program
+            # order per variable), so the batch's own value is a difference of totals.
+            means = [(name, m, tf.identity(m.total.value), tf.identity(m.count.value))
+                     for name, m in _mean_metrics(self.model)]
         if self._user_train_step is not None:
             logs = self._user_train_step(self, data)
         else:
@@ -206,7 +248,17 @@ class Trainer(RunContext):
         # counter could move before a get_next that then hits the end of the data.
         with tf.control_dependencies([t for t in keras.tree.flatten(data) if t is not None]):
             self._step_counter.assign_add(1)
-        return logs
+        if not self._step_values:
+            return logs
+        values = dict(logs)
+        for name, metric, total, count in means:
+            if name in values:
+                values[STEP_VALUE + name] = tf.math.divide_no_nan(
+                    tf.cast(metric.total.value - total, tf.float32), tf.cast(metric.count.value - count, tf.float32))
+        for optimizer_name, norm in self.gradient_pipeline.norm_variables().items():
+            key = "grad_norm" if optimizer_name == "default" else f"grad_norm/{optimizer_name}"
+            values[STEP_VALUE + key] = norm.value()
+        return values
 
     def _one_test_step(self, data: Any) -> Mapping[str, Any]:
         if self._user_test_step is not None:
@@ -240,7 +292,7 @@ class Trainer(RunContext):
         # The LR (a variable or a schedule) is read inside the compiled step: a schedule
         # installed after the last trace needs a new one.
         lr_signature = tuple(id(o._learning_rate) for o in self.optimizers.values())
-        key = (steps, type(data), self._gradient_signature, lr_signature)
+        key = (steps, type(data), self._gradient_signature, lr_signature, self._step_values)
         if key not in self._train_fn:
             self._train_fn[key] = self._compiled(self._one_train_step, self._train_log_names, steps, data.take)
         return self._train_fn[key]
@@ -277,7 +329,6 @@ class Trainer(RunContext):
     def _run_epoch(self, data: ArrayData | DatasetData, epoch: int, first_batch: int = 0) -> Mapping[str, Any] | None:
         begin_hook = self._callers["on_train_batch_begin"]
         wants_logs = self.wants_batch_logs()
-        names = self._train_log_names
         iterator = data.iterator(epoch, skip_batches=first_batch)
         source = data.source
         packed = None
@@ -299,15 +350,24 @@ class Trainer(RunContext):
                     self._train_batch_end(begin + done - 1, done, logs or {})
                 break
             if wants_logs:
-                logs = LazyLogs(names, packed)
-                self._train_batch_end(begin + n - 1, n, logs)
+                logs, step_values = self._batch_logs(packed)
+                self._train_batch_end(begin + n - 1, n, logs, step_values)
             else:
                 self._advance(n)
             if self.stop_training:
                 break
         if packed is not None and logs is None:
-            logs = LazyLogs(names, packed)
+            logs = self._batch_logs(packed)[0]
         return logs
+
+    def _batch_logs(self, packed: Any) -> tuple[LazyLogs, LazyLogs]:
+        """The batch logs (Keras's running means) and on_log's step values: one packed vector."""
+        names = tuple(self._train_log_names)
+        if self._log_views[0] != names:
+            self._log_views = (names, *_views(names))
+        _, log_names, log_positions, step_names, step_positions = self._log_views
+        logs = LazyLogs(log_names, packed, log_positions)
+        return logs, logs.view(step_names, step_positions)
 
     def _steps_done_since(self, begin: int) -> int:
         # A call that hit the end of a dataset of unknown length ran some of its steps:

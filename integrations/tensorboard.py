@@ -35,7 +35,13 @@ class TensorBoardLogger:
       multiple of N. Keras counts compiled calls instead; with ``steps_per_execution=1`` and
       no gradient accumulation both are the same steps;
     - with ``histogram_freq=N``, every N epochs: ``<weight.path>/histogram`` for every layer
-      weight (Keras's tag and buckets) plus a ``<weight.path>/norm`` scalar (its L2 norm);
+      weight (Keras's tag and buckets) plus a ``<weight.path>/norm`` scalar (its L2 norm), and,
+      with ``write_gradients=True`` (default), ``<weight.path>/gradient_histogram`` and
+      ``<weight.path>/gradient_norm`` of the gradients of the epoch's last update (copied inside
+      the compiled step by the gradient pipeline, before clipping; named optimizers of a custom
+      step get ``<optimizer>/`` in front);
+    - ``batch_grad_norm`` with the batch metrics (``write_gradients=True``): the global norm of
+      each logged update's gradients, from the gradient pipeline (no extra host fetch);
     - with ``write_graph=True``: the ``keras`` conceptual graph of Functional and Sequential
       models (as Keras) and the op graph of the model's forward pass where the model has
       symbolic ``inputs``;
@@ -49,7 +55,9 @@ class TensorBoardLogger:
     disables) runs the TensorFlow profiler over global steps ``a``..``b`` into ``train/``; the
     profiler starts and stops between compiled calls, so with ``steps_per_execution > 1`` the
     window is rounded out to whole calls (``profiled_steps`` says which steps it covered).
-    Keras's ``write_images`` and embeddings are not supported.
+    Keras's ``write_images`` and embeddings are not supported. Batch values are each step's
+    own values (the loss of that batch), not Keras's running means, where the engine can
+    measure them (``on_log``); inside ``model.fit`` they are Keras's running means.
 
     Summaries are written by a :class:`corebus.LogSink` worker thread, never on the training
     thread (which only copies weights for histograms and traces the graph once). Records that
@@ -71,6 +79,7 @@ class TensorBoardLogger:
         update_freq: str | int = "epoch",
         profile_batch: int | str | tuple[int, int] = 0,
         shutdown_timeout: float = 30.0,
+        write_gradients: bool = True,
     ):
         require_module("tensorboard", extra="tensorboard", what="TensorBoardLogger")
         update_freq = 1 if update_freq == "batch" else update_freq
@@ -88,6 +97,13 @@ class TensorBoardLogger:
         self.update_freq = update_freq
         self.profile_batch = _profile_window(profile_batch)
         self.shutdown_timeout = float(shutdown_timeout)
+        self.write_gradients = bool(write_gradients)
+        # What the gradient pipeline computes inside the step for us (see GradientPipeline).
+        self.gradient_taps = set()
+        if self.write_gradients and update_freq != "epoch":
+            self.gradient_taps.add("norm")
+        if self.write_gradients and histogram_freq:
+            self.gradient_taps.add("values")
         self.profiled_steps: tuple[int, int] | None = None
         self._batch_cadence = None if update_freq == "epoch" else Cadence.every_n(update_freq)
         self._sink: LogSink | None = None
@@ -97,12 +113,13 @@ class TensorBoardLogger:
         self._graph_pending = False
         self._profiler = "idle"  # -> "running" -> "done" (or "done" when it could not start)
         self._call_steps = 1
+        self._warned_no_gradients = False
 
     def get_config(self) -> dict[str, Any]:
         return {"log_dir": os.path.abspath(self.log_dir), "histogram_freq": self.histogram_freq,
                 "write_graph": self.write_graph, "write_steps_per_second": self.write_steps_per_second,
                 "update_freq": self.update_freq, "profile_batch": list(self.profile_batch or (0, 0)),
-                "shutdown_timeout": self.shutdown_timeout}
+                "shutdown_timeout": self.shutdown_timeout, "write_gradients": self.write_gradients}
 
     # ---------------------------------------------------------------- hooks
 
@@ -120,7 +137,16 @@ class TensorBoardLogger:
         self._pending = [_text("run_params", 0, "```\n" + json.dumps(trainer.run_params(), indent=2) + "\n```")]
 
     @hookimpl
-    def on_train_batch_begin(self, trainer):
+    def on_epoch_begin(self, trainer, epoch):
+        if "values" in self.gradient_taps and epoch % self.histogram_freq == 0 and not trainer.params.get("steps"):
+            trainer.gradient_pipeline.capture_gradients(True)  # unknown length: every update
+
+    @hookimpl
+    def on_train_batch_begin(self, trainer, batch):
+        steps = trainer.params.get("steps")
+        if ("values" in self.gradient_taps and steps and trainer.epoch % self.histogram_freq == 0
+                and batch + self._call_steps >= steps):
+            trainer.gradient_pipeline.capture_gradients(True)  # the epoch's last call
         window = self.profile_batch
         # The window is in global steps, so a later fit or a resumed run past it never re-profiles.
         if window and self._profiler == "idle" and trainer.global_step < window[1]:
@@ -153,6 +179,8 @@ class TensorBoardLogger:
             self._put(_scalars("validation", epoch, val))
         if self.histogram_freq and epoch % self.histogram_freq == 0:
             self._put_weights(trainer.model, epoch)
+            if "values" in self.gradient_taps:
+                self._put_gradients(trainer, epoch)
 
     @hookimpl
     def on_test_end(self, trainer, logs):
@@ -224,6 +252,26 @@ class TensorBoardLogger:
                 norms[f"{name}/norm"] = float(np.linalg.norm(values))
         self._put({"type": "histograms", "run": "train", "step": epoch, "values": histograms})
         self._put(_scalars("train", epoch, norms))
+
+    def _put_gradients(self, trainer: Any, epoch: int) -> None:
+        pipeline = trainer.gradient_pipeline
+        pipeline.capture_gradients(False)
+        histograms, norms = {}, {}
+        for optimizer in trainer.optimizers:
+            prefix = "" if optimizer == "default" else f"{optimizer}/"
+            for variable, gradient in pipeline.captured_gradients(optimizer):
+                name = prefix + variable.path.replace(":", "_")
+                values = np.asarray(gradient, dtype=np.float64).reshape(-1)
+                histograms[f"{name}/gradient_histogram"] = _buckets(values).tolist()
+                norms[f"{name}/gradient_norm"] = float(np.linalg.norm(values))
+        if histograms:
+            self._put({"type": "histograms", "run": "train", "step": epoch, "values": histograms})
+            self._put(_scalars("train", epoch, norms))
+        elif not self._warned_no_gradients:
+            self._warned_no_gradients = True
+            log.warning("TensorBoardLogger: no gradients to write; inside model.fit compile with "
+                        "optimizer=callback.wrap_optimizer(...) so the gradient pipeline runs "
+                        "(or pass write_gradients=False)")
 
     def _finish(self, trainer: Any, status: str) -> None:
         if self._profiler == "running":

@@ -310,3 +310,65 @@ def test_missing_sdk_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(MissingExtraError, match=r'pip install "corebus\[tensorboard\]"'):
         TensorBoardLogger()
+
+
+# ------------------------------------------------------------------ gradients from the pipeline
+
+
+class WeightSteps:
+    """Every trainable weight before and after each update (SGD: gradient = -delta / lr)."""
+
+    def __init__(self):
+        self.snapshots = []
+
+    @hookimpl
+    def on_train_batch_begin(self, trainer):
+        self.snapshots.append([np.asarray(w, np.float64) for w in trainer.model.trainable_weights])
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        self.snapshots.append([np.asarray(w, np.float64) for w in trainer.model.trainable_weights])
+
+
+@pytest.mark.parametrize("mode", ["engine", "model.fit"])
+def test_gradient_histograms_and_norms_are_the_epochs_last_update(tmp_path, mode):
+    x, y = tiny_data()
+    lr, spy = 0.1, WeightSteps()
+    logger = TensorBoardLogger(tmp_path, histogram_freq=1, update_freq=1)
+    fit = dict(batch_size=16, verbose=0, shuffle=False, epochs=2)  # 96 samples: 6 steps per epoch
+    if mode == "engine":
+        trainer = make_trainer([spy, logger], optimizer=keras.optimizers.SGD(lr))
+        trainer.fit(x, y, **fit)
+        model = trainer.model
+    else:
+        callback = corebus.KerasCallback([spy, logger])
+        model = tiny_model()
+        model.compile(optimizer=callback.wrap_optimizer(keras.optimizers.SGD(lr)),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.fit(x, y, callbacks=[callback], **fit)
+    train = read_run(tmp_path / "train")[0]
+    for epoch in range(2):
+        before, after = spy.snapshots[epoch * 12 + 10], spy.snapshots[epoch * 12 + 11]  # the epoch's last step
+        for weight, old, new in zip(model.trainable_weights, before, after):
+            gradient = (old - new) / lr
+            plugin, rows = train[f"{weight.path}/gradient_histogram"]
+            assert plugin == "histograms" and rows[epoch][0] == epoch
+            assert rows[epoch][1][:, 2].sum() == gradient.size
+            np.testing.assert_allclose(rows[epoch][1][:, :2].min(), gradient.min(), rtol=1e-4, atol=1e-7)
+            norm = dict(scalars(train)[f"{weight.path}/gradient_norm"])[epoch]
+            assert norm == pytest.approx(np.linalg.norm(gradient), rel=1e-4)
+    # the global norm of every update, at the global step
+    steps = scalars(train)["batch_grad_norm"]
+    assert [s for s, _ in steps] == list(range(1, 13))
+    expected = [np.sqrt(sum(np.sum(((a - b) / lr) ** 2) for a, b in zip(spy.snapshots[2 * i], spy.snapshots[2 * i + 1])))
+                for i in range(12)]
+    np.testing.assert_allclose([v for _, v in steps], expected, rtol=1e-4)
+
+
+def test_write_gradients_false_adds_no_tap(tmp_path):
+    logger = TensorBoardLogger(tmp_path, histogram_freq=1, update_freq=1, write_gradients=False)
+    assert logger.gradient_taps == set()
+    trainer = make_trainer([logger])
+    trainer.fit(*tiny_data(), batch_size=32, epochs=1, verbose=0)
+    train = read_run(tmp_path / "train")[0]
+    assert not [t for t in train if "grad" in t]

@@ -1,0 +1,158 @@
+"""What loggers get per step (``on_log`` batch values): each step's own loss and metrics, and the
+gradient norm from the gradient pipeline, checked against independent arithmetic."""
+
+import keras
+import numpy as np
+import pytest
+
+import corebus
+from corebus import ConfigError, hookimpl
+from corebus.testing import make_trainer, tiny_data, tiny_model
+
+LR = 0.1
+
+
+class StepSpy:
+    """Records on_log batch values, the running batch logs and the weights around every step."""
+
+    gradient_taps = {"norm"}
+
+    def __init__(self):
+        self.values, self.running, self.weights = [], [], []
+
+    @hookimpl
+    def on_train_begin(self, trainer):
+        self.weights.append(_flat(trainer.model))
+
+    @hookimpl
+    def on_train_batch_end(self, trainer, logs):
+        self.running.append(dict(logs))
+        self.weights.append(_flat(trainer.model))
+
+    @hookimpl
+    def on_log(self, kind, logs):
+        if kind == "batch":
+            self.values.append(dict(logs))
+
+
+def _flat(model):
+    return np.concatenate([np.asarray(w).reshape(-1) for w in model.trainable_weights]).astype(np.float64)
+
+
+def test_engine_logs_each_steps_own_loss_and_accuracy(tiny_data):
+    x, y = tiny_data  # 96 samples, batch 16: 6 equal batches per epoch
+    spy = StepSpy()
+    make_trainer([spy], optimizer=keras.optimizers.SGD(LR)).fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+    assert len(spy.values) == 12 and all({"loss", "accuracy", "grad_norm"} <= set(v) for v in spy.values)
+    for epoch in range(2):
+        values, running = spy.values[epoch * 6:(epoch + 1) * 6], spy.running[epoch * 6:(epoch + 1) * 6]
+        for name in ("loss", "accuracy"):
+            own = np.array([v[name] for v in values])
+            # Keras's running mean is the mean of the steps' own values (equal batch sizes)
+            np.testing.assert_allclose(np.cumsum(own) / np.arange(1, 7), [r[name] for r in running], rtol=1e-5)
+            assert own[0] == pytest.approx(running[0][name], rel=1e-6)
+        assert len({round(v["loss"], 6) for v in values}) > 1
+
+
+def test_accuracy_of_a_step_is_that_batchs_accuracy(tiny_data):
+    x, y = tiny_data
+    spy, seen = StepSpy(), []
+
+    class Predictions:
+        @hookimpl
+        def on_train_batch_begin(self, trainer, batch):
+            seen.append(np.argmax(trainer.model.predict_on_batch(x[batch * 16:(batch + 1) * 16]), axis=1))
+
+    make_trainer([Predictions(), spy], optimizer=keras.optimizers.SGD(LR)).fit(
+        x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    expected = [np.mean(p == y[i * 16:(i + 1) * 16]) for i, p in enumerate(seen)]
+    np.testing.assert_allclose([v["accuracy"] for v in spy.values], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_grad_norm_is_the_norm_of_the_update_before_clipping(tiny_data, clip):
+    x, y = tiny_data
+    spy = StepSpy()
+    plugins = [spy] + ([{"name": "gradient_clipping", "global_norm": clip}] if clip else [])
+    make_trainer(plugins, optimizer=keras.optimizers.SGD(LR)).fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    applied = [np.linalg.norm(b - a) / LR for a, b in zip(spy.weights, spy.weights[1:])]  # SGD: dw = -lr * g
+    norms = [v["grad_norm"] for v in spy.values]
+    if clip is None:
+        np.testing.assert_allclose(norms, applied, rtol=1e-4)
+    else:
+        np.testing.assert_allclose(applied, clip, rtol=1e-3)  # what the optimizer applied was clipped
+        assert min(norms) > 2 * clip  # the logged norm is the raw gradient's
+
+
+def test_grad_norm_in_model_fit_through_the_adapter(tiny_data):
+    x, y = tiny_data
+    spy = StepSpy()
+    callback = corebus.KerasCallback([spy])
+    model = tiny_model()
+    model.compile(optimizer=callback.wrap_optimizer(keras.optimizers.SGD(LR)),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[callback])
+    applied = [np.linalg.norm(b - a) / LR for a, b in zip(spy.weights, spy.weights[1:])]
+    np.testing.assert_allclose([v["grad_norm"] for v in spy.values], applied, rtol=1e-4)
+    # model.fit hands callbacks running means only: on_log gets those
+    assert [v["loss"] for v in spy.values] == [r["loss"] for r in spy.running]
+
+
+def test_no_gradient_norm_unless_asked_and_one_fetch_for_both_views(tiny_data):
+    x, y = tiny_data
+
+    class Plain:
+        def __init__(self):
+            self.values = []
+
+        @hookimpl
+        def on_log(self, kind, logs):
+            if kind == "batch":
+                self.values.append(logs)
+
+        @hookimpl
+        def on_train_batch_end(self, logs):
+            self.last = logs
+
+    plain = Plain()
+    make_trainer([plain]).fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert "grad_norm" not in plain.values[0]
+    before = corebus.LazyLogs.fetches
+    assert plain.last["loss"] > 0 and plain.values[-1]["loss"] > 0
+    assert corebus.LazyLogs.fetches == before + 1  # the step's views share one host fetch
+
+
+def test_custom_step_values_and_named_optimizer_norms(tiny_data):
+    x, y = tiny_data
+    spy = StepSpy()
+    model = tiny_model()
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+
+    def step(trainer, data):
+        import tensorflow as tf
+
+        xb, yb = data
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, trainer.model(xb, training=True))
+        grads = tape.gradient(loss, trainer.model.trainable_variables)
+        trainer.apply_gradients(grads, trainer.model.trainable_variables, optimizer="main")
+        return {"loss": loss}
+
+    trainer = corebus.Trainer(model, optimizer={"main": keras.optimizers.SGD(LR)}, train_step=step,
+                              plugins=[spy], seed=0)
+    trainer.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    applied = [np.linalg.norm(b - a) / LR for a, b in zip(spy.weights, spy.weights[1:])]
+    np.testing.assert_allclose([v["grad_norm/main"] for v in spy.values], applied, rtol=1e-4)
+    assert [v["loss"] for v in spy.values] == [r["loss"] for r in spy.running]  # a custom step's own values
+
+
+def test_unknown_gradient_tap_is_rejected_before_training(tiny_data):
+    class Wrong:
+        gradient_taps = {"hessian"}
+
+        @hookimpl
+        def on_log(self):
+            pass
+
+    with pytest.raises(ConfigError, match="gradient_taps has 'hessian'; use any of"):
+        make_trainer([Wrong()]).fit(*tiny_data, batch_size=16, epochs=1, verbose=0)
