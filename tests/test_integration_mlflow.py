@@ -35,9 +35,13 @@ class Recorder:
         self.steps, self.logs, self.checkpoints = [], {}, []
 
     @hookimpl
-    def on_train_batch_end(self, trainer, logs):
+    def on_train_batch_end(self, trainer):
         self.steps.append(trainer.global_step)
-        self.logs[trainer.global_step] = dict(logs)
+
+    @hookimpl
+    def on_log(self, kind, step, logs):
+        if kind == "batch":  # what every logger gets: the step's own values (engine)
+            self.logs[step] = dict(logs)
 
     @hookimpl
     def on_checkpoint_saved(self, filepath):
@@ -306,3 +310,24 @@ def test_bad_settings_fail_before_training(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match="cannot write"):
         MLflowLogger(dir=tmp_path / "a-file")
+
+
+def test_metrics_posted_as_json_read_back_like_the_clients_own(server):
+    """The logger's REST fast path (``runs/log-batch`` built with json.dumps) stores the same
+    points as ``MlflowClient.log_batch``, non-finite values and more than 1000 points included."""
+    from mlflow.entities import Metric
+
+    from corebus.integrations.mlflow import _Point, _RestMetrics
+
+    client = server.client()
+    experiment = client.get_experiment_by_name("corebus-tests") or client.get_experiment(
+        client.create_experiment("corebus-tests"))
+    values = [0.5, float("nan"), float("inf"), float("-inf"), 1e-30] + [float(i) for i in range(1200)]
+    points = [_Point("m", v, 1000 + i, i) for i, v in enumerate(values)]
+    ours, theirs = (client.create_run(experiment.experiment_id).info.run_id for _ in range(2))
+    _RestMetrics.for_uri(server.uri).log_metrics(ours, points)
+    client.log_batch(theirs, metrics=[Metric(*p) for p in points], synchronous=True)
+    got, expected = (sorted((m.step, m.timestamp, repr(m.value)) for m in client.get_metric_history(run, "m"))
+                     for run in (ours, theirs))
+    assert got == expected and len(got) == len(values)
+    assert _RestMetrics.for_uri("sqlite:///x.db") is None
