@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .alerts import Alert
+from .alerts import Alert, AlertGate
 from .bus import PluginBus, hookimpl
 from .cadence import Cadence
 from .context import optimizer_names
@@ -18,7 +18,7 @@ from .io import BackgroundWorker, atomic_path, check_writable, fsync_path
 from .logs import LazyLogs
 from .monitor import Monitor
 from .registry import installed_plugins, load_plugin_config
-from .sinks import LogSink, Spool, read_spool, redact
+from .sinks import LogSink, RetryLater, Spool, read_spool, redact
 from .snapshot import RunSnapshot, SnapshotError
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ _LAZY = {
 
 __all__ = [
     "Alert",
+    "AlertGate",
     "BackgroundWorker",
     "Monitor",
     "atomic_path",
@@ -48,6 +49,7 @@ __all__ = [
     "LazyLogs",
     "LearningRateController",
     "LogSink",
+    "RetryLater",
     "Spool",
     "read_spool",
     "redact",

@@ -115,13 +115,24 @@ class RunContext:
     def stop_training(self, value: bool) -> None:
         self._stop_training = bool(value)
 
-    def alert(self, kind: str, title: str, text: str = "", level: str = "warning") -> Alert:
-        """Raise an alert on the bus (``on_alert``); returns it."""
+    def alert(
+        self, kind: str, title: str, text: str = "", level: str = "warning", *, details: str = "",
+        resolves: str | None = None,
+    ) -> Alert | None:
+        """Raise an alert on the bus (``on_alert``), from any thread.
+
+        It passes the run's :class:`corebus.AlertGate` (``trainer.alert_gate``: duplicates and
+        alerts within the cooldown of their kind are held back). Returns the alert sent, or
+        ``None`` when it was held back.
+        """
+        from .alerts import AlertGate
+
+        run = getattr(self, "run_name", None) or getattr(self.model, "name", None) or ""
         alert = Alert(
-            kind=kind, title=title, text=text, level=level, step=self.global_step, epoch=self.epoch
+            kind=kind, title=title, text=text, level=level, step=self.global_step, epoch=self.epoch,
+            run=str(run), details=details, resolves=resolves,
         )
-        self.bus.call("on_alert", trainer=self, alert=alert)
-        return alert
+        return AlertGate.of(self).dispatch(self, alert)
 
     # ---------------------------------------------------------------- dispatch
 

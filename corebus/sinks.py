@@ -6,7 +6,8 @@ A :class:`LogSink` sits between a logger plugin and its backend (MLflow, W&B, Te
   on a backend. When the queue is full the record goes straight to the spool (never dropped).
 - one worker thread takes records in batches and calls ``send(records)``;
 - a failed batch is appended to a durable **spool** (JSONL, fsynced) and retried with
-  exponential backoff; spooled records are replayed, oldest first, before new ones;
+  exponential backoff, or after the delay the backend asked for (:class:`RetryLater`,
+  e.g. HTTP 429 ``Retry-After``); spooled records are replayed, oldest first, before new ones;
 - ``close(timeout)`` drains for at most ``timeout`` seconds; whatever is left is written to the
   spool, and a warning says how to replay it (``corebus sync <run-dir>``);
 - ``stats`` counts queued / sent / retries / failures / spooled records and send latency.
@@ -253,7 +254,11 @@ class LogSink:
             self._send(records)
         except Exception as exc:  # any backend error: keep the records, back off
             self.stats["failures"] += 1
-            self._backoff = min(self.max_backoff, max(0.5, self._backoff * 2))
+            asked = _retry_after(exc)
+            if asked is not None:  # the backend said when (HTTP 429 Retry-After): do as told
+                self._backoff = min(self.max_backoff, max(0.05, asked))
+            else:
+                self._backoff = min(self.max_backoff, max(0.5, self._backoff * 2))
             self._retry_at = time.monotonic() + self._backoff
             log.warning("%s: send failed (%s: %s); retrying in %.1f s", self.name, type(exc).__name__, exc, self._backoff)
             return False
@@ -311,6 +316,24 @@ class LogSink:
                     return
                 if not delivered:
                     self._spool(batch)
+
+
+class RetryLater(Exception):
+    """Raised by a sink's ``send`` when the backend asked to be retried after ``retry_after``
+    seconds (HTTP 429 / 503 with ``Retry-After``): the sink waits that long (at most its
+    ``max_backoff``) instead of its own exponential backoff. Any exception with a numeric
+    ``retry_after`` attribute is treated the same way."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    value = getattr(exc, "retry_after", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
 
 
 def redact(config: Any, secret_words: tuple[str, ...] = ("url", "token", "key", "secret", "password", "webhook")) -> Any:

@@ -18,6 +18,9 @@ _CLASSES = {
     "GradientAccumulation": "gradient_accumulation",
     "TerminateOnNaN": "terminate_on_nan",
     "BackupAndRestore": "backup",
+    "StallAlert": "stall_alert",
+    "AlertLog": "alert_log",
+    "AlertWebhook": "alert_webhook",
 }
 
 __all__ = sorted(_CLASSES)
