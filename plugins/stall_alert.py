@@ -206,6 +206,8 @@ class StallAlert:
                 if self._stalled_at is not None:
                     if beat != self._stalled_at:
                         self._resolve(trainer)
+                    else:  # look often while stalled: the resolution names the step it resumed at
+                        wait = min(self._tick, 0.1)
                     continue
                 limit = self._limit(trainer, phase)
                 if now - beat < limit:
@@ -235,10 +237,10 @@ class StallAlert:
     def _resolve(self, trainer: Any) -> None:
         if self._stalled_at is None:
             return
-        stalled_for = _now() - self._stalled_at
+        stalled_for = self._beat - self._stalled_at
         self._stalled_at = None
         trainer.alert("stall_resolved", "Training resumed",
-                      f"Progress again at step {trainer.global_step} after {stalled_for:.1f} s without a step.",
+                      f"Progress again at step {trainer.global_step}, after about {stalled_for:.1f} s without a step.",
                       level="info", resolves="stall")
 
     def _fit_alive(self) -> bool:
