@@ -128,9 +128,10 @@ class RunContext:
         from .alerts import AlertGate
 
         run = getattr(self, "run_name", None) or getattr(self.model, "name", None) or ""
+        where = {"rank": self.rank} if isinstance(getattr(self, "rank", None), int) else {}
         alert = Alert(
             kind=kind, title=title, text=text, level=level, step=self.global_step, epoch=self.epoch,
-            run=str(run), details=details, resolves=resolves,
+            run=str(run), details=details, resolves=resolves, **where,
         )
         return AlertGate.of(self).dispatch(self, alert)
 
