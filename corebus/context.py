@@ -46,7 +46,9 @@ class RunContext:
       ``previous_global_step`` (before the last train call), ``epoch``, ``batch``,
       ``stop_training`` (set it to end ``fit`` after the current step), ``params``
       (``epochs``, ``steps``, ``batch_size``, ``verbose``...), ``mode`` (``"train"``,
-      ``"test"``, ``"predict"``).
+      ``"test"``, ``"predict"``), ``rank`` / ``num_workers`` / ``is_chief`` /
+      ``num_replicas`` (under ``tf.distribute``; a plugin declaring ``runs_on = "chief"`` is
+      only registered on the chief).
     """
 
     def __init__(self) -> None:
@@ -69,6 +71,11 @@ class RunContext:
         self._at_epoch_end = False
         self._resume_at: tuple[int, int] | None = None
         self.gradient_taps: frozenset[str] = frozenset()
+        # where this process stands under tf.distribute (one process, one replica: 0, 1, 1, True)
+        self.rank = 0
+        self.num_workers = 1
+        self.num_replicas = 1
+        self.is_chief = True
 
     # ---------------------------------------------------------------- state plugins use
 

@@ -58,6 +58,7 @@ class ArrayData:
         shuffle: bool = False,
         seed: int = 0,
         steps: int | None = None,
+        strategy: Any = None,
     ):
         if x is None:
             raise ConfigError("no training data: pass x (arrays or a tf.data.Dataset)")
@@ -78,7 +79,16 @@ class ArrayData:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
         self.shuffle = shuffle
         self.seed = seed
-        full_steps = math.ceil(n / self.batch_size)
+        self.strategy = strategy
+        if strategy is not None and self.batch_size % strategy.num_replicas_in_sync:
+            raise ConfigError(
+                f"batch_size={self.batch_size} is the global batch: it must split evenly over the "
+                f"{strategy.num_replicas_in_sync} replicas of the strategy")
+        # Under a strategy every replica must run every step (collectives): the last partial
+        # batch is dropped, so each replica gets batch_size / replicas rows every step.
+        full_steps = math.ceil(n / self.batch_size) if strategy is None else n // self.batch_size
+        if full_steps == 0:
+            raise ConfigError(f"{n} samples make no full global batch of {self.batch_size}")
         self.steps = min(steps, full_steps) if steps else full_steps
         parts = tuple(p for p in (x, y, sample_weight) if p is not None)
         self._tensors = keras.tree.map_structure(
@@ -99,7 +109,10 @@ class ArrayData:
         + ``shuffle`` pipeline on small models, where the host is the bottleneck.
         """
         indices = self.order(epoch)[skip_batches * self.batch_size :]
-        return iter(tf.data.Dataset.from_tensor_slices(indices).batch(self.batch_size))
+        if self.strategy is None:
+            return iter(tf.data.Dataset.from_tensor_slices(indices).batch(self.batch_size))
+        indices = indices[: (self.steps - skip_batches) * self.batch_size]
+        return iter(self.strategy.distribute_datasets_from_function(lambda ctx: _replica_batches(indices, self.batch_size, ctx)))
 
     @property
     def source(self) -> Any:
@@ -116,11 +129,26 @@ class ArrayData:
         return self.take(self._tensors, tf.range(min(self.batch_size, self.num_samples), dtype=tf.int64))
 
 
+def _replica_batches(indices: np.ndarray, global_batch: int, context: Any) -> tf.data.Dataset:
+    """This input pipeline's share of every global batch of indices, as per-replica batches.
+
+    Global batch ``g`` is split in order: replica ``r`` (over all workers) gets rows
+    ``r * per_replica`` to ``(r + 1) * per_replica`` of it, so the step's rows are the same
+    whatever the number of workers.
+    """
+    per_replica = context.get_per_replica_batch_size(global_batch)
+    per_pipeline = per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
+    first = context.input_pipeline_id * per_pipeline
+    batches = tf.data.Dataset.from_tensor_slices(indices).batch(global_batch, drop_remainder=True)
+    return batches.map(lambda batch: batch[first:first + per_pipeline]).unbatch().batch(per_replica)
+
+
 class DatasetData:
     """A ``tf.data.Dataset`` the user batched already (``batch_size`` is ignored, as in Keras)."""
 
-    def __init__(self, dataset: tf.data.Dataset, *, steps: int | None = None):
+    def __init__(self, dataset: tf.data.Dataset, *, steps: int | None = None, strategy: Any = None):
         self._dataset = dataset
+        self.strategy = strategy
         cardinality = int(dataset.cardinality())
         if cardinality == tf.data.INFINITE_CARDINALITY and not steps:
             raise ConfigError(
@@ -138,7 +166,8 @@ class DatasetData:
         if self._persistent and self._iterator is not None:
             return self._iterator
         ds = self._dataset.skip(skip_batches) if skip_batches else self._dataset
-        self._iterator = iter(ds)
+        # Under a strategy the dataset yields global batches; tf.distribute splits them.
+        self._iterator = iter(ds if self.strategy is None else self.strategy.experimental_distribute_dataset(ds))
         return self._iterator
 
     source: tuple = ()
@@ -164,6 +193,7 @@ def make_data(
     shuffle: bool = False,
     seed: int = 0,
     steps: int | None = None,
+    strategy: Any = None,
 ) -> ArrayData | DatasetData:
     """Pick the adapter for ``x`` and validate the inputs (one clear error, before training)."""
     if steps is not None and (not isinstance(steps, int) or steps < 1):
@@ -171,11 +201,11 @@ def make_data(
     if _is_dataset(x):
         if y is not None:
             raise ConfigError("x is a tf.data.Dataset: it must yield (x, y) itself; do not pass y")
-        return DatasetData(x, steps=steps)
+        return DatasetData(x, steps=steps, strategy=strategy)
     if isinstance(x, tf.data.Iterator) or hasattr(x, "__next__"):
         raise ConfigError("pass a tf.data.Dataset or arrays, not an iterator or generator")
     return ArrayData(
-        x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=seed, steps=steps
+        x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=seed, steps=steps, strategy=strategy
     )
 
 

@@ -78,15 +78,9 @@ class GradientPipeline:
         if "norm" in taps:
             present = [g for g in gradients if g is not None]
             if present:
-                self._variable(self._norms, name, lambda: tf.Variable(0.0, trainable=False, name="grad_norm"))
-                self._norms[name].assign(tf.cast(tf.linalg.global_norm(present), tf.float32))
+                self._norm_variable(name).assign(tf.cast(tf.linalg.global_norm(present), tf.float32))
         if "values" in taps:
-            if self._capture_on is None:
-                with tf.init_scope():
-                    self._capture_on = tf.Variable(False, trainable=False, name="capture_gradients")
-            copies = self._variable(self._captures, name, lambda: (
-                list(variables), [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="captured_gradient")
-                                  for v in variables]))[1]
+            copies = self._capture_variables(name, variables)
 
             def copy():
                 for target, g in zip(copies, gradients):
@@ -102,6 +96,21 @@ class GradientPipeline:
             with tf.init_scope():
                 store[name] = create()
         return store[name]
+
+    # Under a tf.distribute strategy these are created in its scope before the first step
+    # (prepare): the norm is the replicas' mean, captured gradients are the first replica's.
+    def _norm_variable(self, name: str) -> tf.Variable:
+        return self._variable(self._norms, name, lambda: tf.Variable(
+            0.0, trainable=False, name="grad_norm", aggregation=tf.VariableAggregation.MEAN))
+
+    def _capture_variables(self, name: str, variables: list) -> list[tf.Variable]:
+        if self._capture_on is None:
+            with tf.init_scope():
+                self._capture_on = tf.Variable(False, trainable=False, name="capture_gradients",
+                                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        return self._variable(self._captures, name, lambda: (list(variables), [
+            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="captured_gradient",
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA) for v in variables]))[1]
 
     def norm_variables(self) -> dict[str, tf.Variable]:
         """The ``"norm"`` tap's variable per optimizer name (created at the first trace)."""
@@ -123,9 +132,14 @@ class GradientPipeline:
         return [(v, c.numpy()) for v, c in zip(variables, copies)]
 
     def prepare(self, optimizer: Any, variables: list, name: str = "default") -> None:
-        """Create accumulators before the first step, so a snapshot can be restored into them."""
+        """Create accumulators (a snapshot may be restored into them) and tap variables before
+        the first step."""
         if self.context.accumulation_steps(name) > 1:
             self._state(name, variables)
+        if "norm" in self.context.gradient_taps:
+            self._norm_variable(name)
+        if "values" in self.context.gradient_taps and variables:
+            self._capture_variables(name, variables)
 
     def _state(self, name: str, variables: list) -> tuple[list[Any], tf.Variable]:
         if name not in self._accumulators:

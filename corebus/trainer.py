@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +20,8 @@ from .errors import ConfigError
 from .logs import LazyLogs
 
 TrainStep = Callable[["Trainer", Any], Mapping[str, Any]]
+
+log = logging.getLogger("corebus")
 
 
 def _unscale_for_distribution(loss):
@@ -89,6 +93,12 @@ class Trainer(RunContext):
         the gradient pipeline (clipping, accumulation, logging) applies per optimizer.
     :param test_step: optional ``(trainer, data) -> dict`` for ``evaluate`` with custom steps.
     :param steps_per_execution: steps run per compiled call; batch hooks fire once per call.
+    :param strategy: a ``tf.distribute`` strategy (``MirroredStrategy``,
+        ``MultiWorkerMirroredStrategy``). Create the model inside ``strategy.scope()``;
+        ``batch_size`` is the global batch (split evenly over the replicas; the last partial
+        batch of an epoch is dropped so every replica runs every step). Logs are reduced across
+        replicas; plugins declaring ``runs_on = "chief"`` (writers, loggers) run on the chief
+        worker only; a stop decided at an epoch end on any worker stops them all.
     :param jit_compile: compile the step with XLA.
     :param seed: seed for the per-epoch shuffle order (random if not given).
     :param profile: record host time per plugin per hook (``trainer.bus.profile_report()``).
@@ -130,7 +140,9 @@ class Trainer(RunContext):
         self._user_test_step = test_step
         self._plugins = registry.resolve_all(plugins)
         PluginBus(self._plugins)  # validates names, order and ownership before any training
-        self._setup_optimizers(optimizer, loss, metrics)
+        self._setup_strategy(strategy, seed)
+        with self._scope():
+            self._setup_optimizers(optimizer, loss, metrics)
         with tf.init_scope():
             self._step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="micro_step")
         self._train_fn: dict[int, Callable] = {}
@@ -146,6 +158,30 @@ class Trainer(RunContext):
         self.history: Any = None
 
     # ------------------------------------------------------------------ setup
+
+    def _scope(self) -> Any:
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def _setup_strategy(self, strategy: Any, seed: int | None) -> None:
+        if strategy is None:
+            return
+        if not isinstance(strategy, tf.distribute.Strategy):
+            raise ConfigError(f"strategy must be a tf.distribute.Strategy, got {type(strategy).__name__}")
+        outside = [v.path for v in self.model.weights if not strategy.extended.variable_created_in_scope(getattr(v, "value", v))]
+        if outside:
+            raise ConfigError(
+                f"the model's variables ({outside[0]}, ...) were not created in the strategy's scope: "
+                "build the model inside `with strategy.scope():`")
+        self.num_replicas = strategy.num_replicas_in_sync
+        resolver = getattr(strategy, "cluster_resolver", None)
+        spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+        if spec:
+            self.num_workers = sum(len(tasks) for kind, tasks in spec.items() if kind in ("chief", "worker"))
+            task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
+            self.rank = task_id + (1 if task_type == "worker" and "chief" in spec else 0)
+            self.is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in spec)
+            if seed is None:  # every worker must shuffle alike: same order, different rows
+                self.seed = 0
 
     def _setup_optimizers(self, optimizer: Any, loss: Any, metrics: Any) -> None:
         if self._user_train_step is None:
@@ -183,8 +219,13 @@ class Trainer(RunContext):
                 isinstance(p, registry.load_plugin_class(name)) for _, p in named
             ):
                 named.append((name, registry.instantiate(name, {})))
+        if not self.is_chief:  # writers and loggers run on the chief worker only
+            named = [(n, p) for n, p in named if getattr(p, "runs_on", "all") != "chief"]
         bus = PluginBus(named, profile=self.profile)
         self._use_bus(bus)
+        if self.strategy is not None and any(self.accumulation_steps(n) > 1 for n in self.optimizers):
+            raise ConfigError("gradient accumulation under a tf.distribute strategy is not supported yet: "
+                              "raise the global batch size instead (or train without a strategy)")
         # Gradient hooks are compiled into the step: a different set of them needs a new trace.
         self._gradient_signature = tuple(
             id(impl.plugin)
@@ -244,10 +285,11 @@ class Trainer(RunContext):
             logs = self._user_train_step(self, data)
         else:
             logs = self._default_train_step(data)
-        # Automatic control dependencies order ops per resource only: without this, the
-        # counter could move before a get_next that then hits the end of the data.
-        with tf.control_dependencies([t for t in keras.tree.flatten(data) if t is not None]):
-            self._step_counter.assign_add(1)
+        if self.strategy is None:  # (under a strategy the call counts steps, once per step)
+            # Automatic control dependencies order ops per resource only: without this, the
+            # counter could move before a get_next that then hits the end of the data.
+            with tf.control_dependencies([t for t in keras.tree.flatten(data) if t is not None]):
+                self._step_counter.assign_add(1)
         if not self._step_values:
             return logs
         values = dict(logs)
@@ -273,20 +315,57 @@ class Trainer(RunContext):
         if self.jit_compile:
             one_step = tf.function(step, jit_compile=True, reduce_retracing=True)
 
+        def on_rows(source, element):  # gathers this replica's rows inside the step
+            return one_step(take(source, element))
+
+        if self.strategy is not None:
+            on_rows = self._distributed(on_rows, counts_steps=step == self._one_train_step)
+
         if steps == 1:
 
             def call(iterator, source):
-                return _pack(one_step(take(source, next(iterator))), names)
+                return _pack(on_rows(source, next(iterator)), names)
 
         else:
 
             def call(iterator, source):
-                packed = _pack(one_step(take(source, next(iterator))), names)
+                packed = _pack(on_rows(source, next(iterator)), names)
                 for _ in tf.range(steps - 1):
-                    packed = _pack(one_step(take(source, next(iterator))), names)
+                    packed = _pack(on_rows(source, next(iterator)), names)
                 return packed
 
         return tf.function(call)
+
+    def _distributed(self, step: Callable, counts_steps: bool) -> Callable:
+        """``step`` run on every replica; its logs reduced to one value each (replica mean)."""
+        strategy, mean = self.strategy, tf.distribute.ReduceOp.MEAN
+
+        def on_replica(source, element):
+            return {k: tf.reduce_mean(tf.cast(v, tf.float32)) for k, v in step(source, element).items()}
+
+        def run(source, element):
+            logs = strategy.run(on_replica, args=(source, element))
+            reduced = {k: strategy.reduce(mean, v, axis=None) for k, v in logs.items()}
+            if counts_steps:
+                with tf.control_dependencies(list(reduced.values())):
+                    self._step_counter.assign_add(1)
+            return reduced
+
+        return run
+
+    def _agree_to_stop(self) -> None:
+        """Stop every worker if any worker's plugins decided to stop (a collective: all call it)."""
+        if self.num_workers <= 1:
+            return
+        if getattr(self, "_any_fn", None) is None:
+            strategy = self.strategy
+
+            def any_worker(flag):
+                votes = strategy.run(lambda: tf.identity(flag))
+                return strategy.reduce(tf.distribute.ReduceOp.MAX, votes, axis=None)
+
+            self._any_fn = tf.function(any_worker)
+        self.stop_training = bool(self._any_fn(tf.constant(1.0 if self.stop_training else 0.0)).numpy() > 0)
 
     def _train_function(self, steps: int, data: ArrayData | DatasetData) -> Callable:
         # The LR (a variable or a schedule) is read inside the compiled step: a schedule
@@ -305,6 +384,13 @@ class Trainer(RunContext):
 
     def _build(self, data: ArrayData | DatasetData) -> None:
         """Create every variable (model, metrics, optimizer) before the first compiled call."""
+        with self._scope():
+            self._build_variables(data)
+
+    def _build_variables(self, data: ArrayData | DatasetData) -> None:
+        if self._user_train_step is not None and self.strategy is not None:
+            for name, optimizer in self.optimizers.items():
+                self.gradient_pipeline.prepare(optimizer, [], name)
         if self._user_train_step is None:
             # Keras's own pre-build (model, compiled loss/metrics, optimizer), as model.fit does;
             # it is also where Keras resolves loss and metric identifiers.
@@ -452,16 +538,18 @@ class Trainer(RunContext):
         if validation_split and validation_data is None:
             (x, y, sample_weight), validation_data = split_validation(x, y, sample_weight, validation_split)
         data = make_data(
-            x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=self.seed, steps=steps_per_epoch
+            x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=self.seed, steps=steps_per_epoch,
+            strategy=self.strategy,
         )
         val_data = None
         if validation_data is not None:
             if isinstance(validation_data, tf.data.Dataset):
-                val_data = make_data(validation_data, steps=validation_steps)
+                val_data = make_data(validation_data, steps=validation_steps, strategy=self.strategy)
             else:
                 val_x, val_y, val_sw = keras.utils.unpack_x_y_sample_weight(tuple(validation_data))
                 val_data = make_data(
-                    val_x, val_y, val_sw, batch_size=validation_batch_size or batch_size, steps=validation_steps
+                    val_x, val_y, val_sw, batch_size=validation_batch_size or batch_size, steps=validation_steps,
+                    strategy=self.strategy,
                 )
         verbose = 1 if verbose == "auto" else int(verbose)
         bus = self._make_bus(["history"] + (["progress"] if verbose else []))
@@ -506,6 +594,7 @@ class Trainer(RunContext):
                     epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
                     epoch_logs = dict(sorted(epoch_logs.items()))
                 self._epoch_end(epoch, epoch_logs)
+                self._agree_to_stop()
                 if self.stop_training:
                     break
             for optimizer in self.optimizers.values():
@@ -527,11 +616,12 @@ class Trainer(RunContext):
         return_dict: bool = False,
     ) -> Any:
         """Evaluate like ``model.evaluate``: a scalar, a list in metric order, or a dict."""
-        data = make_data(x, y, sample_weight, batch_size=batch_size, steps=steps)
+        data = make_data(x, y, sample_weight, batch_size=batch_size, steps=steps, strategy=self.strategy)
         verbose = 1 if verbose == "auto" else int(verbose)
         self._make_bus(["progress"] if verbose else [])
         self.params = {"epochs": 1, "steps": data.steps, "verbose": verbose}
-        self._build_for_eval(data)
+        with self._scope():
+            self._build_for_eval(data)
         logs = self._evaluate_data(data)
         if return_dict:
             return logs

@@ -80,6 +80,8 @@ class MLflowLogger:
     Only the chief logs under ``tf.distribute``.
     """
 
+    runs_on = "chief"  # under tf.distribute: one writer, not one per worker
+
     error_policy = "warn"
     max_failures = 5
 

@@ -67,6 +67,8 @@ class TensorBoardLogger:
     original ``log_dir``. Under ``tf.distribute`` only the chief should log.
     """
 
+    runs_on = "chief"  # under tf.distribute: one writer, not one per worker
+
     error_policy = "warn"
     max_failures = 5
 

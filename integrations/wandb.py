@@ -64,6 +64,8 @@ class WandbLogger:
     :param tags: the run's tags.
     """
 
+    runs_on = "chief"  # under tf.distribute: one writer, not one per worker
+
     error_policy = "warn"
     max_failures = 5
 

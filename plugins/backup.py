@@ -30,6 +30,10 @@ class BackupAndRestore:
     :param background: write snapshots off the training thread.
     """
 
+    # Under tf.distribute every worker restores (the workers must start alike) and the chief
+    # alone writes; the backup_dir must be shared by the workers to resume a multi-worker run.
+    runs_on = "all"
+
     controls = {"run.backup"}
     # History records the epoch in its own trylast on_epoch_end; the snapshot must include it.
     runs_after = ("history",)
@@ -71,9 +75,9 @@ class BackupAndRestore:
         self._save(trainer)
 
     @hookimpl
-    def on_train_end(self) -> None:
+    def on_train_end(self, trainer: Any) -> None:
         self._close()
-        if self.delete_checkpoint and self.backup_dir.exists():
+        if self.delete_checkpoint and trainer.is_chief and self.backup_dir.exists():
             for snapshot in self.backup_dir.glob("snapshot-*"):
                 shutil.rmtree(snapshot, ignore_errors=True)
 
@@ -82,6 +86,8 @@ class BackupAndRestore:
         self._close()  # keep the snapshots: they are what the next start resumes from
 
     def _save(self, trainer: Any) -> None:
+        if not trainer.is_chief:
+            return
         if self._worker is not None:
             self._worker.flush()  # at most one snapshot in flight
         snapshot = RunSnapshot.capture(trainer)

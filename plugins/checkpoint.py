@@ -64,6 +64,8 @@ class ModelCheckpoint:
     "last": bool}``.
     """
 
+    runs_on = "chief"  # under tf.distribute: one writer, not one per worker
+
     def __init__(
         self,
         filepath: str | os.PathLike,

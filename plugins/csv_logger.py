@@ -28,6 +28,8 @@ class CSVLogger:
     snapshot, and appends, so the file ends as an uninterrupted run's would.
     """
 
+    runs_on = "chief"  # under tf.distribute: one writer, not one per worker
+
     def __init__(self, filename: str | os.PathLike, separator: str = ",", append: bool = False):
         if not isinstance(separator, str) or len(separator) != 1:
             raise ConfigError(f"CSVLogger: separator={separator!r} must be a single character such as ','")

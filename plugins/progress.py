@@ -16,6 +16,8 @@ class ProgressBar:
     it costs one host sync per redraw, not one per step.
     """
 
+    runs_on = "chief"  # under tf.distribute: one writer, not one per worker
+
     def __init__(self, interval: float = 0.1, stream: TextIO | None = None, width: int = 30):
         self.interval = interval
         self.stream = stream
