@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import keras
 import numpy as np
 
-from corebus import ConfigError, hookimpl
+from corebus import ConfigError, hookimpl, optimizer_names
 from corebus.plugins.schedules import CyclicalLR, LinearWarmup, StepDecay, StepFunction
 
 _schedules = keras.optimizers.schedules
@@ -52,13 +53,24 @@ class LRSchedule:
     ``initial_learning_rate`` to ``warmup_target``). The epoch logs get ``learning_rate``.
 
     A second schedule (another ``lr_schedule`` plugin, or an optimizer built with its own
-    ``LearningRateSchedule``) is a :class:`corebus.ConfigError` naming both.
+    ``LearningRateSchedule``) on the same optimizer is a :class:`corebus.ConfigError` naming both.
+
+    ``optimizers`` says which optimizers the schedule drives, in a custom step with several
+    (``optimizer={"generator": ..., "discriminator": ...}``): a name or a list of names, each
+    driven through ``trainer.lr_for(name)`` with its own copy of the schedule
+    (``initial_learning_rate`` defaulting to that optimizer's LR). ``None`` (the default)
+    means every optimizer of the run: the one optimizer of an ordinary run, and *all* of a
+    multi-optimizer custom step. Unknown names fail at train begin, before any step. With
+    named optimizers the epoch logs get ``learning_rate/<name>`` per optimizer (the
+    ``"default"`` optimizer keeps ``learning_rate``). Two ``lr_schedule`` plugins on different
+    optimizers do not conflict.
     """
 
-    controls = {"lr.schedule"}
+    controls = {"lr.schedule"}  # per instance: narrowed to the named optimizers
 
     def __init__(self, schedule: Any, per: str = "step", warmup_steps: int = 0,
-                 warmup_target: float | None = None, verbose: int = 0, **params: Any):
+                 warmup_target: float | None = None, verbose: int = 0,
+                 optimizers: Iterable[str] | str | None = None, **params: Any):
         if per not in ("step", "epoch"):
             raise ConfigError(f"LRSchedule: per={per!r} is unknown; use 'step' or 'epoch'")
         if per == "epoch" and (warmup_steps or warmup_target is not None):
@@ -79,10 +91,15 @@ class LRSchedule:
             )
         self.schedule, self.per, self.verbose, self.params = schedule, per, verbose, params
         self.warmup_steps, self.warmup_target = warmup_steps, warmup_target
-        self.steps_per_epoch: int | None = None
-        self._installed: Any = None  # the optimizer's LR object once this plugin set it
-        self._epoch_fn: Any = None
-        self._restored = False
+        self.optimizers = optimizer_names(optimizers, "LRSchedule")
+        if self.optimizers is not None:
+            # Ownership is per optimizer: schedules on "generator" and on "discriminator" do not
+            # compete. None keeps the plain key, so two unnamed schedules still clash at once.
+            self.controls = {f"lr.schedule[{name}]" for name in self.optimizers}
+        self._steps_per_epoch: dict[str, int] = {}
+        self._restored_steps: int | dict[str, int] | None = None
+        self._installed: dict[str, Any] = {}  # optimizer name -> its LR object once this plugin set it
+        self._epoch_fns: dict[str, Any] = {}
         self._build(initial_learning_rate=1.0, steps_per_epoch=1)  # bad params fail now
 
     def _build(self, initial_learning_rate: float, steps_per_epoch: int) -> Any:
@@ -123,39 +140,73 @@ class LRSchedule:
         """The name this plugin is registered under (the schedule's owner in errors)."""
         return next((n for n, p in trainer.bus.plugins.items() if p is self), "lr_schedule")
 
+    def _targets(self, trainer: Any) -> list[str]:
+        """The optimizer names this schedule drives in this run."""
+        return list(self.optimizers) if self.optimizers is not None else list(trainer.optimizers)
+
+    @property
+    def steps_per_epoch(self) -> int | dict[str, int] | None:
+        """Optimizer updates per epoch the schedule was built with: one number when every
+        driven optimizer agrees (always, without per-optimizer gradient accumulation), else
+        a number per optimizer name."""
+        if self._restored_steps is not None:  # loaded, not installed yet
+            restored = self._restored_steps
+            return dict(restored) if isinstance(restored, dict) else restored
+        values = set(self._steps_per_epoch.values())
+        if not values:
+            return None
+        return values.pop() if len(values) == 1 else dict(self._steps_per_epoch)
+
     @hookimpl
     def on_train_begin(self, trainer):
-        name, lr = self._own_name(trainer), trainer.lr
+        trainer.check_optimizer_names(self.optimizers, "LRSchedule")
+        name = self._own_name(trainer)
         # A later fit on the same optimizer: the compiled step already evaluates this schedule,
         # and installing a new one would leave it reading the old multiplier variable.
-        if self._installed is not None and trainer.optimizer._learning_rate is self._installed:
+        targets = [t for t in self._targets(trainer)
+                   if self._installed.get(t) is None or trainer.optimizers[t]._learning_rate is not self._installed[t]]
+        if not targets:
             return
-        if self.per == "epoch" and lr.has_schedule:
-            raise self._conflict(name, lr.schedule_owner)
-        if not self._restored:  # a resumed run keeps the steps per epoch it started with
-            self.steps_per_epoch = self._updates_per_epoch(trainer)
-        self._restored = False
-        schedule = self._build(lr.value, self.steps_per_epoch)
         if self.per == "epoch":
-            self._epoch_fn = schedule
-            return
-        try:
-            lr.set_schedule(schedule, owner=name)
-        except RuntimeError:
-            raise self._conflict(name, lr.schedule_owner) from None
-        self._installed = trainer.optimizer._learning_rate
+            for target in targets:
+                if trainer.lr_for(target).has_schedule:
+                    raise self._conflict(name, trainer.lr_for(target).schedule_owner)
+        restored, self._restored_steps = self._restored_steps, None
+        if restored is not None:
+            self._steps_per_epoch = {}
+        for target in targets:
+            # A resumed run keeps the steps per epoch it started with.
+            if isinstance(restored, dict) and target in restored:
+                self._steps_per_epoch[target] = int(restored[target])
+            elif isinstance(restored, int):
+                self._steps_per_epoch[target] = restored
+            else:
+                self._steps_per_epoch[target] = self._updates_per_epoch(trainer, target)
+        installed = False
+        for target in targets:
+            lr = trainer.lr_for(target)
+            schedule = self._build(lr.value, self._steps_per_epoch[target])
+            if self.per == "epoch":
+                self._epoch_fns[target] = schedule
+                continue
+            try:
+                lr.set_schedule(schedule, owner=name)
+            except RuntimeError:
+                raise self._conflict(name, lr.schedule_owner) from None
+            self._installed[target] = trainer.optimizers[target]._learning_rate
+            installed = True
         # model.fit may reuse a step traced before the schedule existed: retrace it.
-        if getattr(trainer.model, "train_function", None) is not None:
+        if installed and getattr(trainer.model, "train_function", None) is not None:
             trainer.model.make_train_function(force=True)
 
-    def _updates_per_epoch(self, trainer: Any) -> int:
+    def _updates_per_epoch(self, trainer: Any, optimizer_name: str) -> int:
         if self.per == "epoch":
             return 1  # evaluated at the epoch index
         steps = trainer.params.get("steps")
         needed = self.schedule == "step" and not {"steps_per_epoch", "decay_steps"} & set(self.params)
         if steps is None and needed:
             raise ConfigError("LRSchedule('step'): the run's steps per epoch are unknown; pass steps_per_epoch=")
-        return max(1, (steps or 1) // trainer.accumulation_steps())
+        return max(1, (steps or 1) // trainer.accumulation_steps(optimizer_name))
 
     @staticmethod
     def _conflict(name: str, owner: str | None) -> ConfigError:
@@ -169,27 +220,39 @@ class LRSchedule:
     def on_epoch_begin(self, trainer, epoch):
         if self.per != "epoch":
             return
-        function: Callable = self._epoch_fn
-        try:  # Keras's LearningRateScheduler protocol: fn(epoch, lr), else fn(epoch)
-            value = function(epoch, trainer.lr.base)
-        except TypeError:
-            value = function(epoch)
-        try:
-            value = float(np.asarray(keras.ops.convert_to_numpy(value)).item())
-        except (TypeError, ValueError):
-            raise ConfigError(f"LRSchedule: the schedule function must return a float, got {value!r}") from None
-        trainer.lr.set(value)
-        if self.verbose > 0:
-            print(f"\nEpoch {epoch + 1}: LRSchedule setting learning rate to {value}.")
+        for target in self._targets(trainer):
+            function: Callable = self._epoch_fns[target]
+            lr = trainer.lr_for(target)
+            try:  # Keras's LearningRateScheduler protocol: fn(epoch, lr), else fn(epoch)
+                value = function(epoch, lr.base)
+            except TypeError:
+                value = function(epoch)
+            try:
+                value = float(np.asarray(keras.ops.convert_to_numpy(value)).item())
+            except (TypeError, ValueError):
+                raise ConfigError(f"LRSchedule: the schedule function must return a float, got {value!r}") from None
+            lr.set(value)
+            if self.verbose > 0:
+                which = "" if target == "default" else f" of {target!r}"
+                print(f"\nEpoch {epoch + 1}: LRSchedule setting learning rate{which} to {value}.")
 
     # tryfirst: record the LR the epoch ended with, before a plateau plugin changes it.
     @hookimpl(tryfirst=True)
     def on_epoch_end(self, trainer, logs):
-        logs["learning_rate"] = trainer.lr.value
+        for target in self._targets(trainer):
+            logs[lr_log_key(target)] = trainer.lr_for(target).value
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps_per_epoch": self.steps_per_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps_per_epoch = state.get("steps_per_epoch")
-        self._restored = self.steps_per_epoch is not None
+        # An int (every snapshot from before per-optimizer schedules, and most after) applies
+        # to every driven optimizer; a dict holds one per optimizer name. Used at the next install.
+        steps = state.get("steps_per_epoch")
+        self._restored_steps = {str(k): int(v) for k, v in steps.items()} if isinstance(steps, dict) else (
+            None if steps is None else int(steps))
+
+def lr_log_key(optimizer_name: str) -> str:
+    """The epoch-log key of an optimizer's learning rate: Keras's ``learning_rate`` for the
+    default optimizer, ``learning_rate/<name>`` for a named one (as ``grad_norm/<name>``)."""
+    return "learning_rate" if optimizer_name == "default" else f"learning_rate/{optimizer_name}"

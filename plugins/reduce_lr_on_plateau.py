@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from corebus import ConfigError, Monitor, hookimpl
+from corebus import ConfigError, Monitor, hookimpl, optimizer_names
 
 
 class ReduceLROnPlateau:
@@ -36,16 +37,25 @@ class ReduceLROnPlateau:
     :param min_lr: lower bound of the learning rate.
     :param strict: raise :class:`corebus.ConfigError` when ``monitor`` is missing from the logs
         (Keras only warns; so does this plugin by default, once).
+    :param optimizers: which optimizers to reduce, in a custom step with several
+        (``optimizer={"generator": ..., "discriminator": ...}``): a name or a list of names.
+        ``None`` (the default) reduces every optimizer of the run: the one optimizer of an
+        ordinary run, and *all* of a multi-optimizer custom step. One monitor and one
+        patience / cooldown count decide for all of them; each named optimizer's LR
+        (``trainer.lr_for(name)``) is then reduced on its own, with ``min_lr`` applied to each,
+        so an optimizer already at ``min_lr`` stays there while the others go down. Unknown
+        names fail at train begin, before any step. With named optimizers the epoch logs get
+        ``learning_rate/<name>`` per optimizer (the ``"default"`` one keeps ``learning_rate``).
 
     Differences from Keras: bad values (``factor >= 1`` or negative, negative ``patience``,
     ``cooldown`` or ``min_lr``, unknown ``mode``) raise :class:`corebus.ConfigError` at
     construction (Keras raises for ``factor`` only, and falls back to ``auto`` for a bad mode);
     the direction of ``mode="auto"`` is decided at train begin, not at the first epoch end; it
-    acts on the default optimizer's ``trainer.lr``. The state (:meth:`state_dict`) survives a
+    can drive several optimizers (``optimizers=``). The state (:meth:`state_dict`) survives a
     resume: a restored instance does not reset its counters at the next train begin.
     """
 
-    controls = {"lr.multiplier"}
+    controls = {"lr.multiplier"}  # per instance: narrowed to the named optimizers
 
     def __init__(
         self,
@@ -58,6 +68,7 @@ class ReduceLROnPlateau:
         cooldown: int = 0,
         min_lr: float = 0.0,
         strict: bool = False,
+        optimizers: Iterable[str] | str | None = None,
     ):
         if not 0.0 <= factor < 1.0:
             raise ConfigError(
@@ -79,24 +90,39 @@ class ReduceLROnPlateau:
         self.wait = 0
         self.cooldown_counter = 0
         self.best: float | None = None
-        self.multiplier = 1.0
+        self.optimizers = optimizer_names(optimizers, "ReduceLROnPlateau")
+        if self.optimizers is not None:
+            # Ownership is per optimizer: plateaus on different optimizers do not compete.
+            self.controls = {f"lr.multiplier[{name}]" for name in self.optimizers}
+        self.multiplier = 1.0  # of the first driven optimizer (the default one in a plain run)
+        self.multipliers: dict[str, float] = {}
         self._restored = False
 
     def in_cooldown(self) -> bool:
         return self.cooldown_counter > 0
 
+    def _targets(self, trainer: Any) -> list[str]:
+        """The optimizer names this plugin reduces in this run."""
+        return list(self.optimizers) if self.optimizers is not None else list(trainer.optimizers)
+
     @hookimpl
     def on_train_begin(self, trainer):
+        trainer.check_optimizer_names(self.optimizers, "ReduceLROnPlateau")
         self._monitor.resolve(trainer.model)
         # Keras resets at every fit; a resumed run keeps the counters it was restored with.
         if not self._restored:
             self.best, self.wait, self.cooldown_counter = None, 0, 0
         self._restored = False
-        self.multiplier = trainer.lr.multiplier
+        self._record_multipliers(trainer)
+
+    def _record_multipliers(self, trainer: Any) -> None:
+        self.multipliers = {name: trainer.lr_for(name).multiplier for name in self._targets(trainer)}
+        self.multiplier = next(iter(self.multipliers.values()), 1.0)
 
     @hookimpl
     def on_epoch_end(self, trainer, epoch, logs):
-        logs["learning_rate"] = trainer.lr.value
+        for name in self._targets(trainer):
+            logs[_lr_log_key(name)] = trainer.lr_for(name).value
         current = self._monitor.value(logs)
         if current is None:
             return
@@ -122,19 +148,24 @@ class ReduceLROnPlateau:
         return bool(m.op(np.float32(current - delta), np.float32(self.best)))
 
     def _reduce(self, trainer: Any, epoch: int) -> bool:
-        lr = trainer.lr
-        old = lr.value
-        if not old > np.float32(self.min_lr):
-            return False
-        new = max(old * self.factor, self.min_lr)
-        # Scaling the multiplier scales whatever produces the base LR (a constant or a
-        # schedule); the min_lr clamp becomes the ratio that lands the current LR on min_lr.
-        ratio = self.factor if new == old * self.factor else new / old
-        lr.multiplier = lr.multiplier * ratio
-        self.multiplier = lr.multiplier
-        if self.verbose > 0:
-            print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {new}.")
-        return True
+        """Reduce every driven optimizer still above ``min_lr``; True if any was reduced."""
+        reduced = False
+        for name in self._targets(trainer):
+            lr = trainer.lr_for(name)
+            old = lr.value
+            if not old > np.float32(self.min_lr):
+                continue
+            new = max(old * self.factor, self.min_lr)
+            # Scaling the multiplier scales whatever produces the base LR (a constant or a
+            # schedule); the min_lr clamp becomes the ratio that lands the current LR on min_lr.
+            ratio = self.factor if new == old * self.factor else new / old
+            lr.multiplier = lr.multiplier * ratio
+            reduced = True
+            if self.verbose > 0:
+                which = "" if name == "default" else f" of {name!r}"
+                print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate{which} to {new}.")
+        self._record_multipliers(trainer)
+        return reduced
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -142,6 +173,7 @@ class ReduceLROnPlateau:
             "cooldown_counter": self.cooldown_counter,
             "best": self.best,
             "multiplier": self.multiplier,
+            "multipliers": dict(self.multipliers),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -149,4 +181,12 @@ class ReduceLROnPlateau:
         self.cooldown_counter = int(state["cooldown_counter"])
         self.best = None if state["best"] is None else float(state["best"])
         self.multiplier = float(state["multiplier"])
+        # Snapshots from before per-optimizer plateaus have "multiplier" only. The LR itself
+        # is restored with the run's LR state; these are the plugin's record of it.
+        self.multipliers = {str(k): float(v) for k, v in dict(state.get("multipliers", {})).items()}
         self._restored = True
+
+
+def _lr_log_key(optimizer_name: str) -> str:
+    # The same keys as LRSchedule's (not imported from there: this module needs no Keras).
+    return "learning_rate" if optimizer_name == "default" else f"learning_rate/{optimizer_name}"
