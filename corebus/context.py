@@ -144,11 +144,13 @@ class RunContext:
 
     # ---------------------------------------------------------------- dispatch
 
-    def _use_bus(self, bus: PluginBus) -> None:
+    def _use_bus(self, bus: PluginBus, compiled_for: PluginBus | None = None) -> None:
+        """Dispatch through ``bus``; gradient taps follow ``compiled_for`` (default ``bus``): under
+        tf.distribute the chief's plugins decide what every worker's step computes."""
         from .errors import ConfigError
 
         taps = {}
-        for name, plugin in bus.plugins.items():
+        for name, plugin in (compiled_for or bus).plugins.items():
             for tap in getattr(plugin, "gradient_taps", ()) or ():
                 if tap not in GRADIENT_TAPS:
                     raise ConfigError(f"plugin {name!r}: gradient_taps has {tap!r}; use any of {GRADIENT_TAPS}")

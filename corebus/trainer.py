@@ -219,10 +219,13 @@ class Trainer(RunContext):
                 isinstance(p, registry.load_plugin_class(name)) for _, p in named
             ):
                 named.append((name, registry.instantiate(name, {})))
+        everywhere = PluginBus(named, profile=self.profile)
+        bus = everywhere
         if not self.is_chief:  # writers and loggers run on the chief worker only
-            named = [(n, p) for n, p in named if getattr(p, "runs_on", "all") != "chief"]
-        bus = PluginBus(named, profile=self.profile)
-        self._use_bus(bus)
+            bus = PluginBus([(n, p) for n, p in named if getattr(p, "runs_on", "all") != "chief"], profile=self.profile)
+        # Every worker must trace the same step (its collectives pair up by order): what is
+        # compiled into it follows all plugins, wherever they run.
+        self._use_bus(bus, compiled_for=everywhere)
         if self.strategy is not None and any(self.accumulation_steps(n) > 1 for n in self.optimizers):
             raise ConfigError("gradient accumulation under a tf.distribute strategy is not supported yet: "
                               "raise the global batch size instead (or train without a strategy)")
@@ -230,10 +233,10 @@ class Trainer(RunContext):
         self._gradient_signature = tuple(
             id(impl.plugin)
             for hook in ("transform_gradients", "gradient_accumulation_steps")
-            for _, impl in bus.implementations(hook)
+            for _, impl in everywhere.implementations(hook)
         ) + tuple(sorted(self.gradient_taps))
         # on_log subscribers get each step's own values, measured inside the step.
-        self._step_values = bus.caller("on_log") is not None
+        self._step_values = everywhere.caller("on_log") is not None
         return bus
 
     # ------------------------------------------------------------------ steps
@@ -362,7 +365,7 @@ class Trainer(RunContext):
 
             def any_worker(flag):
                 votes = strategy.run(lambda: tf.identity(flag))
-                return strategy.reduce(tf.distribute.ReduceOp.MAX, votes, axis=None)
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)  # votes to stop
 
             self._any_fn = tf.function(any_worker)
         self.stop_training = bool(self._any_fn(tf.constant(1.0 if self.stop_training else 0.0)).numpy() > 0)
