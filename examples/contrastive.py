@@ -107,10 +107,11 @@ def make_steps(model: Siamese, margin: float):
     return train_step, test_step
 
 
-def plugins(run_dir: Path, steps_per_epoch: int, patience: int) -> list[Any]:
+def plugins(run_dir: Path, steps_per_epoch: int, patience: int, clip: float) -> list[Any]:
     """The plugin stack, by entry-point name, as a config file would list it."""
     return [
-        {"name": "gradient_clipping", "norm": 1.0, "log_norm": True},
+        # norm=: each weight's gradient clipped on its own (Keras's clipnorm)
+        {"name": "gradient_clipping", "norm": clip, "log_norm": True},
         {"name": "lr_schedule", "schedule": "exponential", "initial_learning_rate": 2e-3,
          "decay_steps": steps_per_epoch, "decay_rate": 0.85},
         {"name": "early_stopping", "monitor": "val_loss", "patience": patience, "restore_best_weights": True},
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
     parser.add_argument("--margin", type=float, default=1.0)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--patience", type=int, default=4, help="early stopping patience (epochs)")
+    parser.add_argument("--clip", type=float, default=1.0, help="L2 norm each gradient tensor is clipped to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("corebus-runs") / "contrastive", help="run directory")
     parser.add_argument("--verbose", type=int, default=1)
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
         optimizer=keras.optimizers.Adam(2e-3),
         train_step=train_step,
         test_step=test_step,
-        plugins=plugins(run_dir, steps, args.patience),
+        plugins=plugins(run_dir, steps, args.patience, args.clip),
         seed=args.seed,
     )
     history = trainer.fit(train_pairs, train_same, batch_size=args.batch_size, epochs=args.epochs,

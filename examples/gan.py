@@ -113,11 +113,11 @@ def make_train_step(gan: GAN):
     return train_step
 
 
-def plugins(run_dir: Path, total_steps: int, patience: int) -> list[Any]:
+def plugins(run_dir: Path, total_steps: int, patience: int, clip: float) -> list[Any]:
     """The plugin stack, by entry-point name, as a config file would list it."""
     return [
         # Only the discriminator is clipped: its gradients are the ones that spike.
-        {"name": "gradient_clipping", "global_norm": 1.0, "optimizers": ["discriminator"], "log_norm": True},
+        {"name": "gradient_clipping", "global_norm": clip, "optimizers": ["discriminator"], "log_norm": True},
         # Only the generator's LR decays; the discriminator keeps its constant LR.
         {"name": "lr_schedule", "schedule": "cosine", "decay_steps": total_steps, "alpha": 0.1,
          "optimizers": ["generator"]},
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=64, help="units per hidden layer")
     parser.add_argument("--patience", type=int, default=8, help="early stopping patience (epochs)")
+    parser.add_argument("--clip", type=float, default=1.0, help="global norm the discriminator's gradients are clipped to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("corebus-runs") / "gan", help="run directory")
     parser.add_argument("--verbose", type=int, default=1)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
         optimizer={"discriminator": keras.optimizers.Adam(1e-3, beta_1=0.5),
                    "generator": keras.optimizers.Adam(2e-3, beta_1=0.5)},
         train_step=make_train_step(gan),
-        plugins=plugins(run_dir, args.epochs * args.steps_per_epoch, args.patience),
+        plugins=plugins(run_dir, args.epochs * args.steps_per_epoch, args.patience, args.clip),
         seed=args.seed,
     )
     history = trainer.fit(real, batch_size=args.batch_size, epochs=args.epochs, verbose=args.verbose)

@@ -90,10 +90,10 @@ def make_steps(model: TwoHeads, digit_weight: float, ink_weight: float):
     return train_step, test_step
 
 
-def plugins(run_dir: Path, total_steps: int, warmup_steps: int, patience: int) -> list[Any]:
+def plugins(run_dir: Path, total_steps: int, warmup_steps: int, patience: int, clip: float) -> list[Any]:
     """The plugin stack, by entry-point name, as a config file would list it."""
     return [
-        {"name": "gradient_clipping", "global_norm": 1.0, "log_norm": True},
+        {"name": "gradient_clipping", "global_norm": clip, "log_norm": True},
         {"name": "lr_schedule", "schedule": "cosine", "initial_learning_rate": 3e-3, "decay_steps": total_steps,
          "alpha": 0.05, "warmup_steps": warmup_steps},
         {"name": "early_stopping", "monitor": "val_loss", "patience": patience, "restore_best_weights": True},
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
     parser.add_argument("--ink-weight", type=float, default=0.5, help="weight of the regression loss")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--patience", type=int, default=4, help="early stopping patience (epochs)")
+    parser.add_argument("--clip", type=float, default=1.0, help="global norm the gradients are clipped to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("corebus-runs") / "multitask", help="run directory")
     parser.add_argument("--verbose", type=int, default=1)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
         optimizer=keras.optimizers.Adam(3e-3),
         train_step=train_step,
         test_step=test_step,
-        plugins=plugins(run_dir, args.epochs * steps, warmup_steps=steps, patience=args.patience),
+        plugins=plugins(run_dir, args.epochs * steps, warmup_steps=steps, patience=args.patience, clip=args.clip),
         seed=args.seed,
     )
     history = trainer.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
