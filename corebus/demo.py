@@ -47,6 +47,8 @@ def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int) -> list:
         {"name": "gradient_clipping", "global_norm": 1.0},
         {"name": "early_stopping", "monitor": "val_loss", "patience": 4, "restore_best_weights": True},
         {"name": "terminate_on_nan", "check_every": 10},
+        {"name": "stall_alert", "timeout": 60},
+        {"name": "alert_log"},
         {"name": "checkpoint", "filepath": str(run_dir / "checkpoints" / "epoch{epoch:02d}-{val_loss:.4f}.weights.h5"),
          "monitor": "val_loss", "save_weights_only": True, "save_top_k": 3, "save_last": True},
         {"name": "csv_logger", "filename": str(run_dir / "history.csv")},

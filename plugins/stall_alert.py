@@ -27,7 +27,7 @@ class StallAlert:
       (data pipeline, a step, a plugin's hook), with the training thread's stack in the text
       and every thread's stack in ``details`` and the log; a ``stall_resolved`` alert follows
       when steps resume. The first step of a fit (compilation) gets ``first_step_timeout``;
-      validation and epoch-end work (checkpoints) get ``timeout + grace``. The training thread
+      epoch-end work (metrics, validation, checkpoints) gets ``timeout + grace``. The training thread
       only stores a timestamp per step: no lock, no wake-up of the watchdog.
     - **nan_loss**: the batch loss is read every ``check_every`` steps (a :class:`corebus.Cadence`;
       the read costs the step's one host fetch), and at every epoch end.
@@ -96,7 +96,16 @@ class StallAlert:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._reset()
+        self._start_fit(0)
         self._resumed = False
+
+    def _start_fit(self, step: int) -> None:
+        self._start_step = step
+        self._phase, self._beat, self._stalled_at = _TRAIN, _now(), None
+        self._window: tuple[float, int, float] | None = None
+        self._paused, self._pause_from = 0.0, None
+        self._baseline: float | None = None
+        self._slow = 0
 
     def _reset(self) -> None:
         self.best: float | None = None
@@ -118,12 +127,7 @@ class StallAlert:
         if self._gate_state is not None:
             self._gate.load_state_dict(self._gate_state)
             self._gate_state = None
-        self._start_step = trainer.global_step
-        self._phase, self._beat, self._stalled_at = _TRAIN, _now(), None
-        self._window: tuple[float, int, float] | None = None
-        self._paused, self._pause_from = 0.0, None
-        self._baseline: float | None = None
-        self._slow = 0
+        self._start_fit(trainer.global_step)
         if self.timeout:
             self._thread_id = threading.get_ident()
             self._fit_frame = _innermost_fit_frame()
@@ -195,7 +199,14 @@ class StallAlert:
     def _limit(self, trainer: Any, phase: str) -> float:
         if phase != _TRAIN:
             return self.timeout + self.grace
-        return self.first_step_timeout if trainer.global_step == self._start_step else self.timeout
+        if trainer.global_step == self._start_step:
+            return self.first_step_timeout
+        steps = trainer.params.get("steps")
+        if steps and trainer.batch + 1 >= steps:
+            # The epoch's last batch is done: the engine computes (and, the first time, traces)
+            # the epoch's metrics before any hook marks the epoch end.
+            return self.timeout + self.grace
+        return self.timeout
 
     def _watch(self, trainer: Any, stop: threading.Event) -> None:
         wait = self._tick
