@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -84,6 +85,7 @@ def main(argv=None):
     print(f"{'variant':<26}{'steps/s':>10}{'/ (a)':>8}")
     for name in VARIANTS:
         print(f"{name:<26}{median[name]:>10.0f}{ratios[name]:>8.3f}")
+    logging.getLogger("corebus").setLevel(logging.ERROR)  # the stall's stack dumps are not results
     latencies = [alert_latency(x, y, args.timeout) for _ in range(args.latency_runs)]
     print(f"stall alert latency, timeout {args.timeout:g} s (block start -> POST received): "
           f"median {statistics.median(latencies):.3f} s, max {max(latencies):.3f} s "

@@ -359,8 +359,11 @@ def on_log(trainer, kind, step, logs):
 def on_alert(trainer, alert):
     """An alert was raised (stall, non-finite loss, plateau, divergence...).
 
-    Notification channels subscribe here. Raised with ``trainer.alert(...)``. Delivery must
-    not block: notifiers send from their own thread.
+    Notification channels subscribe here. Raised with ``trainer.alert(...)`` by any plugin,
+    from any thread (the stall watchdog raises its alerts from its own): the run's
+    :class:`corebus.AlertGate` drops duplicates and repeats within the cooldown of their kind,
+    then calls this hook for one alert at a time. Delivery must not block: notifiers hand the
+    alert to their own sender thread (a :class:`corebus.LogSink`).
 
     :param trainer: the running trainer.
     :param alert: a :class:`corebus.Alert` (level, kind, title, text, step, rank, host).
