@@ -22,6 +22,14 @@ from .logs import LazyLogs
 GRADIENT_TAPS = ("norm", "values")
 
 
+def lr_owner(optimizer: Any) -> Any:
+    """The optimizer that owns the learning rate under wrappers (Keras's LossScaleOptimizer,
+    corebus's GradientPipelineOptimizer both keep the real one as ``inner_optimizer``)."""
+    while getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
 def optimizer_names(value: Any, owner: str) -> list[str] | None:
     """Validate a plugin's ``optimizers=`` argument: ``None`` (all), a name, or a list of names."""
     from .errors import ConfigError
@@ -86,10 +94,11 @@ class RunContext:
     @property
     def lr(self) -> Any:
         """The :class:`corebus.lr.LearningRateController` of the default optimizer."""
-        if self._lr is None or self._lr.optimizer is not self.optimizer:
+        owner = lr_owner(self.optimizer)
+        if self._lr is None or self._lr.optimizer is not owner:
             from .lr import LearningRateController
 
-            self._lr = LearningRateController(self.optimizer)
+            self._lr = LearningRateController(owner)
         return self._lr
 
     def check_optimizer_names(self, names: list[str] | None, owner: str) -> None:
@@ -106,7 +115,7 @@ class RunContext:
         """The LR handle of a named optimizer (custom steps with several optimizers)."""
         if self.optimizers.get(optimizer_name) is self.optimizer:
             return self.lr
-        optimizer = self.optimizers[optimizer_name]
+        optimizer = lr_owner(self.optimizers[optimizer_name])
         handle = self._lr_by_name.get(optimizer_name)
         if handle is None or handle.optimizer is not optimizer:
             from .lr import LearningRateController
@@ -312,8 +321,8 @@ class RunContext:
         for name in sorted(self.optimizers):
             optimizer = self.optimizers[name]
             groups[f"optimizer.{name}"] = list(optimizer.variables)
-            if isinstance(optimizer._learning_rate, ScaledSchedule):
-                groups[f"optimizer.{name}"].append(optimizer._learning_rate.multiplier)
+            if isinstance(lr_owner(optimizer)._learning_rate, ScaledSchedule):
+                groups[f"optimizer.{name}"].append(lr_owner(optimizer)._learning_rate.multiplier)
         groups["metrics"] = [v for metric in self.model.metrics for v in metric.variables]
         groups["gradient_pipeline"] = self.gradient_pipeline.state_variables()
         return groups

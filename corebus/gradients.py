@@ -48,10 +48,23 @@ class GradientPipeline:
         if not optimizer.built:
             with tf.init_scope():
                 optimizer.build(variables)
+        # Dynamic loss scaling (mixed_float16): the pipeline works on unscaled gradients, so a
+        # clipping threshold or a logged norm means what it says; the optimizer gets them
+        # scaled back (exact: the scale is a power of two) and keeps Keras's skip-and-lower
+        # logic for overflowing steps.
+        scale = getattr(optimizer, "dynamic_scale", None)
+        if scale is not None:
+            gradients = [None if g is None else g / tf.cast(scale, g.dtype) for g in gradients]
+            inner_apply = optimizer.apply
+
+            def apply(grads, variables):
+                inner_apply([None if g is None else g * tf.cast(scale, g.dtype) for g in grads], variables)
+        else:
+            apply = optimizer.apply
         steps = self.context.accumulation_steps(name)
         if steps <= 1:
             self._tap(gradients, variables, name)
-            optimizer.apply(self.context.transform_gradients(gradients, variables, name), variables)
+            apply(self.context.transform_gradients(gradients, variables, name), variables)
             return
         accumulators, count = self._state(name, variables)
         count.assign_add(1)
@@ -60,7 +73,7 @@ class GradientPipeline:
         def update():
             mean = [None if g is None else g / steps for g in summed]
             self._tap(mean, variables, name)
-            optimizer.apply(self.context.transform_gradients(mean, variables, name), variables)
+            apply(self.context.transform_gradients(mean, variables, name), variables)
             for accumulator in accumulators:
                 accumulator.assign(tf.zeros_like(accumulator))
             return tf.constant(True)

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from . import registry
 from .bus import PluginBus
-from .context import RunContext
+from .context import RunContext, lr_owner
 from .data import ArrayData, DatasetData, make_data, split_validation
 from .errors import ConfigError
 from .logs import LazyLogs
@@ -22,6 +22,8 @@ from .logs import LazyLogs
 TrainStep = Callable[["Trainer", Any], Mapping[str, Any]]
 
 log = logging.getLogger("corebus")
+
+MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
 
 
 def _unscale_for_distribution(loss):
@@ -99,6 +101,14 @@ class Trainer(RunContext):
         batch of an epoch is dropped so every replica runs every step). Logs are reduced across
         replicas; plugins declaring ``runs_on = "chief"`` (writers, loggers) run on the chief
         worker only; a stop decided at an epoch end on any worker stops them all.
+    :param mixed_precision: ``"mixed_float16"`` or ``"mixed_bfloat16"``: sets the model's layers
+        to that Keras dtype policy (float32 variables, half-precision compute) and, for float16,
+        scales the loss dynamically with Keras's ``LossScaleOptimizer`` around each optimizer.
+        Gradient plugins (clipping, norms) see unscaled gradients; a step whose gradients
+        overflow is skipped and the scale lowered, as in Keras. A custom ``train_step``
+        multiplies its loss by ``trainer.scale_loss(loss, optimizer=name)`` before taking
+        gradients. ``None``: follow the model's own policy (a model built under
+        ``keras.mixed_precision.set_global_policy("mixed_float16")`` gets loss scaling).
     :param jit_compile: compile the step with XLA.
     :param seed: seed for the per-epoch shuffle order (random if not given).
     :param profile: record host time per plugin per hook (``trainer.bus.profile_report()``).
@@ -119,6 +129,7 @@ class Trainer(RunContext):
         jit_compile: bool = False,
         seed: int | None = None,
         profile: bool = False,
+        mixed_precision: str | None = None,
     ):
         super().__init__()
         if not isinstance(model, keras.Model):
@@ -141,6 +152,7 @@ class Trainer(RunContext):
         self._plugins = registry.resolve_all(plugins)
         PluginBus(self._plugins)  # validates names, order and ownership before any training
         self._setup_strategy(strategy, seed)
+        self._setup_mixed_precision(mixed_precision)
         with self._scope():
             self._setup_optimizers(optimizer, loss, metrics)
         with tf.init_scope():
@@ -161,6 +173,21 @@ class Trainer(RunContext):
 
     def _scope(self) -> Any:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def _setup_mixed_precision(self, policy: str | None) -> None:
+        if policy is not None:
+            if policy not in MIXED_POLICIES:
+                raise ConfigError(f"mixed_precision={policy!r}: use one of {', '.join(MIXED_POLICIES)} (or None)")
+            # Variables stay float32 under a mixed policy, so a built model can switch: each
+            # layer casts its inputs to the compute dtype from its next call on.
+            for layer in self.model._flatten_layers(include_self=True):
+                layer.dtype_policy = policy
+        self.mixed_precision = self.model.dtype_policy.name if self.model.dtype_policy.name in MIXED_POLICIES else None
+
+    def scale_loss(self, loss: Any, optimizer: str = "default") -> Any:
+        """``loss`` times the named optimizer's dynamic loss scale (``mixed_float16``), else
+        ``loss``: call it in a custom ``train_step`` before taking gradients."""
+        return self.optimizers[optimizer].scale_loss(loss)
 
     def _setup_strategy(self, strategy: Any, seed: int | None) -> None:
         if strategy is None:
@@ -200,12 +227,19 @@ class Trainer(RunContext):
                     )
                 except (ValueError, TypeError) as exc:
                     raise ConfigError(f"bad optimizer/loss/metrics: {exc}") from exc
+            if self.mixed_precision == "mixed_float16" and not isinstance(
+                    self.model.optimizer, keras.optimizers.LossScaleOptimizer):
+                self.model.optimizer = keras.optimizers.LossScaleOptimizer(self.model.optimizer)
             self.optimizers = {"default": self.model.optimizer}
             self.loss = self.model.loss
         else:
             specs = optimizer if isinstance(optimizer, Mapping) else {"default": optimizer or "adam"}
             try:
                 self.optimizers = {name: keras.optimizers.get(spec) for name, spec in specs.items()}
+                if self.mixed_precision == "mixed_float16":
+                    self.optimizers = {
+                        name: o if isinstance(o, keras.optimizers.LossScaleOptimizer)
+                        else keras.optimizers.LossScaleOptimizer(o) for name, o in self.optimizers.items()}
                 self.loss = keras.losses.get(loss) if loss is not None else None
                 self.metrics = [keras.metrics.get(m) for m in (metrics or [])]
             except (ValueError, TypeError) as exc:
@@ -373,7 +407,7 @@ class Trainer(RunContext):
     def _train_function(self, steps: int, data: ArrayData | DatasetData) -> Callable:
         # The LR (a variable or a schedule) is read inside the compiled step: a schedule
         # installed after the last trace needs a new one.
-        lr_signature = tuple(id(o._learning_rate) for o in self.optimizers.values())
+        lr_signature = tuple(id(lr_owner(o)._learning_rate) for o in self.optimizers.values())
         key = (steps, type(data), self._gradient_signature, lr_signature, self._step_values)
         if key not in self._train_fn:
             self._train_fn[key] = self._compiled(self._one_train_step, self._train_log_names, steps, data.take)
