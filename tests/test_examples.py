@@ -174,3 +174,21 @@ def test_contrastive(tmp_path):
 
     checkpoint_files(run_dir)
     assert_logged_everywhere(run_dir, "contrastive", history, ["loss", "pair_accuracy"])
+
+
+def test_readme_custom_step_snippet_runs(capsys):
+    import re
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme.split("## Custom steps: GANs, multi-task, contrastive", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "epochs=20" in code and "size=(4096, 2)" in code
+    namespace: dict = {}
+    exec(compile(code.replace("epochs=20", "epochs=2").replace("size=(4096, 2)", "size=(512, 2)"),
+                 "README custom step", "exec"), namespace)
+    history, trainer = namespace["history"].history, namespace["trainer"]
+    assert history["learning_rate/generator"][-1] < 2e-3  # the cosine schedule, on the generator only
+    assert not trainer.lr_for("discriminator").has_schedule
+    assert int(trainer.optimizers["generator"].iterations.numpy()) == 8
+    assert all(math.isfinite(v) for v in history["d_loss"] + history["g_loss"])
+    assert capsys.readouterr().out.strip()
