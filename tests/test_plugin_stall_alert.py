@@ -321,3 +321,26 @@ def test_by_name_with_params_and_a_webhook_from_the_environment(monkeypatch):
         assert receiver.url not in params and "secret-token" not in params
         assert [b["kind"] for b in receiver.bodies()] == ["stall", "stall_resolved"]
         assert "Thread MainThread" in receiver.bodies()[0]["details"]
+
+
+class StepClock:
+    def __init__(self):
+        self.times = []
+
+    @hookimpl
+    def on_train_batch_end(self):
+        self.times.append(time.perf_counter())
+
+
+def test_a_receiver_that_never_answers_does_not_slow_training():
+    x, y = tiny_data()
+    clock = StepClock()
+    with Receiver(hang=True) as receiver:
+        webhook = AlertWebhook(url=receiver.url, timeout=1.0, shutdown_timeout=1.0)
+        trainer = make_trainer([StallAlert(**WATCHDOG), webhook, SleepAt(3, TIMEOUT + 0.5), clock])
+        trainer.fit(x, y, epochs=3, **FIT)
+        ended = time.perf_counter()
+        assert receiver.wait_for(1, timeout=1)  # the stall POST arrived and hangs there
+    gaps = [b - a for a, b in zip(clock.times[3:], clock.times[4:])]
+    assert max(gaps) < 0.5  # no step after the stall waits on the stuck receiver
+    assert ended - clock.times[-1] < 1.0 + 1.5  # closing the stuck notifier is bounded
