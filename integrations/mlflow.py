@@ -63,6 +63,9 @@ class MLflowLogger:
     second (one MLflow request per second instead of one per step), so a dashboard trails
     training by about a second.
 
+    Alerts (``on_alert``, e.g. from ``stall_alert``) become run tags: ``corebus.alert.<kind>``
+    holds the latest of each kind with its text, ``corebus.alerts`` one line per alert.
+
     Status: FINISHED at the end of ``fit``; FAILED when it raises; KILLED on
     ``KeyboardInterrupt``. Inside ``model.fit`` Keras has no exception hook, so the status is
     set at ``on_train_end`` only: a crash there leaves the run RUNNING until the same logger's
@@ -127,6 +130,7 @@ class MLflowLogger:
         self._points: list[list[Any]] = []  # [step, timestamp ms, values] not yet handed to the sink
         self._points_since = 0.0
         self._staged = 0
+        self._early_alerts: list[dict[str, Any]] = []
 
     @property
     def run_id(self) -> str | None:
@@ -182,6 +186,17 @@ class MLflowLogger:
             self._put("metrics", points=self._points)
 
     @hookimpl
+    def on_alert(self, alert):
+        # May come from a watchdog thread while the training thread logs: hand the record to
+        # the sink's queue directly (thread-safe), never through the point batching.
+        record = {"type": "alert", "run": self._key, "kind": alert.kind, "level": alert.level, "title": alert.title,
+                  "text": alert.text, "step": alert.step, "time": alert.time}
+        if self._phase == "open":
+            self.sink.put(record)
+        elif self._phase == "begun":  # before the first step (a hung compilation): sent on open
+            self._early_alerts.append(record)
+
+    @hookimpl
     def on_checkpoint_saved(self, filepath):
         if self._ready():
             self._put("artifact", path=str(self._stage(filepath)), artifact_path="checkpoints")
@@ -232,6 +247,8 @@ class MLflowLogger:
             self._phase = "open"
             self._put("start", ts=_now_ms(), run_name=self.run_name, tags=self.tags, resumed=resumed)
             self._put("params", params=_flatten(self._params))
+            while self._early_alerts:
+                self.sink.put({**self._early_alerts.pop(0), "run": self._key})
         return self._phase == "open"
 
     def _put(self, kind: str, **fields: Any) -> None:
@@ -382,6 +399,8 @@ class _Writer:
                 else:
                     client.log_artifact(run_id, str(path), record["artifact_path"])
                 uploaded.append(path)
+            elif kind == "alert":
+                self._log_alert(client, run_id, record)
             elif kind == "status":
                 client.set_terminated(run_id, record["status"], end_time=record["ts"])
         if pending:
@@ -419,6 +438,20 @@ class _Writer:
                         raise
                     self._experiment_id = experiment.experiment_id
         return self._experiment_id
+
+    def _log_alert(self, client: Any, run_id: str, record: dict[str, Any]) -> None:
+        """Tags: ``corebus.alert.<kind>`` (the latest of that kind) and ``corebus.alerts`` (one
+        line per alert, newest last, cut to MLflow's tag length from the oldest end)."""
+        from mlflow.entities import RunTag
+
+        line = f"step {record['step']}: [{record['level']}] {record['title']}"
+        history = client.get_run(run_id).data.tags.get("corebus.alerts", "")
+        if line in history.splitlines():  # a retried batch: already recorded
+            return
+        lines = (history + "\n" + line).strip("\n")[-MAX_TAG:]
+        detail = (line + ("\n" + record["text"] if record.get("text") else ""))[:MAX_TAG]
+        client.log_batch(run_id, tags=[RunTag(_clean_key(f"corebus.alert.{record['kind']}"), detail),
+                                       RunTag("corebus.alerts", lines)], synchronous=True)
 
     def _log_params(self, client: Any, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param

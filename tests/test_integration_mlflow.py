@@ -331,3 +331,27 @@ def test_metrics_posted_as_json_read_back_like_the_clients_own(server):
                      for run in (ours, theirs))
     assert got == expected and len(got) == len(values)
     assert _RestMetrics.for_uri("sqlite:///x.db") is None
+
+
+def test_alerts_are_recorded_on_the_run_even_from_another_thread(server, tmp_path):
+    x, y = tiny_data(96)
+
+    class Alerting:
+        @hookimpl
+        def on_epoch_end(self, trainer, epoch):
+            if epoch == 0:
+                trainer.alert("plateau", "val_loss stuck", "no improvement for 3 epochs", "warning")
+
+        @hookimpl
+        def on_train_batch_end(self, trainer):
+            if trainer.global_step == 3:  # as a watchdog does: from a thread of its own
+                worker = threading.Thread(target=trainer.alert, args=("stall", "no step for 60 s", "stack...", "error"))
+                worker.start()
+                worker.join()
+
+    mlflow_logger = logger(server, tmp_path)
+    fit("engine", [mlflow_logger, Alerting()], x, y, epochs=2)
+    tags = server.client().get_run(mlflow_logger.run_id).data.tags
+    assert tags["corebus.alert.stall"] == "step 3: [error] no step for 60 s\nstack..."
+    assert tags["corebus.alert.plateau"].startswith("step 12: [warning] val_loss stuck")
+    assert tags["corebus.alerts"].splitlines() == ["step 3: [error] no step for 60 s", "step 12: [warning] val_loss stuck"]
