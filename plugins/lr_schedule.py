@@ -163,8 +163,9 @@ class LRSchedule:
         name = self._own_name(trainer)
         # A later fit on the same optimizer: the compiled step already evaluates this schedule,
         # and installing a new one would leave it reading the old multiplier variable.
+        # (lr_for(t).optimizer: the optimizer owning the LR, the inner one of a loss scaler.)
         targets = [t for t in self._targets(trainer)
-                   if self._installed.get(t) is None or trainer.optimizers[t]._learning_rate is not self._installed[t]]
+                   if self._installed.get(t) is None or trainer.lr_for(t).optimizer._learning_rate is not self._installed[t]]
         if not targets:
             return
         if self.per == "epoch":
@@ -193,7 +194,7 @@ class LRSchedule:
                 lr.set_schedule(schedule, owner=name)
             except RuntimeError:
                 raise self._conflict(name, lr.schedule_owner) from None
-            self._installed[target] = trainer.optimizers[target]._learning_rate
+            self._installed[target] = lr.optimizer._learning_rate
             installed = True
         # model.fit may reuse a step traced before the schedule existed: retrace it.
         if installed and getattr(trainer.model, "train_function", None) is not None:
