@@ -1,4 +1,4 @@
-"""``corebus`` command line: ``corebus plugins`` and ``corebus demo``."""
+"""``corebus`` command line: ``plugins``, ``demo``, ``run``, ``sync``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(epochs=args.epochs, batch_size=args.batch_size, verbose=args.verbose, root=args.root)
     return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Train from a run config; every error in it is reported before anything runs."""
+    from .config import describe_config, load_run_config
+    from .errors import CorebusError
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"corebus run: --set {item!r}: write section.key=value", file=sys.stderr)
+            return 2
+        overrides[key] = _parse_value(value)
+    try:
+        config = load_run_config(args.config, overrides)
+        trainer, fit = config.build()
+    except CorebusError as exc:
+        print(f"corebus run: {exc}", file=sys.stderr)
+        return 2
+    if args.print_plan:
+        print(describe_config(config))
+        print(trainer.describe(verbose=fit.get("verbose", 1)))
+        return 0
+    history = trainer.fit(**fit)
+    final = {k: v[-1] for k, v in history.history.items() if v}
+    print("final epoch: " + "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
+    return 0
+
+
+def _parse_value(text: str) -> object:
+    """``--set`` values: TOML scalars (3, 0.5, true, "x"), else the text itself."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except Exception:
+        return text
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
@@ -75,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     demo.add_argument("--root", default="corebus-runs", help="runs are written under ROOT/<run>/")
     demo.set_defaults(func=_cmd_demo)
+    run = sub.add_parser("run", help="train from a run config (TOML or YAML: model, data, fit, plugins)")
+    run.add_argument("config")
+    run.add_argument("--print-plan", action="store_true", help="validate, print the hook plan, do not train")
+    run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    run.set_defaults(func=_cmd_run)
     sync = sub.add_parser("sync", help="replay undelivered logger records (spools) of a run directory")
     sync.add_argument("run_dir")
     sync.set_defaults(func=_cmd_sync)

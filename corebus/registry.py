@@ -193,6 +193,9 @@ def resolve_all(specs: Any) -> list[tuple[str, object]]:
         specs = [specs]
     named = []
     for spec in specs:
+        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
+            named.append(spec)  # (name, instance): already resolved, e.g. by a run config
+            continue
         plugin = resolve(spec)
         if isinstance(spec, str):
             name = spec
@@ -204,17 +207,13 @@ def resolve_all(specs: Any) -> list[tuple[str, object]]:
     return named
 
 
-def load_plugin_config(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read plugin specs from a TOML or YAML file.
-
-    Either a list (``[[plugins]]`` tables with a ``name`` key) or a table keyed by name
-    (``[plugins.early_stopping]`` with its params).
-    """
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a TOML (``.toml``) or YAML file into a mapping; one clear error if it does not."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read plugin config {str(path)!r}: {exc}") from exc
+        raise ConfigError(f"cannot read config {str(path)!r}: {exc}") from exc
     try:
         if path.suffix == ".toml":
             try:
@@ -228,26 +227,44 @@ def load_plugin_config(path: str | os.PathLike) -> list[dict[str, Any]]:
             data = yaml.safe_load(text) or {}
     except Exception as exc:  # the parsers raise their own error types
         raise ConfigError(f"{path}: does not parse: {exc}") from exc
-    plugins = data.get("plugins") if isinstance(data, Mapping) else None
-    if plugins is None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a table of sections at the top level")
+    return dict(data)
+
+
+def load_plugin_config(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read plugin specs from a TOML or YAML file.
+
+    Either a list (``[[plugins]]`` tables with a ``name`` key) or a table keyed by name
+    (``[plugins.early_stopping]`` with its params).
+    """
+    data = load_config_file(path)
+    if data.get("plugins") is None:
         raise ConfigError(f"{path}: no 'plugins' key (expected a list or a table of plugins)")
+    return specs_from(data["plugins"], str(path))
+
+
+def specs_from(plugins: Any, where: str) -> list[dict[str, Any]]:
+    """Plugin specs from a config's ``plugins`` value (a list, or a table keyed by name)."""
     if isinstance(plugins, Mapping):
         specs = []
         for name, params in plugins.items():
             if params is None:
                 params = {}
             if not isinstance(params, Mapping):
-                raise ConfigError(f"{path}: plugins.{name} must be a table of params")
+                raise ConfigError(f"{where}: plugins.{name} must be a table of params")
             specs.append({"name": name, **params})
         return specs
     if isinstance(plugins, list):
+        specs = []
         for i, item in enumerate(plugins):
             if isinstance(item, str):
-                plugins[i] = {"name": item}
+                item = {"name": item}
             elif not isinstance(item, Mapping) or "name" not in item:
-                raise ConfigError(f"{path}: plugins[{i}] needs a 'name' key")
-        return plugins
-    raise ConfigError(f"{path}: 'plugins' must be a list or a table")
+                raise ConfigError(f"{where}: plugins[{i}] needs a 'name' key")
+            specs.append(dict(item))
+        return specs
+    raise ConfigError(f"{where}: 'plugins' must be a list or a table")
 
 
 def plugin_name(plugin: object) -> str:

@@ -336,8 +336,20 @@ def _retry_after(exc: BaseException) -> float | None:
     return None
 
 
+_SECRETS: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Treat ``value`` as a secret wherever it appears (a ``${VAR}`` of a run config)."""
+    if value:
+        _SECRETS.add(value)
+
+
 def redact(config: Any, secret_words: tuple[str, ...] = ("url", "token", "key", "secret", "password", "webhook")) -> Any:
-    """Replace values whose key names a secret with ``"***"`` (recursively)."""
+    """Replace values whose key names a secret, or that hold a registered secret, with
+    ``"***"`` (recursively)."""
+    if isinstance(config, str) and any(secret in config for secret in _SECRETS):
+        return "***"
     if isinstance(config, dict):
         return {
             k: "***" if any(w in str(k).lower() for w in secret_words) and v not in (None, "") else redact(v, secret_words)
