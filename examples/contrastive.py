@@ -124,6 +124,8 @@ def plugins(run_dir: Path, steps_per_epoch: int, patience: int, clip: float) -> 
 
 
 def main(argv: list[str] | None = None) -> corebus.Trainer:
+    """Train from the command line (``argv``: the arguments, default ``sys.argv[1:]``); returns
+    the trainer, whose ``history``, ``bus.plugins`` and ``model`` tell how the run went."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--steps-per-epoch", type=int, default=None,

@@ -133,9 +133,12 @@ def plugins(run_dir: Path, total_steps: int, patience: int, clip: float) -> list
 
 
 def main(argv: list[str] | None = None) -> corebus.Trainer:
+    """Train from the command line (``argv``: the arguments, default ``sys.argv[1:]``); returns
+    the trainer, whose ``history``, ``bus.plugins`` and ``model`` tell how the run went."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--steps-per-epoch", type=int, default=50)
+    parser.add_argument("--steps-per-epoch", type=int, default=50,
+                        help="batches per epoch (the data set is this many batches of fresh samples)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=64, help="units per hidden layer")
     parser.add_argument("--patience", type=int, default=8, help="early stopping patience (epochs)")
