@@ -30,6 +30,7 @@ import tensorflow as tf  # noqa: E402
 import corebus  # noqa: E402
 from corebus import hookimpl  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
+from results import record  # noqa: E402
 
 BATCH = 64
 
@@ -143,6 +144,10 @@ def main(argv=None):
         "e/d": median["e_model_fit_adapter"] / median["d_model_fit"],
     }
     print("  ".join(f"{k} = {v:.3f}" for k, v in ratios.items()))
+    record("engine", "Trainer.fit / raw tf.function loop", ratios["b/a"], ">= 0.98")
+    record("engine", "Trainer.fit + no-op plugin / raw loop", ratios["c/a"], ">= 0.98")
+    record("engine", "Trainer.fit / model.fit", ratios["b/d"], ">= 1.15")
+    record("engine", "Trainer.fit", median["b_trainer"], unit="steps/s")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"steps_per_s": median, "samples": samples, "ratios": ratios}, fh, indent=2)

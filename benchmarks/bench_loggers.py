@@ -27,6 +27,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_engine import BATCH, load_data  # noqa: E402
+from results import record  # noqa: E402
 
 import corebus  # noqa: E402
 from corebus import hookimpl  # noqa: E402
@@ -85,6 +86,8 @@ def main(argv=None):
     for name, value in median.items():
         print(f"{name:<18}{value:>8.0f} steps/s")
     print(f"loggers / none = {median['b_three_loggers'] / median['a_no_loggers']:.3f}")
+    record("loggers", "TensorBoard + MLflow + W&B every 10 steps / no loggers",
+           median["b_three_loggers"] / median["a_no_loggers"], ">= 0.95")
     return 0
 
 

@@ -36,6 +36,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import corebus  # noqa: E402
+from results import record  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
 
 PATIENCE = 10_000  # never stop: every variant trains the same number of steps
@@ -157,6 +158,9 @@ def main(argv=None):
         print(f"{name:<30}{value:>10.0f}{value / raw:>8.3f}")
     print(f"stack/raw = {median['b_trainer_stack'] / raw:.3f}   "
           f"stack/model.fit+callbacks = {median['b_trainer_stack'] / median['d_model_fit_keras_callbacks']:.3f}")
+    record("plugins", "full stack / raw loop doing the same work", median["b_trainer_stack"] / raw, ">= 0.95")
+    record("plugins", "full stack / model.fit + Keras callbacks",
+           median["b_trainer_stack"] / median["d_model_fit_keras_callbacks"], ">= 1.15")
     return 0
 
 

@@ -32,6 +32,7 @@ from bench_engine import BATCH, load_data, measure, trainer_fit  # noqa: E402
 from webhook_receiver import Receiver  # noqa: E402
 
 import corebus  # noqa: E402
+from results import record  # noqa: E402
 from corebus import hookimpl  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
 from corebus.plugins import AlertWebhook, StallAlert  # noqa: E402
@@ -90,6 +91,9 @@ def main(argv=None):
     print(f"stall alert latency, timeout {args.timeout:g} s (block start -> POST received): "
           f"median {statistics.median(latencies):.3f} s, max {max(latencies):.3f} s "
           f"({', '.join(f'{v:.3f}' for v in latencies)})")
+    record("watchdog", "StallAlert / none", ratios[list(VARIANTS)[1]], ">= 0.99")
+    record("watchdog", f"stall alert latency beyond timeout={args.timeout:g} s (median)",
+           statistics.median(latencies) - args.timeout, "<= 1.0", unit="s")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"steps_per_s": median, "samples": samples, "ratios": ratios, "latency_s": latencies}, fh, indent=2)
