@@ -31,6 +31,10 @@ _LAZY = {
     "GradientPipelineOptimizer": "corebus.gradients",
     "LearningRateController": "corebus.lr",
     "ScaledSchedule": "corebus.lr",
+    # the run report renderer: matplotlib is imported only when something is drawn
+    "write_report": "corebus.report",
+    "render_report": "corebus.report",
+    "compare_reports": "corebus.report",
 }
 
 __all__ = [
@@ -67,6 +71,9 @@ __all__ = [
     "optimizer_names",
     "require_module",
     "wrap_optimizer",
+    "write_report",
+    "render_report",
+    "compare_reports",
 ]
 
 
@@ -81,4 +88,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .gradients import GradientPipelineOptimizer, wrap_optimizer
     from .keras_adapter import KerasCallback
     from .lr import LearningRateController, ScaledSchedule
+    from .report import compare_reports, render_report, write_report
     from .trainer import Trainer

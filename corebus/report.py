@@ -1,0 +1,437 @@
+"""The run report: ``report.json`` -> PNG plots + one self-contained ``report.html``.
+
+The ``report`` plugin records a run and calls :func:`write_report` at its end; ``corebus report``
+re-renders from the JSON alone and ``corebus compare`` overlays several runs. Rendering lives
+here, in the core (it imports no plugin), so the command line can use it without training.
+
+matplotlib is imported only when something is drawn, through its object-oriented API and the
+Agg canvas: no pyplot, no global backend switch in the user's process. Nothing here imports
+TensorFlow. The same JSON gives byte-identical PNGs and HTML (no timestamps of rendering).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .io import atomic_path
+
+REPORT_JSON = "report.json"
+FORMAT = "corebus-report"
+PLOTS = ("curves", "learning_rate", "grad_norm", "timeline", "overhead")
+PROFILE_OFF = "profile off: Trainer(profile=True) (or KerasCallback(..., profile=True))"
+_NOT_CURVES = ("learning_rate", "steps_per_second")
+_LEVEL_COLORS = {"info": "tab:blue", "warning": "tab:orange", "error": "tab:red"}
+
+
+# ---------------------------------------------------------------------- loading and writing
+
+
+def find_report(path: str | os.PathLike) -> Path:
+    """``report.json`` of a report directory, a run directory holding ``report/``, or the file."""
+    path = Path(path)
+    for candidate in (path, path / REPORT_JSON, path / "report" / REPORT_JSON):
+        if candidate.is_file() and candidate.name == REPORT_JSON:
+            return candidate
+    raise ConfigError(
+        f"no {REPORT_JSON} at {str(path / REPORT_JSON)!r} (nor under {str(path / 'report')!r}): "
+        "train with the report plugin (plugins=[{'name': 'report', 'report_dir': DIR}]) and pass "
+        "DIR or its parent run directory"
+    )
+
+
+def load_report(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """The report dict and the path it was read from; a clear error for anything else."""
+    file = find_report(path)
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(file)!r} is not a readable report ({exc}); re-run training to write it again") from None
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
+        raise ConfigError(f"{str(file)!r} is not a corebus run report (no \"format\": \"{FORMAT}\")")
+    return report, file
+
+
+def write_report(report: Mapping[str, Any], report_dir: str | os.PathLike) -> list[Path]:
+    """Write ``report.json`` (atomically) and render it; returns every file written."""
+    report_dir = Path(report_dir)
+    with atomic_path(report_dir / REPORT_JSON) as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    return [report_dir / REPORT_JSON] + render_report(report, report_dir)
+
+
+def render_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """Draw the PNGs that have data and ``report.html`` embedding them; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawers = {"curves": _draw_curves, "learning_rate": _draw_lr, "grad_norm": _draw_grad_norm,
+               "timeline": _draw_timeline, "overhead": _draw_overhead}
+    images: dict[str, bytes] = {}
+    for name in PLOTS:
+        figure = drawers[name](report)
+        if figure is not None:
+            images[name] = _png(figure)
+            (out_dir / f"{name}.png").write_bytes(images[name])
+        else:  # a stale plot from an earlier rendering would contradict this report
+            (out_dir / f"{name}.png").unlink(missing_ok=True)
+    (out_dir / "report.html").write_text(_report_html(report, images), encoding="utf-8")
+    return [out_dir / f"{name}.png" for name in images] + [out_dir / "report.html"]
+
+
+# ---------------------------------------------------------------------- what the report says
+
+
+def best_epoch(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """EarlyStopping's best epoch when it ran, else the epoch of the lowest ``val_loss`` (or ``loss``)."""
+    stopper = report.get("early_stopping")
+    if stopper and stopper.get("best") is not None:
+        return {"monitor": stopper["monitor"], "epoch": stopper["best_epoch"], "value": stopper["best"],
+                "source": stopper.get("plugin", "early_stopping")}
+    epochs = report.get("epochs") or []
+    for monitor in ("val_loss", "loss"):
+        points = [(e["logs"][monitor], e["epoch"]) for e in epochs if _finite(e["logs"].get(monitor))]
+        if points:
+            value, epoch = min(points)
+            return {"monitor": monitor, "epoch": epoch, "value": value, "source": f"lowest {monitor}"}
+    return None
+
+
+def _summary(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    run = report.get("run", {})
+    epochs = report.get("epochs") or []
+    rows = [("run", str(run.get("name", ""))), ("status", str(run.get("status", "")))]
+    if run.get("error"):
+        rows.append(("error", str(run["error"])))
+    rows += [("epochs", str(len(epochs))), ("steps", str(run.get("global_step", ""))),
+             ("time", f"{run.get('seconds', 0):.1f} s")]
+    if epochs:
+        rows += [(f"final {k}", _fmt(v)) for k, v in epochs[-1]["logs"].items() if not k.startswith(_NOT_CURVES)]
+    best = best_epoch(report)
+    if best:
+        rows.append(("best epoch", f"{best['epoch'] + 1} ({best['monitor']} {_fmt(best['value'])}, {best['source']})"))
+    stopper = report.get("early_stopping")
+    if stopper:
+        stopped = stopper.get("stopped_epoch") or 0
+        rows.append(("early stopping", f"stopped at epoch {stopped + 1}" if stopped else "did not stop early"))
+    lr = report.get("lr", {})
+    reductions = lr.get("reductions") or []
+    rows.append(("LR reductions", ", ".join(f"epoch {r['epoch'] + 1} x{_fmt(r['factor'])}" for r in reductions) or "none"))
+    for warmup in lr.get("warmup") or []:
+        rows.append(("warm-up", f"{warmup['end_step']} steps ({warmup['optimizer']}, {warmup['plugin']})"))
+    rows.append(("checkpoints", str(len(report.get("checkpoints") or []))))
+    alerts = report.get("alerts") or []
+    rows.append(("alerts", ", ".join(f"{a['kind']} ({a['level']})" for a in alerts) or "none"))
+    if report.get("profile") is None:
+        rows.append(("overhead", report.get("profile_note") or PROFILE_OFF))
+    return rows
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def _figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (8.0, 4.0)) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(rows, cols, squeeze=False)
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    # No "Software" stamp beyond matplotlib's own and no date: the same JSON, the same bytes.
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _curve_names(epochs: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys: list[str] = []
+    for record in epochs:
+        keys += [k for k in record["logs"] if k not in keys and not k.startswith(_NOT_CURVES)]
+    bases = [k for k in keys if not k.startswith("val_")]
+    bases += [k[4:] for k in keys if k.startswith("val_") and k[4:] not in bases]
+    return sorted(bases, key=lambda k: (k != "loss", keys.index(k) if k in keys else len(keys)))[:6]
+
+
+def _step_to_epoch(report: Mapping[str, Any]) -> Any:
+    """Maps a global step to a fractional epoch (1 = end of the first epoch) for batch curves."""
+    import numpy as np
+
+    epochs = report.get("epochs") or []
+    knots_x = [report.get("run", {}).get("first_step", 0)] + [e["step"] for e in epochs]
+    knots_y = [epochs[0]["epoch"] if epochs else 0] + [e["epoch"] + 1 for e in epochs]
+    return lambda steps: np.interp(steps, knots_x, knots_y)
+
+
+def _draw_curves(report: Mapping[str, Any]) -> Any:
+    epochs = report.get("epochs") or []
+    names = _curve_names(epochs)
+    if not names:
+        return None
+    figure, axes = _figure(1, len(names), (4.2 * len(names), 3.6))
+    x = [e["epoch"] + 1 for e in epochs]
+    best = best_epoch(report)
+    batches = report.get("batches") or {}
+    for ax, name in zip(axes[0], names):
+        if name in (batches.get("values") or {}) and len(epochs) > 0:
+            steps, values = _series(batches, name)
+            ax.plot(_step_to_epoch(report)(steps), values, color="tab:blue", alpha=0.25, lw=0.8,
+                    label=f"{name} (every {batches.get('every')} steps)")
+        for key, style in ((name, "o-"), (f"val_{name}", "s--")):
+            points = [(xi, e["logs"][key]) for xi, e in zip(x, epochs) if key in e["logs"]]
+            if points:
+                ax.plot(*zip(*points), style, ms=3, label=key)
+        if best is not None:
+            ax.axvline(best["epoch"] + 1, color="tab:green", ls=":", lw=1.2, label=f"best epoch {best['epoch'] + 1}")
+            record = next((e for e in epochs if e["epoch"] == best["epoch"]), None)
+            if record and best["monitor"] in record["logs"] and best["monitor"].removeprefix("val_") == name:
+                ax.plot([best["epoch"] + 1], [record["logs"][best["monitor"]]], "*", color="tab:green", ms=12)
+        ax.set(title=name, xlabel="epoch")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return figure
+
+
+def _series(batches: Mapping[str, Any], key: str) -> tuple[list[float], list[float]]:
+    pairs = [(s, v) for s, v in zip(batches.get("step", []), batches["values"][key]) if _finite(v)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _draw_lr(report: Mapping[str, Any]) -> Any:
+    batches = report.get("batches") or {}
+    epochs = report.get("epochs") or []
+    lr = report.get("lr") or {}
+    batch_keys = [k for k in (batches.get("values") or {}) if k.startswith("learning_rate")]
+    epoch_keys = sorted({k for e in epochs for k in e["logs"] if k.startswith("learning_rate")})
+    if not batch_keys and not epoch_keys:
+        return None
+    figure, axes = _figure(size=(8.0, 3.8))
+    ax = axes[0][0]
+    for key in batch_keys:
+        ax.plot(*_series(batches, key), lw=1.2, label=f"{key} (every {batches.get('every')} steps)")
+    for key in epoch_keys:
+        points = [(e["step"], e["logs"][key]) for e in epochs if key in e["logs"]]
+        ax.plot(*zip(*points), "o", ms=4, mfc="none", label=f"{key} at epoch end")
+    for r in lr.get("reductions") or []:
+        ax.axvline(r["step"], color="tab:red", ls="--", lw=1)
+        ax.annotate(f"plateau x{_fmt(r['factor'])}\nepoch {r['epoch'] + 1}", (r["step"], 1.0),
+                    xycoords=("data", "axes fraction"), fontsize=7, color="tab:red", va="top", ha="right")
+    for w in lr.get("warmup") or []:
+        ax.axvline(w["end_step"], color="tab:green", ls=":", lw=1.2, label=f"warm-up end (step {w['end_step']})")
+    ax.set(title="learning rate", xlabel="global step")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def _draw_grad_norm(report: Mapping[str, Any]) -> Any:
+    batches = report.get("batches") or {}
+    keys = [k for k in (batches.get("values") or {}) if k.startswith("grad_norm")]
+    if not keys:
+        return None
+    figure, axes = _figure(size=(8.0, 3.6))
+    ax = axes[0][0]
+    for key in keys:
+        ax.plot(*_series(batches, key), lw=1, label=key)
+    ax.set(title=f"gradient norm (before clipping, every {batches.get('every')} steps)", xlabel="global step")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def _draw_timeline(report: Mapping[str, Any]) -> Any:
+    epochs = report.get("epochs") or []
+    checkpoints = report.get("checkpoints") or []
+    alerts = report.get("alerts") or []
+    lr = report.get("lr") or {}
+    if not (epochs or checkpoints or alerts):
+        return None
+    figure, axes = _figure(size=(9.0, 3.4))
+    ax = axes[0][0]
+    lanes = ["epochs", "checkpoints", "LR", "alerts"]
+    ax.plot([e["step"] for e in epochs], [0] * len(epochs), "|", ms=14, color="gray")
+    for c in checkpoints:
+        ax.plot(c["step"], 1, "v", color="tab:purple")
+        ax.annotate(Path(c["filepath"]).name, (c["step"], 1), fontsize=6, rotation=20, xytext=(2, 5),
+                    textcoords="offset points")
+    for r in lr.get("reductions") or []:
+        ax.plot(r["step"], 2, "D", color="tab:red")
+    for w in lr.get("warmup") or []:
+        ax.plot(w["end_step"], 2, ">", color="tab:green")
+    for a in alerts:
+        step = a.get("step") or 0
+        ax.plot(step, 3, "o", color=_LEVEL_COLORS.get(a.get("level"), "black"))
+        ax.annotate(a.get("kind", ""), (step, 3), fontsize=7, xytext=(3, 4), textcoords="offset points")
+    stopper = report.get("early_stopping") or {}
+    stopped = next((e["step"] for e in epochs if stopper.get("stopped_epoch") and e["epoch"] == stopper["stopped_epoch"]), None)
+    if stopped is not None:
+        ax.axvline(stopped, color="black", ls="--", lw=1, label=f"early stop (epoch {stopper['stopped_epoch'] + 1})")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.set_ylim(-0.6, len(lanes) - 0.3)
+    ax.set(title="timeline", xlabel="global step")
+    ax.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def _draw_overhead(report: Mapping[str, Any]) -> Any:
+    profile = report.get("profile")
+    if not profile:
+        return None
+    totals = sorted(((sum(h["seconds"] for h in hooks.values()), name) for name, hooks in profile.items()))
+    figure, axes = _figure(size=(8.0, 0.45 * len(totals) + 1.4))
+    ax = axes[0][0]
+    ax.barh([name for _, name in totals], [seconds * 1e3 for seconds, _ in totals], color="tab:blue")
+    for i, (seconds, name) in enumerate(totals):
+        calls = sum(int(h["calls"]) for h in profile[name].values())
+        ax.annotate(f" {seconds * 1e3:.1f} ms, {calls} calls", (seconds * 1e3, i), va="center", fontsize=7)
+    ax.set(title="host time per plugin (all hooks)", xlabel="ms")
+    return figure
+
+
+# ---------------------------------------------------------------------- HTML
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
+        "img{max-width:100%;display:block;margin:1em 0}.failed{color:#b00}")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(name: str, png: bytes) -> str:
+    return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _page(title: str, body: list[str]) -> str:
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _report_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
+    run = report.get("run", {})
+    status = str(run.get("status", ""))
+    body = [f"<h1>corebus run report: {html.escape(str(run.get('name', '')))}</h1>",
+            f"<p class=\"{'failed' if status != 'finished' else ''}\">status: <b>{html.escape(status)}</b></p>",
+            "<h2>Summary</h2>", _table(("", ""), _summary(report))]
+    body += [f"<h2>{name.replace('_', ' ')}</h2>{_img(name, png)}" for name, png in images.items()]
+    epochs = report.get("epochs") or []
+    if epochs:
+        keys = list(dict.fromkeys(k for e in epochs for k in e["logs"]))
+        body += ["<h2>Epochs</h2>", _table(["epoch", "step"] + keys,
+                                           [[e["epoch"] + 1, e["step"]] + [e["logs"].get(k, "") for k in keys] for e in epochs])]
+    if report.get("checkpoints"):
+        body += ["<h2>Checkpoints</h2>", _table(("step", "epoch", "file", "metadata"), [
+            (c["step"], (c.get("epoch") or 0) + 1, c["filepath"], json.dumps(c.get("metadata"), default=str))
+            for c in report["checkpoints"]])]
+    if report.get("alerts"):
+        body += ["<h2>Alerts</h2>", _table(("step", "level", "kind", "title", "text"), [
+            (a.get("step"), a.get("level"), a.get("kind"), a.get("title"), a.get("text")) for a in report["alerts"]])]
+    if report.get("profile"):
+        rows = [(name, hook, t["calls"], f"{t['seconds'] * 1e3:.2f}") for name, hooks in report["profile"].items()
+                for hook, t in hooks.items()]
+        body += ["<h2>Plugin overhead</h2>", _table(("plugin", "hook", "calls", "ms"), rows)]
+    return _page(f"corebus report {run.get('name', '')}", body)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------- compare
+
+
+def _label(path: Path, report_file: Path) -> str:
+    # A report directory named "report" inside a run directory is labelled by the run.
+    directory = report_file.parent
+    if path.resolve() == directory.resolve() and directory.name == "report":
+        return directory.parent.name
+    return path.resolve().name if path.is_dir() else directory.name
+
+
+def _maximize(metric: str) -> bool:
+    return any(word in metric for word in ("acc", "auc", "precision", "recall", "f1", "iou"))
+
+
+def compare_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                    metric: str = "val_loss") -> list[Path]:
+    """Overlay several runs (loss, ``metric``, learning rate, accuracy) in ``compare.png``, with
+    ``compare.html`` and ``compare.json``; runs are labelled by their directory names."""
+    runs, labels = [], []
+    for path in paths:
+        report, file = load_report(path)
+        label = _label(Path(path), file)
+        while label in labels:  # two runs with the same directory name stay distinguishable
+            label += "'"
+        runs.append(report)
+        labels.append(label)
+    available = sorted({k for r in runs for e in r.get("epochs") or [] for k in e["logs"]})
+    if metric not in available:
+        raise ConfigError(f"--metric {metric!r} is in none of the reports; they log: {', '.join(available)}")
+    panels = list(dict.fromkeys(["loss", metric, "learning_rate", "accuracy"]))
+    panels = [p for p in panels if p == "learning_rate" or p in available]
+    figure, axes = _figure(1, len(panels), (4.4 * len(panels), 3.8))
+    for ax, panel in zip(axes[0], panels):
+        for i, (label, report) in enumerate(zip(labels, runs)):
+            color = f"C{i % 10}"
+            if panel == "learning_rate":
+                batches = report.get("batches") or {}
+                if "learning_rate" in (batches.get("values") or {}):
+                    ax.plot(*_series(batches, "learning_rate"), color=color, label=label)
+                else:
+                    points = [(e["step"], e["logs"]["learning_rate"]) for e in report.get("epochs") or []
+                              if "learning_rate" in e["logs"]]
+                    if points:
+                        ax.plot(*zip(*points), "o-", color=color, ms=3, label=label)
+                continue
+            keys = [(panel, "-")] + ([(f"val_{panel}", "--")] if panel == "accuracy" else [])
+            for key, style in keys:
+                points = [(e["epoch"] + 1, e["logs"][key]) for e in report.get("epochs") or [] if key in e["logs"]]
+                if points:
+                    ax.plot(*zip(*points), style, color=color, label=label if key == panel else f"{label} ({key})")
+        ax.set(title=panel + (" (val dashed)" if panel == "accuracy" else ""),
+               xlabel="global step" if panel == "learning_rate" else "epoch")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    png = _png(figure)
+    pick = max if _maximize(metric) else min
+    summary = []
+    for label, report, path in zip(labels, runs, paths):
+        points = [(e["logs"][metric], e["epoch"]) for e in report.get("epochs") or [] if _finite(e["logs"].get(metric))]
+        best = pick(points) if points else (None, None)
+        final = (report.get("epochs") or [{"logs": {}}])[-1]["logs"]
+        summary.append({"label": label, "path": str(path), "status": report.get("run", {}).get("status"),
+                        "epochs": len(report.get("epochs") or []), f"best_{metric}": best[0],
+                        "best_epoch": None if best[1] is None else best[1] + 1,
+                        **{f"final_{k}": final.get(k) for k in ("loss", metric) if k in final}})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.png").write_bytes(png)
+    (out_dir / "compare.json").write_text(json.dumps({"metric": metric, "labels": labels, "runs": summary}, indent=1),
+                                          encoding="utf-8")
+    header = list(dict.fromkeys(k for row in summary for k in row))
+    body = [f"<h1>corebus compare: {html.escape(', '.join(labels))}</h1>",
+            f"<p>{'highest' if pick is max else 'lowest'} {html.escape(metric)} per run</p>",
+            _table(header, [[row.get(k) for k in header] for row in summary]), _img("compare", png)]
+    (out_dir / "compare.html").write_text(_page("corebus compare", body), encoding="utf-8")
+    return [out_dir / "compare.png", out_dir / "compare.html", out_dir / "compare.json"]
