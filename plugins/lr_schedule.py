@@ -165,7 +165,8 @@ class LRSchedule:
         # and installing a new one would leave it reading the old multiplier variable.
         # (lr_for(t).optimizer: the optimizer owning the LR, the inner one of a loss scaler.)
         targets = [t for t in self._targets(trainer)
-                   if self._installed.get(t) is None or trainer.lr_for(t).optimizer._learning_rate is not self._installed[t]]
+                   if self._installed.get(t) is None
+                   or trainer.lr_for(t).optimizer._learning_rate is not self._installed[t]]
         if not targets:
             return
         if self.per == "epoch":
