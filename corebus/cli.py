@@ -1,4 +1,4 @@
-"""``corebus`` command line: ``plugins``, ``demo``, ``run``, ``sync``."""
+"""``corebus`` command line: ``plugins``, ``demo``, ``run``, ``sync``, ``report``, ``compare``."""
 
 from __future__ import annotations
 
@@ -101,6 +101,35 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Re-render a run report (PNGs + HTML) from its report.json; no TensorFlow needed."""
+    from .errors import ConfigError
+    from .report import load_report, render_report
+
+    try:
+        report, path = load_report(args.path)
+        written = render_report(report, args.out or path.parent)
+    except ConfigError as exc:
+        print(f"corebus report: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """Overlay several runs' reports in one PNG + HTML (e.g. one run per optimizer)."""
+    from .errors import ConfigError
+    from .report import compare_reports
+
+    try:
+        written = compare_reports(args.runs, args.out, metric=args.metric)
+    except ConfigError as exc:
+        print(f"corebus compare: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corebus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="replay undelivered logger records (spools) of a run directory")
     sync.add_argument("run_dir")
     sync.set_defaults(func=_cmd_sync)
+    report = sub.add_parser("report", help="re-render a run report (PNGs + report.html) from its report.json")
+    report.add_argument("path", help="the report directory, the run directory holding report/, or report.json")
+    report.add_argument("--out", help="write there instead of beside report.json")
+    report.set_defaults(func=_cmd_report)
+    compare = sub.add_parser("compare", help="overlay several runs' curves (loss, metric, LR, accuracy) in one PNG + HTML")
+    compare.add_argument("runs", nargs="+", help="run or report directories (labels are their names)")
+    compare.add_argument("--out", default="corebus-runs/compare", help="output directory")
+    compare.add_argument("--metric", default="val_loss", help="the epoch metric to compare (default val_loss)")
+    compare.set_defaults(func=_cmd_compare)
     return parser
 
 
