@@ -310,7 +310,7 @@ _CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{f'<tr>{head}</tr>' if any(header) else ''}{body}</table>"
 
 
 def _img(name: str, png: bytes) -> str:
@@ -364,9 +364,9 @@ def _finite(value: Any) -> bool:
 def _label(path: Path, report_file: Path) -> str:
     # A report directory named "report" inside a run directory is labelled by the run.
     directory = report_file.parent
-    if path.resolve() == directory.resolve() and directory.name == "report":
-        return directory.parent.name
-    return path.resolve().name if path.is_dir() else directory.name
+    if path.is_dir() and path.resolve() != directory.resolve():
+        return path.resolve().name  # a run directory holding report/
+    return directory.parent.name if directory.name == "report" else directory.name
 
 
 def _maximize(metric: str) -> bool:
