@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -299,7 +300,8 @@ def test_plugin_package_installs_lists_and_passes_its_tests(tmp_path):
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                 str(root / "tests")], cwd=tmp_path, capture_output=True, text=True, env=env)
         assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
-        assert " passed" in tests.stdout and "failed" not in tests.stdout
+        summary = tests.stdout.strip().splitlines()[-1]
+        assert re.match(r"\d+ passed", summary) and " failed" not in summary, summary
     finally:
         subprocess.run(pip + ["uninstall", "-y", "-q", project["name"]], check=True)
     assert target.split(":")[0] not in sys.modules  # this process never imported it
