@@ -35,9 +35,15 @@ def optimizer_names(value: Any, owner: str) -> list[str] | None:
     from .errors import ConfigError
 
     names = [value] if isinstance(value, str) else (None if value is None else list(value))
-    if names is not None and (not names or not all(isinstance(n, str) for n in names)):
+    if names is not None and (not names or not all(isinstance(n, str) and n for n in names)):
         raise ConfigError(f"{owner} optimizers={value!r} must be None or a non-empty list of names")
     return names
+
+
+def _plain(value: Any) -> bool:
+    """A config value worth logging as a run param: a scalar, or a list/tuple of scalars."""
+    scalar = (int, float, str, bool, type(None))
+    return isinstance(value, scalar) or (isinstance(value, (list, tuple)) and all(isinstance(v, scalar) for v in value))
 
 
 class RunContext:
@@ -238,8 +244,11 @@ class RunContext:
             self._at_epoch_end = False
         if self._callers.get("on_log") is not None:
             record = dict(logs)
-            if self.optimizer is not None:
+            if len(self.optimizers) == 1:
                 record.setdefault("learning_rate", self.lr.value)
+            else:  # several optimizers: each LR by name, none unlabelled
+                for name in self.optimizers:
+                    record.setdefault(f"learning_rate/{name}", self.lr_for(name).value)
             started, step_at_start = getattr(self, "_epoch_clock", (None, 0))
             if started is not None and self.global_step > step_at_start:
                 record["steps_per_second"] = (self.global_step - step_at_start) / (time.perf_counter() - started)
@@ -306,7 +315,7 @@ class RunContext:
                 config = plugin.get_config()
             else:
                 config = {k: v for k, v in vars(plugin).items()
-                          if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+                          if not k.startswith("_") and _plain(v)}
             plugins[name] = jsonable(config)
         optimizer = {name: jsonable(opt.get_config()) for name, opt in self.optimizers.items()}
         return redact({"fit": jsonable(self.params), "optimizer": optimizer, "plugins": plugins})

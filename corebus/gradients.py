@@ -99,6 +99,7 @@ class GradientPipeline:
                 for target, g in zip(copies, gradients):
                     if g is not None:
                         target.assign(tf.cast(tf.convert_to_tensor(g), target.dtype))
+                self._captured.assign_add(1)
                 return tf.constant(True)
 
             tf.cond(self._capture_on, copy, lambda: tf.constant(False))
@@ -119,8 +120,10 @@ class GradientPipeline:
     def _capture_variables(self, name: str, variables: list) -> list[tf.Variable]:
         if self._capture_on is None:
             with tf.init_scope():
-                self._capture_on = tf.Variable(False, trainable=False, name="capture_gradients",
-                                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+                self._capture_on = tf.Variable(False, trainable=False, name="capture_gradients", aggregation=first)
+                self._captured = tf.Variable(0, dtype=tf.int64, trainable=False, name="captured_updates",
+                                             aggregation=first)
         return self._variable(self._captures, name, lambda: (list(variables), [
             tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="captured_gradient",
                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA) for v in variables]))[1]
@@ -138,9 +141,14 @@ class GradientPipeline:
         """Start or stop copying each update's gradients (``"values"`` tap) for the host."""
         if self._capture_on is not None:
             self._capture_on.assign(bool(on))
+            if on:
+                self._captured.assign(0)
 
     def captured_gradients(self, name: str = "default") -> list[tuple[Any, Any]]:
-        """``(variable, numpy gradient)`` pairs of the last captured update of ``name``."""
+        """``(variable, numpy gradient)`` pairs of the last captured update of ``name``; empty
+        when no update ran through the pipeline since capturing was switched on."""
+        if self._capture_on is None or int(self._captured.numpy()) == 0:
+            return []
         variables, copies = self._captures.get(name, ([], []))
         return [(v, c.numpy()) for v, c in zip(variables, copies)]
 

@@ -62,6 +62,7 @@ class KerasCallback(keras.callbacks.Callback):
 
     def __init__(self, plugins: Any = None, *, profile: bool = False):
         super().__init__()
+        self._pipelined = False
         self.context = KerasRunContext()
         self.context._use_bus(PluginBus(registry.resolve_all(plugins), profile=profile))
 
@@ -84,6 +85,11 @@ class KerasCallback(keras.callbacks.Callback):
             optimizer.build(self.model.trainable_variables)
         if ctx.optimizer is not None:
             ctx.gradient_pipeline.prepare(ctx.optimizer, self.model.trainable_variables)
+        # Gradient taps only measure something when the optimizer runs the pipeline.
+        wrapped = getattr(self.model, "optimizer", None)
+        while wrapped is not None and not isinstance(wrapped, GradientPipelineOptimizer):
+            wrapped = getattr(wrapped, "inner_optimizer", None)
+        self._pipelined = wrapped is not None
         iterations = ctx.optimizer.iterations if ctx.optimizer is not None else 0
         ctx._start_steps(int(keras.ops.convert_to_numpy(iterations)) * ctx._accumulation)
         ctx._train_begin()
@@ -110,7 +116,7 @@ class KerasCallback(keras.callbacks.Callback):
             batch = min(batch, steps - 1)
         steps_done = batch - ctx._first_batch + 1
         logs = dict(logs or {})
-        norms = ctx.gradient_pipeline.norm_variables() if "norm" in ctx.gradient_taps else {}
+        norms = ctx.gradient_pipeline.norm_variables() if "norm" in ctx.gradient_taps and self._pipelined else {}
         if not norms:
             ctx._train_batch_end(batch, steps_done, LazyLogs.from_tensors(logs))
             return

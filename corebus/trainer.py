@@ -472,6 +472,10 @@ class Trainer(RunContext):
                     logs = self._metrics_or(None)
                     self._train_batch_end(begin + done - 1, done, logs or {})
                 break
+            if not self.model.built:
+                # A custom step that calls only parts of the model (a GAN's two halves) built
+                # every layer without Keras marking the whole model built; saving needs it.
+                self.model.built = all(layer.built for layer in self.model._flatten_layers(include_self=False))
             if wants_logs:
                 logs, step_values = self._batch_logs(packed)
                 self._train_batch_end(begin + n - 1, n, logs, step_values)

@@ -351,3 +351,27 @@ def test_a_configured_progress_bar_is_not_doubled(tiny_data):
     trainer.fit(x, y, batch_size=32, epochs=2, verbose=1)
     assert [n for n in trainer.bus.plugins if "Progress" in n or n == "progress"] == ["ProgressBar"]
     assert stream.getvalue().count("Epoch 2/2") == 1
+
+
+def test_a_custom_step_calling_only_the_parts_leaves_a_saveable_model(tmp_path):
+    """Keras marks a subclassed model built only when it is called; a GAN step calls its halves."""
+    gan = corebus.testing.tiny_gan()
+
+    def step(trainer, data):
+        real, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(gan.discriminator(gan.generator(tf.random.normal((tf.shape(real)[0], 4))))))
+        trainer.apply_gradients(tape.gradient(loss, gan.generator.trainable_variables),
+                                gan.generator.trainable_variables, optimizer="generator")
+        return {"g_loss": loss}
+
+    trainer = corebus.Trainer(gan, optimizer={"generator": "adam"}, train_step=step, plugins=[
+        {"name": "checkpoint", "filepath": str(tmp_path / "e{epoch}.weights.h5"), "monitor": "g_loss",
+         "save_weights_only": True}])
+    assert not gan.built
+    trainer.fit(np.zeros((32, 2), "float32"), batch_size=8, epochs=1, verbose=0)
+    restored = corebus.testing.tiny_gan(seed=1)
+    restored(tf.zeros((1, 4)))
+    restored.load_weights(tmp_path / "e1.weights.h5")
+    for ours, theirs in zip(gan.weights, restored.weights):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
