@@ -305,3 +305,41 @@ def test_plugin_package_installs_lists_and_passes_its_tests(tmp_path):
     finally:
         subprocess.run(pip + ["uninstall", "-y", "-q", project["name"]], check=True)
     assert target.split(":")[0] not in sys.modules  # this process never imported it
+
+
+# ---------------------------------------------------------------------- the recipes as a set
+
+RECIPES = ["keras_fit_callbacks", "save_predictions", "lr_schedules", "custom_loop", "gradients",
+           "adam_hyperparameters", "compare_optimizers"]
+PUBLIC_MODULES = {"corebus", "corebus.plugins", "corebus.integrations", "corebus.testing", "corebus.demo"}
+
+
+@pytest.mark.parametrize("path", [EXAMPLES / f"{name}.py" for name in RECIPES]
+                         + [PACKAGE / "corebus_best_metric.py"], ids=lambda p: p.name)
+def test_recipes_use_only_the_public_api(path):
+    import ast
+
+    import corebus
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("corebus"):
+            assert node.module in PUBLIC_MODULES, f"{path.name} imports {node.module}"
+            if node.module == "corebus":
+                assert {a.name for a in node.names} <= set(corebus.__all__), path.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                assert not alias.name.startswith("corebus") or alias.name in PUBLIC_MODULES, alias.name
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "corebus":
+            assert node.attr in corebus.__all__ or node.attr == "__version__", f"{path.name}: corebus.{node.attr}"
+
+
+def test_readme_lists_every_recipe_with_a_command_that_parses():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Examples and recipes", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `examples/(\w+)\.py` \|.*\| `python examples/\w+\.py([^`]*)` \|$", section, re.M)
+    assert [name for name, _ in rows] == RECIPES
+    for name, flags in rows:  # the documented flags exist
+        parser_flags = set(re.findall(r'add_argument\("(--[\w-]+)"', (EXAMPLES / f"{name}.py").read_text()))
+        assert set(re.findall(r"--[\w-]+", flags)) <= parser_flags, name
+    assert "docs/writing-a-plugin.md" in section and "examples/plugin_package/" in section
