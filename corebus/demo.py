@@ -38,13 +38,21 @@ def digits_mlp(seed: int = 0):
     )
 
 
+ACCUMULATE = 2  # micro-batches per optimizer update in the demo
+
+
 def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int) -> list:
-    """The default stack, by entry-point name, exactly as a config file would name it."""
+    """The default stack, by entry-point name, exactly as a config file would name it.
+
+    ``steps_per_epoch`` counts batches; schedules count optimizer updates (batches / ACCUMULATE).
+    """
+    updates = max(1, steps_per_epoch // ACCUMULATE)
     return [
         {"name": "lr_schedule", "schedule": "cosine", "initial_learning_rate": 2e-3,
-         "decay_steps": steps_per_epoch * epochs, "alpha": 0.05, "warmup_steps": steps_per_epoch},
+         "decay_steps": updates * epochs, "alpha": 0.05, "warmup_steps": updates},
         {"name": "reduce_lr_on_plateau", "monitor": "val_loss", "factor": 0.5, "patience": 2},
         {"name": "gradient_clipping", "global_norm": 1.0},
+        {"name": "gradient_accumulation", "steps": ACCUMULATE},
         {"name": "early_stopping", "monitor": "val_loss", "patience": 4, "restore_best_weights": True},
         {"name": "terminate_on_nan", "check_every": 10},
         {"name": "stall_alert", "timeout": 60},
@@ -57,6 +65,7 @@ def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int) -> list:
         {"name": "mlflow", "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}", "experiment_name": "corebus-demo",
          "dir": str(run_dir / "mlflow"), "log_every_n_steps": 10},
         {"name": "wandb", "mode": "offline", "dir": str(run_dir), "project": "corebus-demo", "log_every_n_steps": 10},
+        {"name": "report", "report_dir": str(run_dir / "report"), "log_every_n_steps": 5},
     ]
 
 
@@ -96,6 +105,9 @@ def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str
     print(f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     print(f"  MLflow:      mlflow ui --backend-store-uri sqlite:///{run_dir / 'mlflow.db'}")
     print(f"  W&B:         wandb sync {run_dir / 'wandb'}/offline-run-*   (offline run, upload when you like)")
+    print(f"  report:      {run_dir / 'report' / 'report.html'}   (regenerate: corebus report {run_dir / 'report'})")
+    print(f"  alerts:      the corebus.alerts log above; route them to Slack with alert_webhook (README: Alerts)")
+    print(f"  run again:   the same stack from a file: corebus run <config.toml> (README: Config-driven runs)")
     return {"history": history.history, "test": test, "seconds": seconds, "run_dir": run_dir}
 
 

@@ -42,7 +42,7 @@ class RunReport:
             raise ConfigError(f"RunReport: log_every_n_steps={log_every_n_steps!r}; use a positive integer, "
                               "or None for epoch curves only")
         if importlib.util.find_spec("matplotlib") is None:  # fail before training, not at its end
-            raise MissingExtraError("the report plugin (PNG plots)", "matplotlib", "all")
+            raise MissingExtraError("the report plugin (PNG plots)", "matplotlib", "report")
         self.report_dir = os.fspath(report_dir)
         check_writable(self.report_dir, "RunReport")
         self.log_every_n_steps = log_every_n_steps

@@ -160,3 +160,16 @@ def test_the_corebus_command_runs_a_config(config):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "final epoch: accuracy=" in result.stdout
+
+
+def test_the_example_config_in_the_repository_validates(capsys, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "run_config.toml"
+    monkeypatch.chdir(tmp_path)  # its relative paths land here
+    assert cli_main(["run", str(example), "--print-plan"]) == 0
+    out = capsys.readouterr().out
+    for name in ("lr_schedule", "early_stopping", "checkpoint", "stall_alert", "alert_log", "report"):
+        assert f"plugin {name}(" in out
+    assert cli_main(["run", str(example), "--set", "fit.epochs=1", "--set", "fit.verbose=0"]) == 0
+    assert (tmp_path / "corebus-runs" / "config-run" / "report" / "report.html").exists()
