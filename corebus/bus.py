@@ -52,6 +52,7 @@ class PluginBus:
         self.profile_enabled = profile
         self.timings: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
         self.failures: dict[str, int] = defaultdict(int)
+        self.streaks: dict[str, int] = defaultdict(int)  # consecutive failures (``disable`` policy)
         self.disabled: set[str] = set()
         self.plugins: dict[str, object] = {}
         ordered = _ordered(_unique_names(list(plugins)))
@@ -112,9 +113,29 @@ class PluginBus:
             if policy == "raise":
                 raise PluginError(name, hook, exc) from exc
             bus.failures[name] += 1
-            log.warning("plugin %r failed in %s: %s: %s", name, hook, type(exc).__name__, exc)
-            if policy == "disable" and bus.failures[name] >= max_failures:
+            if policy == "warn":
+                log.warning("plugin %r failed in %s: %s: %s", name, hook, type(exc).__name__, exc)
+                return
+            # disable: one warning per streak, then silence until the K-th consecutive failure
+            bus.streaks[name] += 1
+            if bus.streaks[name] == 1:
+                log.warning("plugin %r failed in %s: %s: %s (it is disabled after %d failures in a row)",
+                            name, hook, type(exc).__name__, exc, max_failures)
+            else:
+                log.debug("plugin %r failed in %s again: %s: %s", name, hook, type(exc).__name__, exc)
+            if bus.streaks[name] >= max_failures:
                 bus.disable(name)
+
+        if policy == "disable":
+            streaks = self.streaks
+
+            def succeeded() -> None:
+                if streaks[name]:
+                    streaks[name] = 0
+        else:
+
+            def succeeded() -> None:
+                pass
 
         if self.profile_enabled:
             timing = self.timings[(name, hook)]
@@ -125,7 +146,9 @@ class PluginBus:
                     return None
                 start = perf_counter()
                 try:
-                    return function(*args)
+                    result = function(*args)
+                    succeeded()
+                    return result
                 except Exception as exc:
                     on_error(exc)
                 finally:
@@ -138,7 +161,9 @@ class PluginBus:
                 if name in bus.disabled:
                     return None
                 try:
-                    return function(*args)
+                    result = function(*args)
+                    succeeded()
+                    return result
                 except Exception as exc:
                     on_error(exc)
 
@@ -148,7 +173,8 @@ class PluginBus:
     def disable(self, name: str) -> None:
         """Stop calling a plugin (after too many failures under the ``disable`` policy)."""
         if name not in self.disabled:
-            log.warning("plugin %r disabled after %d failures", name, self.failures[name])
+            log.warning("plugin %r disabled after %d failures in a row; the run goes on without it",
+                        name, self.streaks[name] or self.failures[name])
             self.disabled.add(name)
 
     def _enable_tracing(self) -> None:

@@ -85,7 +85,8 @@ class MLflowLogger:
 
     runs_on = "chief"  # under tf.distribute: one writer, not one per worker
 
-    error_policy = "warn"
+    # A failing logger never stops training: one warning, then off after 5 failures in a row.
+    error_policy = "disable"
     max_failures = 5
 
     def __init__(

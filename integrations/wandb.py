@@ -66,7 +66,8 @@ class WandbLogger:
 
     runs_on = "chief"  # under tf.distribute: one writer, not one per worker
 
-    error_policy = "warn"
+    # A failing logger never stops training: one warning, then off after 5 failures in a row.
+    error_policy = "disable"
     max_failures = 5
 
     def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None,

@@ -236,3 +236,28 @@ def test_list_order_holds_in_every_tier():
     bus = PluginBus([("x", Last("x")), ("y", Last("y")), ("plain", Calls(log, "plain")), ("z", Last("z"))])
     bus.call("on_epoch_end", trainer=None, epoch=0, logs={})
     assert log == ["plain", "x", "y", "z"]
+
+
+def test_disable_policy_counts_failures_in_a_row_and_warns_once_per_streak(caplog):
+    class Flaky:
+        error_policy, max_failures = "disable", 3
+
+        def __init__(self, fail_at):
+            self.fail_at, self.calls = set(fail_at), 0
+
+        @hookimpl
+        def on_epoch_end(self, epoch):
+            self.calls += 1
+            if epoch in self.fail_at:
+                raise ValueError(f"backend down at {epoch}")
+
+    flaky = Flaky(fail_at={0, 1, 3, 4, 6, 7, 8, 9})
+    bus = PluginBus([("logger", flaky)])
+    with caplog.at_level(logging.WARNING, logger="corebus"):
+        for epoch in range(10):
+            bus.call("on_epoch_end", trainer=None, epoch=epoch, logs={})
+    # two failures, a success, two failures, a success: never 3 in a row until epochs 6, 7, 8
+    assert flaky.calls == 9 and "logger" in bus.disabled
+    warnings = [r.getMessage() for r in caplog.records]
+    assert [w.split(":")[0] for w in warnings] == ["plugin 'logger' failed in on_epoch_end"] * 3 + [
+        "plugin 'logger' disabled after 3 failures in a row; the run goes on without it"]
