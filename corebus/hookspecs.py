@@ -341,7 +341,15 @@ def on_log(trainer, kind, step, logs):
 
     Fired after every train call (``kind="batch"``; ``logs`` lazy, read it only when your
     :class:`corebus.Cadence` says so) and at every epoch end (``kind="epoch"``; plain floats
-    including ``val_*`` and ``learning_rate``).
+    including ``val_*``, ``learning_rate`` (``learning_rate/<name>`` per optimizer when there
+    are several) and ``steps_per_second``).
+
+    Batch values are the last step's own values, not Keras's running means: the loss and the
+    mean-type metrics of that batch alone, measured inside the compiled step (custom steps
+    report their own values; inside ``model.fit`` only running means exist). When a plugin
+    declares ``gradient_taps = {"norm"}`` they include ``grad_norm`` (``grad_norm/<name>``),
+    the global norm of the update's gradients before clipping. They share the host fetch of
+    ``on_train_batch_end``'s logs.
 
     :param trainer: the running trainer.
     :param kind: ``"batch"`` or ``"epoch"``.
