@@ -199,7 +199,9 @@ def test_a_dead_server_never_stalls_training_and_every_metric_lands_once(server,
     stats = mlflow_logger.sink.stats
     assert stats["failures"] >= 1 and stats["spooled"] > 0, stats  # the outage was really hit
     assert len(outage.down_intervals) > 100
-    assert max(outage.down_intervals) < 0.5, max(outage.down_intervals)
+    # A step that waited on the dead server would take the HTTP timeout (10 s) or MLflow's own
+    # retries (minutes); 2 s leaves room for a loaded machine (the restart itself costs CPU).
+    assert max(outage.down_intervals) < 2.0, max(outage.down_intervals)
 
     client = server.client()
     run_id = mlflow_logger.run_id
