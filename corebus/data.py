@@ -90,6 +90,7 @@ class ArrayData:
         if full_steps == 0:
             raise ConfigError(f"{n} samples make no full global batch of {self.batch_size}")
         self.steps = min(steps, full_steps) if steps else full_steps
+        self.has_sample_weight = sample_weight is not None
         parts = tuple(p for p in (x, y, sample_weight) if p is not None)
         self._tensors = keras.tree.map_structure(
             lambda a: None if a is None else tf.convert_to_tensor(a), parts
@@ -127,6 +128,10 @@ class ArrayData:
 
     def first_batch(self) -> Any:
         return self.take(self._tensors, tf.range(min(self.batch_size, self.num_samples), dtype=tf.int64))
+
+    def samples_before(self, batch: int) -> int:
+        """Rows trained in an epoch before batch index ``batch``."""
+        return min(batch * self.batch_size, self.num_samples)
 
 
 def _replica_batches(indices: np.ndarray, global_batch: int, context: Any) -> tf.data.Dataset:

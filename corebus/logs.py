@@ -93,6 +93,41 @@ class LazyLogs(Mapping):
         return f"LazyLogs({self._fetch()!r})"
 
 
+class DerivedLogs(Mapping):
+    """``base`` (lazy logs) with the values of some names replaced by ``compute()``'s, which
+    runs on the first read of one of those names: reading the others costs what ``base`` does."""
+
+    __slots__ = ("_base", "_derived", "_compute", "_values")
+
+    def __init__(self, base: Mapping[str, float], derived: Sequence[str], compute: Any):
+        self._base = base
+        self._derived = frozenset(derived)
+        self._compute = compute
+        self._values: dict[str, float] | None = None
+
+    def __getitem__(self, key: str) -> float:
+        if key not in self._derived:
+            return self._base[key]
+        if self._values is None:
+            self._values, self._compute = self._compute(), None
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._base
+
+    def to_dict(self) -> dict[str, float]:
+        return {key: self[key] for key in self}
+
+    def __repr__(self) -> str:
+        return f"DerivedLogs({self.to_dict()!r})" if self._values is not None else f"DerivedLogs(<not read: {', '.join(self)}>)"
+
+
 def _stack_scalars(values: list[Any]) -> Any:
     if not values:
         return np.zeros((0,), np.float32)

@@ -17,7 +17,7 @@ from .bus import PluginBus
 from .context import RunContext, lr_owner
 from .data import ArrayData, DatasetData, make_data, split_validation
 from .errors import ConfigError
-from .logs import LazyLogs
+from .logs import DerivedLogs, LazyLogs
 
 TrainStep = Callable[["Trainer", Any], Mapping[str, Any]]
 
@@ -41,7 +41,7 @@ STEP_VALUE = "@"
 
 def _mean_metrics(model: keras.Model) -> list[tuple[str, Any]]:
     """``(log name, metric)`` of the model's metrics that are running means (loss tracker,
-    ``MeanMetricWrapper`` metrics): their last batch's own value is a difference of totals."""
+    ``MeanMetricWrapper`` metrics): a batch's own value follows from two running means."""
     found: dict[str, Any] = {}
     for metric in model.metrics:
         groups = getattr(metric, "_flat_metrics", None)
@@ -162,7 +162,8 @@ class Trainer(RunContext):
         self._predict_fn: Callable | None = None
         self._train_log_names: list[str] = []
         self._step_values = False
-        self._log_views: tuple = ((), (), (), (), ())
+        self._log_views: tuple = ((), (), (), (), (), set())
+        self._previous_logs: tuple[LazyLogs, int] | None = None
         self._gradient_signature: tuple = ()
         self._results_fn: Any = None
         self._reset_fn: Callable | None = None
@@ -281,15 +282,18 @@ class Trainer(RunContext):
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            batch_loss = _unscale_for_distribution(loss)
             model._loss_tracker.update_state(
-                _unscale_for_distribution(loss),
-                sample_weight=tf.shape(next(i for i in keras.tree.flatten(x) if i is not None))[0],
+                batch_loss, sample_weight=tf.shape(next(i for i in keras.tree.flatten(x) if i is not None))[0]
             )
             loss = model.optimizer.scale_loss(loss)
         variables = model.trainable_variables
         gradients = tape.gradient(loss, variables)
         self.apply_gradients(gradients, variables)
-        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if self._step_values:  # the batch's own loss, for on_log: one more value in the packed vector
+            logs = {**logs, STEP_VALUE + "loss": batch_loss}
+        return logs
 
     def _default_test_step(self, data: Any) -> Mapping[str, Any]:
         model = self.model
@@ -312,12 +316,6 @@ class Trainer(RunContext):
         self.gradient_pipeline.apply(self.optimizers[optimizer], list(gradients), list(variables), optimizer)
 
     def _one_train_step(self, data: Any) -> Mapping[str, Any]:
-        means = []
-        if self._step_values and self._user_train_step is None:
-            # Read before the step updates them (automatic control dependencies keep program
-            # order per variable), so the batch's own value is a difference of totals.
-            means = [(name, m, tf.identity(m.total.value), tf.identity(m.count.value))
-                     for name, m in _mean_metrics(self.model)]
         if self._user_train_step is not None:
             logs = self._user_train_step(self, data)
         else:
@@ -330,10 +328,6 @@ class Trainer(RunContext):
         if not self._step_values:
             return logs
         values = dict(logs)
-        for name, metric, total, count in means:
-            if name in values:
-                values[STEP_VALUE + name] = tf.math.divide_no_nan(
-                    tf.cast(metric.total.value - total, tf.float32), tf.cast(metric.count.value - count, tf.float32))
         for optimizer_name, norm in self.gradient_pipeline.norm_variables().items():
             key = "grad_norm" if optimizer_name == "default" else f"grad_norm/{optimizer_name}"
             values[STEP_VALUE + key] = norm.value()
@@ -454,6 +448,7 @@ class Trainer(RunContext):
         wants_logs = self.wants_batch_logs()
         iterator = data.iterator(epoch, skip_batches=first_batch)
         source = data.source
+        self._previous_logs = None  # metrics were reset (or restored mid-epoch): no call before
         packed = None
         logs = None
         functions: dict[int, Callable] = {}  # looked up once per epoch, not once per call
@@ -477,7 +472,7 @@ class Trainer(RunContext):
                 # every layer without Keras marking the whole model built; saving needs it.
                 self.model.built = all(layer.built for layer in self.model._flatten_layers(include_self=False))
             if wants_logs:
-                logs, step_values = self._batch_logs(packed)
+                logs, step_values = self._batch_logs(packed, data, begin, n)
                 self._train_batch_end(begin + n - 1, n, logs, step_values)
             else:
                 self._advance(n)
@@ -487,14 +482,40 @@ class Trainer(RunContext):
             logs = self._batch_logs(packed)[0]
         return logs
 
-    def _batch_logs(self, packed: Any) -> tuple[LazyLogs, LazyLogs]:
-        """The batch logs (Keras's running means) and on_log's step values: one packed vector."""
+    def _batch_logs(self, packed: Any, data: Any = None, begin: int = 0, n: int = 1) -> tuple[LazyLogs, Any]:
+        """The batch logs (Keras's running means) and on_log's step values.
+
+        The step's own loss comes packed from the step. Other running means (accuracy...) give
+        the call's own value from two consecutive running means and the rows each covers:
+        ``(mean_now * rows_now - mean_before * rows_before) / rows_in_call``, computed on the
+        host when first read (no work in the step; float32 means, so the value is close, not
+        bit-exact). Where rows are unknown (datasets, sample weights, a resumed epoch's first
+        call), the running mean is what is logged.
+        """
         names = tuple(self._train_log_names)
         if self._log_views[0] != names:
-            self._log_views = (names, *_views(names))
-        _, log_names, log_positions, step_names, step_positions = self._log_views
+            means = {name for name, _ in _mean_metrics(self.model)} if self._user_train_step is None else set()
+            self._log_views = (names, *_views(names), means)
+        _, log_names, log_positions, step_names, step_positions, means = self._log_views
         logs = LazyLogs(log_names, packed, log_positions)
-        return logs, logs.view(step_names, step_positions)
+        own = logs.view(step_names, step_positions)
+        previous, self._previous_logs = self._previous_logs, (logs, begin + n)
+        derivable = means - {name[len(STEP_VALUE):] for name in names if name.startswith(STEP_VALUE)}
+        if not derivable or not isinstance(data, ArrayData) or data.has_sample_weight:
+            return logs, own
+        # The epoch's first call: its running means are its own values.
+        if begin == 0 or previous is None or previous[1] != begin:
+            return logs, own
+        before = previous[0]
+        rows_before, rows_now = data.samples_before(begin), data.samples_before(begin + n)
+
+        derived = derivable & set(step_names)
+
+        def call_values() -> dict[str, float]:
+            return {name: (logs[name] * rows_now - before[name] * rows_before) / (rows_now - rows_before)
+                    for name in derived}
+
+        return logs, DerivedLogs(own, derived, call_values)
 
     def _steps_done_since(self, begin: int) -> int:
         # A call that hit the end of a dataset of unknown length ran some of its steps:

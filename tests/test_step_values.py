@@ -119,7 +119,9 @@ def test_no_gradient_norm_unless_asked_and_one_fetch_for_both_views(tiny_data):
     assert "grad_norm" not in plain.values[0]
     before = corebus.LazyLogs.fetches
     assert plain.last["loss"] > 0 and plain.values[-1]["loss"] > 0
-    assert corebus.LazyLogs.fetches == before + 1  # the step's views share one host fetch
+    assert corebus.LazyLogs.fetches == before + 1  # the loss of both views: one host fetch
+    assert plain.values[-1]["accuracy"] >= 0
+    assert corebus.LazyLogs.fetches == before + 2  # a derived metric also reads the call before
 
 
 def test_custom_step_values_and_named_optimizer_norms(tiny_data):
