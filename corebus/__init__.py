@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .alerts import Alert, AlertGate
+from .alerts import Alert, AlertGate, AlertOutbox
 from .bus import PluginBus, hookimpl
 from .cadence import Cadence
 from .context import optimizer_names
@@ -40,6 +40,7 @@ _LAZY = {
 __all__ = [
     "Alert",
     "AlertGate",
+    "AlertOutbox",
     "BackgroundWorker",
     "Monitor",
     "atomic_path",

@@ -159,3 +159,45 @@ class AlertGate:
             self.last_step = {k: (None if v is None else int(v)) for k, v in state.get("last_step", {}).items()}
             self.suppressed = {k: int(v) for k, v in state.get("suppressed", {}).items()}
             self.open = set(state.get("open", []))
+
+
+class AlertOutbox:
+    """What every notifier shares: a level filter and a :class:`corebus.LogSink` worker that
+    delivers alerts off the thread that raised them (the training thread or the watchdog).
+
+    The sink opens at the first alert (or at :meth:`open`, e.g. in ``on_train_begin``) and
+    :meth:`close` drains it for at most ``shutdown_timeout`` seconds. A notifier plugin keeps
+    one, puts alerts in from ``on_alert`` and closes it from its last end hook.
+    """
+
+    def __init__(self, name: str, deliver: Any, min_level: str = "info", owner: str = "notifier",
+                 **sink_options: Any):
+        from .errors import ConfigError
+
+        if min_level not in LEVELS:
+            raise ConfigError(f"{owner}: min_level={min_level!r}; use one of {', '.join(LEVELS)}")
+        self.name, self.min_level = name, min_level
+        self._deliver = deliver
+        self._options = {"batch_size": 1, "flush_interval": 0.1, "shutdown_timeout": 5.0, **sink_options}
+        self._sink: Any = None
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        from .sinks import LogSink
+
+        with self._lock:  # the watchdog thread may deliver the first alert
+            if self._sink is None:
+                self._sink = LogSink(self.name, self._deliver, **self._options)
+
+    def put(self, alert: Alert) -> None:
+        """Queue ``alert`` (a dict of its fields) unless it is below ``min_level``; never blocks."""
+        if LEVELS.index(alert.level) < LEVELS.index(self.min_level):
+            return
+        self.open()
+        self._sink.put(alert.to_dict())
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Deliver what is queued within ``timeout`` (default: the sink's shutdown_timeout)."""
+        with self._lock:
+            sink, self._sink = self._sink, None
+        return True if sink is None else sink.close(timeout)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from corebus import Alert, ConfigError, LogSink, check_writable, hookimpl
+from corebus import Alert, AlertOutbox, check_writable, hookimpl
 
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -27,28 +27,21 @@ class AlertLog:
     error_policy = "warn"  # a notifier must never stop training
 
     def __init__(self, logger: str = "corebus.alerts", min_level: str = "info", path: str | None = None):
-        if min_level not in _LEVELS:
-            raise ConfigError(f"AlertLog: min_level={min_level!r}; use one of {', '.join(_LEVELS)}")
+        self._outbox = AlertOutbox("alert_log", self._write, min_level, owner="AlertLog")
         if path is not None:
             check_writable(Path(path).parent, "AlertLog")
         self.logger = logger
         self.min_level = min_level
         self.path = path
         self._log = logging.getLogger(logger)
-        self._sink: LogSink | None = None
 
     @hookimpl
     def on_train_begin(self):
-        if self._sink is None:
-            self._sink = LogSink("alert_log", self._write, batch_size=1, flush_interval=0.1, shutdown_timeout=5.0)
+        self._outbox.open()
 
     @hookimpl
     def on_alert(self, alert: Alert):
-        if _LEVELS[alert.level] < _LEVELS[self.min_level]:
-            return
-        if self._sink is None:  # an alert outside fit (evaluate, a manual call)
-            self.on_train_begin()
-        self._sink.put(alert.to_dict())
+        self._outbox.put(alert)
 
     # Last, so alerts other plugins raise in their own end hooks still go out.
     @hookimpl(trylast=True)
@@ -61,8 +54,7 @@ class AlertLog:
 
     def close(self, timeout: float | None = None) -> bool:
         """Write what is queued within ``timeout`` seconds (default 5)."""
-        sink, self._sink = self._sink, None
-        return True if sink is None else sink.close(timeout)
+        return self._outbox.close(timeout)
 
     def _write(self, records: list[dict[str, Any]]) -> None:
         for record in records:

@@ -14,13 +14,12 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from corebus import Alert, ConfigError, LogSink, RetryLater, hookimpl
+from corebus import Alert, AlertOutbox, ConfigError, RetryLater, hookimpl
 
 log = logging.getLogger("corebus")
 
 FORMATS = ("slack", "discord", "teams", "json")
 DEFAULT_URL_ENV = "COREBUS_ALERT_WEBHOOK_URL"
-_LEVELS = {"info": 0, "warning": 1, "error": 2}
 # Characters of message text each service takes (Discord refuses > 2000; Slack truncates
 # long texts; a Teams card must stay under ~28 KB).
 LIMITS = {"slack": 3500, "discord": 1900, "teams": 15000, "json": 100_000}
@@ -64,8 +63,6 @@ class AlertWebhook:
     ):
         if format not in FORMATS:
             raise ConfigError(f"AlertWebhook: format={format!r}; use one of {', '.join(FORMATS)}")
-        if min_level not in _LEVELS:
-            raise ConfigError(f"AlertWebhook: min_level={min_level!r}; use one of {', '.join(_LEVELS)}")
         if not timeout > 0:
             raise ConfigError(f"AlertWebhook: timeout={timeout!r} must be > 0 seconds")
         url = url or os.environ.get(url_env)
@@ -84,7 +81,8 @@ class AlertWebhook:
         self.shutdown_timeout = float(shutdown_timeout)
         self.delivered = 0
         self.dropped = 0
-        self._sink: LogSink | None = None
+        self._outbox = AlertOutbox(f"alert_webhook-{format}", self._send, min_level, owner="AlertWebhook",
+                                   max_backoff=self.max_backoff, shutdown_timeout=self.shutdown_timeout)
 
     def __repr__(self) -> str:
         return f"AlertWebhook(format={self.format!r}, url='***')"
@@ -97,17 +95,11 @@ class AlertWebhook:
 
     @hookimpl
     def on_train_begin(self):
-        if self._sink is None:
-            self._sink = LogSink(f"alert_webhook-{self.format}", self._send, batch_size=1, flush_interval=0.1,
-                                 max_backoff=self.max_backoff, shutdown_timeout=self.shutdown_timeout)
+        self._outbox.open()
 
     @hookimpl
     def on_alert(self, alert: Alert):
-        if _LEVELS[alert.level] < _LEVELS[self.min_level]:
-            return
-        if self._sink is None:  # an alert outside fit (evaluate, a manual call)
-            self.on_train_begin()
-        self._sink.put(alert.to_dict())
+        self._outbox.put(alert)
 
     # Last, so alerts other plugins raise in their own end hooks still go out.
     @hookimpl(trylast=True)
@@ -120,8 +112,7 @@ class AlertWebhook:
 
     def close(self, timeout: float | None = None) -> bool:
         """Deliver what is queued within ``timeout`` (default ``shutdown_timeout``) seconds."""
-        sink, self._sink = self._sink, None
-        return True if sink is None else sink.close(timeout)
+        return self._outbox.close(timeout)
 
     # ---------------------------------------------------------------- worker thread
 
