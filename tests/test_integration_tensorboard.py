@@ -335,7 +335,7 @@ class WeightSteps:
 def test_gradient_histograms_and_norms_are_the_epochs_last_update(tmp_path, mode):
     x, y = tiny_data()
     lr, spy = 0.1, WeightSteps()
-    logger = TensorBoardLogger(tmp_path, histogram_freq=1, update_freq=1)
+    logger = TensorBoardLogger(tmp_path, histogram_freq=1, update_freq=1, write_grad_norm=True)
     fit = dict(batch_size=16, verbose=0, shuffle=False, epochs=2)  # 96 samples: 6 steps per epoch
     if mode == "engine":
         trainer = make_trainer([spy, logger], optimizer=keras.optimizers.SGD(lr))
