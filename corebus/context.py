@@ -150,10 +150,9 @@ class RunContext:
         from .alerts import AlertGate
 
         run = getattr(self, "run_name", None) or getattr(self.model, "name", None) or ""
-        where = {"rank": self.rank} if isinstance(getattr(self, "rank", None), int) else {}
         alert = Alert(
             kind=kind, title=title, text=text, level=level, step=self.global_step, epoch=self.epoch,
-            run=str(run), details=details, resolves=resolves, **where,
+            run=str(run), details=details, resolves=resolves, rank=self.rank,
         )
         return AlertGate.of(self).dispatch(self, alert)
 
@@ -330,8 +329,9 @@ class RunContext:
         for name in sorted(self.optimizers):
             optimizer = self.optimizers[name]
             groups[f"optimizer.{name}"] = list(optimizer.variables)
-            if isinstance(lr_owner(optimizer)._learning_rate, ScaledSchedule):
-                groups[f"optimizer.{name}"].append(lr_owner(optimizer)._learning_rate.multiplier)
+            learning_rate = lr_owner(optimizer)._learning_rate
+            if isinstance(learning_rate, ScaledSchedule):
+                groups[f"optimizer.{name}"].append(learning_rate.multiplier)
         groups["metrics"] = [v for metric in self.model.metrics for v in metric.variables]
         groups["gradient_pipeline"] = self.gradient_pipeline.state_variables()
         return groups

@@ -128,9 +128,11 @@ class GradientPipeline:
             tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="captured_gradient",
                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA) for v in variables]))[1]
 
-    def norm_variables(self) -> dict[str, tf.Variable]:
-        """The ``"norm"`` tap's variable per optimizer name (created at the first trace)."""
-        return dict(self._norms)
+    def norm_logs(self) -> dict[str, Any]:
+        """The ``"norm"`` tap's values under their log names: ``grad_norm`` for the default
+        optimizer, ``grad_norm/<name>`` for named ones (empty before the first trace)."""
+        return {"grad_norm" if name == "default" else f"grad_norm/{name}": variable.value()
+                for name, variable in self._norms.items()}
 
     def gradient_norm(self, name: str = "default") -> float | None:
         """The last update's global gradient norm (``"norm"`` tap), or ``None`` before one."""

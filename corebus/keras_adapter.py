@@ -116,13 +116,12 @@ class KerasCallback(keras.callbacks.Callback):
             batch = min(batch, steps - 1)
         steps_done = batch - ctx._first_batch + 1
         logs = dict(logs or {})
-        norms = ctx.gradient_pipeline.norm_variables() if "norm" in ctx.gradient_taps and self._pipelined else {}
+        norms = ctx.gradient_pipeline.norm_logs() if "norm" in ctx.gradient_taps and self._pipelined else {}
         if not norms:
             ctx._train_batch_end(batch, steps_done, LazyLogs.from_tensors(logs))
             return
         # Keras hands callbacks running means only; the gradient norm joins the same fetch.
-        step_values = LazyLogs.from_tensors(
-            {**logs, **{"grad_norm" if k == "default" else f"grad_norm/{k}": v.value() for k, v in norms.items()}})
+        step_values = LazyLogs.from_tensors({**logs, **norms})
         names = list(logs)
         ctx._train_batch_end(batch, steps_done, step_values.view(names, range(len(names))), step_values)
 

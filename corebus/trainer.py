@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,8 +20,6 @@ from .logs import DerivedLogs, LazyLogs
 
 TrainStep = Callable[["Trainer", Any], Mapping[str, Any]]
 
-log = logging.getLogger("corebus")
-
 MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
 
 
@@ -39,22 +36,21 @@ def _unscale_for_distribution(loss):
 STEP_VALUE = "@"
 
 
-def _mean_metrics(model: keras.Model) -> list[tuple[str, Any]]:
-    """``(log name, metric)`` of the model's metrics that are running means (loss tracker,
+def _mean_metric_names(model: keras.Model) -> set[str]:
+    """Log names of the model's metrics that are running means (loss tracker,
     ``MeanMetricWrapper`` metrics): a batch's own value follows from two running means."""
-    found: dict[str, Any] = {}
+    names: set[str] = set()
     for metric in model.metrics:
         groups = getattr(metric, "_flat_metrics", None)
         if groups is None:
             if isinstance(metric, keras.metrics.Mean):
-                found.setdefault(metric.name, metric)
+                names.add(metric.name)
             continue
         for group in groups:  # CompileMetrics: name as Keras does (output prefix)
             for inner in getattr(group, "metrics", None) or []:
-                name = f"{group.output_name}_{inner.name}" if group.output_name else inner.name
                 if isinstance(inner, keras.metrics.Mean):
-                    found.setdefault(name, inner)
-    return list(found.items())
+                    names.add(f"{group.output_name}_{inner.name}" if group.output_name else inner.name)
+    return names
 
 
 def _views(names: tuple[str, ...]) -> tuple[tuple, tuple, tuple, tuple]:
@@ -162,7 +158,7 @@ class Trainer(RunContext):
         self._predict_fn: Callable | None = None
         self._train_log_names: list[str] = []
         self._step_values = False
-        self._log_views: tuple = ((), (), (), (), (), set())
+        self._log_views: tuple = ((), (), (), (), (), frozenset())
         self._previous_logs: tuple[LazyLogs, int] | None = None
         self._gradient_signature: tuple = ()
         self._results_fn: Any = None
@@ -327,11 +323,7 @@ class Trainer(RunContext):
                 self._step_counter.assign_add(1)
         if not self._step_values:
             return logs
-        values = dict(logs)
-        for optimizer_name, norm in self.gradient_pipeline.norm_variables().items():
-            key = "grad_norm" if optimizer_name == "default" else f"grad_norm/{optimizer_name}"
-            values[STEP_VALUE + key] = norm.value()
-        return values
+        return {**logs, **{STEP_VALUE + key: norm for key, norm in self.gradient_pipeline.norm_logs().items()}}
 
     def _one_test_step(self, data: Any) -> Mapping[str, Any]:
         if self._user_test_step is not None:
@@ -493,23 +485,22 @@ class Trainer(RunContext):
         call), the running mean is what is logged.
         """
         names = tuple(self._train_log_names)
-        if self._log_views[0] != names:
-            means = {name for name, _ in _mean_metrics(self.model)} if self._user_train_step is None else set()
-            self._log_views = (names, *_views(names), means)
-        _, log_names, log_positions, step_names, step_positions, means = self._log_views
+        if self._log_views[0] != names:  # once per trace, not per step
+            views = _views(names)
+            means = _mean_metric_names(self.model) if self._user_train_step is None else set()
+            packed_own = {name[len(STEP_VALUE):] for name in names if name.startswith(STEP_VALUE)}
+            self._log_views = (names, *views, frozenset((means - packed_own) & set(views[2])))
+        _, log_names, log_positions, step_names, step_positions, derived = self._log_views
         logs = LazyLogs(log_names, packed, log_positions)
         own = logs.view(step_names, step_positions)
         previous, self._previous_logs = self._previous_logs, (logs, begin + n)
-        derivable = means - {name[len(STEP_VALUE):] for name in names if name.startswith(STEP_VALUE)}
-        if not derivable or not isinstance(data, ArrayData) or data.has_sample_weight:
+        if not derived or not isinstance(data, ArrayData) or data.has_sample_weight:
             return logs, own
         # The epoch's first call: its running means are its own values.
         if begin == 0 or previous is None or previous[1] != begin:
             return logs, own
         before = previous[0]
         rows_before, rows_now = data.samples_before(begin), data.samples_before(begin + n)
-
-        derived = derivable & set(step_names)
 
         def call_values() -> dict[str, float]:
             return {name: (logs[name] * rows_now - before[name] * rows_before) / (rows_now - rows_before)
