@@ -84,7 +84,7 @@ def main(argv=None):
         samples["b_three_loggers"].append(run(x, y, args.epochs, True))
     median = {k: statistics.median(v) for k, v in samples.items()}
     for name, value in median.items():
-        print(f"{name:<18}{value:>8.0f} steps/s")
+        print(f"{name:<18}{value:>8.0f} steps/s   runs: {' '.join(f'{v:.0f}' for v in samples[name])}")
     print(f"loggers / none = {median['b_three_loggers'] / median['a_no_loggers']:.3f}")
     record("loggers", "TensorBoard + MLflow + W&B every 10 steps / no loggers",
            median["b_three_loggers"] / median["a_no_loggers"], ">= 0.95")

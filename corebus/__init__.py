@@ -18,6 +18,7 @@ from .io import BackgroundWorker, atomic_path, check_writable, fsync_path
 from .logs import LazyLogs
 from .monitor import Monitor
 from .registry import installed_plugins, load_plugin_config
+from .backend_process import BackendError, BackendProcess
 from .sinks import LogSink, RetryLater, Spool, read_spool, redact
 from .snapshot import RunSnapshot, SnapshotError
 
@@ -41,6 +42,8 @@ __all__ = [
     "Alert",
     "AlertGate",
     "AlertOutbox",
+    "BackendError",
+    "BackendProcess",
     "BackgroundWorker",
     "Monitor",
     "atomic_path",

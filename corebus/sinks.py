@@ -119,7 +119,7 @@ class LogSink:
     :param spool: where undelivered records go (``None``: keep them in memory only).
     :param max_queue: records held in memory before ``put`` spools directly.
     :param batch_size: records per ``send`` call at most.
-    :param flush_interval: seconds the worker gathers records into one batch before sending.
+    :param flush_interval: seconds the worker sleeps between batches (a full batch goes at once).
     :param shutdown_timeout: default bound for :meth:`close`.
     """
 
@@ -144,7 +144,7 @@ class LogSink:
         self.max_backoff = max_backoff
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
-        self._idle = threading.Event()
+        self._wake = threading.Event()
         self._backoff = 0.0
         self._retry_at = 0.0
         self._memory_spool: list[Record] = []
@@ -170,6 +170,8 @@ class LogSink:
         depth = self._queue.qsize()
         if depth > self.stats["max_queue_depth"]:
             self.stats["max_queue_depth"] = depth
+        if depth >= self.batch_size:  # a full batch goes now; otherwise it waits for the interval
+            self._wake.set()
 
     def close(self, timeout: float | None = None) -> bool:
         """Deliver what can be delivered within ``timeout`` seconds; spool the rest.
@@ -182,8 +184,10 @@ class LogSink:
         while time.monotonic() < deadline and (self._queue.qsize() or self._pending()):
             if self._backoff and self._retry_at > deadline:
                 break
+            self._wake.set()  # no waiting for the interval now
             time.sleep(0.02)
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
         if self._thread.is_alive():  # a send is stuck: spool its batch first, in order
             with self._inflight_lock:
@@ -232,21 +236,6 @@ class LogSink:
             except queue.Empty:
                 break
         return batch
-
-    def _linger(self, deadline: float) -> list[Record]:
-        """Collect more records until the batch is full or ``deadline``: one send per interval,
-        not one per record. Backend clients are Python-heavy, and every call they make on this
-        thread takes the interpreter lock away from the training loop."""
-        batch: list[Record] = []
-        while len(batch) < self.batch_size - 1 and not self._stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(self._queue.get(timeout=min(remaining, 0.05)))
-            except queue.Empty:
-                continue
-        return batch + self._drain_queue(self.batch_size - 1 - len(batch))
 
     def _deliver(self, records: list[Record]) -> bool:
         start = time.perf_counter()
@@ -301,13 +290,16 @@ class LogSink:
                 continue
             if self._pending() and not self._replay_spool():
                 continue
-            try:
-                first = self._queue.get(timeout=0.05 if stopping else self.flush_interval)
-            except queue.Empty:
+            self._wake.clear()
+            batch = self._drain_queue(self.batch_size)
+            if not batch:
                 if stopping:
                     return
+                # One wake-up per interval, not one per record: every wake-up of this thread
+                # takes the interpreter lock from the training loop (put() wakes it early for
+                # a full batch, close() to finish).
+                self._wake.wait(self.flush_interval)
                 continue
-            batch = [first] + self._linger(time.monotonic() + (0.0 if stopping else self.flush_interval))
             self._inflight = batch
             delivered = self._deliver(batch)
             with self._inflight_lock:

@@ -357,3 +357,40 @@ def test_alerts_are_recorded_on_the_run_even_from_another_thread(server, tmp_pat
     assert tags["corebus.alert.stall"] == "step 3: [error] no step for 60 s\nstack..."
     assert tags["corebus.alert.plateau"].startswith("step 12: [warning] val_loss stuck")
     assert tags["corebus.alerts"].splitlines() == ["step 3: [error] no step for 60 s", "step 12: [warning] val_loss stuck"]
+
+
+def test_a_local_store_is_written_from_a_child_process_with_the_same_results(tmp_path, monkeypatch):
+    """MLflow's default store (sqlite, no server): the SDK's writes run in a child process, off
+    the training process's interpreter lock; a crash still ends FAILED and a resume continues
+    the same run without repeating steps."""
+    from integrations.mlflow import _Writer
+    from mlflow.tracking import MlflowClient
+
+    def not_here(self, records):
+        raise AssertionError("the local store was written from the training process")
+
+    monkeypatch.setattr(_Writer, "_send", not_here)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    x, y = tiny_data(96)  # 12 steps per epoch
+    backup_dir = tmp_path / "backup"
+
+    def local_logger():
+        return MLflowLogger(tracking_uri=uri, experiment_name="corebus-tests", dir=tmp_path / "mlflow",
+                            log_every_n_steps=1, shutdown_timeout=30)
+
+    first = local_logger()
+    with pytest.raises(PluginError):
+        make_trainer([BackupAndRestore(str(backup_dir), save_freq=5), first, FailAt(18, RuntimeError("crash"))]).fit(
+            x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(first.run_id).info.status == "FAILED"
+    assert steps_of(client, first.run_id, "loss") == list(range(1, 18))
+
+    second, recorder = local_logger(), Recorder()
+    make_trainer([BackupAndRestore(str(backup_dir), save_freq=5), second, recorder]).fit(
+        x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+    run = client.get_run(second.run_id)
+    assert second.run_id == first.run_id and run.info.status == "FINISHED"
+    assert steps_of(client, run.info.run_id, "loss") == list(range(1, 37))
+    assert run.data.params["fit.epochs"] == "3"
+    assert not list((tmp_path / "mlflow").glob("*.spool.jsonl"))  # everything delivered
