@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corebus import Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+from corebus import BackendProcess, Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
 
 log = logging.getLogger("corebus")
 
@@ -42,8 +42,12 @@ class WandbLogger:
       ``model.fit`` Keras has no exception hook: the status is only set by ``on_train_end``.
 
     Every SDK call, ``wandb.init`` included (0.5-1 s the first time in a process, as it
-    starts the wandb-core service; 0.1-0.2 s after), runs on a :class:`corebus.LogSink`
-    worker: a step never waits on W&B. Records not delivered are spooled to
+    starts the wandb-core service; 0.1-0.2 s after), is made for a :class:`corebus.LogSink`
+    worker: a step never waits on W&B. With ``isolate_sdk`` (the default, except in
+    ``"disabled"`` mode) the SDK lives in a child process at lower CPU priority
+    (:class:`corebus.BackendProcess`): the protobuf record it builds per row and its asyncio
+    thread then never hold the training process's interpreter lock. ``isolate_sdk=False``
+    keeps it in this process (where a test can patch ``wandb``). Records not delivered are spooled to
     ``<dir>/wandb-<run id>.spool.jsonl``; replay them with ``corebus sync <dir>``. Re-sent
     records are harmless: W&B ignores steps at or below its last one.
 
@@ -62,6 +66,7 @@ class WandbLogger:
     :param log_checkpoints: upload checkpoints as artifacts.
     :param shutdown_timeout: seconds ``fit`` waits at the end for W&B to take the records.
     :param tags: the run's tags.
+    :param isolate_sdk: run the W&B SDK in a child process (default: yes, unless disabled).
     """
 
     runs_on = "chief"  # under tf.distribute: one writer, not one per worker
@@ -72,8 +77,9 @@ class WandbLogger:
 
     def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None,
                  dir: str | os.PathLike | None = None, name: str | None = None, log_every_n_steps: int | None = 10,
-                 log_checkpoints: bool = True, shutdown_timeout: float = 30.0, tags: list[str] | None = None):
-        self._wandb = require_module("wandb", extra="wandb", what="WandbLogger")
+                 log_checkpoints: bool = True, shutdown_timeout: float = 30.0, tags: list[str] | None = None,
+                 isolate_sdk: bool | None = None):
+        require_module("wandb", extra="wandb", what="WandbLogger")
         self.project = project or os.environ.get("WANDB_PROJECT") or "corebus"
         self.entity = entity
         self.mode = mode or os.environ.get("WANDB_MODE") or "offline"
@@ -95,14 +101,18 @@ class WandbLogger:
         self._resume_id: str | None = None
         self._resumed_step: int | None = None
         self._params: dict[str, Any] = {}
+        # W&B's client builds a protobuf record per row and runs an asyncio thread: off the
+        # training process unless asked (or nothing is written: mode "disabled").
+        self.isolate_sdk = self.mode != "disabled" if isolate_sdk is None else bool(isolate_sdk)
         self._sink: LogSink | None = None
-        self._run: Any = None  # the wandb Run; touched only by the sink's worker thread
+        self._writer: _RunWriter | BackendProcess | None = None
         self._started = False
 
     def get_config(self) -> dict[str, Any]:
         return {"project": self.project, "entity": self.entity, "mode": self.mode, "dir": self.dir,
                 "name": self.name, "tags": self.tags, "log_every_n_steps": self.log_every_n_steps,
-                "log_checkpoints": self.log_checkpoints, "shutdown_timeout": self.shutdown_timeout}
+                "log_checkpoints": self.log_checkpoints, "shutdown_timeout": self.shutdown_timeout,
+                "isolate_sdk": self.isolate_sdk}
 
     # ---------------------------------------------------------------- hooks (training thread)
 
@@ -168,6 +178,8 @@ class WandbLogger:
         if self._sink is None:
             header = {"plugin": "wandb", "config": {**self.get_config(), "run_id": self.run_id}}
             spool = Spool(Path(self.dir) / f"wandb-{self.run_id}.spool.jsonl", header)
+            settings = self._writer_settings()
+            self._writer = BackendProcess(_RunWriter, **settings) if self.isolate_sdk else _RunWriter(**settings)
             self._sink = LogSink("wandb", self._send, spool=spool, shutdown_timeout=self.shutdown_timeout)
             self._sink.put({"type": "config", "values": self._params, "resumed_step": self._resumed_step})
         self._sink.put(record)
@@ -178,7 +190,12 @@ class WandbLogger:
         self._started = False
         self._put({"type": "finish", "exit_code": exit_code, "status": status, "error": error})
         sink, self._sink = self._sink, None
-        sink.close(self.shutdown_timeout)
+        try:
+            sink.close(self.shutdown_timeout)
+        finally:
+            if isinstance(self._writer, BackendProcess):
+                self._writer.close()
+            self._writer = None
         self._resume_id = None  # the next fit of this instance is a new run
 
     def _stage(self, filepath: str) -> tuple[str, bool]:
@@ -193,16 +210,56 @@ class WandbLogger:
         except OSError:
             return str(filepath), False
 
-    def _open(self) -> Any:
-        if self._run is None:
-            start = time.perf_counter()
-            self._run = self._wandb.init(
-                project=self.project, entity=self.entity, mode=self.mode, dir=self.dir, name=self.name,
-                tags=self.tags or None, id=self.run_id, resume="allow", reinit="create_new")
-            log.info("WandbLogger: wandb.init took %.2f s (run %s)", time.perf_counter() - start, self.run_id)
-        return self._run
+    def _writer_settings(self) -> dict[str, Any]:
+        return {"project": self.project, "entity": self.entity, "mode": self.mode, "dir": self.dir,
+                "name": self.name, "tags": self.tags, "run_id": self.run_id}
 
     def _send(self, records: list[dict[str, Any]]) -> None:
+        if isinstance(self._writer, BackendProcess):
+            self._writer.call("send", records)
+        else:
+            self._writer.send(records)
+
+    @classmethod
+    def replay_spool(cls, path: str | os.PathLike) -> int:
+        """Deliver the records of a spool left by a run (``corebus sync``); returns how many."""
+        require_module("wandb", extra="wandb", what="WandbLogger")
+        header, _ = read_spool(path)
+        config = dict(header.get("config", {}))
+        run_id = config.pop("run_id")
+        logger = cls(**config)
+        logger.run_id = run_id
+        writer = _RunWriter(**{**logger._writer_settings(), "run_id": run_id})
+        sink = LogSink("wandb-replay", writer.send, spool=Spool(path, {"plugin": "wandb", "config": header["config"]}),
+                       flush_interval=0.05)
+        sink.close(logger.shutdown_timeout)
+        if writer.run is not None:  # the spool ended without the run's status: it did not finish
+            writer.send([{"type": "finish", "exit_code": 1, "status": "FAILED", "error": "no final status recorded"}])
+        return sink.stats["sent"]
+
+
+class _RunWriter:
+    """Records -> W&B SDK calls for one run, on the sink's worker thread or in a child process
+    (:class:`corebus.BackendProcess`)."""
+
+    def __init__(self, project: str, entity: str | None, mode: str, dir: str, name: str | None,
+                 tags: list[str], run_id: str):
+        import wandb
+
+        self._wandb = wandb
+        self.settings = {"project": project, "entity": entity, "mode": mode, "dir": dir, "name": name,
+                         "tags": tags or None, "id": run_id}
+        self.run_id, self.mode, self.dir = run_id, mode, dir
+        self.run: Any = None
+
+    def _open(self) -> Any:
+        if self.run is None:
+            start = time.perf_counter()
+            self.run = self._wandb.init(**self.settings, resume="allow", reinit="create_new")
+            log.info("WandbLogger: wandb.init took %.2f s (run %s)", time.perf_counter() - start, self.run_id)
+        return self.run
+
+    def send(self, records: list[dict[str, Any]]) -> None:
         for record in records:
             run, kind = self._open(), record["type"]
             if kind == "log":
@@ -224,7 +281,7 @@ class WandbLogger:
                 if record.get("error"):
                     run.summary["corebus/exception"] = record["error"]
                 run.finish(exit_code=record["exit_code"])
-                self._run = None
+                self.run = None
                 shutil.rmtree(Path(self.dir) / f"wandb-{self.run_id}.staging", ignore_errors=True)
 
     def _send_artifact(self, run: Any, record: dict[str, Any]) -> None:
@@ -240,18 +297,3 @@ class WandbLogger:
         run.log_artifact(artifact, aliases=["latest", f"step_{record['step']}"])
         if record["staged"]:
             path.unlink(missing_ok=True)  # add_file copied it into W&B's own staging area
-
-    @classmethod
-    def replay_spool(cls, path: str | os.PathLike) -> int:
-        """Deliver the records of a spool left by a run (``corebus sync``); returns how many."""
-        header, _ = read_spool(path)
-        config = dict(header.get("config", {}))
-        run_id = config.pop("run_id")
-        logger = cls(**config)
-        logger.run_id = run_id
-        sink = LogSink("wandb-replay", logger._send, spool=Spool(path, {"plugin": "wandb", "config": header["config"]}),
-                       flush_interval=0.05)
-        sink.close(logger.shutdown_timeout)
-        if logger._run is not None:  # the spool ended without the run's status: it did not finish
-            logger._send([{"type": "finish", "exit_code": 1, "status": "FAILED", "error": "no final status recorded"}])
-        return sink.stats["sent"]

@@ -253,7 +253,7 @@ def test_alerts_online_call_run_alert(wandb_env, mocker):
     fake_run.summary = {}
     init = mocker.patch.object(wandb, "init", return_value=fake_run)
     x, y = tiny_data(N)
-    logger = WandbLogger(mode="online", entity="team", log_every_n_steps=12)
+    logger = WandbLogger(mode="online", entity="team", log_every_n_steps=12, isolate_sdk=False)  # patched here
     make_trainer([logger, StopWith(alert=True)]).fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
 
     init.assert_called_once()
@@ -334,3 +334,16 @@ def test_reader_reassembles_records_spanning_blocks(wandb_env):
     back = read_run(path)
     assert back.config["blob"] == blob and back.exit_code == 3
     assert back.metric("x") == {step: step * 0.5 for step in range(1, 2001)}
+
+
+def test_the_sdk_runs_in_a_child_process_by_default(wandb_env, mocker):
+    import wandb
+
+    init = mocker.patch.object(wandb, "init", side_effect=AssertionError("W&B ran in the training process"))
+    logger = WandbLogger(log_every_n_steps=4)
+    assert logger.isolate_sdk and not WandbLogger(mode="disabled").isolate_sdk
+    make_trainer([logger]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    init.assert_not_called()
+    run = only_run(wandb_env, logger.run_id)
+    assert sorted(run.metric("batch/loss")) == [4, 8, 12]
+    assert run.exit_code == 0 and run.summary["corebus/status"] == "FINISHED"
