@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 BENCHMARKS = [
     ("bench_engine.py", [], ["--epochs", "20", "--repeats", "2"]),
     ("bench_plugins.py", [], ["--epochs", "20", "--repeats", "2"]),
-    ("bench_loggers.py", [], ["--epochs", "40", "--repeats", "1"]),
+    ("bench_loggers.py", [], ["--epochs", "150", "--repeats", "1"]),
     ("bench_mlflow.py", [], ["--epochs", "15", "--repeats", "3"]),
     ("bench_snapshot.py", [], ["--steps", "100", "--repeats", "1"]),
     ("bench_watchdog.py", [], ["--epochs", "20", "--repeats", "2", "--latency-runs", "2"]),

@@ -75,6 +75,11 @@ class MLflowLogger:
     (key, step) after an outage too: records of a failed request are checked against the
     server before they are sent again.
 
+    With a local store (sqlite, files) MLflow's client does the storage work itself, in
+    SQLAlchemy, about 0.4 ms of CPU per metric point: those calls run in a child process at
+    lower CPU priority (:class:`corebus.BackendProcess`), never on the interpreter lock the
+    training loop needs. To a tracking server, points go out from this process as plain JSON.
+
     For an ``http(s)`` tracking URI, while a run is open this sets
     ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``, ``MLFLOW_HTTP_REQUEST_TIMEOUT=10`` and
     ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=0`` unless you set them yourself (MLflow reads them per
@@ -348,7 +353,8 @@ class MLflowLogger:
 
 
 class _Writer:
-    """Records -> ``MlflowClient`` calls, on the sink's worker thread (or in ``corebus sync``).
+    """Records -> ``MlflowClient`` calls: on the sink's worker thread for a tracking server, in a
+    child process for a local store, in ``corebus sync``.
 
     Every record type lands once however often its batch is retried: the run is found by its
     ``corebus.run_key`` tag before one is created, params already on the run are skipped,
