@@ -44,7 +44,8 @@ class BackendProcess:
     """``factory(*args, **kwargs)`` built in a child process; :meth:`call` runs its methods there.
 
     :param factory: a class or function importable by module and qualified name.
-    :param niceness: how much lower the child's CPU priority is (Linux ``nice``).
+    :param niceness: how much lower the child's CPU priority is (``nice``; on Linux the child
+        also runs under the ``SCHED_BATCH`` policy).
 
     The child starts on the first :meth:`call` (from the sink's worker thread, so the import
     of the SDK costs the training thread nothing) and again after it died. Arguments,
@@ -104,7 +105,7 @@ class BackendProcess:
             os.close(to_child_r)
             os.close(from_child_w)
         self._to_child, self._from_child = to_child_w, from_child_r
-        _write(self._to_child, (list(sys.path), *self._target))
+        _write(self._to_child, (list(sys.path), list(sys.argv), *self._target))
         status, value = _read(self._from_child)
         if status == "error":
             self._stop(kill=True)
@@ -156,8 +157,9 @@ def _error(exc: BaseException) -> tuple[str, dict[str, Any]]:
 def _serve(read_fd: int, write_fd: int) -> None:
     """The child: build the target, then answer calls until told to stop (or the parent dies)."""
     try:
-        path, module, qualname, args, kwargs = _read(read_fd)
-        sys.path[:] = path
+        # What the backend sees of its process is the training program's: sys.path (to import
+        # the backend), sys.argv (SDKs record the command line).
+        sys.path[:], sys.argv[:], module, qualname, args, kwargs = _read(read_fd)
         target: Any = importlib.import_module(module)
         for name in qualname.split("."):
             target = getattr(target, name)
@@ -189,6 +191,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         os.nice(int(sys.argv[3]))
-    except OSError:
+        # Batch scheduling: waking up for a record never preempts a training thread (the
+        # kernel otherwise favours a task that just woke), the cost that matters to a loop of
+        # millisecond steps.
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: the niceness alone
         pass
     _serve(int(sys.argv[1]), int(sys.argv[2]))

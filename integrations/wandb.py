@@ -212,7 +212,10 @@ class WandbLogger:
 
     def _writer_settings(self) -> dict[str, Any]:
         return {"project": self.project, "entity": self.entity, "mode": self.mode, "dir": self.dir,
-                "name": self.name, "tags": self.tags, "run_id": self.run_id}
+                "name": self.name, "tags": self.tags, "run_id": self.run_id,
+                # W&B's system metrics and run metadata describe this (training) process, even
+                # when the SDK lives in a child.
+                "stats_pid": os.getpid(), "program": _program()}
 
     def _send(self, records: list[dict[str, Any]]) -> None:
         if isinstance(self._writer, BackendProcess):
@@ -243,12 +246,15 @@ class _RunWriter:
     (:class:`corebus.BackendProcess`)."""
 
     def __init__(self, project: str, entity: str | None, mode: str, dir: str, name: str | None,
-                 tags: list[str], run_id: str):
+                 tags: list[str], run_id: str, stats_pid: int | None = None, program: str | None = None):
         import wandb
 
         self._wandb = wandb
+        process = {"x_stats_pid": stats_pid or os.getpid()}
+        if program:
+            process["program"] = program
         self.settings = {"project": project, "entity": entity, "mode": mode, "dir": dir, "name": name,
-                         "tags": tags or None, "id": run_id}
+                         "tags": tags or None, "id": run_id, "settings": wandb.Settings(**process)}
         self.run_id, self.mode, self.dir = run_id, mode, dir
         self.run: Any = None
 
@@ -297,3 +303,14 @@ class _RunWriter:
         run.log_artifact(artifact, aliases=["latest", f"step_{record['step']}"])
         if record["staged"]:
             path.unlink(missing_ok=True)  # add_file copied it into W&B's own staging area
+
+
+def _program() -> str | None:
+    """The training program as W&B names it in the training process (``WANDB_PROGRAM``, which
+    the child inherits, aside): the main script, or ``-m <module>``."""
+    import __main__
+
+    try:
+        return __main__.__file__ if __main__.__spec__ is None else f"-m {__main__.__spec__.name}"
+    except AttributeError:  # an interactive session: W&B says so itself
+        return None

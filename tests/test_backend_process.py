@@ -34,6 +34,9 @@ class Recorder:
     def niceness(self):
         return os.nice(0)
 
+    def policy(self):
+        return os.sched_getscheduler(0)
+
 
 def test_calls_run_in_a_child_and_keep_its_state():
     backend = BackendProcess(Recorder, "x-")
@@ -42,7 +45,8 @@ def test_calls_run_in_a_child_and_keep_its_state():
         second = backend.call("send", [3])
         assert first["pid"] != os.getpid()
         assert second == {"pid": first["pid"], "items": ["x-1", "x-2", "x-3"]}
-        assert backend.call("niceness") == os.nice(0) + 10  # lower priority than training
+        assert backend.call("niceness") == min(19, os.nice(0) + 10)  # lower priority than training
+        assert backend.call("policy") == os.SCHED_BATCH  # and never preempts it on waking up
     finally:
         backend.close()
 

@@ -363,7 +363,7 @@ def test_a_local_store_is_written_from_a_child_process_with_the_same_results(tmp
     """MLflow's default store (sqlite, no server): the SDK's writes run in a child process, off
     the training process's interpreter lock; a crash still ends FAILED and a resume continues
     the same run without repeating steps."""
-    from integrations.mlflow import _Writer
+    from corebus.integrations.mlflow import _Writer
     from mlflow.tracking import MlflowClient
 
     def not_here(self, records):

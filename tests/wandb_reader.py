@@ -82,6 +82,7 @@ class WandbRun:
     summary: dict[str, Any] = field(default_factory=dict)
     artifacts: list[Any] = field(default_factory=list)
     alerts: list[Any] = field(default_factory=list)
+    environment: Any = None  # the environment records merged (program, python, host...)
     exit_code: int | None = None
 
     def metric(self, key: str) -> dict[int, Any]:
@@ -128,6 +129,10 @@ def _fold(path: str | Path) -> WandbRun:
             run.artifacts.append(record.artifact)
         elif kind == "alert":
             run.alerts.append(record.alert)
+        elif kind == "environment":  # W&B writes it in parts
+            if run.environment is None:
+                run.environment = type(record.environment)()
+            run.environment.MergeFrom(record.environment)
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run
