@@ -336,6 +336,17 @@ def test_reader_reassembles_records_spanning_blocks(wandb_env):
     assert back.metric("x") == {step: step * 0.5 for step in range(1, 2001)}
 
 
+def environment_of(root, run_id, wait=10.0):
+    """The run, once W&B's service has written its environment record (collected in the
+    background while the run starts: it may land after the exit record)."""
+    deadline = time.monotonic() + wait
+    while True:
+        run = only_run(root, run_id)
+        if (run.environment is not None and run.environment.program) or time.monotonic() > deadline:
+            return run
+        time.sleep(0.1)
+
+
 def test_the_sdk_runs_in_a_child_process_by_default(wandb_env, mocker, monkeypatch):
     import wandb
 
@@ -356,7 +367,7 @@ def test_the_sdk_runs_in_a_child_process_by_default(wandb_env, mocker, monkeypat
     assert logger.isolate_sdk and not WandbLogger(mode="disabled").isolate_sdk
     make_trainer([logger]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     init.assert_not_called()
-    run, reference = only_run(wandb_env, logger.run_id), only_run(wandb_env, here.run_id)
+    run, reference = (environment_of(wandb_env, x.run_id) for x in (logger, here))
     assert sorted(run.metric("batch/loss")) == [4, 8, 12]
     assert run.exit_code == 0 and run.summary["corebus/status"] == "FINISHED"
     # The run describes the training program as an in-process run does, not the child.
