@@ -336,6 +336,15 @@ def test_reader_reassembles_records_spanning_blocks(wandb_env):
     assert back.metric("x") == {step: step * 0.5 for step in range(1, 2001)}
 
 
+class GiveWandbTime:
+    """W&B's service collects the environment record in the background once the run started,
+    and drops it when the run finishes first: a run of a second needs a few more."""
+
+    @hookimpl
+    def on_epoch_end(self):
+        time.sleep(4)
+
+
 def environment_of(root, run_id, wait=10.0):
     """The run, once W&B's service has written its environment record (collected in the
     background while the run starts: it may land after the exit record)."""
@@ -360,12 +369,12 @@ def test_the_sdk_runs_in_a_child_process_by_default(wandb_env, mocker, monkeypat
     monkeypatch.setattr(__main__, "__spec__", None)
     monkeypatch.setattr(__main__, "__file__", str(wandb_env.parent / "train.py"))
     here = WandbLogger(log_every_n_steps=4, isolate_sdk=False)
-    make_trainer([here]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    make_trainer([here, GiveWandbTime()]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
 
     init = mocker.patch.object(wandb, "init", side_effect=AssertionError("W&B ran in the training process"))
     logger = WandbLogger(log_every_n_steps=4)
     assert logger.isolate_sdk and not WandbLogger(mode="disabled").isolate_sdk
-    make_trainer([logger]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    make_trainer([logger, GiveWandbTime()]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     init.assert_not_called()
     run, reference = (environment_of(wandb_env, x.run_id) for x in (logger, here))
     assert sorted(run.metric("batch/loss")) == [4, 8, 12]
