@@ -338,11 +338,18 @@ def test_reader_reassembles_records_spanning_blocks(wandb_env):
 
 class GiveWandbTime:
     """W&B's service collects the environment record in the background once the run started,
-    and drops it when the run finishes first: a run of a second needs a few more."""
+    and drops it when the run finishes first: wait for the run to be up (its first records
+    delivered, however slow the machine), then a few seconds more."""
+
+    def __init__(self, logger):
+        self.logger = logger
 
     @hookimpl
     def on_epoch_end(self):
-        time.sleep(4)
+        deadline = time.monotonic() + 60
+        while self.logger._sink.stats["sent"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)
 
 
 def environment_of(root, run_id, wait=10.0):
@@ -371,7 +378,7 @@ def test_the_sdk_runs_in_a_child_process_by_default(wandb_env, mocker, monkeypat
     init = mocker.patch.object(wandb, "init", side_effect=AssertionError("W&B ran in the training process"))
     logger = WandbLogger(log_every_n_steps=4)
     assert logger.isolate_sdk and not WandbLogger(mode="disabled").isolate_sdk
-    make_trainer([logger, GiveWandbTime()]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    make_trainer([logger, GiveWandbTime(logger)]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     init.assert_not_called()
     run = environment_of(wandb_env, logger.run_id)
     assert sorted(run.metric("batch/loss")) == [4, 8, 12]
