@@ -18,7 +18,7 @@ from .io import BackgroundWorker, atomic_path, check_writable, fsync_path
 from .logs import LazyLogs
 from .monitor import Monitor
 from .registry import installed_plugins, load_plugin_config
-from .backend_process import BackendError, BackendProcess
+from .backend_process import BackendError, BackendProcess, InProcessBackend
 from .sinks import LogSink, RetryLater, Spool, read_spool, redact
 from .snapshot import RunSnapshot, SnapshotError
 
@@ -45,6 +45,7 @@ __all__ = [
     "BackendError",
     "BackendProcess",
     "BackgroundWorker",
+    "InProcessBackend",
     "Monitor",
     "atomic_path",
     "check_writable",

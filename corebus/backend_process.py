@@ -124,6 +124,21 @@ class BackendProcess:
             self._to_child = self._from_child = -1
 
 
+class InProcessBackend:
+    """:class:`BackendProcess`'s interface over an object in this process, for a backend that
+    need not move (a tracking server, a test patching the SDK): callers never branch on where
+    it lives. Exceptions are the backend's own."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.backend, method)(*args)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Nothing to stop."""
+
+
 def _write(fd: int, message: Any) -> None:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     view = memoryview(_HEADER.pack(len(data)) + data)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
-from corebus import BackendProcess, Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+from corebus import BackendProcess, Cadence, InProcessBackend, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
 
 log = logging.getLogger("corebus")
 
@@ -132,7 +132,7 @@ class MLflowLogger:
         # process. A local store (sqlite, files) is written by MLflow's client code, ~0.4 ms of
         # CPU per metric point: that runs in a child process, off the interpreter lock.
         self._remote_store = urlsplit(self.tracking_uri).scheme in ("http", "https")
-        self._backend: BackendProcess | None = None
+        self._backend: BackendProcess | InProcessBackend | None = None  # where self._writer's sends run
         self._key: str | None = None
         self._restored = False
         self._phase = "idle"  # -> "begun" (on_train_begin) -> "open" (sink running) -> "idle"
@@ -252,8 +252,8 @@ class MLflowLogger:
             self._key = self._key or uuid.uuid4().hex
             spool = Spool(Path(self.dir) / f"mlflow-{self._key}.spool.jsonl",
                           {"plugin": "mlflow", "config": self._writer.config()})
-            if not self._remote_store:  # a local store: MLflow's own writes, in a child process
-                self._backend = BackendProcess(_Writer, self.tracking_uri, self.experiment_name, self.run_name)
+            self._backend = (InProcessBackend(self._writer) if self._remote_store else
+                             BackendProcess(_Writer, self.tracking_uri, self.experiment_name, self.run_name))
             self.sink = LogSink(f"mlflow-{self._key[:8]}", self._send, spool=spool,
                                 shutdown_timeout=self.shutdown_timeout)
             _http_env(self.tracking_uri, +1)
@@ -265,11 +265,8 @@ class MLflowLogger:
         return self._phase == "open"
 
     def _send(self, records: list[dict[str, Any]]) -> None:
-        """The sink's send: through the child process for a local store, else in this one."""
-        if self._backend is None:
-            self._writer.send(records)
-        else:
-            self._writer.run_ids.update(self._backend.call("send", records, dict(self._writer.run_ids)))
+        """The sink's send; the run ids known here go along and come back (a child has its own)."""
+        self._writer.run_ids.update(self._backend.call("send", records, dict(self._writer.run_ids)))
 
     def _put(self, kind: str, **fields: Any) -> None:
         if kind != "metrics" and self._points:  # keep the order: metrics logged before come first
@@ -313,9 +310,8 @@ class MLflowLogger:
         try:
             self.sink.close(self.shutdown_timeout)
         finally:
-            if self._backend is not None:
-                self._backend.close()
-                self._backend = None
+            self._backend.close()
+            self._backend = None
             _http_env(self.tracking_uri, -1)
             staged = Path(self.dir) / f"mlflow-{self._key}-artifacts"
             if staged.is_dir() and not any(staged.iterdir()):

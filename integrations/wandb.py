@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corebus import BackendProcess, Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+from corebus import BackendProcess, Cadence, InProcessBackend, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
 
 log = logging.getLogger("corebus")
 
@@ -105,7 +105,7 @@ class WandbLogger:
         # training process unless asked (or nothing is written: mode "disabled").
         self.isolate_sdk = self.mode != "disabled" if isolate_sdk is None else bool(isolate_sdk)
         self._sink: LogSink | None = None
-        self._writer: _RunWriter | BackendProcess | None = None
+        self._writer: BackendProcess | InProcessBackend | None = None  # the run's _RunWriter, wherever it lives
         self._started = False
 
     def get_config(self) -> dict[str, Any]:
@@ -179,7 +179,8 @@ class WandbLogger:
             header = {"plugin": "wandb", "config": {**self.get_config(), "run_id": self.run_id}}
             spool = Spool(Path(self.dir) / f"wandb-{self.run_id}.spool.jsonl", header)
             settings = self._writer_settings()
-            self._writer = BackendProcess(_RunWriter, **settings) if self.isolate_sdk else _RunWriter(**settings)
+            self._writer = (BackendProcess(_RunWriter, **settings) if self.isolate_sdk else
+                            InProcessBackend(_RunWriter(**settings)))
             self._sink = LogSink("wandb", self._send, spool=spool, shutdown_timeout=self.shutdown_timeout)
             self._sink.put({"type": "config", "values": self._params, "resumed_step": self._resumed_step})
         self._sink.put(record)
@@ -193,8 +194,7 @@ class WandbLogger:
         try:
             sink.close(self.shutdown_timeout)
         finally:
-            if isinstance(self._writer, BackendProcess):
-                self._writer.close()
+            self._writer.close()
             self._writer = None
         self._resume_id = None  # the next fit of this instance is a new run
 
@@ -218,10 +218,7 @@ class WandbLogger:
                 "stats_pid": os.getpid(), "program": _program()}
 
     def _send(self, records: list[dict[str, Any]]) -> None:
-        if isinstance(self._writer, BackendProcess):
-            self._writer.call("send", records)
-        else:
-            self._writer.send(records)
+        self._writer.call("send", records)
 
     @classmethod
     def replay_spool(cls, path: str | os.PathLike) -> int:

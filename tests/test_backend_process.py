@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from corebus import BackendError, BackendProcess
+from corebus import BackendError, BackendProcess, InProcessBackend
 
 
 class Recorder:
@@ -107,3 +107,13 @@ def test_ctrl_c_in_the_terminal_does_not_reach_the_child():
         assert backend.call("send", ["after"])["pid"] == pid
     finally:
         backend.close()
+
+
+def test_in_process_backend_has_the_same_interface_and_raises_the_backends_own_errors():
+    backend = InProcessBackend(Recorder("x-"))
+    assert backend.call("send", [1])["pid"] == os.getpid()
+    with pytest.raises(ConnectionError, match="server said no") as info:
+        backend.call("fail", 1.0)
+    assert info.value.retry_after == 1.0
+    backend.close()
+    assert backend.backend.items == ["x-1"]
