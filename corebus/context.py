@@ -235,6 +235,18 @@ class RunContext:
         if on_log is not None:
             on_log(trainer=self, kind="batch", step=self.global_step, logs=logs if step_values is None else step_values)
 
+    def learning_rate_logs(self) -> dict[str, Any]:
+        """Each optimizer's current learning rate as a tensor, named as in the logs:
+        ``learning_rate``, or ``learning_rate/<name>`` per optimizer when there are several.
+        Inside the compiled step (after the update) it is what ``lr.value`` reads after it."""
+        import keras
+
+        rates = {name: keras.ops.convert_to_tensor(lr_owner(optimizer).learning_rate)
+                 for name, optimizer in self.optimizers.items()}
+        if len(rates) == 1:
+            return {"learning_rate": next(iter(rates.values()))}
+        return {f"learning_rate/{name}": rate for name, rate in rates.items()}
+
     def _epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         self._at_epoch_end = True
         try:

@@ -347,10 +347,12 @@ def on_log(trainer, kind, step, logs):
     Batch values are the step's own values, not Keras's running means: the batch loss as the
     compiled step computed it, and mean-type metrics of the call derived on first read from two
     consecutive running means (custom steps report their own values; with a ``tf.data`` input,
-    sample weights, or inside ``model.fit``, metrics other than the loss are running means). When a plugin
-    declares ``gradient_taps = {"norm"}`` they include ``grad_norm`` (``grad_norm/<name>``),
-    the global norm of the update's gradients before clipping. They share the host fetch of
-    ``on_train_batch_end``'s logs.
+    sample weights, or inside ``model.fit``, metrics other than the loss are running means). They
+    include ``learning_rate`` (``learning_rate/<name>`` per optimizer when there are several),
+    the rate after the call's last update, and, when a plugin declares
+    ``gradient_taps = {"norm"}``, ``grad_norm`` (``grad_norm/<name>``), the global norm of the
+    update's gradients before clipping. They share the host fetch of ``on_train_batch_end``'s
+    logs.
 
     :param trainer: the running trainer.
     :param kind: ``"batch"`` or ``"epoch"``.

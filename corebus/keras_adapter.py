@@ -116,12 +116,13 @@ class KerasCallback(keras.callbacks.Callback):
             batch = min(batch, steps - 1)
         steps_done = batch - ctx._first_batch + 1
         logs = dict(logs or {})
-        norms = ctx.gradient_pipeline.norm_logs() if "norm" in ctx.gradient_taps and self._pipelined else {}
-        if not norms:
+        if ctx._callers.get("on_log") is None:
             ctx._train_batch_end(batch, steps_done, LazyLogs.from_tensors(logs))
             return
-        # Keras hands callbacks running means only; the gradient norm joins the same fetch.
-        step_values = LazyLogs.from_tensors({**logs, **norms})
+        # Keras hands callbacks running means only; on_log's gradient norm and learning rate
+        # (as the engine reports them) join the same fetch, read now: they change next step.
+        norms = ctx.gradient_pipeline.norm_logs() if "norm" in ctx.gradient_taps and self._pipelined else {}
+        step_values = LazyLogs.from_tensors({**logs, **norms, **ctx.learning_rate_logs()})
         names = list(logs)
         ctx._train_batch_end(batch, steps_done, step_values.view(names, range(len(names))), step_values)
 

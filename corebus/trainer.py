@@ -323,7 +323,11 @@ class Trainer(RunContext):
                 self._step_counter.assign_add(1)
         if not self._step_values:
             return logs
-        return {**logs, **{STEP_VALUE + key: norm for key, norm in self.gradient_pipeline.norm_logs().items()}}
+        # Read inside the step, they share the logs' one host fetch: an eager read after the
+        # step costs a dispatch and a thread hand-off (a hundred-odd µs on a 2-core CPU).
+        extras = {**self.gradient_pipeline.norm_logs(), **self.learning_rate_logs()}
+        return {**logs, **{STEP_VALUE + key: value for key, value in extras.items()}}
+
 
     def _one_test_step(self, data: Any) -> Mapping[str, Any]:
         if self._user_test_step is not None:

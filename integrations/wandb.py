@@ -136,7 +136,8 @@ class WandbLogger:
             if self._cadence is None or not self._cadence.due_now(trainer):
                 return
             values = {f"batch/{k}": float(v) for k, v in dict(logs).items()}  # one host fetch
-            if trainer.optimizer is not None:
+            # The engine's step values carry the LR; Keras's batch logs (model.fit) do not.
+            if trainer.optimizer is not None and not any(k.startswith("batch/learning_rate") for k in values):
                 values["batch/learning_rate"] = trainer.lr.value
         else:
             values = {f"epoch/{k}": float(v) for k, v in logs.items()}

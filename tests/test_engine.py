@@ -86,6 +86,8 @@ def test_steps_per_execution_fires_batch_hooks_once_per_call_like_keras(tiny_dat
         ("on_train_batch_begin", 10, 10), ("on_train_batch_end", 11, 12),
     ]
     assert engine_rec.events == keras_rec.events
+    # on_log's step values carry the learning rate in both modes
+    assert all("learning_rate" in e[3] for e in engine_rec.events if e[:2] == ("on_log", "batch"))
 
 
 def test_global_step_survives_across_fits(tiny_data):

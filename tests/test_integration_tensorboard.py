@@ -92,9 +92,12 @@ def test_same_tags_steps_and_values_as_keras_tensorboard(tmp_path):
                     assert mine == theirs, f"{run}/{tag}"
         extra = set(got) - set(expected)
         if run == "train":
-            # what Keras lacks: weight norms beside each histogram, run params and final status
+            # what Keras lacks: weight norms beside each histogram, the per-step learning rate,
+            # run params and final status
             norms = {t.replace("/histogram", "/norm") for t in expected if t.endswith("/histogram")}
-            assert extra == norms | {"run_params", "run_status"}
+            assert extra == norms | {"batch_learning_rate", "run_params", "run_status"}
+            batch_steps = [step for step, _ in scalars(got)["batch_loss"]]
+            assert scalars(got)["batch_learning_rate"] == [(step, f32(0.01)) for step in batch_steps]
         else:
             assert extra == set()
     keras_tags = set(read_run(tmp_path / "keras" / "train")[0])

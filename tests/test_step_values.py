@@ -158,3 +158,37 @@ def test_unknown_gradient_tap_is_rejected_before_training(tiny_data):
 
     with pytest.raises(ConfigError, match="gradient_taps has 'hessian'; use any of"):
         make_trainer([Wrong()]).fit(*tiny_data, batch_size=16, epochs=1, verbose=0)
+
+
+class LearningRateSpy:
+    """on_log's batch learning rate beside an eager read of the optimizer's after each step."""
+
+    def __init__(self):
+        self.logged, self.eager = [], []
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        self.eager.append(trainer.lr.value)
+
+    @hookimpl
+    def on_log(self, kind, logs):
+        if kind == "batch":
+            self.logged.append(logs["learning_rate"])
+
+
+@pytest.mark.parametrize("mode", ["engine", "keras"])
+def test_step_values_carry_the_learning_rate_after_each_update(tiny_data, mode):
+    # a per-step schedule: the value must be the one after this step's update, not a later one
+    x, y = tiny_data
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.9)
+    spy = LearningRateSpy()
+    fit = dict(batch_size=16, epochs=2, verbose=0, shuffle=False)
+    if mode == "engine":
+        make_trainer([spy], optimizer=keras.optimizers.SGD(schedule), steps_per_execution=2).fit(x, y, **fit)
+    else:
+        model = tiny_model()
+        model.compile(optimizer=keras.optimizers.SGD(schedule), loss="sparse_categorical_crossentropy", steps_per_execution=2)
+        model.fit(x, y, callbacks=[corebus.KerasCallback([spy])], **fit)
+    # 12 steps in calls of 2: the LR after steps 2, 4, ... 12
+    np.testing.assert_allclose(spy.logged, [0.1 * 0.9 ** step for step in range(2, 13, 2)], rtol=1e-6)
+    np.testing.assert_allclose(spy.logged, spy.eager, rtol=1e-6)
