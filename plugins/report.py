@@ -87,9 +87,10 @@ class RunReport:
         if kind == "batch":
             if self._cadence is None or not self._cadence.due_now(trainer):
                 return
-            values = {k: float(v) for k, v in logs.items()}  # the step's one batched fetch
+            values = {k: float(v) for k, v in logs.items()}  # the step's one batched fetch, LR included
             for name in trainer.optimizers:
-                values[_lr_key(name)] = trainer.lr_for(name).value
+                if _lr_key(name) not in values:
+                    values[_lr_key(name)] = trainer.lr_for(name).value
             self._add_batch(step, values)
             return
         record = {"epoch": trainer.epoch, "step": step, "logs": {k: float(v) for k, v in logs.items()}}
