@@ -97,7 +97,7 @@ def run(x, y, epochs, with_loggers):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=6)
     args = parser.parse_args(argv)
     x, y = load_data()
     samples = {"a_no_loggers": [], "b_three_loggers": []}
