@@ -52,8 +52,8 @@ class MLflowLogger:
         in the spool.
     :param tags: run tags.
 
-    Naming: batch metrics under their Keras names (``loss``) at the global optimizer step;
-    epoch metrics as ``epoch/<name>`` (``epoch/val_loss``, ``epoch/learning_rate``...) at the
+    Naming: batch metrics under their Keras names (``loss``) at the global optimizer step (the
+    learning rate per epoch only: MLflow stores every point); epoch metrics as ``epoch/<name>`` (``epoch/val_loss``, ``epoch/learning_rate``...) at the
     global step the epoch ended on, beside an ``epoch`` metric (0-based index) so a chart can
     use either axis. Params are ``trainer.run_params()`` flattened with dots
     (``fit.epochs``, ``optimizer.default.learning_rate``, ``plugins.<name>.<param>``), secrets
@@ -279,6 +279,11 @@ class MLflowLogger:
     def _floats(self, values: dict[str, Any]) -> dict[str, float]:
         out = {}
         for name, value in values.items():
+            if name.startswith("learning_rate"):
+                # A step's learning rate (epoch names start with "epoch/"): MLflow stores, and a
+                # server charges for, every metric point, so per step it would cost as much as
+                # the loss; the epoch points carry it.
+                continue
             try:
                 number = float(value)
             except (TypeError, ValueError):

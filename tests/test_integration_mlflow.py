@@ -137,6 +137,7 @@ def test_every_metric_param_and_artifact_reaches_the_server(server, tmp_path, mo
         assert history(client, run.info.run_id, f"epoch/{key}") == per_epoch
     assert history(client, run.info.run_id, "epoch") == [(9, 0.0), (18, 1.0)]
     assert steps_of(client, run.info.run_id, "epoch/learning_rate") == [9, 18]
+    assert "learning_rate" not in run.data.metrics  # per epoch only: a point per step costs as much as the loss
 
     params = run.data.params
     assert params["fit.epochs"] == "2" and params["fit.steps"] == "9"
