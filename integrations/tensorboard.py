@@ -36,7 +36,8 @@ class TensorBoardLogger:
     - ``batch_<metric>`` in ``train/`` when ``update_freq`` is an integer N (or ``"batch"``,
       i.e. 1), at the global optimizer step, whenever the updates of a train call cross a
       multiple of N. Keras counts compiled calls instead; with ``steps_per_execution=1`` and
-      no gradient accumulation both are the same steps;
+      no gradient accumulation both are the same steps. Beside Keras's tags,
+      ``batch_learning_rate``: the rate after that step's update;
     - with ``histogram_freq=N``, every N epochs: ``<weight.path>/histogram`` for every layer
       weight (Keras's tag and buckets) plus a ``<weight.path>/norm`` scalar (its L2 norm), and,
       with ``write_gradients=True`` (default), ``<weight.path>/gradient_histogram`` and
