@@ -32,6 +32,11 @@ log = logging.getLogger("corebus")
 
 Record = dict[str, Any]
 SPOOL_SUFFIX = ".spool.jsonl"
+#: How often a logger's sink delivers (TensorBoard, MLflow, W&B). Each delivery wakes a worker
+#: thread, and a child process where there is one, on the training machine's cores; every 2 s
+#: instead of every 0.5 s measured 0.77 -> 0.89 of the no-logger step rate in a 1,100 steps/s
+#: run with all three attached. Dashboards lag by at most this much; close() delivers at once.
+LOGGER_FLUSH_SECONDS = 2.0
 
 
 class Spool:

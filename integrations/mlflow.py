@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
-from corebus import BackendProcess, Cadence, InProcessBackend, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink, Spool,
+                     check_writable, hookimpl, read_spool, require_module)
 
 log = logging.getLogger("corebus")
 
 RUN_KEY_TAG = "corebus.run_key"  # names the run across retries, resumes and `corebus sync`
 MAX_KEY, MAX_PARAM, MAX_TAG = 250, 6000, 8000  # MLflow's limits (mlflow.utils.validation)
-COALESCE_SECONDS, COALESCE_POINTS = 1.0, 250
+COALESCE_SECONDS, COALESCE_POINTS = LOGGER_FLUSH_SECONDS, 250
 # MLflow's HTTP client retries a dead server for ~4 minutes by default; the sink retries instead.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
@@ -59,9 +60,9 @@ class MLflowLogger:
     (``fit.epochs``, ``optimizer.default.learning_rate``, ``plugins.<name>.<param>``), secrets
     redacted, values cut to 6000 characters. Checkpoints go to ``checkpoints/`` as they are
     announced (``on_checkpoint_saved``); the file is hard-linked first, so a checkpoint rotated
-    away before the upload still arrives. Metric points are handed to the sink about once a
-    second (one MLflow request per second instead of one per step), so a dashboard trails
-    training by about a second.
+    away before the upload still arrives. Metric points are handed to the sink every
+    ``corebus.LOGGER_FLUSH_SECONDS`` (2 s; one MLflow request then instead of one per step), so
+    a dashboard trails training by up to a few seconds.
 
     Alerts (``on_alert``, e.g. from ``stall_alert``) become run tags: ``corebus.alert.<kind>``
     holds the latest of each kind with its text, ``corebus.alerts`` one line per alert.
@@ -177,8 +178,8 @@ class MLflowLogger:
     def on_log(self, trainer, kind, step, logs):
         if not self._ready():
             return
-        # About one record a second, not one per step: an MLflow request costs the client (GIL
-        # time) and the server far more than its payload does.
+        # One record per LOGGER_FLUSH_SECONDS, not one per step: an MLflow request costs the
+        # client (GIL time) and the server far more than its payload does.
         if self._points and time.monotonic() - self._points_since >= COALESCE_SECONDS:
             self._put("metrics", points=self._points)
         if kind == "batch":
@@ -254,7 +255,7 @@ class MLflowLogger:
                           {"plugin": "mlflow", "config": self._writer.config()})
             self._backend = (InProcessBackend(self._writer) if self._remote_store else
                              BackendProcess(_Writer, self.tracking_uri, self.experiment_name, self.run_name))
-            self.sink = LogSink(f"mlflow-{self._key[:8]}", self._send, spool=spool,
+            self.sink = LogSink(f"mlflow-{self._key[:8]}", self._send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
                                 shutdown_timeout=self.shutdown_timeout)
             _http_env(self.tracking_uri, +1)
             self._phase = "open"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from corebus import Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+from corebus import LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
 
 log = logging.getLogger("corebus")
 
@@ -246,7 +246,8 @@ class TensorBoardLogger:
         if self._sink is None:
             self._files = _EventFiles(self.log_dir)
             spool = Spool(Path(self.log_dir) / SPOOL_NAME, {"plugin": "tensorboard", "config": self.get_config()})
-            self._sink = LogSink("tensorboard", self._files.write, spool=spool, shutdown_timeout=self.shutdown_timeout)
+            self._sink = LogSink("tensorboard", self._files.write, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
+                                 shutdown_timeout=self.shutdown_timeout)
             for pending in self._pending:
                 self._sink.put(pending)
             self._pending = []

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corebus import BackendProcess, Cadence, InProcessBackend, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+from corebus import LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, InProcessBackend, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
 
 log = logging.getLogger("corebus")
 
@@ -182,7 +182,8 @@ class WandbLogger:
             settings = self._writer_settings()
             self._writer = (BackendProcess(_RunWriter, **settings) if self.isolate_sdk else
                             InProcessBackend(_RunWriter(**settings)))
-            self._sink = LogSink("wandb", self._send, spool=spool, shutdown_timeout=self.shutdown_timeout)
+            self._sink = LogSink("wandb", self._send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
+                                 shutdown_timeout=self.shutdown_timeout)
             self._sink.put({"type": "config", "values": self._params, "resumed_step": self._resumed_step})
         self._sink.put(record)
 
