@@ -235,17 +235,18 @@ class RunContext:
         if on_log is not None:
             on_log(trainer=self, kind="batch", step=self.global_step, logs=logs if step_values is None else step_values)
 
+    def learning_rate_key(self, optimizer_name: str) -> str:
+        """The log name of an optimizer's learning rate: ``learning_rate``, or
+        ``learning_rate/<name>`` per optimizer when there are several (none unlabelled)."""
+        return "learning_rate" if len(self.optimizers) == 1 else f"learning_rate/{optimizer_name}"
+
     def learning_rate_logs(self) -> dict[str, Any]:
-        """Each optimizer's current learning rate as a tensor, named as in the logs:
-        ``learning_rate``, or ``learning_rate/<name>`` per optimizer when there are several.
+        """Each optimizer's current learning rate as a tensor, under :meth:`learning_rate_key`.
         Inside the compiled step (after the update) it is what ``lr.value`` reads after it."""
         import keras
 
-        rates = {name: keras.ops.convert_to_tensor(lr_owner(optimizer).learning_rate)
-                 for name, optimizer in self.optimizers.items()}
-        if len(rates) == 1:
-            return {"learning_rate": next(iter(rates.values()))}
-        return {f"learning_rate/{name}": rate for name, rate in rates.items()}
+        return {self.learning_rate_key(name): keras.ops.convert_to_tensor(lr_owner(optimizer).learning_rate)
+                for name, optimizer in self.optimizers.items()}
 
     def _epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         self._at_epoch_end = True
@@ -255,11 +256,10 @@ class RunContext:
             self._at_epoch_end = False
         if self._callers.get("on_log") is not None:
             record = dict(logs)
-            if len(self.optimizers) == 1:
-                record.setdefault("learning_rate", self.lr.value)
-            else:  # several optimizers: each LR by name, none unlabelled
-                for name in self.optimizers:
-                    record.setdefault(f"learning_rate/{name}", self.lr_for(name).value)
+            for name in self.optimizers:
+                key = self.learning_rate_key(name)
+                if key not in record:
+                    record[key] = self.lr_for(name).value
             started, step_at_start = getattr(self, "_epoch_clock", (None, 0))
             if started is not None and self.global_step > step_at_start:
                 record["steps_per_second"] = (self.global_step - step_at_start) / (time.perf_counter() - started)

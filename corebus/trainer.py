@@ -328,7 +328,6 @@ class Trainer(RunContext):
         extras = {**self.gradient_pipeline.norm_logs(), **self.learning_rate_logs()}
         return {**logs, **{STEP_VALUE + key: value for key, value in extras.items()}}
 
-
     def _one_test_step(self, data: Any) -> Mapping[str, Any]:
         if self._user_test_step is not None:
             return self._user_test_step(self, data)
@@ -460,8 +459,10 @@ class Trainer(RunContext):
                 if isinstance(data, DatasetData):
                     data.exhausted()
                 if done:
-                    logs = self._metrics_or(None)
-                    self._train_batch_end(begin + done - 1, done, logs or {})
+                    logs = self._metrics_or(None) or {}
+                    # The cut-short call packed nothing: on_log's learning rate is read here.
+                    step_values = {**logs, **{key: float(np.asarray(rate)) for key, rate in self.learning_rate_logs().items()}}
+                    self._train_batch_end(begin + done - 1, done, logs, step_values)
                 break
             if not self.model.built:
                 # A custom step that calls only parts of the model (a GAN's two halves) built

@@ -135,10 +135,7 @@ class WandbLogger:
         if kind == "batch":
             if self._cadence is None or not self._cadence.due_now(trainer):
                 return
-            values = {f"batch/{k}": float(v) for k, v in dict(logs).items()}  # one host fetch
-            # The engine's step values carry the LR; Keras's batch logs (model.fit) do not.
-            if trainer.optimizer is not None and not any(k.startswith("batch/learning_rate") for k in values):
-                values["batch/learning_rate"] = trainer.lr.value
+            values = {f"batch/{k}": float(v) for k, v in dict(logs).items()}  # one host fetch, LR included
         else:
             values = {f"epoch/{k}": float(v) for k, v in logs.items()}
             values["epoch/epoch"] = trainer.epoch

@@ -192,3 +192,13 @@ def test_step_values_carry_the_learning_rate_after_each_update(tiny_data, mode):
     # 12 steps in calls of 2: the LR after steps 2, 4, ... 12
     np.testing.assert_allclose(spy.logged, [0.1 * 0.9 ** step for step in range(2, 13, 2)], rtol=1e-6)
     np.testing.assert_allclose(spy.logged, spy.eager, rtol=1e-6)
+
+
+def test_a_call_cut_short_by_the_end_of_a_dataset_still_carries_the_learning_rate(tiny_data):
+    import tensorflow as tf
+
+    x, y = tiny_data  # 96 samples, batch 16: 6 batches, in calls of 4 -> the second call ends early
+    unknown = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda a, b: True).batch(16)
+    spy = LearningRateSpy()
+    make_trainer([spy], optimizer=keras.optimizers.SGD(LR), steps_per_execution=4).fit(unknown, epochs=1, verbose=0)
+    assert spy.logged == pytest.approx([LR, LR]) and spy.eager == pytest.approx([LR, LR])
