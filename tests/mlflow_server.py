@@ -28,10 +28,11 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path, workers: int | None = 1, niceness: int = 0):
+    def __init__(self, root: Path, workers: int | None = 1, niceness: int = 0, cpus: set[int] | None = None):
         self.root = Path(root)
         self.workers = workers
         self.niceness = niceness  # > 0: the server's CPU comes after everything else's
+        self.cpus = cpus  # the server and its workers run only on these CPUs (None: any)
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -51,6 +52,8 @@ class MlflowServer:
         ] + (["--workers", str(self.workers)] if self.workers else [])
         if self.niceness:
             command = ["nice", "-n", str(self.niceness)] + command
+        if self.cpus:
+            command = ["taskset", "-c", ",".join(map(str, sorted(self.cpus)))] + command
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.starts += 1
         log = open(self.root / f"server-{self.starts}.log", "wb")
