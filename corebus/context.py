@@ -40,6 +40,22 @@ def optimizer_names(value: Any, owner: str) -> list[str] | None:
     return names
 
 
+_EVERY_CALL = object()
+
+
+def _batch_log_cadences(bus: PluginBus) -> tuple[Any, ...] | None:
+    """The cadences of the batch ``on_log`` records the subscribers use, or ``None`` (every
+    call) when one of them does not declare ``batch_log_cadence``. Declared ``None``: none."""
+    cadences = []
+    for _, impl in bus.implementations("on_log"):
+        cadence = getattr(impl.plugin, "batch_log_cadence", _EVERY_CALL)
+        if cadence is _EVERY_CALL:
+            return None
+        if cadence is not None:
+            cadences.append(cadence)
+    return tuple(cadences)
+
+
 def _plain(value: Any) -> bool:
     """A config value worth logging as a run param: a scalar, or a list/tuple of scalars."""
     scalar = (int, float, str, bool, type(None))
@@ -82,6 +98,7 @@ class RunContext:
         self._lr: Any = None
         self._lr_by_name: dict[str, Any] = {}
         self._callers: dict[str, Any] = {}
+        self._batch_log_cadences: tuple[Any, ...] | None = None  # None: every train call is logged
         self._at_epoch_end = False
         self._resume_at: tuple[int, int] | None = None
         self.gradient_taps: frozenset[str] = frozenset()
@@ -172,6 +189,7 @@ class RunContext:
         self.bus = bus
         self.gradient_taps = frozenset(taps)
         self._callers = {hook: bus.caller(hook) for hook in bus._callers}
+        self._batch_log_cadences = _batch_log_cadences(bus)
         self._accumulation = self.accumulation_steps("default")
 
     def _start_steps(self, micro_step: int) -> None:
@@ -226,14 +244,24 @@ class RunContext:
     ) -> None:
         """``steps_done`` batches were trained in the call that just ended. ``step_values`` are
         what ``on_log`` gets: the last step's own values where known (default: ``logs``)."""
+        log_now = self._batch_log_due(steps_done)
         self.batch = batch
         self._advance(steps_done)
         on_batch_end = self._callers.get("on_train_batch_end")
         if on_batch_end is not None:
             on_batch_end(trainer=self, batch=batch, logs=logs)
-        on_log = self._callers.get("on_log")
-        if on_log is not None:
-            on_log(trainer=self, kind="batch", step=self.global_step, logs=logs if step_values is None else step_values)
+        if log_now:
+            self._callers["on_log"](trainer=self, kind="batch", step=self.global_step, logs=logs if step_values is None else step_values)
+
+    def _batch_log_due(self, steps_done: int) -> bool:
+        """Whether the train call of ``steps_done`` batches that is ending gets a batch ``on_log``:
+        some subscriber's ``batch_log_cadence`` has a step in it (or one declares none)."""
+        if self._callers.get("on_log") is None:
+            return False
+        if self._batch_log_cadences is None:
+            return True
+        step_after = (self.micro_step + steps_done) // self._accumulation
+        return any(cadence.due(self.global_step, step_after) for cadence in self._batch_log_cadences)
 
     def learning_rate_key(self, optimizer_name: str) -> str:
         """The log name of an optimizer's learning rate: ``learning_rate``, or

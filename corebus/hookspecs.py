@@ -344,6 +344,13 @@ def on_log(trainer, kind, step, logs):
     including ``val_*``, ``learning_rate`` (``learning_rate/<name>`` per optimizer when there
     are several) and ``steps_per_second``).
 
+    A subscriber that uses batch records only at its cadence declares it as the attribute
+    ``batch_log_cadence`` (a :class:`corebus.Cadence`; ``None``: epoch records only). When every
+    subscriber declares one, the batch call is skipped after train calls where none is due: no
+    dispatch per step, and in ``model.fit`` no learning-rate read. The call still goes to every
+    subscriber when any is due, so each checks its own cadence; one without the attribute gets
+    every call.
+
     Batch values are the step's own values, not Keras's running means: the batch loss as the
     compiled step computed it, and mean-type metrics of the call derived on first read from two
     consecutive running means (custom steps report their own values; with a ``tf.data`` input,

@@ -127,7 +127,7 @@ class MLflowLogger:
         self.shutdown_timeout = float(shutdown_timeout)
         self.tags = {_clean_key(k): str(v)[:MAX_TAG] for k, v in (tags or {}).items()}
         self.sink: LogSink | None = None
-        self._cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
+        self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
         self._writer = _Writer(self.tracking_uri, self.experiment_name, run_name)
         # A tracking server does the storage work itself: points go out as plain JSON from this
         # process. A local store (sqlite, files) is written by MLflow's client code, ~0.4 ms of
@@ -140,7 +140,7 @@ class MLflowLogger:
         self._params: dict[str, Any] = {}
         self._names: dict[str, str] = {}
         self._points: list[list[Any]] = []  # [step, timestamp ms, values] not yet handed to the sink
-        self._points_since = 0.0
+        self._handed_at = 0.0  # time.monotonic() of the last hand-off of points
         self._staged = 0
         self._early_alerts: list[dict[str, Any]] = []
 
@@ -178,12 +178,8 @@ class MLflowLogger:
     def on_log(self, trainer, kind, step, logs):
         if not self._ready():
             return
-        # One record per LOGGER_FLUSH_SECONDS, not one per step: an MLflow request costs the
-        # client (GIL time) and the server far more than its payload does.
-        if self._points and time.monotonic() - self._points_since >= COALESCE_SECONDS:
-            self._put("metrics", points=self._points)
         if kind == "batch":
-            if self._cadence is None or not self._cadence.due_now(trainer):
+            if self.batch_log_cadence is None or not self.batch_log_cadence.due_now(trainer):
                 return
             # Kept lazy until the points are handed over: reading now would wait for this step
             # to finish on the device; a second later one read fetches steps long done.
@@ -191,10 +187,12 @@ class MLflowLogger:
         else:
             values = {f"epoch/{name}": value for name, value in logs.items()}
             values["epoch"] = trainer.epoch
-        if not self._points:
-            self._points_since = time.monotonic()
         self._points.append([int(step), _now_ms(), values])
-        if len(self._points) >= COALESCE_POINTS:
+        # One record per LOGGER_FLUSH_SECONDS, not one per step: an MLflow request costs the
+        # client (GIL time) and the server far more than its payload does. Counted from the
+        # last hand-off, so a point logged after a quiet spell (a sparse cadence, a long
+        # validation) goes at once: this hook is called only when a point is due.
+        if len(self._points) >= COALESCE_POINTS or time.monotonic() - self._handed_at >= COALESCE_SECONDS:
             self._put("metrics", points=self._points)
 
     @hookimpl
@@ -275,6 +273,7 @@ class MLflowLogger:
         if kind == "metrics":
             fields["points"] = [[step, ts, self._floats(values)] for step, ts, values in fields["points"]]
             self._points = []
+            self._handed_at = time.monotonic()
         self.sink.put({"type": kind, "run": self._key, **fields})
 
     def _floats(self, values: dict[str, Any]) -> dict[str, float]:

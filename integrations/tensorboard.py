@@ -115,7 +115,7 @@ class TensorBoardLogger:
         if self.write_gradients and histogram_freq:
             self.gradient_taps.add("values")
         self.profiled_steps: tuple[int, int] | None = None
-        self._batch_cadence = None if update_freq == "epoch" else Cadence.every_n(update_freq)
+        self.batch_log_cadence = None if update_freq == "epoch" else Cadence.every_n(update_freq)
         self._sink: LogSink | None = None
         self._files: _EventFiles | None = None
         self._training = False
@@ -177,7 +177,7 @@ class TensorBoardLogger:
     @hookimpl
     def on_log(self, trainer, kind, step, logs):
         if kind == "batch":
-            if self._batch_cadence is not None and self._batch_cadence.due_now(trainer):
+            if self.batch_log_cadence is not None and self.batch_log_cadence.due_now(trainer):
                 self._put(_scalars("train", step, {f"batch_{k}": float(v) for k, v in logs.items()}))
             return
         epoch = trainer.epoch

@@ -96,7 +96,7 @@ class WandbLogger:
             raise ConfigError(f"WandbLogger: log_every_n_steps={log_every_n_steps!r}; use a positive integer or None")
         if not shutdown_timeout or shutdown_timeout <= 0:
             raise ConfigError(f"WandbLogger: shutdown_timeout={shutdown_timeout!r}; use a positive number of seconds")
-        self._cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
+        self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
         self.run_id: str | None = None
         self._resume_id: str | None = None
         self._resumed_step: int | None = None
@@ -133,7 +133,7 @@ class WandbLogger:
     @hookimpl
     def on_log(self, trainer: Any, kind: str, step: int, logs: Any) -> None:
         if kind == "batch":
-            if self._cadence is None or not self._cadence.due_now(trainer):
+            if self.batch_log_cadence is None or not self.batch_log_cadence.due_now(trainer):
                 return
             values = {f"batch/{k}": float(v) for k, v in dict(logs).items()}  # one host fetch, LR included
         else:

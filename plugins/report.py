@@ -49,7 +49,7 @@ class RunReport:
         self.gradient_norm = bool(gradient_norm)
         # The gradient pipeline computes the norm inside the step only when someone asks.
         self.gradient_taps = {"norm"} if self.gradient_norm else set()
-        self._cadence = None if log_every_n_steps is None else Cadence.every_n(log_every_n_steps)
+        self.batch_log_cadence = None if log_every_n_steps is None else Cadence.every_n(log_every_n_steps)
         self._lock = threading.Lock()  # alerts arrive from the watchdog's thread
         self.report: dict[str, Any] = {}
         self.files: list[str] = []
@@ -85,7 +85,7 @@ class RunReport:
     @hookimpl
     def on_log(self, trainer, kind, step, logs):
         if kind == "batch":
-            if self._cadence is None or not self._cadence.due_now(trainer):
+            if self.batch_log_cadence is None or not self.batch_log_cadence.due_now(trainer):
                 return
             values = {k: float(v) for k, v in logs.items()}  # the step's one batched fetch, LR included
             for name in trainer.optimizers:
