@@ -27,7 +27,8 @@ BENCHMARKS = [
     ("bench_engine.py", [], ["--epochs", "20", "--repeats", "2"]),
     ("bench_plugins.py", [], ["--epochs", "20", "--repeats", "2"]),
     ("bench_loggers.py", [], ["--epochs", "150", "--repeats", "1"]),
-    ("bench_mlflow.py", [], ["--epochs", "15", "--repeats", "3"]),
+    ("bench_mlflow.py", [], ["--epochs", "90", "--repeats", "2"]),
+    ("bench_mlflow.py", ["--server-own-core"], ["--server-own-core", "--epochs", "90", "--repeats", "2"]),
     ("bench_snapshot.py", [], ["--steps", "100", "--repeats", "1"]),
     ("bench_watchdog.py", [], ["--epochs", "20", "--repeats", "2", "--latency-runs", "2"]),
     ("bench_distributed.py", [], ["--epochs", "10", "--repeats", "2"]),
@@ -70,15 +71,17 @@ def main(argv=None) -> int:
     for script, full, quick in BENCHMARKS:
         if args.only and script not in args.only:
             continue
-        print(f"== {script}", flush=True)
+        arguments = quick if args.quick else full
+        title = " ".join([script, *(a for a in full if a.startswith("--"))])  # the variant, not the sizes
+        print(f"== {title}", flush=True)
         begin = time.perf_counter()
-        run = subprocess.run([sys.executable, str(HERE / script), *(quick if args.quick else full)],
+        run = subprocess.run([sys.executable, str(HERE / script), *arguments],
                              capture_output=True, text=True, env=env)
         lines = [line for line in run.stdout.splitlines() if line.strip()]
         print("\n".join(lines), flush=True)
         if run.returncode:
             lines.append(f"FAILED (exit {run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
-        outputs.append((script, time.perf_counter() - begin, lines))
+        outputs.append((title, time.perf_counter() - begin, lines))
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     table = ["| benchmark | measure | value | target | met |", "|---|---|---|---|---|"]
     for row in rows:
@@ -91,8 +94,8 @@ def main(argv=None) -> int:
             f"{time.strftime('%Y-%m-%d', time.gmtime(started))}, `python benchmarks/run_all.py"
             f"{' --quick' if args.quick else ''}`, {(time.time() - started) / 60:.0f} min; {machine()}.", "",
             *table, "", "## Each benchmark's own output", ""]
-    for script, seconds, lines in outputs:
-        text += [f"### {script} ({seconds:.0f} s)", "", "```", *lines, "```", ""]
+    for title, seconds, lines in outputs:
+        text += [f"### {title} ({seconds:.0f} s)", "", "```", *lines, "```", ""]
     Path(args.out).write_text("\n".join(text))
     print(f"\nwrote {args.out}")
     return 0
