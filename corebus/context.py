@@ -195,12 +195,16 @@ class RunContext:
     def _start_steps(self, micro_step: int) -> None:
         """Set the step counters at the start of a run (``micro_step`` = batches trained)."""
         self.micro_step = micro_step
-        self.global_step = self.previous_global_step = micro_step // self._accumulation
+        self.global_step = self.previous_global_step = self._global_step_at(micro_step)
 
     def _advance(self, micro_steps_done: int) -> None:
         self.micro_step += micro_steps_done
         self.previous_global_step = self.global_step
-        self.global_step = self.micro_step // self._accumulation
+        self.global_step = self._global_step_at(self.micro_step)
+
+    def _global_step_at(self, micro_step: int) -> int:
+        """Optimizer updates done after ``micro_step`` batches."""
+        return micro_step // self._accumulation
 
     @property
     def gradient_pipeline(self) -> Any:
@@ -260,7 +264,7 @@ class RunContext:
             return False
         if self._batch_log_cadences is None:
             return True
-        step_after = (self.micro_step + steps_done) // self._accumulation
+        step_after = self._global_step_at(self.micro_step + steps_done)
         return any(cadence.due(self.global_step, step_after) for cadence in self._batch_log_cadences)
 
     def learning_rate_key(self, optimizer_name: str) -> str:

@@ -460,8 +460,9 @@ class Trainer(RunContext):
                     data.exhausted()
                 if done:
                     logs = self._metrics_or(None) or {}
-                    # The cut-short call packed nothing: on_log's learning rate is read here.
-                    step_values = {**logs, **{key: float(np.asarray(rate)) for key, rate in self.learning_rate_logs().items()}}
+                    # The cut-short call packed nothing: on_log's learning rate is read here (if due).
+                    step_values = None if not self._batch_log_due(done) else {
+                        **logs, **{key: float(np.asarray(rate)) for key, rate in self.learning_rate_logs().items()}}
                     self._train_batch_end(begin + done - 1, done, logs, step_values)
                 break
             if not self.model.built:
