@@ -115,6 +115,31 @@ def read_spool(path: str | os.PathLike) -> tuple[Record, list[Record]]:
     return header, records
 
 
+def replay_spool(path: str | os.PathLike, send: Callable[[list[Record]], None], *, what: str,
+                 batch_size: int = 200) -> int:
+    """Deliver a spool's records through ``send`` in order, ``batch_size`` at a time, for
+    ``corebus sync``; returns how many were delivered. It stops at the first failure and
+    leaves the undelivered rest in the spool for the next sync (the file goes once empty).
+
+    No timeout and no retry here: a sync is a command the user runs and watches, so it waits
+    for a slow backend and reports a dead one at once, unlike a training run's bounded shutdown.
+    """
+    header, records = read_spool(path)
+    spool = Spool(path, {k: v for k, v in header.items() if k != "type"})
+    sent = 0
+    try:
+        while sent < len(records):
+            batch = records[sent:sent + batch_size]
+            send(batch)
+            sent += len(batch)
+    except Exception as exc:
+        log.warning("%s: replay of %s stopped after %d of %d records: %s: %s",
+                    what, path, sent, len(records), type(exc).__name__, exc)
+    finally:
+        spool.replace(records[sent:])
+    return sent
+
+
 class LogSink:
     """Bounded queue + worker thread + spool + retry for one backend.
 

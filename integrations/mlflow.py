@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink, Spool,
-                     check_writable, hookimpl, read_spool, require_module)
+                     check_writable, hookimpl, read_spool, replay_spool, require_module)
 
 log = logging.getLogger("corebus")
 
@@ -331,20 +331,9 @@ class MLflowLogger:
         header, records = read_spool(path)
         config = header.get("config", {})
         writer = _Writer(config["tracking_uri"], config["experiment_name"], config.get("run_name"), verify=True)
-        spool = Spool(path, {k: v for k, v in header.items() if k != "type"})
-        sent = 0
         _http_env(writer.tracking_uri, +1)
         try:
-            while sent < len(records):
-                batch = records[sent: sent + 200]
-                try:
-                    writer.send(batch)
-                except Exception as exc:
-                    log.warning("MLflowLogger: replay of %s stopped after %d records: %s: %s",
-                                path, sent, type(exc).__name__, exc)
-                    break
-                sent += len(batch)
-                spool.pop_front(len(batch))
+            sent = replay_spool(path, writer.send, what="MLflowLogger")
         finally:
             _http_env(writer.tracking_uri, -1)
         staged = Path(str(path).replace(".spool.jsonl", "-artifacts"))

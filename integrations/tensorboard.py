@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from corebus import LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+from corebus import LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, replay_spool, require_module
 
 log = logging.getLogger("corebus")
 
@@ -229,18 +229,11 @@ class TensorBoardLogger:
     def replay_spool(cls, path: str | os.PathLike) -> int:
         """Write the records of a spool into the event files beside it; returns how many."""
         require_module("tensorboard", extra="tensorboard", what="TensorBoardLogger")
-        header, records = read_spool(path)
-        files, sent = _EventFiles(Path(path).parent), 0
+        files = _EventFiles(Path(path).parent)
         try:
-            for start in range(0, len(records), 200):
-                files.write(records[start:start + 200])
-                sent = min(len(records), start + 200)
-        except Exception as exc:  # keep what is left for the next sync
-            log.warning("TensorBoardLogger: replay of %s stopped after %d records: %s", path, sent, exc)
+            return replay_spool(path, files.write, what="TensorBoardLogger")
         finally:
             files.close()
-            Spool(path, {k: v for k, v in header.items() if k != "type"}).replace(records[sent:])
-        return sent
 
     def _put(self, record: dict[str, Any]) -> None:
         if self._sink is None:

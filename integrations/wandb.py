@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corebus import LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, InProcessBackend, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, require_module
+from corebus import LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, InProcessBackend, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, replay_spool, require_module
 
 log = logging.getLogger("corebus")
 
@@ -223,18 +223,18 @@ class WandbLogger:
     def replay_spool(cls, path: str | os.PathLike) -> int:
         """Deliver the records of a spool left by a run (``corebus sync``); returns how many."""
         require_module("wandb", extra="wandb", what="WandbLogger")
-        header, _ = read_spool(path)
+        header, records = read_spool(path)
         config = dict(header.get("config", {}))
         run_id = config.pop("run_id")
         logger = cls(**config)
         logger.run_id = run_id
         writer = _RunWriter(**{**logger._writer_settings(), "run_id": run_id})
-        sink = LogSink("wandb-replay", writer.send, spool=Spool(path, {"plugin": "wandb", "config": header["config"]}),
-                       flush_interval=0.05)
-        sink.close(logger.shutdown_timeout)
-        if writer.run is not None:  # the spool ended without the run's status: it did not finish
+        # One record per call: W&B calls are not idempotent, so a failure must leave exactly
+        # the records after the last one delivered.
+        sent = replay_spool(path, writer.send, what="WandbLogger", batch_size=1)
+        if sent == len(records) and writer.run is not None:  # the run's status never came: it did not finish
             writer.send([{"type": "finish", "exit_code": 1, "status": "FAILED", "error": "no final status recorded"}])
-        return sink.stats["sent"]
+        return sent
 
 
 class _RunWriter:

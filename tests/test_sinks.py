@@ -3,7 +3,7 @@
 import threading
 import time
 
-from corebus import LogSink, Spool, read_spool, redact
+from corebus import LogSink, Spool, read_spool, redact, replay_spool
 
 
 class Backend:
@@ -120,3 +120,24 @@ def test_a_send_stuck_at_shutdown_is_spooled_first(tmp_path):
     assert sink.close(timeout=0.5) is False
     release.set()
     assert [r["step"] for r in read_spool(spool.path)[1]] == list(range(6))
+
+
+def test_replay_waits_for_a_slow_backend_and_keeps_what_a_failure_left(tmp_path, caplog):
+    path = tmp_path / "x.spool.jsonl"
+    Spool(path, {"plugin": "x"}).append([{"type": "log", "step": s} for s in range(5)])
+    delivered = []
+
+    def flaky(batch):
+        time.sleep(0.2)  # a slow backend: a sync waits, it has no shutdown bound
+        if batch[0]["step"] == 3:
+            raise ConnectionError("backend went away")
+        delivered.extend(batch)
+
+    assert replay_spool(path, flaky, what="x", batch_size=1) == 3
+    assert [r["step"] for r in delivered] == [0, 1, 2]
+    header, left = read_spool(path)
+    assert header["plugin"] == "x" and [r["step"] for r in left] == [3, 4]
+    assert "x: replay of" in caplog.text and "stopped after 3 of 5 records: ConnectionError" in caplog.text
+
+    assert replay_spool(path, delivered.extend, what="x") == 2  # the next sync delivers the rest
+    assert [r["step"] for r in delivered] == [0, 1, 2, 3, 4] and not path.exists()
