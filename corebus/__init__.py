@@ -19,7 +19,7 @@ from .logs import LazyLogs
 from .monitor import Monitor
 from .registry import installed_plugins, load_plugin_config
 from .backend_process import BackendError, BackendProcess, InProcessBackend
-from .sinks import LOGGER_FLUSH_SECONDS, LogSink, RetryLater, Spool, read_spool, redact, replay_spool
+from .sinks import LOGGER_FLUSH_SECONDS, LogSink, PendingPoints, RetryLater, Spool, read_spool, redact, replay_spool
 from .snapshot import RunSnapshot, SnapshotError
 
 __version__ = "0.1.0"
@@ -61,6 +61,7 @@ __all__ = [
     "LogSink",
     "RetryLater",
     "Spool",
+    "PendingPoints",
     "read_spool",
     "replay_spool",
     "redact",

@@ -23,13 +23,12 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink, Spool,
-                     check_writable, hookimpl, read_spool, replay_spool, require_module)
+                     check_writable, hookimpl, PendingPoints, read_spool, replay_spool, require_module)
 
 log = logging.getLogger("corebus")
 
 RUN_KEY_TAG = "corebus.run_key"  # names the run across retries, resumes and `corebus sync`
 MAX_KEY, MAX_PARAM, MAX_TAG = 250, 6000, 8000  # MLflow's limits (mlflow.utils.validation)
-COALESCE_SECONDS, COALESCE_POINTS = LOGGER_FLUSH_SECONDS, 250
 # MLflow's HTTP client retries a dead server for ~4 minutes by default; the sink retries instead.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
@@ -139,8 +138,9 @@ class MLflowLogger:
         self._phase = "idle"  # -> "begun" (on_train_begin) -> "open" (sink running) -> "idle"
         self._params: dict[str, Any] = {}
         self._names: dict[str, str] = {}
-        self._points: list[list[Any]] = []  # [step, timestamp ms, values] not yet handed to the sink
-        self._handed_at = 0.0  # time.monotonic() of the last hand-off of points
+        # One record per LOGGER_FLUSH_SECONDS, not one per step: an MLflow request costs the
+        # client (GIL time) and the server far more than its payload does.
+        self._points = PendingPoints()
         self._staged = 0
         self._early_alerts: list[dict[str, Any]] = []
 
@@ -164,7 +164,7 @@ class MLflowLogger:
         if not self._restored:
             self._key = uuid.uuid4().hex
         self._params = trainer.run_params()
-        self._points = []
+        self._points = PendingPoints()
         # The run is opened at the first event, not here: a snapshot restored later in
         # on_train_begin (BackupAndRestore) may still hand us the interrupted run to continue.
         self._phase = "begun"
@@ -181,19 +181,12 @@ class MLflowLogger:
         if kind == "batch":
             if self.batch_log_cadence is None or not self.batch_log_cadence.due_now(trainer):
                 return
-            # Kept lazy until the points are handed over: reading now would wait for this step
-            # to finish on the device; a second later one read fetches steps long done.
-            values = logs
+            values = logs  # read at hand-off (PendingPoints)
         else:
             values = {f"epoch/{name}": value for name, value in logs.items()}
             values["epoch"] = trainer.epoch
-        self._points.append([int(step), _now_ms(), values])
-        # One record per LOGGER_FLUSH_SECONDS, not one per step: an MLflow request costs the
-        # client (GIL time) and the server far more than its payload does. Counted from the
-        # last hand-off, so a point logged after a quiet spell (a sparse cadence, a long
-        # validation) goes at once: this hook is called only when a point is due.
-        if len(self._points) >= COALESCE_POINTS or time.monotonic() - self._handed_at >= COALESCE_SECONDS:
-            self._put("metrics", points=self._points)
+        if self._points.add(step, values):
+            self._put("metrics")
 
     @hookimpl
     def on_alert(self, alert):
@@ -269,25 +262,19 @@ class MLflowLogger:
 
     def _put(self, kind: str, **fields: Any) -> None:
         if kind != "metrics" and self._points:  # keep the order: metrics logged before come first
-            self._put("metrics", points=self._points)
+            self._put("metrics")
         if kind == "metrics":
-            fields["points"] = [[step, ts, self._floats(values)] for step, ts, values in fields["points"]]
-            self._points = []
-            self._handed_at = time.monotonic()
+            fields["points"] = [[step, ts, self._metrics(values)] for step, ts, values in self._points.take()]
         self.sink.put({"type": kind, "run": self._key, **fields})
 
-    def _floats(self, values: dict[str, Any]) -> dict[str, float]:
+    def _metrics(self, values: dict[str, float]) -> dict[str, float]:
         out = {}
-        for name, value in values.items():
+        for name, number in values.items():
             if name.startswith("learning_rate"):
                 # A step's learning rate (epoch names start with "epoch/"): MLflow stores, and a
                 # server charges for, every metric point, so per step it would cost as much as
                 # the loss; the epoch points carry it.
                 continue
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue  # not a scalar (Keras lets a metric return a vector): MLflow cannot chart it
             key = self._names.get(name)
             if key is None:
                 key = self._names[name] = _clean_key(name)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from corebus import LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, Spool, check_writable, hookimpl, replay_spool, require_module
+from corebus import LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, PendingPoints, Spool, check_writable, hookimpl, replay_spool, require_module
 
 log = logging.getLogger("corebus")
 
@@ -116,10 +116,15 @@ class TensorBoardLogger:
             self.gradient_taps.add("values")
         self.profiled_steps: tuple[int, int] | None = None
         self.batch_log_cadence = None if update_freq == "epoch" else Cadence.every_n(update_freq)
+        if not (self.profile_batch or "values" in self.gradient_taps):
+            # Not needed in this configuration: unsubscribed, so a step calls no hook of ours
+            # (the bus registers only methods; a hook no plugin implements costs nothing).
+            self.on_train_batch_begin = self.on_train_batch_end = None
         self._sink: LogSink | None = None
         self._files: _EventFiles | None = None
         self._training = False
         self._pending: list[dict[str, Any]] = []
+        self._points = PendingPoints()
         self._graph_pending = False
         self._profiler = "idle"  # -> "running" -> "done" (or "done" when it could not start)
         self._call_steps = 1
@@ -145,6 +150,7 @@ class TensorBoardLogger:
         self._call_steps = max(1, -(-int(per_call) // trainer.accumulation_steps()))
         # Held until the first write opens the sink: a snapshot restored later in this hook
         # (BackupAndRestore) may still point log_dir at the run being resumed.
+        self._points = PendingPoints()
         self._pending = [_text("run_params", 0, "```\n" + json.dumps(trainer.run_params(), indent=2) + "\n```")]
 
     @hookimpl
@@ -167,18 +173,19 @@ class TensorBoardLogger:
     @hookimpl
     def on_train_batch_end(self, trainer):
         self._call_steps = max(1, trainer.global_step - trainer.previous_global_step)
-        if self._graph_pending:
-            self._graph_pending = False
-            for record in _graph_records(trainer.model):
-                self._put(record)
         if self._profiler == "running" and Cadence.once(self.profile_batch[1]).due_now(trainer):
             self._stop_profiler(trainer.global_step)
 
     @hookimpl
     def on_log(self, trainer, kind, step, logs):
+        if self._graph_pending:  # at the first record: the model is built (a subclassed one at its first step)
+            self._graph_pending = False
+            for record in _graph_records(trainer.model):
+                self._put(record)
         if kind == "batch":
             if self.batch_log_cadence is not None and self.batch_log_cadence.due_now(trainer):
-                self._put(_scalars("train", step, {f"batch_{k}": float(v) for k, v in logs.items()}))
+                if self._points.add(step, logs):  # read at hand-off (PendingPoints)
+                    self._hand_over_points()
             return
         epoch = trainer.epoch
         train = {f"epoch_{k}": float(v) for k, v in logs.items() if not k.startswith("val_")}
@@ -235,7 +242,13 @@ class TensorBoardLogger:
         finally:
             files.close()
 
+    def _hand_over_points(self) -> None:
+        for step, _, values in self._points.take():
+            self._put(_scalars("train", step, {f"batch_{name}": value for name, value in values.items()}))
+
     def _put(self, record: dict[str, Any]) -> None:
+        if self._points:  # keep the order: batch points logged before come first
+            self._hand_over_points()
         if self._sink is None:
             self._files = _EventFiles(self.log_dir)
             spool = Spool(Path(self.log_dir) / SPOOL_NAME, {"plugin": "tensorboard", "config": self.get_config()})

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corebus import LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, InProcessBackend, ConfigError, LogSink, Spool, check_writable, hookimpl, read_spool, replay_spool, require_module
+from corebus import LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, InProcessBackend, ConfigError, LogSink, PendingPoints, Spool, check_writable, hookimpl, read_spool, replay_spool, require_module
 
 log = logging.getLogger("corebus")
 
@@ -107,6 +107,7 @@ class WandbLogger:
         self._sink: LogSink | None = None
         self._writer: BackendProcess | InProcessBackend | None = None  # the run's _RunWriter, wherever it lives
         self._started = False
+        self._points = PendingPoints()
 
     def get_config(self) -> dict[str, Any]:
         return {"project": self.project, "entity": self.entity, "mode": self.mode, "dir": self.dir,
@@ -124,6 +125,7 @@ class WandbLogger:
         self._params = trainer.run_params()
         self._resumed_step = None
         self._sink = None  # opened at the first record: a snapshot restore may still change run_id
+        self._points = PendingPoints()
         self._started = True
 
     @hookimpl
@@ -135,10 +137,11 @@ class WandbLogger:
         if kind == "batch":
             if self.batch_log_cadence is None or not self.batch_log_cadence.due_now(trainer):
                 return
-            values = {f"batch/{k}": float(v) for k, v in dict(logs).items()}  # one host fetch, LR included
-        else:
-            values = {f"epoch/{k}": float(v) for k, v in logs.items()}
-            values["epoch/epoch"] = trainer.epoch
+            if self._points.add(step, logs):  # read at hand-off (PendingPoints)
+                self._hand_over_points()
+            return
+        values = {f"epoch/{k}": float(v) for k, v in logs.items()}
+        values["epoch/epoch"] = trainer.epoch
         self._put({"type": "log", "step": int(step), "values": values})
 
     @hookimpl
@@ -150,8 +153,11 @@ class WandbLogger:
 
     @hookimpl
     def on_alert(self, alert: Any) -> None:
+        # May come from a watchdog thread: the points stay with the training thread (an
+        # alert goes to the run's summary, not its history, so the order does not matter).
         self._put({"type": "alert", "kind": alert.kind, "title": alert.title, "text": alert.text,
-                   "level": alert.level, "step": alert.step, "epoch": alert.epoch, "time": alert.time})
+                   "level": alert.level, "step": alert.step, "epoch": alert.epoch, "time": alert.time},
+                  points_first=False)
 
     @hookimpl
     def on_train_end(self) -> None:
@@ -172,7 +178,13 @@ class WandbLogger:
 
     # ---------------------------------------------------------------- delivery
 
-    def _put(self, record: dict[str, Any]) -> None:
+    def _hand_over_points(self) -> None:
+        for step, _, values in self._points.take():
+            self._put({"type": "log", "step": step, "values": {f"batch/{name}": v for name, v in values.items()}})
+
+    def _put(self, record: dict[str, Any], points_first: bool = True) -> None:
+        if points_first and self._points:  # keep the order: points logged before go first (W&B steps only grow)
+            self._hand_over_points()
         if self._sink is None:
             header = {"plugin": "wandb", "config": {**self.get_config(), "run_id": self.run_id}}
             spool = Spool(Path(self.dir) / f"wandb-{self.run_id}.spool.jsonl", header)

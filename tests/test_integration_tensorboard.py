@@ -175,6 +175,16 @@ def test_batch_logs_are_read_only_when_due(tmp_path):
     assert [s for s, _ in scalars(read_run(tmp_path / "train")[0])["batch_loss"]] == [4, 8]
 
 
+def test_per_step_hooks_are_subscribed_only_when_a_profiler_window_or_gradient_histograms_need_them(tmp_path):
+    def per_step_hooks(**options):
+        bus = corebus.PluginBus([("tensorboard", TensorBoardLogger(tmp_path, **options))])
+        return [hook for hook in ("on_train_batch_begin", "on_train_batch_end") if bus.implementations(hook)]
+
+    both = ["on_train_batch_begin", "on_train_batch_end"]
+    assert per_step_hooks(profile_batch=(2, 3)) == both and per_step_hooks(histogram_freq=1) == both
+    assert per_step_hooks() == [] and per_step_hooks(histogram_freq=1, write_gradients=False) == []
+
+
 def test_update_freq_epoch_writes_no_batch_metrics_and_standalone_evaluate_is_logged(tmp_path):
     x, y = tiny_data()
     trainer = make_trainer([TensorBoardLogger(tmp_path, write_graph=False, write_steps_per_second=True)])

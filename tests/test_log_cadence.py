@@ -94,11 +94,34 @@ class HandOffSpy:
             self.held.append(len(self.logger._points))
 
 
-def test_mlflow_hands_a_point_over_at_once_after_a_quiet_spell(tiny_data, tmp_path, monkeypatch):  # noqa: F811
-    # The hook is called only at due steps now: a point must not wait for the next one once
-    # the hand-off interval has passed (here 0 s: every point goes at its own step).
-    monkeypatch.setattr("corebus.integrations.mlflow.COALESCE_SECONDS", 0.0)
-    logger = MLflowLogger(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", dir=tmp_path / "spool", log_every_n_steps=4)
-    spy = HandOffSpy(logger)
-    _train("engine", [logger, spy], 1, tiny_data)
-    assert spy.held == [0, 0, 0]  # steps 4, 8, 12
+def _logger(kind, tmp_path):
+    from corebus.integrations import TensorBoardLogger, WandbLogger
+
+    if kind == "mlflow":
+        return MLflowLogger(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", dir=tmp_path / "spool", log_every_n_steps=4)
+    if kind == "wandb":
+        return WandbLogger(mode="disabled", dir=tmp_path, log_every_n_steps=4)
+    return TensorBoardLogger(log_dir=tmp_path / "tb", update_freq=4)
+
+
+# After steps 4, 8 and 12 (epoch 0 ends at step 6). MLflow holds epoch values as points too;
+# TensorBoard and W&B hand their points over before an epoch record, to keep the order.
+HELD_WITHIN_THE_INTERVAL = {"mlflow": [0, 2, 3], "wandb": [0, 1, 2], "tensorboard": [0, 1, 2]}
+
+
+@pytest.mark.parametrize("kind", sorted(HELD_WITHIN_THE_INTERVAL))
+def test_loggers_hold_points_until_the_interval_and_hand_one_over_at_once_after_it(
+        kind, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    # Within the interval, points are held (read later, in one go). The first point goes at
+    # once, so the backend starts early.
+    monkeypatch.setattr("corebus.sinks.LOGGER_FLUSH_SECONDS", 60.0)
+    spy = HandOffSpy(_logger(kind, tmp_path / "held"))
+    _train("engine", [spy.logger, spy], 1, tiny_data)
+    assert spy.held == HELD_WITHIN_THE_INTERVAL[kind]
+
+    # The hook is called only at due steps: a point must not wait for the next one once the
+    # interval has passed (here 0 s: every point goes at its own step).
+    monkeypatch.setattr("corebus.sinks.LOGGER_FLUSH_SECONDS", 0.0)
+    spy = HandOffSpy(_logger(kind, tmp_path / "at_once"))
+    _train("engine", [spy.logger, spy], 1, tiny_data)
+    assert spy.held == [0, 0, 0]
