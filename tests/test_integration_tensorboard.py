@@ -386,3 +386,13 @@ def test_write_gradients_false_adds_no_tap(tmp_path):
     trainer.fit(*tiny_data(), batch_size=32, epochs=1, verbose=0)
     train = read_run(tmp_path / "train")[0]
     assert not [t for t in train if "grad" in t]
+
+
+def test_scalars_are_the_bytes_tensorboard_writes():
+    from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+
+    from corebus.integrations.tensorboard import _scalar_value
+
+    for number in (0.5, 1e-7, -2.0, 1e30, 123456789.123, 0.0, float("inf"), float("nan")):
+        assert _scalar_value("batch_loss", number).SerializeToString() == \
+            scalar_pb("batch_loss", number).value[0].SerializeToString()
