@@ -97,7 +97,7 @@ def run(x, y, epochs, with_loggers):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args(argv)
     x, y = load_data()
     samples = {"a_no_loggers": [], "b_three_loggers": []}
@@ -116,7 +116,7 @@ def main(argv=None):
         print(f"{name:<18}{value:>8.0f} steps/s   runs: {' '.join(f'{v:.0f}' for v in samples[name])}")
     pairs = [b / a for a, b in zip(samples["a_no_loggers"], samples["b_three_loggers"])]
     print(f"loggers / none = {median['b_three_loggers'] / median['a_no_loggers']:.3f}   "
-          f"(each repeat's pair: {' '.join(f'{r:.3f}' for r in pairs)})")
+          f"(median pair {statistics.median(pairs):.3f}; each repeat's pair: {' '.join(f'{r:.3f}' for r in pairs)})")
     print(f"loggers up (first batch delivered by all three) after {statistics.median(start_up):.1f} s of training "
           f"(runs: {' '.join(f'{v:.1f}' for v in start_up)})")
     record("loggers", "TensorBoard + MLflow + W&B every 10 steps / no loggers",
