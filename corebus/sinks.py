@@ -69,13 +69,13 @@ class PendingPoints:
         scalar (Keras lets a metric return a vector) is left out, as no scalar chart can show it."""
         points, self._points = self._points, []
         self._handed_at = time.monotonic()
-        return [(step, ms, _scalars(values)) for step, ms, values in points]
+        return [(step, ms, _floats(values)) for step, ms, values in points]
 
     def __len__(self) -> int:
         return len(self._points)
 
 
-def _scalars(values: Any) -> dict[str, float]:
+def _floats(values: Any) -> dict[str, float]:
     out = {}
     for name, value in values.items():  # one host fetch for a LazyLogs
         try:
