@@ -122,7 +122,11 @@ class DerivedLogs(Mapping):
         return key in self._base
 
     def to_dict(self) -> dict[str, float]:
-        return {key: self[key] for key in self}
+        values = self._base.to_dict() if hasattr(self._base, "to_dict") else dict(self._base)
+        if self._values is None:
+            self._values, self._compute = self._compute(), None
+        values.update(self._values)
+        return values
 
     def __repr__(self) -> str:
         return f"DerivedLogs({self.to_dict()!r})" if self._values is not None else f"DerivedLogs(<not read: {', '.join(self)}>)"

@@ -77,7 +77,9 @@ class PendingPoints:
 
 def _floats(values: Any) -> dict[str, float]:
     out = {}
-    for name, value in values.items():  # one host fetch for a LazyLogs
+    # LazyLogs / DerivedLogs: one host fetch and one dict, not a lookup per name
+    items = values.to_dict().items() if hasattr(values, "to_dict") else values.items()
+    for name, value in items:
         try:
             out[name] = float(value)
         except (TypeError, ValueError):

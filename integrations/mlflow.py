@@ -470,22 +470,31 @@ class _Writer:
             client.log_batch(run_id, params=new, synchronous=True)
 
     def _log_metrics(self, client: Any, run_key: str, run_id: str, metrics: list[Any]) -> None:
-        suspects = {m.key for m in metrics if (run_key, m.key, m.step) in self._uncertain}
-        check = {m.key for m in metrics} if (self._verify_all or run_key in self._verify_runs) else suspects
-        for key in check:
-            if key in suspects or (run_id, key) not in self._history:
-                self._history[(run_id, key)] = {m.step for m in client.get_metric_history(run_id, key)}
-        fresh = [m for m in metrics if m.step not in self._history.get((run_id, m.key), ())]
+        if not (self._uncertain or self._history or self._verify_all or run_key in self._verify_runs):
+            fresh = metrics  # nothing to check against the server: the common case, kept cheap
+        else:
+            fresh = self._unlogged(client, run_key, run_id, metrics)
         if fresh and self._rest is not None:
             self._rest.log_metrics(run_id, fresh)
         elif fresh:
             from mlflow.entities import Metric
 
             client.log_batch(run_id, metrics=[Metric(*m) for m in fresh], synchronous=True)
-        for m in metrics:
-            self._uncertain.discard((run_key, m.key, m.step))
-            if (run_id, m.key) in self._history:
-                self._history[(run_id, m.key)].add(m.step)
+        if self._uncertain or self._history:
+            for m in metrics:
+                self._uncertain.discard((run_key, m.key, m.step))
+                if (run_id, m.key) in self._history:
+                    self._history[(run_id, m.key)].add(m.step)
+
+    def _unlogged(self, client: Any, run_key: str, run_id: str, metrics: list[Any]) -> list[Any]:
+        """The points the server does not hold yet, by (key, step), for a resumed or verified
+        run (every key) or after a failed request (the keys it carried)."""
+        suspects = {m.key for m in metrics if (run_key, m.key, m.step) in self._uncertain}
+        check = {m.key for m in metrics} if (self._verify_all or run_key in self._verify_runs) else suspects
+        for key in check:
+            if key in suspects or (run_id, key) not in self._history:
+                self._history[(run_id, key)] = {m.step for m in client.get_metric_history(run_id, key)}
+        return [m for m in metrics if m.step not in self._history.get((run_id, m.key), ())]
 
 
 class _Point(NamedTuple):
@@ -502,7 +511,7 @@ class _RestMetrics:
 
     ``MlflowClient.log_batch`` turns every point into a protobuf message and back into JSON:
     ~44 us of CPU per point, on a thread that shares the GIL with training. The server's REST
-    API takes the same JSON built with ``json.dumps`` at ~1 us per point. Auth, TLS settings
+    API takes the same JSON built as text at ~0.6 us per point. Auth, TLS settings
     and error handling are MLflow's own (``get_default_host_creds``, ``http_request``,
     ``verify_rest_response``).
     """
@@ -516,6 +525,7 @@ class _RestMetrics:
 
         self._creds = get_default_host_creds(tracking_uri)
         self._request, self._verify = http_request, verify_rest_response
+        self._json_keys: dict[str, str] = {}
 
     @classmethod
     def for_uri(cls, tracking_uri: str) -> "_RestMetrics | None":
@@ -528,20 +538,30 @@ class _RestMetrics:
 
     def log_metrics(self, run_id: str, points: list[_Point]) -> None:
         for start in range(0, len(points), self.MAX_METRICS):
-            metrics = [{"key": p.key, "value": _json_number(p.value), "timestamp": p.timestamp, "step": p.step}
-                       for p in points[start:start + self.MAX_METRICS]]
-            response = self._request(self._creds, self.ENDPOINT, "POST", json={"run_id": run_id, "metrics": metrics},
-                                     max_retries=0, backoff_factor=0, timeout=10)
+            body = self._body(run_id, points[start:start + self.MAX_METRICS])
+            response = self._request(self._creds, self.ENDPOINT, "POST", data=body, max_retries=0, backoff_factor=0,
+                                     timeout=10, extra_headers={"Content-Type": "application/json"})
             self._verify(response, self.ENDPOINT)
 
+    def _body(self, run_id: str, points: list[_Point]) -> bytes:
+        """The request's JSON, one format string per point: a third of the CPU of building a
+        dict per point for ``json.dumps`` (keys are few and encoded once)."""
+        keys = self._json_keys
+        metrics = ",".join(
+            f'{{"key":{keys.get(p.key) or keys.setdefault(p.key, json.dumps(p.key))},'
+            f'"value":{_json_number(p.value)},"timestamp":{p.timestamp},"step":{p.step}}}'
+            for p in points)
+        return f'{{"run_id":{json.dumps(run_id)},"metrics":[{metrics}]}}'.encode()
 
-def _json_number(value: float) -> float | str:
-    """Protobuf's JSON spelling of non-finite doubles (plain JSON has none)."""
+
+def _json_number(value: float) -> str:
+    """A double in protobuf's JSON: ``repr`` (shortest round-trip, as ``json.dumps``), and
+    non-finite values as the strings plain JSON lacks."""
+    if value - value == 0:  # finite
+        return repr(float(value))
     if value != value:
-        return "NaN"
-    if value in (float("inf"), float("-inf")):
-        return "Infinity" if value > 0 else "-Infinity"
-    return value
+        return '"NaN"'
+    return '"Infinity"' if value > 0 else '"-Infinity"'
 
 
 # ---------------------------------------------------------------- module helpers

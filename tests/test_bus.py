@@ -222,6 +222,19 @@ def test_lazy_logs_fetch_once_and_names_are_free():
         logs["nope"]
 
 
+def test_derived_logs_compute_once_and_to_dict_matches_reads():
+    import numpy as np
+
+    from corebus.logs import DerivedLogs
+
+    calls = []
+    base = LazyLogs(["loss", "accuracy"], np.array([0.5, 0.75], np.float32))
+    derived = DerivedLogs(base, ["accuracy"], lambda: calls.append(1) or {"accuracy": 0.25})
+    assert derived["loss"] == 0.5 and not calls  # reading another name costs no compute
+    assert derived.to_dict() == {"loss": 0.5, "accuracy": 0.25} == {name: derived[name] for name in derived}
+    assert calls == [1]
+
+
 def test_list_order_holds_in_every_tier():
     log = []
 

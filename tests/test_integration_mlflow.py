@@ -325,13 +325,15 @@ def test_metrics_posted_as_json_read_back_like_the_clients_own(server):
     client = server.client()
     experiment = client.get_experiment_by_name("corebus-tests") or client.get_experiment(
         client.create_experiment("corebus-tests"))
-    values = [0.5, float("nan"), float("inf"), float("-inf"), 1e-30] + [float(i) for i in range(1200)]
-    points = [_Point("m", v, 1000 + i, i) for i, v in enumerate(values)]
+    values = [0.5, float("nan"), float("inf"), float("-inf"), 1e-30, -0.0, 5e-324, 1.7976931348623157e308,
+              0.1 + 0.2, -123456789.123456789] + [float(i) for i in range(1200)]
+    keys = ["m", "val/é loss"]  # a key json must escape, in the same request
+    points = [_Point(keys[i % 2], v, 1000 + i, i) for i, v in enumerate(values)]
     ours, theirs = (client.create_run(experiment.experiment_id).info.run_id for _ in range(2))
     _RestMetrics.for_uri(server.uri).log_metrics(ours, points)
     client.log_batch(theirs, metrics=[Metric(*p) for p in points], synchronous=True)
-    got, expected = (sorted((m.step, m.timestamp, repr(m.value)) for m in client.get_metric_history(run, "m"))
-                     for run in (ours, theirs))
+    got, expected = (sorted((key, m.step, m.timestamp, repr(m.value)) for key in keys
+                            for m in client.get_metric_history(run, key)) for run in (ours, theirs))
     assert got == expected and len(got) == len(values)
     assert _RestMetrics.for_uri("sqlite:///x.db") is None
 
