@@ -20,14 +20,21 @@ in its ORM inserts, which a remote server would not take from training. ``--serv
 runs the server on the last CPU and training on the others, in every variant, so the ratio is
 the client's own cost; ``--server-nice 19`` keeps the shared cores but runs the server at the
 lowest priority.
-Run: ``python benchmarks/bench_mlflow.py [--server-own-core | --server-nice 19]``.
+``--decompose`` adds three variants that split (b)'s cost: (d) a plugin whose ``on_log`` runs
+every step and does nothing (the engine's per-step logging path), (e) a plugin that holds every
+step's values and reads them every 2 s as the loggers do (``corebus.PendingPoints``, no
+sink), (f) ``MLflowLogger`` every step whose metric requests go to ``ack_server.py``, which
+acknowledges without storing (the client's whole cost, none of the server's CPU).
+Run: ``python benchmarks/bench_mlflow.py [--server-own-core | --server-nice 19] [--decompose]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +50,7 @@ from mlflow_server import MlflowServer  # noqa: E402
 
 import corebus  # noqa: E402
 from results import record  # noqa: E402
-from corebus import hookimpl  # noqa: E402
+from corebus import Cadence, PendingPoints, hookimpl  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
 from corebus.integrations import MLflowLogger  # noqa: E402
 
@@ -54,6 +61,62 @@ class LoopClock:
     @hookimpl(tryfirst=True)
     def on_train_end(self):
         self.loop_end = time.perf_counter()
+
+
+class _Up:
+    """Reported as delivered at once (``bench_loggers.delivered``) by the plugins without a sink."""
+
+    stats = {"sent": 1}
+
+
+class OnLogEveryStep:
+    """(d): subscribed to every step's ``on_log``, doing nothing."""
+
+    batch_log_cadence = Cadence.every_n(1)
+    sink = _Up()
+
+    @hookimpl
+    def on_log(self, trainer, kind, step, logs):
+        pass
+
+
+class HoldAndRead:
+    """(e): every step's values held and read at hand-off, as the loggers do, with no sink."""
+
+    batch_log_cadence = Cadence.every_n(1)
+    sink = _Up()
+
+    def __init__(self):
+        self.points = PendingPoints()
+        self.read = 0
+
+    @hookimpl
+    def on_log(self, trainer, kind, step, logs):
+        if self.points.add(step, logs):
+            self.read += len(self.points.take())
+
+    @hookimpl
+    def on_train_end(self):
+        self.read += len(self.points.take())
+
+
+def ack_server(cpus):
+    """``(process, uri)`` of ``ack_server.py`` on a free port, on ``cpus`` when given."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, str(Path(__file__).with_name("ack_server.py")), str(port)]
+    if cpus:
+        command = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] + command
+    process = subprocess.Popen(command)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("ack_server.py did not start")
 
 
 def run(x, y, epochs, plugins):
@@ -82,6 +145,8 @@ def main(argv=None):
     parser.add_argument("--server-own-core", action="store_true",
                         help="run the server on the last CPU and training on the others, as a server on "
                              "another machine: the ratio is then the client's own cost")
+    parser.add_argument("--decompose", action="store_true",
+                        help="add variants (d)-(f) that split the every-step cost (module docstring)")
     args = parser.parse_args(argv)
     server_cpus = None
     if args.server_own_core:
@@ -93,32 +158,48 @@ def main(argv=None):
     root = Path(tempfile.mkdtemp(prefix="corebus-bench-mlflow-"))
     server = MlflowServer(root, workers=None, niceness=args.server_nice, cpus=server_cpus)
     server.start()
+    acknowledger = None
     try:
-        def logger(every):
-            return MLflowLogger(tracking_uri=server.uri, experiment_name="bench", log_every_n_steps=every,
-                                dir=root / "spool")
+        def logger(every, metrics_to=None):
+            mlflow_logger = MLflowLogger(tracking_uri=server.uri, experiment_name="bench", log_every_n_steps=every,
+                                         dir=root / "spool")
+            if metrics_to:  # only the metric requests: the run, params and status still go to the server
+                from mlflow.tracking._tracking_service.utils import get_default_host_creds
+
+                mlflow_logger._writer._rest._creds = get_default_host_creds(metrics_to)
+            return mlflow_logger
 
         run(x, y, 2, [])  # warm-up: tracing, the store's first writes, MLflow's lazy imports
         run(x, y, 2, [logger(1)])
-        variants = {"(a) no loggers": None, "(b) MLflowLogger, every step": 1, "(c) MLflowLogger, every 10": 10}
+        variants = {"(a) no loggers": lambda: [], "(b) MLflowLogger, every step": lambda: [logger(1)],
+                    "(c) MLflowLogger, every 10": lambda: [logger(10)]}
+        if args.decompose:
+            acknowledger, ack_uri = ack_server(server_cpus)
+            variants.update({"(d) on_log every step, doing nothing": lambda: [OnLogEveryStep()],
+                             "(e) every step's values held and read": lambda: [HoldAndRead()],
+                             "(f) (b) to a server that only acknowledges": lambda: [logger(1, ack_uri)]})
         rates = {name: [] for name in variants}
         sends = []
         for repeat in range(args.repeats):
             names = list(variants)
             # abc, cba, abc...: a machine that drifts faster or slower favours no variant
             for name in names if repeat % 2 == 0 else names[::-1]:
-                plugins = [] if variants[name] is None else [logger(variants[name])]
+                plugins = variants[name]()
                 steps, variant_rates = run(x, y, args.epochs, plugins)
                 if variant_rates[0] is None:
                     raise RuntimeError("the logger was not up before the last epoch: run more --epochs")
                 rates[name].append(variant_rates)
-                if plugins:
+                if plugins and isinstance(plugins[0], MLflowLogger):
                     stats = plugins[0].sink.stats
                     assert stats["sent"] == stats["queued"] and not stats["spooled"], stats  # all delivered live
-                    if variants[name] == 1:
+                    if name.startswith("(b)"):
                         sends.append((stats["sends"] * variant_rates[1] / steps, stats["send_seconds"] / stats["sends"]))
+                elif isinstance(plugins[0] if plugins else None, HoldAndRead):
+                    assert plugins[0].read >= steps, plugins[0].read  # every step's values were read
     finally:
         server.stop()
+        if acknowledger is not None:
+            acknowledger.kill()
     print(f"{steps} steps per run, {args.repeats} rounds; every step: {statistics.median(s for s, _ in sends):.1f} "
           f"MLflow sends/s, {statistics.median(t for _, t in sends) * 1e3:.0f} ms each")
     base = rates["(a) no loggers"]
