@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from bench_engine import BATCH, load_data  # noqa: E402
 from bench_loggers import StepClock, delivered  # noqa: E402
-from mlflow_server import MlflowServer  # noqa: E402
+from mlflow_server import MlflowServer, free_port  # noqa: E402
 
 import corebus  # noqa: E402
 from results import record  # noqa: E402
@@ -102,9 +102,7 @@ class HoldAndRead:
 
 def ack_server(cpus):
     """``(process, uri)`` of ``ack_server.py`` on a free port, on ``cpus`` when given."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, str(Path(__file__).with_name("ack_server.py")), str(port)]
     if cpus:
         command = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] + command
@@ -189,13 +187,14 @@ def main(argv=None):
                 if variant_rates[0] is None:
                     raise RuntimeError("the logger was not up before the last epoch: run more --epochs")
                 rates[name].append(variant_rates)
-                if plugins and isinstance(plugins[0], MLflowLogger):
-                    stats = plugins[0].sink.stats
+                plugin = plugins[0] if plugins else None
+                if isinstance(plugin, MLflowLogger):
+                    stats = plugin.sink.stats
                     assert stats["sent"] == stats["queued"] and not stats["spooled"], stats  # all delivered live
                     if name.startswith("(b)"):
                         sends.append((stats["sends"] * variant_rates[1] / steps, stats["send_seconds"] / stats["sends"]))
-                elif isinstance(plugins[0] if plugins else None, HoldAndRead):
-                    assert plugins[0].read >= steps, plugins[0].read  # every step's values were read
+                elif isinstance(plugin, HoldAndRead):
+                    assert plugin.read >= steps, plugin.read  # every step's values were read
     finally:
         server.stop()
         if acknowledger is not None:
