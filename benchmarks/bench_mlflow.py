@@ -58,6 +58,10 @@ from corebus.demo import digits_mlp  # noqa: E402
 from corebus.integrations import MLflowLogger  # noqa: E402
 
 
+NONE, EVERY_STEP, EVERY_10 = "(a) no loggers", "(b) MLflowLogger, every step", "(c) MLflowLogger, every 10"
+CONTROL = "(a2) no loggers, again (control)"  # (a) again, next to (b) in every round
+
+
 class LoopClock:
     """Notes when the training loop ends (before the loggers drain)."""
 
@@ -172,10 +176,9 @@ def main(argv=None):
 
         run(x, y, 2, [])  # warm-up: tracing, the store's first writes, MLflow's lazy imports
         run(x, y, 2, [logger(1)])
-        # (a2) is (a) again, run next to (b) in every round: its ratio to (a) is what this
-        # machine's noise alone reads
-        variants = {"(a) no loggers": lambda: [], "(b) MLflowLogger, every step": lambda: [logger(1)],
-                    "(a2) no loggers, again (control)": lambda: [], "(c) MLflowLogger, every 10": lambda: [logger(10)]}
+        # CONTROL's ratio to (a) is what this machine's noise alone reads
+        variants = {NONE: lambda: [], EVERY_STEP: lambda: [logger(1)], CONTROL: lambda: [],
+                    EVERY_10: lambda: [logger(10)]}
         if args.decompose:
             acknowledger, ack_uri = ack_server(server_cpus)
             variants.update({"(d) on_log every step, doing nothing": lambda: [OnLogEveryStep()],
@@ -197,7 +200,7 @@ def main(argv=None):
                 if isinstance(plugin, MLflowLogger):
                     stats = plugin.sink.stats
                     assert stats["sent"] == stats["queued"] and not stats["spooled"], stats  # all delivered live
-                    if name.startswith("(b)"):
+                    if name == EVERY_STEP:
                         sends.append((stats["sends"] * variant_rates[1] / steps, stats["send_seconds"] / stats["sends"]))
                 elif isinstance(plugin, HoldAndRead):
                     assert plugin.read >= steps, plugin.read  # every step's values were read
@@ -207,12 +210,12 @@ def main(argv=None):
             acknowledger.kill()
     print(f"{steps} steps per run, {args.repeats} rounds; every step: {statistics.median(s for s, _ in sends):.1f} "
           f"MLflow sends/s, {statistics.median(t for _, t in sends) * 1e3:.0f} ms each")
-    base = rates["(a) no loggers"]
+    base = rates[NONE]
 
     def bracketed(i):
         # (a) and (a2) sit on either side of (b) in every round (a b a2 c, c a2 b a)
         return statistics.median(2 * b[i] / (a[i] + a2[i]) for b, a, a2 in zip(
-            rates["(b) MLflowLogger, every step"], base, rates["(a2) no loggers, again (control)"]))
+            rates[EVERY_STEP], base, rates[CONTROL]))
 
     for i, what in enumerate(("steady state (the run exists, after 1/3 of the epochs)", "whole loop (+ run creation)",
                               "whole fit (+ final drain)")):
@@ -222,14 +225,14 @@ def main(argv=None):
             print(f"  {name:<54}{statistics.median(r[i] for r in runs):>10.0f}{statistics.median(pairs):>8.3f}   "
                   + " ".join(f"{p:.3f}" for p in pairs))
         print(f"  (b) / mean of (a) and (a2) in its round: {bracketed(i):.3f}")
+    server_kind = ("a default-worker server" + (f" at nice {args.server_nice}" if args.server_nice else "")
+                   + (" on its own core" if args.server_own_core else ""))
     for i, what in ((0, "steady state"), (1, "whole loop")):
-        for name, every in (("(b) MLflowLogger, every step", 1), ("(c) MLflowLogger, every 10", 10)):
+        for name, every in ((EVERY_STEP, 1), (EVERY_10, 10)):
             ratio = statistics.median(r[i] / b[i] for r, b in zip(rates[name], base))
-            server_kind = ("a default-worker server" + (f" at nice {args.server_nice}" if args.server_nice else "")
-                           + (" on its own core" if args.server_own_core else ""))
             record("mlflow", f"every {every} step{'s' if every > 1 else ''} to {server_kind} / none, {what}",
                    ratio, ">= 0.97" if every == 1 else ">= 0.95")
-    control = statistics.median(r[0] / b[0] for r, b in zip(rates["(a2) no loggers, again (control)"], base))
+    control = statistics.median(r[0] / b[0] for r, b in zip(rates[CONTROL], base))
     record("mlflow", f"control: no loggers / no loggers (the noise floor), steady state, beside {server_kind}",
            control)
     record("mlflow", f"every step to {server_kind} / mean of the two no-logger runs beside it, steady state",

@@ -108,9 +108,12 @@ class DerivedLogs(Mapping):
     def __getitem__(self, key: str) -> float:
         if key not in self._derived:
             return self._base[key]
+        return self._computed()[key]
+
+    def _computed(self) -> dict[str, float]:
         if self._values is None:
             self._values, self._compute = self._compute(), None
-        return self._values[key]
+        return self._values
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._base)
@@ -122,14 +125,18 @@ class DerivedLogs(Mapping):
         return key in self._base
 
     def to_dict(self) -> dict[str, float]:
-        values = self._base.to_dict() if hasattr(self._base, "to_dict") else dict(self._base)
-        if self._values is None:
-            self._values, self._compute = self._compute(), None
-        values.update(self._values)
+        values = read_all(self._base)
+        values.update(self._computed())
         return values
 
     def __repr__(self) -> str:
         return f"DerivedLogs({self.to_dict()!r})" if self._values is not None else f"DerivedLogs(<not read: {', '.join(self)}>)"
+
+
+def read_all(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A new dict of every value: a :class:`LazyLogs` or :class:`DerivedLogs` is read in one
+    call (one host fetch, one dict), not with one lookup per name."""
+    return values.to_dict() if hasattr(values, "to_dict") else dict(values)
 
 
 def _stack_scalars(values: list[Any]) -> Any:

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .logs import read_all
+
 log = logging.getLogger("corebus")
 
 Record = dict[str, Any]
@@ -77,9 +79,7 @@ class PendingPoints:
 
 def _floats(values: Any) -> dict[str, float]:
     out = {}
-    # LazyLogs / DerivedLogs: one host fetch and one dict, not a lookup per name
-    items = values.to_dict().items() if hasattr(values, "to_dict") else values.items()
-    for name, value in items:
+    for name, value in read_all(values).items():
         try:
             out[name] = float(value)
         except (TypeError, ValueError):
