@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger("corebus")
@@ -212,4 +213,29 @@ def main() -> None:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux: the niceness alone
         pass
+    _lower_session_priority(os.nice(0))
     _serve(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def _lower_session_priority(niceness: int) -> None:
+    """Give this process's session the niceness of the process.
+
+    The child leads a session of its own, and where Linux groups tasks by session for CPU
+    shares ("autogroup", on by default in most desktop and cloud kernels) the two sessions
+    share a contended core half and half: a process's own niceness only ranks it within its
+    session. The session's niceness ranks it against the training program's. The kernel takes
+    at most ten such changes a second from all unprivileged processes together, so a busy
+    moment (several children starting) is retried for a second.
+    """
+    path = "/proc/self/autogroup"
+    if not os.path.exists(path):  # not Linux, or a kernel without autogroup
+        return
+    for _ in range(11):
+        try:
+            with open(path, "w") as handle:
+                handle.write(str(niceness))
+            return
+        except BlockingIOError:  # EAGAIN: another process changed a session's niceness just now
+            time.sleep(0.1)
+        except OSError:  # not permitted here: the process's own niceness still applies within
+            return

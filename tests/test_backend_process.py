@@ -37,6 +37,15 @@ class Recorder:
     def policy(self):
         return os.sched_getscheduler(0)
 
+    def session_group(self):
+        return _autogroup()
+
+
+def _autogroup():
+    """``(name, niceness)`` of this process's CPU-share group of sessions (Linux autogroup)."""
+    name, _, niceness = open("/proc/self/autogroup").read().split()
+    return name, int(niceness)
+
 
 def test_calls_run_in_a_child_and_keep_its_state():
     backend = BackendProcess(Recorder, "x-")
@@ -47,6 +56,20 @@ def test_calls_run_in_a_child_and_keep_its_state():
         assert second == {"pid": first["pid"], "items": ["x-1", "x-2", "x-3"]}
         assert backend.call("niceness") == min(19, os.nice(0) + 10)  # lower priority than training
         assert backend.call("policy") == os.SCHED_BATCH  # and never preempts it on waking up
+    finally:
+        backend.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="a kernel without autogroup")
+def test_the_childs_session_yields_the_cpu_to_training_too():
+    """The child leads its own session; where the kernel shares a core between sessions
+    (autogroup), that session must rank below training's, or the child's own niceness counts
+    for nothing against the training threads."""
+    backend = BackendProcess(Recorder, "")
+    try:
+        group, niceness = backend.call("session_group")
+        assert group != _autogroup()[0]
+        assert niceness == backend.call("niceness") == min(19, os.nice(0) + 10)
     finally:
         backend.close()
 
