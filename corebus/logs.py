@@ -23,7 +23,10 @@ class _Packed:
             packed = self.packed
             if isinstance(packed, Mapping):
                 packed = _stack_scalars(list(packed.values()))
-            self.flat = np.asarray(packed, dtype=np.float64).reshape(-1).tolist()
+            flat = np.asarray(packed)  # float32 from the step: its tolist() gives the same floats
+            if flat.dtype not in (np.float32, np.float64):
+                flat = flat.astype(np.float64)
+            self.flat = flat.reshape(-1).tolist()
             self.packed = None
         return self.flat
 

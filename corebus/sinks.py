@@ -78,8 +78,11 @@ class PendingPoints:
 
 
 def _floats(values: Any) -> dict[str, float]:
+    read = read_all(values)
+    if all(type(value) is float for value in read.values()):  # logged step values always are
+        return read
     out = {}
-    for name, value in read_all(values).items():
+    for name, value in read.items():
         try:
             out[name] = float(value)
         except (TypeError, ValueError):

@@ -189,6 +189,30 @@ class Outage:
         self.last = time.perf_counter()  # the stop itself is the test's doing, not a stall
 
 
+@pytest.mark.parametrize("isolate_sdk", [True, False])
+def test_the_client_runs_in_a_child_process_unless_asked_not_to(server, tmp_path, monkeypatch, isolate_sdk):
+    """By default MLflow's client works in a child process, off the training process's
+    interpreter lock, for a tracking server too; ``isolate_sdk=False`` keeps it here."""
+    from corebus.integrations.mlflow import _Writer
+
+    sent_from_here = []
+    send = _Writer._send
+
+    def spy(self, records):
+        sent_from_here.append(len(records))
+        return send(self, records)
+
+    monkeypatch.setattr(_Writer, "_send", spy)
+    x, y = tiny_data(96)  # 12 steps per epoch
+    mlflow_logger = logger(server, tmp_path, log_every_n_steps=1, isolate_sdk=isolate_sdk)
+    make_trainer([mlflow_logger]).fit(x, y, batch_size=8, epochs=2, verbose=0)
+    client = server.client()
+    assert client.get_run(mlflow_logger.run_id).info.status == "FINISHED"
+    assert steps_of(client, mlflow_logger.run_id, "loss") == list(range(1, 25))
+    assert bool(sent_from_here) is not isolate_sdk
+    assert client.get_run(mlflow_logger.run_id).data.params["plugins.MLflowLogger.isolate_sdk"] == str(isolate_sdk)
+
+
 def test_a_dead_server_never_stalls_training_and_every_metric_lands_once(server, tmp_path):
     x, y = tiny_data(640)  # 80 steps per epoch
     outage = Outage(server, stop_at=10, restart_at=40)
