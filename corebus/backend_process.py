@@ -45,8 +45,9 @@ class BackendProcess:
     """``factory(*args, **kwargs)`` built in a child process; :meth:`call` runs its methods there.
 
     :param factory: a class or function importable by module and qualified name.
-    :param niceness: how much lower the child's CPU priority is (``nice``; on Linux the child
-        also runs under the ``SCHED_BATCH`` policy).
+    :param niceness: how much lower the child's CPU priority is once its first call is done
+        (``nice``, for its session too; on Linux the ``SCHED_BATCH`` policy as well). Start-up
+        runs at normal priority, so the SDK is up within seconds on a busy machine.
 
     The child starts on the first :meth:`call` (from the sink's worker thread, so the import
     of the SDK costs the training thread nothing) and again after it died. Arguments,
@@ -170,8 +171,13 @@ def _error(exc: BaseException) -> tuple[str, dict[str, Any]]:
     return "error", {"message": f"{type(exc).__name__}: {exc}", "retry_after": retry_after}
 
 
-def _serve(read_fd: int, write_fd: int) -> None:
-    """The child: build the target, then answer calls until told to stop (or the parent dies)."""
+def _serve(read_fd: int, write_fd: int, niceness: int) -> None:
+    """The child: build the target, then answer calls until told to stop (or the parent dies).
+
+    Start-up (imports, the backend's construction, its first call: an SDK's lazy imports, a
+    run's creation) runs at normal priority, so the backend is up within seconds even while
+    training keeps every core busy; after that the child yields the CPU (``niceness``).
+    """
     try:
         # What the backend sees of its process is the training program's: sys.path (to import
         # the backend), sys.argv (SDKs record the command line).
@@ -197,6 +203,9 @@ def _serve(read_fd: int, write_fd: int) -> None:
         except BaseException as exc:
             reply = _error(exc)
         _write(write_fd, reply)
+        if niceness:
+            _yield_cpu(niceness)
+            niceness = 0
 
 
 def main() -> None:
@@ -205,8 +214,13 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this ends
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+
+
+def _yield_cpu(niceness: int) -> None:
+    """From now on, take the CPU only when training leaves it."""
     try:
-        os.nice(int(sys.argv[3]))
+        os.nice(niceness)
         # Batch scheduling: waking up for a record never preempts a training thread (the
         # kernel otherwise favours a task that just woke), the cost that matters to a loop of
         # millisecond steps.
@@ -214,7 +228,6 @@ def main() -> None:
     except (AttributeError, OSError):  # not Linux: the niceness alone
         pass
     _lower_session_priority(os.nice(0))
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
 
 
 def _lower_session_priority(niceness: int) -> None:
