@@ -6,8 +6,9 @@
 (c) the same with the default ``log_every_n_steps=10``
 (a2) (a) again, between (b) and (c): a control, whose ratio to (a) is the noise floor of the
     machine the benchmark runs on (it read 0.978 and 1.046 in two 20-30-round runs here)
-(b1) (b) with MLflow's client in this process (``isolate_sdk=False``: on the sink's worker
-    thread, sharing the interpreter lock with training) instead of a child process
+(b2) (b) with MLflow's client in a child process (``isolate_sdk=True``) instead of on the
+    sink's worker thread, where it shares the interpreter lock with training (runs 7-11 of
+    benchmarks/runs/ had the child as (b) and this process as (b1))
 
 Digits MLP 64-256-256-10, batch 64, Adam, ``--epochs`` (29 steps each); ``--repeats`` rounds,
 variants in alternating order (abc, cba, ...), ratios are medians of the per-round ratios to (a). Three rates:
@@ -27,7 +28,7 @@ lowest priority.
 ``--decompose`` adds three variants that split (b)'s cost: (d) a plugin whose ``on_log`` runs
 every step and does nothing (the engine's per-step logging path), (e) a plugin that holds every
 step's values and reads them every 2 s as the loggers do (``corebus.PendingPoints``, no
-sink), (f) ``MLflowLogger`` every step, client in this process, whose metric requests go to
+sink), (f) ``MLflowLogger`` every step whose metric requests go to
 ``ack_server.py``, which acknowledges without storing (the client's whole cost, none of the
 server's CPU).
 Run: ``python benchmarks/bench_mlflow.py [--server-own-core | --server-nice 19] [--decompose]``.
@@ -63,7 +64,7 @@ from corebus.integrations import MLflowLogger  # noqa: E402
 
 NONE, EVERY_STEP, EVERY_10 = "(a) no loggers", "(b) MLflowLogger, every step", "(c) MLflowLogger, every 10"
 CONTROL = "(a2) no loggers, again (control)"  # (a) again, next to (b) in every round
-IN_PROCESS = "(b1) (b), client in this process"
+ISOLATED = "(b2) (b), client in a child process"
 
 
 class LoopClock:
@@ -169,9 +170,9 @@ def main(argv=None):
     server.start()
     acknowledger = None
     try:
-        def logger(every, metrics_to=None, isolate_sdk=True):
+        def logger(every, metrics_to=None, isolate_sdk=None):
             mlflow_logger = MLflowLogger(tracking_uri=server.uri, experiment_name="bench", log_every_n_steps=every,
-                                         dir=root / "spool", isolate_sdk=isolate_sdk and not metrics_to)
+                                         dir=root / "spool", isolate_sdk=isolate_sdk)
             if metrics_to:  # only the metric requests: the run, params and status still go to the server
                 from mlflow.tracking._tracking_service.utils import get_default_host_creds
 
@@ -182,7 +183,7 @@ def main(argv=None):
         run(x, y, 2, [logger(1)])
         # CONTROL's ratio to (a) is what this machine's noise alone reads
         variants = {NONE: lambda: [], EVERY_STEP: lambda: [logger(1)], CONTROL: lambda: [],
-                    EVERY_10: lambda: [logger(10)], IN_PROCESS: lambda: [logger(1, isolate_sdk=False)]}
+                    EVERY_10: lambda: [logger(10)], ISOLATED: lambda: [logger(1, isolate_sdk=True)]}
         if args.decompose:
             acknowledger, ack_uri = ack_server(server_cpus)
             variants.update({"(d) on_log every step, doing nothing": lambda: [OnLogEveryStep()],
@@ -236,9 +237,9 @@ def main(argv=None):
             ratio = statistics.median(r[i] / b[i] for r, b in zip(rates[name], base))
             record("mlflow", f"every {every} step{'s' if every > 1 else ''} to {server_kind} / none, {what}",
                    ratio, ">= 0.97" if every == 1 else ">= 0.95")
-    in_process = statistics.median(r[0] / b[0] for r, b in zip(rates[IN_PROCESS], base))
-    record("mlflow", f"every step to {server_kind}, MLflow's client in the training process / none, steady state",
-           in_process)
+    isolated = statistics.median(r[0] / b[0] for r, b in zip(rates[ISOLATED], base))
+    record("mlflow", f"every step to {server_kind}, MLflow's client in a child process / none, steady state",
+           isolated)
     control = statistics.median(r[0] / b[0] for r, b in zip(rates[CONTROL], base))
     record("mlflow", f"control: no loggers / no loggers (the noise floor), steady state, beside {server_kind}",
            control)

@@ -3,7 +3,8 @@
 A single 16-30-round run on the shared 2-core machine moves by several percent: the control
 (a2), which is (a) again, has read 0.978 and 1.046. Pooling every round of several runs gives
 the median per-round ratio to (a) with a bootstrap 95 % interval (resampled rounds, fixed
-seed), for each variant and for (b) against the mean of the (a) and (a2) runs beside it.
+seed), for each variant, for (b) against the mean of the (a) and (a2) runs beside it, and
+for MLflow's client in a child process against the same in this process.
 
 Run: ``python benchmarks/pool_rounds.py benchmarks/runs/mlflow-own-core-*.txt``.
 """
@@ -42,6 +43,12 @@ def main(paths: list[str]) -> int:
             rows = steady_rounds(handle.read())
         if "(a2)" in rows:
             rows["(b) / mean of (a), (a2)"] = [b / ((1 + a2) / 2) for b, a2 in zip(rows["(b)"], rows["(a2)"])]
+        # MLflow's client in a child process against the same in this process: (b) / (b1) in
+        # runs 7-11 (where the child was the default), (b2) / (b) since
+        if "(b1)" in rows:
+            rows["(b) / (b1)"] = [b / b1 for b, b1 in zip(rows["(b)"], rows["(b1)"])]
+        if "(b2)" in rows:
+            rows["(b2) / (b)"] = [b2 / b for b2, b in zip(rows["(b2)"], rows["(b)"])]
         print(f"{path}: " + ", ".join(f"{name} {statistics.median(v):.3f}" for name, v in rows.items() if name != "(a)"))
         for name, values in rows.items():
             pooled.setdefault(name, []).extend(values)
