@@ -217,6 +217,9 @@ def main(argv=None):
           f"MLflow sends/s, {statistics.median(t for _, t in sends) * 1e3:.0f} ms each")
     base = rates[NONE]
 
+    def per_round(name, i):
+        return [r[i] / b[i] for r, b in zip(rates[name], base)]
+
     def bracketed(i):
         # (a) and (a2) sit on either side of (b) in every round (a b a2 c, c a2 b a)
         return statistics.median(2 * b[i] / (a[i] + a2[i]) for b, a, a2 in zip(
@@ -226,7 +229,7 @@ def main(argv=None):
                               "whole fit (+ final drain)")):
         print(f"\n{what:<56}{'steps/s':>10}{'/ (a)':>8}   each round / (a)")
         for name, runs in rates.items():
-            pairs = [r[i] / b[i] for r, b in zip(runs, base)]
+            pairs = per_round(name, i)
             print(f"  {name:<54}{statistics.median(r[i] for r in runs):>10.0f}{statistics.median(pairs):>8.3f}   "
                   + " ".join(f"{p:.3f}" for p in pairs))
         print(f"  (b) / mean of (a) and (a2) in its round: {bracketed(i):.3f}")
@@ -234,15 +237,13 @@ def main(argv=None):
                    + (" on its own core" if args.server_own_core else ""))
     for i, what in ((0, "steady state"), (1, "whole loop")):
         for name, every in ((EVERY_STEP, 1), (EVERY_10, 10)):
-            ratio = statistics.median(r[i] / b[i] for r, b in zip(rates[name], base))
+            ratio = statistics.median(per_round(name, i))
             record("mlflow", f"every {every} step{'s' if every > 1 else ''} to {server_kind} / none, {what}",
                    ratio, ">= 0.97" if every == 1 else ">= 0.95")
-    isolated = statistics.median(r[0] / b[0] for r, b in zip(rates[ISOLATED], base))
     record("mlflow", f"every step to {server_kind}, MLflow's client in a child process / none, steady state",
-           isolated)
-    control = statistics.median(r[0] / b[0] for r, b in zip(rates[CONTROL], base))
+           statistics.median(per_round(ISOLATED, 0)))
     record("mlflow", f"control: no loggers / no loggers (the noise floor), steady state, beside {server_kind}",
-           control)
+           statistics.median(per_round(CONTROL, 0)))
     record("mlflow", f"every step to {server_kind} / mean of the two no-logger runs beside it, steady state",
            bracketed(0), ">= 0.97")
     return 0

@@ -190,6 +190,7 @@ def _serve(read_fd: int, write_fd: int, niceness: int) -> None:
         _write(write_fd, _error(exc))
         return
     _write(write_fd, ("ok", None))
+    yielded = False
     while True:
         try:
             message = _read(read_fd)
@@ -203,9 +204,9 @@ def _serve(read_fd: int, write_fd: int, niceness: int) -> None:
         except BaseException as exc:
             reply = _error(exc)
         _write(write_fd, reply)
-        if niceness:
+        if not yielded:
             _yield_cpu(niceness)
-            niceness = 0
+            yielded = True
 
 
 def main() -> None:

@@ -135,8 +135,7 @@ class MLflowLogger:
         self.sink: LogSink | None = None
         self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
         self._writer = _Writer(self.tracking_uri, self.experiment_name, run_name)
-        local_store = urlsplit(self.tracking_uri).scheme not in ("http", "https")
-        self.isolate_sdk = local_store if isolate_sdk is None else bool(isolate_sdk)
+        self.isolate_sdk = not _is_server(self.tracking_uri) if isolate_sdk is None else bool(isolate_sdk)
         self._backend: BackendProcess | InProcessBackend | None = None  # where self._writer's sends run
         self._key: str | None = None
         self._restored = False
@@ -535,7 +534,7 @@ class _RestMetrics:
 
     @classmethod
     def for_uri(cls, tracking_uri: str) -> "_RestMetrics | None":
-        if urlsplit(tracking_uri).scheme not in ("http", "https"):
+        if not _is_server(tracking_uri):
             return None
         try:
             return cls(tracking_uri)
@@ -580,7 +579,7 @@ _env_ours: dict[str, str] = {}
 def _http_env(tracking_uri: str, delta: int) -> None:
     """Reference-counted short HTTP settings for MLflow, only those the user did not set."""
     global _env_users
-    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+    if not _is_server(tracking_uri):
         return
     with _env_lock:
         if delta > 0 and _env_users == 0:
@@ -593,6 +592,11 @@ def _http_env(tracking_uri: str, delta: int) -> None:
                 if os.environ.get(name) == value:
                     del os.environ[name]
             _env_ours.clear()
+
+
+def _is_server(tracking_uri: str) -> bool:
+    """Whether the URI names a tracking server (HTTP), not a local store (sqlite, files)."""
+    return urlsplit(tracking_uri).scheme in ("http", "https")
 
 
 def _now_ms() -> int:
