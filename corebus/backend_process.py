@@ -242,7 +242,7 @@ def _lower_session_priority(niceness: int) -> None:
     moment (several children starting) is retried for a second.
     """
     path = "/proc/self/autogroup"
-    if not os.path.exists(path):  # not Linux, or a kernel without autogroup
+    if not _in_autogroup(path):
         return
     for _ in range(11):
         try:
@@ -253,3 +253,16 @@ def _lower_session_priority(niceness: int) -> None:
             time.sleep(0.1)
         except OSError:  # not permitted here: the process's own niceness still applies within
             return
+
+
+def _in_autogroup(path: str = "/proc/self/autogroup") -> bool:
+    """Whether the kernel shares CPU between this process's session and others (autogroup).
+
+    The file is missing outside Linux and reads empty where autogroup is off or the process
+    sits in a cgroup of its own (a container's CPU controller), which then shares the CPU.
+    """
+    try:
+        with open(path) as handle:
+            return bool(handle.read().strip())
+    except OSError:
+        return False

@@ -42,8 +42,15 @@ class Recorder:
 
 
 def _autogroup():
-    """``(name, niceness)`` of this process's CPU-share group of sessions (Linux autogroup)."""
-    name, _, niceness = open("/proc/self/autogroup").read().split()
+    """``(name, niceness)`` of this process's CPU-share group of sessions (Linux autogroup), or
+    None where sessions share no group: autogroup off, or the process in a cgroup of its own."""
+    try:
+        fields = open("/proc/self/autogroup").read().split()
+    except OSError:
+        return None
+    if not fields:
+        return None
+    name, _, niceness = fields
     return name, int(niceness)
 
 
@@ -60,7 +67,6 @@ def test_calls_run_in_a_child_and_keep_its_state():
         backend.close()
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="a kernel without autogroup")
 def test_the_child_starts_at_normal_priority_then_its_session_yields_too():
     """After start-up the child yields, and so does its session: it leads a session of its
     own, and where the kernel shares a core between sessions (autogroup), that session must
@@ -71,9 +77,16 @@ def test_the_child_starts_at_normal_priority_then_its_session_yields_too():
         # Start-up, the first call included, runs at training's priority: an SDK's imports
         # and a run's creation do not wait for idle CPU.
         assert backend.call("niceness") == os.nice(0)
-        group, niceness = backend.call("session_group")
-        assert group != _autogroup()[0]
-        assert niceness == backend.call("niceness") == min(19, os.nice(0) + 10)
+        lowered = min(19, os.nice(0) + 10)
+        assert backend.call("niceness") == lowered
+        ours, childs = _autogroup(), backend.call("session_group")
+        if childs is not None:  # the kernel gave the child's new session a group of its own
+            assert childs[1] == lowered
+            # ours is None where this process sits in the kernel's default group (a session
+            # never started since boot, as under a CI runner): still a different group.
+            assert ours is None or childs[0] != ours[0]
+        else:  # no session groups on this kernel: the child's own niceness ranks it
+            assert ours is None
     finally:
         backend.close()
 
