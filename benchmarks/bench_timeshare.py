@@ -1,0 +1,242 @@
+"""Steps/s of several training variants measured side by side in time, so machine noise cancels.
+
+Round-based A/B runs on the shared 2-core machine move by 10-40 % from one 6-second run to the
+next (the no-logger control of ``bench_mlflow.py`` read 0.6-1.5 of (a) round by round), and a
+90-round pool still leaves an interval of +-2 %. Here every variant is a training process of
+its own, all started at once and all warmed up, and the conductor lets exactly one of them
+run at a time on the training core(s), in slices of ``--slice`` seconds (SIGSTOP/SIGCONT, in
+an order that rotates every cycle). Each variant's rate is the steps it began inside its
+slices over their total length; a slow spell of the machine falls on all of them alike.
+
+Variants (``--variants``, any of):
+
+- ``a``   ``Trainer.fit`` with no loggers
+- ``a2``  ``a`` again: the control, whose ratio to ``a`` is this method's own noise
+- ``b``   ``MLflowLogger(log_every_n_steps=1)`` to a real ``mlflow server`` (sqlite store, the
+  server's default worker count) on the last CPU, training on the others
+- ``c``   the same, ``log_every_n_steps=10``
+
+Every variant counts steps with one ``on_train_batch_begin`` hook (a clock read and an append).
+A stopped process's wall clock goes on, so a logger hands points to its sink every 2 s of wall
+time, i.e. about twice as often per step as when running alone: more requests, each smaller,
+than a logger alone on the core would send (a cost against the logger, not for it).
+At the end every logger must have delivered every point live (none spooled), and the server
+is asked for the loss history of (b)'s run: one point per step trained.
+
+Ratios: overall (steps over seconds, each variant) and per block of ``--block`` cycles (median
+with a bootstrap 95 % interval over blocks).
+Run: ``python benchmarks/bench_timeshare.py [--seconds 120] [--variants a,a2,b]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from bisect import bisect_left
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from results import record  # noqa: E402
+
+VARIANTS = {"a": "no loggers", "a2": "no loggers, again (control)",
+            "b": "MLflowLogger, every step", "c": "MLflowLogger, every 10 steps"}
+
+
+# ---------------------------------------------------------------- one variant (a child process)
+
+def worker(variant: str, uri: str, folder: Path) -> None:
+    import corebus
+    from bench_engine import BATCH, load_data
+    from corebus import hookimpl
+    from corebus.demo import digits_mlp
+    from corebus.integrations import MLflowLogger
+
+    class StepTimes:
+        def __init__(self):
+            self.times = array("d")
+
+        @hookimpl
+        def on_train_batch_begin(self):
+            self.times.append(time.perf_counter())
+
+    class StopWhenAsked:
+        @hookimpl
+        def on_epoch_end(self, trainer):
+            trainer.stop_training = (folder / "stop").exists()
+
+    def plugins():
+        if variant in ("b", "c"):
+            return [MLflowLogger(tracking_uri=uri, experiment_name="timeshare", dir=folder / f"spool-{variant}",
+                                 log_every_n_steps=1 if variant == "b" else 10)]
+        return []
+
+    x, y = load_data()
+
+    def fit(epochs, extra):
+        trainer = corebus.Trainer(digits_mlp(), optimizer="adam", loss="sparse_categorical_crossentropy",
+                                  metrics=["accuracy"], plugins=extra, seed=0)
+        trainer.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0)
+        return trainer
+
+    fit(2, plugins())  # tracing, MLflow's lazy imports and the server's first writes
+    clock, loggers = StepTimes(), plugins()
+    (folder / f"ready-{variant}").touch()
+    os.kill(os.getpid(), signal.SIGSTOP)  # the conductor starts everyone's clock together
+    trainer = fit(10**6, [clock, StopWhenAsked(), *loggers])
+    result = {"times": list(clock.times), "steps": trainer.global_step}
+    if loggers:
+        result.update(stats=loggers[0].sink.stats, run_id=loggers[0].run_id)
+    (folder / f"result-{variant}.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the conductor
+
+def stopped(process: subprocess.Popen) -> bool:
+    with open(f"/proc/{process.pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def conduct(processes: dict[str, subprocess.Popen], seconds: float, slice_seconds: float, warmup: float):
+    """Alternate the variants; ``(variant, cycle, start, end)`` of each measured slice."""
+    names = list(processes)
+    orders = [names[i:] + names[:i] for i in range(len(names))]
+    orders += [order[::-1] for order in orders]  # each variant follows each other one equally
+    slices, cycle, begun, measured = [], 0, time.perf_counter(), 0.0
+    while True:
+        measuring = time.perf_counter() - begun >= warmup
+        if measured >= seconds * len(names):
+            return slices
+        for name in orders[cycle % len(orders)]:
+            process = processes[name]
+            os.kill(process.pid, signal.SIGCONT)
+            start = time.perf_counter()
+            time.sleep(slice_seconds)
+            os.kill(process.pid, signal.SIGSTOP)
+            end = time.perf_counter()
+            while not stopped(process):  # every thread of it is off the CPU before the next starts
+                time.sleep(0.0005)
+            if measuring:
+                slices.append((name, cycle, start, end))
+                measured += end - start
+        cycle += 1
+
+
+def began(times: list[float], start: float, end: float) -> int:
+    """Steps begun in ``[start, end)`` (``times``: each step's start, ascending)."""
+    return bisect_left(times, end) - bisect_left(times, start)
+
+
+def rates_per_block(slices, times: dict[str, list[float]], block: int) -> dict[str, list[float]]:
+    """Each variant's steps/s in each block of ``block`` cycles."""
+    steps: dict[tuple[str, int], float] = {}
+    seconds: dict[tuple[str, int], float] = {}
+    first_cycle = slices[0][1]
+    for name, cycle, start, end in slices:
+        key = (name, (cycle - first_cycle) // block)
+        steps[key] = steps.get(key, 0) + began(times[name], start, end)
+        seconds[key] = seconds.get(key, 0) + end - start
+    blocks = sorted({b for _, b in steps})
+    complete = [b for b in blocks if all((name, b) in steps for name in times)][:-1] or blocks  # last may be cut
+    return {name: [steps[(name, b)] / seconds[(name, b)] for b in complete] for name in times}
+
+
+def interval(values: list[float], rounds: int = 2000) -> tuple[float, float]:
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(rounds))
+    return medians[int(0.025 * rounds)], medians[int(0.975 * rounds) - 1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="a,a2,b")
+    parser.add_argument("--seconds", type=float, default=120.0, help="measured running time per variant")
+    parser.add_argument("--slice", type=float, default=0.25, help="seconds one variant runs at a time")
+    parser.add_argument("--warmup", type=float, default=20.0, help="seconds of slices before measuring")
+    parser.add_argument("--block", type=int, default=8, help="cycles per block of the per-block ratios")
+    parser.add_argument("--save", help="write every measured slice (variant, cycle, start, end, steps) here as JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--uri", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.uri, Path(args.folder))
+        return 0
+
+    from mlflow_server import MlflowServer
+
+    names = args.variants.split(",")
+    assert names[0] == "a" and set(names) <= set(VARIANTS), f"variants: a first, then any of {list(VARIANTS)}"
+    cpus = sorted(os.sched_getaffinity(0))
+    training_cpus = ",".join(map(str, cpus[:-1]))
+    folder = Path(tempfile.mkdtemp(prefix="corebus-bench-timeshare-"))
+    server = MlflowServer(folder, workers=None, cpus={cpus[-1]})
+    server.start()
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        for name in names:
+            processes[name] = subprocess.Popen(
+                ["taskset", "-c", training_cpus, sys.executable, __file__, "--worker", name, "--uri", server.uri,
+                 "--folder", str(folder)])
+        for name, process in processes.items():
+            while not ((folder / f"ready-{name}").exists() and stopped(process)):
+                if process.poll() is not None:
+                    raise RuntimeError(f"variant {name} exited with {process.returncode} before training")
+                time.sleep(0.1)
+        slices = conduct(processes, args.seconds, args.slice, args.warmup)
+        (folder / "stop").touch()
+        for process in processes.values():
+            os.kill(process.pid, signal.SIGCONT)
+        for name, process in processes.items():
+            if process.wait(timeout=300) != 0:
+                raise RuntimeError(f"variant {name} exited with {process.returncode}")
+        results = {name: json.loads((folder / f"result-{name}.json").read_text()) for name in names}
+        for name, result in results.items():
+            if "stats" in result:
+                stats = result["stats"]
+                assert stats["sent"] == stats["queued"] and not stats["spooled"], (name, stats)  # all delivered live
+        if "b" in results:
+            from mlflow.tracking import MlflowClient
+
+            history = MlflowClient(server.uri).get_metric_history(results["b"]["run_id"], "loss")
+            assert sorted(p.step for p in history) == list(range(1, results["b"]["steps"] + 1)), "(b) lost points"
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+        server.stop()
+
+    times = {name: results[name]["times"] for name in names}
+    blocks = rates_per_block(slices, times, args.block)
+    seconds = {name: sum(end - start for n, _, start, end in slices if n == name) for name in names}
+    total = {name: sum(began(times[name], start, end) for n, _, start, end in slices if n == name) / seconds[name]
+             for name in names}
+    if args.save:
+        Path(args.save).write_text(json.dumps([[*row, began(times[row[0]], *row[2:])] for row in slices]))
+    print(f"{len(slices)} slices of {args.slice} s, {statistics.mean(seconds.values()):.0f} s measured per variant, "
+          f"blocks of {args.block} cycles: {len(blocks['a'])}")
+    print(f"{'':<44}{'steps/s':>9}{'/ a':>8}{'block median':>14}{'95 % interval':>16}")
+    for name in names:
+        ratios = [r / a for r, a in zip(blocks[name], blocks["a"])]
+        low, high = interval(ratios)
+        print(f"  {name:<3}{VARIANTS[name]:<39}{total[name]:>9.0f}{total[name] / total['a']:>8.3f}"
+              f"{statistics.median(ratios):>14.3f}{low:>9.3f}-{high:.3f}")
+        if name != "a":
+            record("timeshare", f"{name} {VARIANTS[name]} / a, time-shared", total[name] / total["a"],
+                   ">= 0.97" if name == "b" else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
