@@ -29,6 +29,8 @@ BENCHMARKS = [
     ("bench_loggers.py", [], ["--epochs", "150", "--repeats", "1"]),
     ("bench_mlflow.py", [], ["--epochs", "90", "--repeats", "2"]),
     ("bench_mlflow.py", ["--server-own-core", "--decompose"], ["--server-own-core", "--epochs", "90", "--repeats", "2"]),
+    ("bench_timeshare.py", ["--variants", "a,a2,b,c,d,e", "--seconds", "60"],
+     ["--variants", "a,a2,b", "--seconds", "20", "--warmup", "10"]),
     ("bench_snapshot.py", [], ["--steps", "100", "--repeats", "1"]),
     ("bench_watchdog.py", [], ["--epochs", "20", "--repeats", "2", "--latency-runs", "2"]),
     ("bench_distributed.py", [], ["--epochs", "10", "--repeats", "2"]),
