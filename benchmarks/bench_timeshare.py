@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import signal
 import statistics
 import subprocess
@@ -53,6 +52,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from pool_rounds import interval  # noqa: E402  (bootstrap 95 % interval of the median)
 from results import record  # noqa: E402
 
 VARIANTS = {"a": "no loggers", "a2": "no loggers, again (control)",
@@ -165,12 +165,6 @@ def rates_per_block(slices, times: dict[str, list[float]], block: int) -> dict[s
     blocks = sorted({b for _, b in steps})
     complete = [b for b in blocks if all((name, b) in steps for name in times)][:-1] or blocks  # last may be cut
     return {name: [steps[(name, b)] / seconds[(name, b)] for b in complete] for name in times}
-
-
-def interval(values: list[float], rounds: int = 2000) -> tuple[float, float]:
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(rounds))
-    return medians[int(0.025 * rounds)], medians[int(0.975 * rounds) - 1]
 
 
 def main(argv=None) -> int:

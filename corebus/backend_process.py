@@ -255,11 +255,12 @@ def _lower_session_priority(niceness: int) -> None:
             return
 
 
-def _in_autogroup(path: str = "/proc/self/autogroup") -> bool:
-    """Whether the kernel shares CPU between this process's session and others (autogroup).
+def _in_autogroup(path: str) -> bool:
+    """Whether this process's session has an autogroup of its own, whose niceness ranks it.
 
-    The file is missing outside Linux and reads empty where autogroup is off or the process
-    sits in a cgroup of its own (a container's CPU controller), which then shares the CPU.
+    The file (``path``: ``/proc/self/autogroup``) is missing outside Linux, and reads empty in
+    the kernel's default group: autogroup off, or a session started before it was on (seen
+    under a CI runner), where the process's own niceness is what ranks it.
     """
     try:
         with open(path) as handle:

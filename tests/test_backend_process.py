@@ -43,7 +43,7 @@ class Recorder:
 
 def _autogroup():
     """``(name, niceness)`` of this process's CPU-share group of sessions (Linux autogroup), or
-    None where sessions share no group: autogroup off, or the process in a cgroup of its own."""
+    None outside one: no autogroup here, or the kernel's default group (the file reads empty)."""
     try:
         fields = open("/proc/self/autogroup").read().split()
     except OSError:
