@@ -8,8 +8,9 @@ What it adds to pluggy, and why:
   the same thing are rejected at registration, naming both;
 - **error policy** per plugin (``error_policy = "raise" | "warn" | "disable"``, with
   ``max_failures``) and errors that name the plugin and the hook;
-- **hot path**: callers for hooks nobody implements are ``None`` (the engine skips them), and
-  per-plugin timing is compiled in only when profiling is on;
+- **hot path**: callers for hooks nobody implements are ``None`` (the engine skips them), the
+  others call the implementations directly (:func:`_direct_caller`) where pluggy's general
+  machinery has nothing to do, and per-plugin timing is compiled in only when profiling is on;
 - **tracing**: ``COREBUS_TRACE=1`` logs every hook call to the ``corebus.trace`` logger.
 """
 
@@ -61,12 +62,10 @@ class PluginBus:
             self._register(name, plugin)
         self.plugins = dict(ordered)
         self._enforce_list_order([name for name, _ in ordered])
-        if os.environ.get("COREBUS_TRACE"):
+        tracing = bool(os.environ.get("COREBUS_TRACE"))
+        if tracing:
             self._enable_tracing()
-        self._callers = {
-            hook: (getattr(self.pm.hook, hook) if getattr(self.pm.hook, hook).get_hookimpls() else None)
-            for hook in hookspecs.__all__
-        }
+        self._callers = {hook: self._make_caller(getattr(self.pm.hook, hook), tracing) for hook in hookspecs.__all__}
 
     # ------------------------------------------------------------------ registration
 
@@ -84,6 +83,14 @@ class PluginBus:
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
                     impl.function = self._guard(name, plugin, caller.name, impl.function, policy)
+
+    @staticmethod
+    def _make_caller(hook_caller: Any, tracing: bool) -> Callable[..., Any] | None:
+        if not hook_caller.get_hookimpls():
+            return None
+        if tracing:  # pluggy's monitoring sees every call
+            return hook_caller
+        return _direct_caller(hook_caller) or hook_caller
 
     def _enforce_list_order(self, names: list[str]) -> None:
         """Within each tier (tryfirst, plain, trylast) call plugins in list order.
@@ -126,28 +133,21 @@ class PluginBus:
             if bus.streaks[name] >= max_failures:
                 bus.disable(name)
 
-        if policy == "disable":
-            streaks = self.streaks
-
-            def succeeded() -> None:
-                if streaks[name]:
-                    streaks[name] = 0
-        else:
-
-            def succeeded() -> None:
-                pass
+        streaks, disabled = self.streaks, self.disabled
+        resets_streak = policy == "disable"
 
         if self.profile_enabled:
             timing = self.timings[(name, hook)]
             perf_counter = time.perf_counter
 
             def guarded(*args):
-                if name in bus.disabled:
+                if name in disabled:
                     return None
                 start = perf_counter()
                 try:
                     result = function(*args)
-                    succeeded()
+                    if resets_streak and streaks[name]:
+                        streaks[name] = 0
                     return result
                 except Exception as exc:
                     on_error(exc)
@@ -157,12 +157,13 @@ class PluginBus:
 
         else:
 
-            def guarded(*args):
-                if name in bus.disabled:
+            def guarded(*args):  # runs once per hook call: kept to a few lookups
+                if name in disabled:
                     return None
                 try:
                     result = function(*args)
-                    succeeded()
+                    if resets_streak and streaks[name]:
+                        streaks[name] = 0
                     return result
                 except Exception as exc:
                     on_error(exc)
@@ -190,7 +191,8 @@ class PluginBus:
     # ------------------------------------------------------------------ calling
 
     def caller(self, hook: str) -> Callable[..., Any] | None:
-        """The pluggy caller of ``hook``, or ``None`` when no plugin implements it.
+        """The caller of ``hook`` (keyword arguments, as pluggy's), or ``None`` when no plugin
+        implements it.
 
         The engine caches these once per run and skips ``None``: a hook nobody implements
         costs nothing per batch.
@@ -261,6 +263,40 @@ class PluginBus:
             if calls:
                 report[name][hook] = {"calls": calls, "seconds": seconds}
         return dict(report)
+
+
+def _direct_caller(hook_caller: Any) -> Callable[..., list[Any]] | None:
+    """A caller that runs the implementations of a hook itself, in pluggy's order with pluggy's
+    result (the list of non-``None`` results), or ``None`` where pluggy's own machinery is needed
+    (wrappers, ``firstresult``).
+
+    Batch hooks run once per step, and pluggy's general path (argument checks, a copy of the
+    implementation list, wrapper bookkeeping) measured about as long as a plain logger's
+    ``on_log`` itself. The bus registers every plugin before its callers are made and never
+    after, so the plan below cannot go stale.
+    """
+    impls = list(reversed(hook_caller.get_hookimpls()))
+    if any(impl.wrapper or impl.hookwrapper for impl in impls):
+        return None
+    if hook_caller.spec is not None and hook_caller.spec.opts.get("firstresult"):
+        return None
+    plan = tuple((impl.function, tuple(impl.argnames)) for impl in impls)
+    name = hook_caller.name
+
+    def call(**kwargs: Any) -> list[Any]:
+        results = []
+        for function, argnames in plan:
+            try:
+                args = [kwargs[argname] for argname in argnames]
+            except KeyError as exc:
+                raise pluggy.HookCallError(f"hook {name} call must provide argument {exc.args[0]!r}") from None
+            result = function(*args)
+            if result is not None:
+                results.append(result)
+        return results
+
+    call.hook_caller = hook_caller  # pluggy's own, for introspection
+    return call
 
 
 def _unique_names(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:

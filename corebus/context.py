@@ -249,23 +249,33 @@ class RunContext:
         """``steps_done`` batches were trained in the call that just ended. ``step_values`` are
         what ``on_log`` gets: the last step's own values where known (default: ``logs``)."""
         log_now = self._batch_log_due(steps_done)
+        self._batch_ended(batch, steps_done, logs, (logs if step_values is None else step_values) if log_now else None)
+
+    def _batch_ended(self, batch: int, steps_done: int, logs: Mapping[str, Any] | None,
+                     log_values: Mapping[str, Any] | None) -> None:
+        """Advance the steps, then ``on_train_batch_end`` (``logs``) and, when ``log_values`` is
+        given (a batch ``on_log`` is due), ``on_log``."""
         self.batch = batch
         self._advance(steps_done)
         on_batch_end = self._callers.get("on_train_batch_end")
         if on_batch_end is not None:
             on_batch_end(trainer=self, batch=batch, logs=logs)
-        if log_now:
-            self._callers["on_log"](trainer=self, kind="batch", step=self.global_step, logs=logs if step_values is None else step_values)
+        if log_values is not None:
+            self._callers["on_log"](trainer=self, kind="batch", step=self.global_step, logs=log_values)
 
     def _batch_log_due(self, steps_done: int) -> bool:
         """Whether the train call of ``steps_done`` batches that is ending gets a batch ``on_log``:
         some subscriber's ``batch_log_cadence`` has a step in it (or one declares none)."""
         if self._callers.get("on_log") is None:
             return False
-        if self._batch_log_cadences is None:
+        cadences = self._batch_log_cadences
+        if cadences is None:
             return True
         step_after = self._global_step_at(self.micro_step + steps_done)
-        return any(cadence.due(self.global_step, step_after) for cadence in self._batch_log_cadences)
+        for cadence in cadences:
+            if cadence.due(self.global_step, step_after):
+                return True
+        return False
 
     def learning_rate_key(self, optimizer_name: str) -> str:
         """The log name of an optimizer's learning rate: ``learning_rate``, or

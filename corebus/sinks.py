@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .logs import read_all
+from .logs import LazyLogs, read_all
 
 log = logging.getLogger("corebus")
 
@@ -78,8 +78,10 @@ class PendingPoints:
 
 
 def _floats(values: Any) -> dict[str, float]:
+    if type(values) is LazyLogs:  # the engine's step values: floats already
+        return values.to_dict()
     read = read_all(values)
-    if all(type(value) is float for value in read.values()):  # logged step values always are
+    if all(type(value) is float for value in read.values()):
         return read
     out = {}
     for name, value in read.items():

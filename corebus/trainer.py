@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -16,7 +16,7 @@ from .bus import PluginBus
 from .context import RunContext, lr_owner
 from .data import ArrayData, DatasetData, make_data, split_validation
 from .errors import ConfigError
-from .logs import DerivedLogs, LazyLogs
+from .logs import LazyLogs, _Packed
 
 TrainStep = Callable[["Trainer", Any], Mapping[str, Any]]
 
@@ -61,6 +61,17 @@ def _views(names: tuple[str, ...]) -> tuple[tuple, tuple, tuple, tuple]:
     step_names = logs + sorted(extra)
     step_positions = [position.get(STEP_VALUE + n, position.get(n)) for n in step_names]
     return tuple(logs), tuple(position[n] for n in logs), tuple(step_names), tuple(step_positions)
+
+
+class _CallLayout(NamedTuple):
+    """Where one trace's names sit in its packed vector, and what on_log derives (once per trace)."""
+
+    packed_names: list[str]
+    log_names: tuple[str, ...]
+    log_positions: tuple[int, ...]
+    step_names: tuple[str, ...]
+    step_positions: tuple[int, ...]
+    derived: tuple[tuple[str, int], ...]  # (name, position of its running mean)
 
 
 def _pack(logs: Mapping[str, Any], names_out: list[str]) -> tf.Tensor:
@@ -158,8 +169,8 @@ class Trainer(RunContext):
         self._predict_fn: Callable | None = None
         self._train_log_names: list[str] = []
         self._step_values = False
-        self._log_views: tuple = ((), (), (), (), (), frozenset())
-        self._previous_logs: tuple[LazyLogs, int] | None = None
+        self._layout: _CallLayout | None = None
+        self._previous_call: tuple[_Packed, int, _CallLayout] | None = None
         self._gradient_signature: tuple = ()
         self._results_fn: Any = None
         self._reset_fn: Callable | None = None
@@ -441,11 +452,13 @@ class Trainer(RunContext):
     def _run_epoch(self, data: ArrayData | DatasetData, epoch: int, first_batch: int = 0) -> Mapping[str, Any] | None:
         begin_hook = self._callers["on_train_batch_begin"]
         wants_logs = self.wants_batch_logs()
+        batch_end_hook = self._callers["on_train_batch_end"] is not None
+        # A call's own value of a running mean follows from the rows each call covered (below).
+        rows = data if isinstance(data, ArrayData) and not data.has_sample_weight else None
         iterator = data.iterator(epoch, skip_batches=first_batch)
         source = data.source
-        self._previous_logs = None  # metrics were reset (or restored mid-epoch): no call before
+        self._previous_call = None  # metrics were reset (or restored mid-epoch): no call before
         packed = None
-        logs = None
         functions: dict[int, Callable] = {}  # looked up once per epoch, not once per call
         for begin, n in self._batches(data.steps, first_batch):
             if begin_hook is not None:
@@ -464,24 +477,47 @@ class Trainer(RunContext):
                     step_values = None if not self._batch_log_due(done) else {
                         **logs, **{key: float(np.asarray(rate)) for key, rate in self.learning_rate_logs().items()}}
                     self._train_batch_end(begin + done - 1, done, logs, step_values)
+                    return logs
                 break
             if not self.model.built:
                 # A custom step that calls only parts of the model (a GAN's two halves) built
                 # every layer without Keras marking the whole model built; saving needs it.
                 self.model.built = all(layer.built for layer in self.model._flatten_layers(include_self=False))
             if wants_logs:
-                logs, step_values = self._batch_logs(packed, data, begin, n)
-                self._train_batch_end(begin + n - 1, n, logs, step_values)
+                log_now = self._batch_log_due(n)
+                logs, step_values = self._call_logs(packed, rows, begin, n, batch_end_hook, log_now)
+                self._batch_ended(begin + n - 1, n, logs, step_values)
             else:
                 self._advance(n)
             if self.stop_training:
                 break
-        if packed is not None and logs is None:
-            logs = self._batch_logs(packed)[0]
-        return logs
+        if packed is None:
+            return None
+        if self._previous_call is not None and self._previous_call[0].packed is packed:
+            source_of_last = self._previous_call[0]  # shares the fetch with the last call's views
+        else:
+            source_of_last = _Packed(packed)
+        layout = self._call_layout()
+        return LazyLogs._of_call(layout.log_names, layout.log_positions, source_of_last)
 
-    def _batch_logs(self, packed: Any, data: Any = None, begin: int = 0, n: int = 1) -> tuple[LazyLogs, Any]:
-        """The batch logs (Keras's running means) and on_log's step values.
+    def _call_layout(self) -> "_CallLayout":
+        """Where the current trace's names sit in its packed vector (rebuilt after a new trace)."""
+        layout = self._layout
+        if layout is None or layout.packed_names != self._train_log_names:
+            names = tuple(self._train_log_names)
+            log_names, log_positions, step_names, step_positions = _views(names)
+            means = _mean_metric_names(self.model) if self._user_train_step is None else set()
+            packed_own = {name[len(STEP_VALUE):] for name in names if name.startswith(STEP_VALUE)}
+            derived = tuple((name, names.index(name)) for name in step_names
+                            if name in means and name not in packed_own and name in names)
+            layout = self._layout = _CallLayout(list(names), log_names, log_positions, step_names, step_positions,
+                                                derived)
+        return layout
+
+    def _call_logs(self, packed: Any, rows: ArrayData | None, begin: int, n: int, want_logs: bool,
+                   want_values: bool) -> tuple[LazyLogs | None, LazyLogs | None]:
+        """The batch logs (Keras's running means) and on_log's step values of one call, each
+        only when wanted (views of one packed vector: one fetch, on first read).
 
         The step's own loss comes packed from the step. Other running means (accuracy...) give
         the call's own value from two consecutive running means and the rows each covers:
@@ -490,29 +526,19 @@ class Trainer(RunContext):
         bit-exact). Where rows are unknown (datasets, sample weights, a resumed epoch's first
         call), the running mean is what is logged.
         """
-        names = tuple(self._train_log_names)
-        if self._log_views[0] != names:  # once per trace, not per step
-            views = _views(names)
-            means = _mean_metric_names(self.model) if self._user_train_step is None else set()
-            packed_own = {name[len(STEP_VALUE):] for name in names if name.startswith(STEP_VALUE)}
-            self._log_views = (names, *views, frozenset((means - packed_own) & set(views[2])))
-        _, log_names, log_positions, step_names, step_positions, derived = self._log_views
-        logs = LazyLogs(log_names, packed, log_positions)
-        own = logs.view(step_names, step_positions)
-        previous, self._previous_logs = self._previous_logs, (logs, begin + n)
-        if not derived or not isinstance(data, ArrayData) or data.has_sample_weight:
-            return logs, own
-        # The epoch's first call: its running means are its own values.
-        if begin == 0 or previous is None or previous[1] != begin:
-            return logs, own
-        before = previous[0]
-        rows_before, rows_now = data.samples_before(begin), data.samples_before(begin + n)
-
-        def call_values() -> dict[str, float]:
-            return {name: (logs[name] * rows_now - before[name] * rows_before) / (rows_now - rows_before)
-                    for name in derived}
-
-        return logs, DerivedLogs(own, derived, call_values)
+        layout = self._layout
+        if layout is None or layout.packed_names != self._train_log_names:
+            layout = self._call_layout()
+        source = _Packed(packed)
+        previous, self._previous_call = self._previous_call, (source, begin + n, layout)
+        logs = LazyLogs._of_call(layout.log_names, layout.log_positions, source) if want_logs else None
+        if not want_values:
+            return logs, None
+        derive = None
+        if layout.derived and rows is not None and previous is not None and previous[1] == begin \
+                and previous[2] is layout and begin > 0:
+            derive = (layout.derived, previous[0], rows.samples_before(begin), rows.samples_before(begin + n))
+        return logs, LazyLogs._of_call(layout.step_names, layout.step_positions, source, derive)
 
     def _steps_done_since(self, begin: int) -> int:
         # A call that hit the end of a dataset of unknown length ran some of its steps:

@@ -222,17 +222,23 @@ def test_lazy_logs_fetch_once_and_names_are_free():
         logs["nope"]
 
 
-def test_derived_logs_compute_once_and_to_dict_matches_reads():
+def test_a_derived_view_computes_from_both_calls_once_and_to_dict_matches_reads():
     import numpy as np
 
-    from corebus.logs import DerivedLogs
+    from corebus.logs import _Packed
 
-    calls = []
-    base = LazyLogs(["loss", "accuracy"], np.array([0.5, 0.75], np.float32))
-    derived = DerivedLogs(base, ["accuracy"], lambda: calls.append(1) or {"accuracy": 0.25})
-    assert derived["loss"] == 0.5 and not calls  # reading another name costs no compute
-    assert derived.to_dict() == {"loss": 0.5, "accuracy": 0.25} == {name: derived[name] for name in derived}
-    assert calls == [1]
+    # running means after 64 rows (earlier call) and after 128 rows (this call)
+    earlier = _Packed(np.array([0.5, 0.5], np.float32))
+    now = _Packed(np.array([0.4, 0.75], np.float32))
+    before = LazyLogs.fetches
+    view = LazyLogs._of_call(("loss", "accuracy"), (0, 1), now, ((("accuracy", 1),), earlier, 64, 128))
+    assert list(view) == ["loss", "accuracy"] and LazyLogs.fetches == before  # names cost nothing
+    assert view["accuracy"] == 1.0  # (0.75 * 128 - 0.5 * 64) / 64: the call's own accuracy
+    assert LazyLogs.fetches == before + 2  # this call's vector and the earlier one, once each
+    assert view.to_dict() == {"loss": pytest.approx(0.4), "accuracy": 1.0} == {name: view[name] for name in view}
+    assert LazyLogs.fetches == before + 2
+    plain = LazyLogs._of_call(("accuracy",), (1,), earlier)
+    assert plain.to_dict() == {"accuracy": 0.5} and LazyLogs.fetches == before + 2  # shares the fetch
 
 
 def test_list_order_holds_in_every_tier():
