@@ -364,6 +364,54 @@ def test_metrics_posted_as_json_read_back_like_the_clients_own(server):
     assert _RestMetrics.for_uri("sqlite:///x.db") is None
 
 
+def test_metric_batches_to_a_plain_http_server_carry_mlflows_headers_and_auth(monkeypatch):
+    """The stdlib path to a plain-http server: MLflow's own request headers and basic auth, the
+    same JSON, 1000 points a request on one connection; a 429 comes back as RetryLater with the
+    server's delay, another refusal as an error naming the status (the sink retries both)."""
+    from webhook_receiver import Receiver
+
+    from corebus.integrations.mlflow import _RestMetrics
+    from corebus.sinks import RetryLater
+
+    receiver = Receiver(answers=[200, 200, (429, {"Retry-After": "7"}), 400])
+    try:
+        host = receiver.url.split("/hooks/")[0]
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ada")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
+        rest = _RestMetrics.for_uri(host)
+        assert rest._direct is not None
+        points = [("loss", float(i), 1000 + i, i) for i in range(1500)]
+        rest.log_metrics("run-1", points)
+        first, second = receiver.requests
+        assert first["path"] == second["path"] == "/api/2.0/mlflow/runs/log-batch"
+        assert first["headers"]["Authorization"] == "Basic YWRhOnMzY3JldA=="  # ada:s3cret
+        assert first["headers"]["User-Agent"].startswith("mlflow-python-client/")
+        assert first["json"]["run_id"] == "run-1" and len(first["json"]["metrics"]) == 1000
+        assert first["json"]["metrics"][3] == {"key": "loss", "value": 3.0, "timestamp": 1003, "step": 3}
+        assert len(second["json"]["metrics"]) == 500
+        with pytest.raises(RetryLater, match="429") as refused:
+            rest.log_metrics("run-1", points[:1])
+        assert refused.value.retry_after == 7.0
+        with pytest.raises(RuntimeError, match="answered 400"):
+            rest.log_metrics("run-1", points[:1])
+    finally:
+        receiver.close()
+
+
+def test_metric_batches_take_mlflows_request_path_where_it_does_more(monkeypatch):
+    from corebus.integrations.mlflow import _RestMetrics
+
+    assert _RestMetrics.for_uri("http://127.0.0.1:5000")._direct is not None
+    assert _RestMetrics.for_uri("https://mlflow.example.com")._direct is None  # TLS settings are MLflow's
+    monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "basic-auth")  # an auth plugin
+    assert _RestMetrics.for_uri("http://127.0.0.1:5000")._direct is None
+    monkeypatch.delenv("MLFLOW_TRACKING_AUTH")
+    monkeypatch.setenv("http_proxy", "http://proxy.example.com:3128")
+    monkeypatch.setenv("no_proxy", "localhost")
+    assert _RestMetrics.for_uri("http://mlflow.internal:5000")._direct is None  # through the proxy
+    assert _RestMetrics.for_uri("http://localhost:5000")._direct is not None  # bypassed
+
+
 def test_alerts_are_recorded_on_the_run_even_from_another_thread(server, tmp_path):
     x, y = tiny_data(96)
 
