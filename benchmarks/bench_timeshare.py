@@ -11,7 +11,10 @@ slices over their total length; a slow spell of the machine falls on all of them
 Variants (``--variants``, any of):
 
 - ``a``   ``Trainer.fit`` with no loggers
-- ``a2``  ``a`` again: the control, whose ratio to ``a`` is this method's own noise
+- ``a2``, ``b2``, ``b3``...: more processes of a variant. Each process keeps its own speed for
+  its whole life (+-5 %), so one process per variant places a ratio only that well; with copies
+  the output adds each variant's mean over its processes (``pooled``), and ``--paired`` runs
+  copy k of every variant with hash seed k and no address randomisation
 - ``b``   ``MLflowLogger(log_every_n_steps=1)`` to a real ``mlflow server`` (sqlite store, the
   server's default worker count) on the last CPU, training on the others
 - ``c``   the same, ``log_every_n_steps=10``
@@ -55,9 +58,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from pool_rounds import interval  # noqa: E402  (bootstrap 95 % interval of the median)
 from results import record  # noqa: E402
 
-VARIANTS = {"a": "no loggers", "a2": "no loggers, again (control)",
+VARIANTS = {"a": "no loggers",
             "b": "MLflowLogger, every step", "c": "MLflowLogger, every 10 steps",
             "d": "on_log every step, doing nothing", "e": "every step's values held and read"}
+
+
+def base(name: str) -> str:
+    """``b3`` -> ``b``: copies of a variant (each its own process) carry a number."""
+    return name.rstrip("0123456789")
+
+
+def describe(name: str) -> str:
+    return VARIANTS[base(name)] + ("" if name == base(name) else f" (copy {name[len(base(name)):]})")
 
 
 # ---------------------------------------------------------------- one variant (a child process)
@@ -89,11 +101,13 @@ def worker(variant: str, uri: str, folder: Path, sharing: int) -> None:
         def on_epoch_end(self, trainer):
             trainer.stop_training = (folder / "stop").exists()
 
+    kind = base(variant)
+
     def plugins():
-        if variant in ("b", "c"):
+        if kind in ("b", "c"):
             return [MLflowLogger(tracking_uri=uri, experiment_name="timeshare", dir=folder / f"spool-{variant}",
-                                 log_every_n_steps=1 if variant == "b" else 10)]
-        return {"d": [OnLogEveryStep()], "e": [HoldAndRead()]}.get(variant, [])
+                                 log_every_n_steps=1 if kind == "b" else 10)]
+        return {"d": [OnLogEveryStep()], "e": [HoldAndRead()]}.get(kind, [])
 
     x, y = load_data()
 
@@ -174,6 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--slice", type=float, default=0.25, help="seconds one variant runs at a time")
     parser.add_argument("--warmup", type=float, default=20.0, help="seconds of slices before measuring")
     parser.add_argument("--block", type=int, default=8, help="cycles per block of the per-block ratios")
+    parser.add_argument("--paired", action="store_true",
+                        help="copy k of each variant runs with PYTHONHASHSEED=k and without address randomisation")
     parser.add_argument("--save", help="write every measured slice (variant, cycle, start, end, steps) here as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
@@ -187,7 +203,8 @@ def main(argv=None) -> int:
     from mlflow_server import MlflowServer
 
     names = args.variants.split(",")
-    assert names[0] == "a" and set(names) <= set(VARIANTS), f"variants: a first, then any of {list(VARIANTS)}"
+    assert names[0] == "a" and {base(n) for n in names} <= set(VARIANTS) and len(set(names)) == len(names), \
+        f"variants: a first, then any of {list(VARIANTS)}, copies numbered (a2, b2...)"
     cpus = sorted(os.sched_getaffinity(0))
     training_cpus = ",".join(map(str, cpus[:-1]))
     folder = Path(tempfile.mkdtemp(prefix="corebus-bench-timeshare-"))
@@ -196,9 +213,13 @@ def main(argv=None) -> int:
     processes: dict[str, subprocess.Popen] = {}
     try:
         for name in names:
-            processes[name] = subprocess.Popen(
-                ["taskset", "-c", training_cpus, sys.executable, __file__, "--worker", name, "--uri", server.uri,
-                 "--folder", str(folder), "--sharing", str(len(names))])
+            command = ["taskset", "-c", training_cpus, sys.executable, __file__, "--worker", name, "--uri", server.uri,
+                       "--folder", str(folder), "--sharing", str(len(names))]
+            env = dict(os.environ)
+            if args.paired:  # copy k of every variant: hash seed k, no address randomisation
+                command = ["setarch", os.uname().machine, "-R"] + command
+                env["PYTHONHASHSEED"] = name[len(base(name)):] or "1"
+            processes[name] = subprocess.Popen(command, env=env)
         for name, process in processes.items():
             while not ((folder / f"ready-{name}").exists() and stopped(process)):
                 if process.poll() is not None:
@@ -220,11 +241,11 @@ def main(argv=None) -> int:
                 # connection it closed meanwhile) was retried from the spool, and is counted.
                 assert stats["sent"] == stats["queued"], (name, stats)
                 retried[name] = stats["failures"]
-        if "b" in results:
-            from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient
 
-            history = MlflowClient(server.uri).get_metric_history(results["b"]["run_id"], "loss")
-            assert sorted(p.step for p in history) == list(range(1, results["b"]["steps"] + 1)), "(b) lost points"
+        for name in (n for n in names if base(n) == "b"):
+            history = MlflowClient(server.uri).get_metric_history(results[name]["run_id"], "loss")
+            assert sorted(p.step for p in history) == list(range(1, results[name]["steps"] + 1)), f"({name}) lost points"
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -244,12 +265,35 @@ def main(argv=None) -> int:
     for name in names:
         ratios = [r / a for r, a in zip(blocks[name], blocks["a"])]
         low, high = interval(ratios)
-        print(f"  {name:<3}{VARIANTS[name]:<39}{total[name]:>9.0f}{total[name] / total['a']:>8.3f}"
+        print(f"  {name:<3}{describe(name):<39}{total[name]:>9.0f}{total[name] / total['a']:>8.3f}"
               f"{statistics.median(ratios):>14.3f}{low:>9.3f}-{high:.3f}")
-        if name != "a":
+        if name != "a" and name == base(name):
             record("timeshare", f"{name} {VARIANTS[name]} / a, time-shared", total[name] / total["a"],
                    ">= 0.97" if name == "b" else "")
+    pooled(names, total)
     return 0
+
+
+def pooled(names: list[str], total: dict[str, float]) -> None:
+    """With copies: each variant's mean rate over its processes against (a)'s, and per copy
+    number (same hash seed under --paired) the ratio to that copy of (a)."""
+    kinds = sorted({base(n) for n in names}, key=names.index)
+    if all(sum(base(n) == kind for n in names) == 1 for kind in kinds):
+        return
+    mean = {kind: statistics.mean(total[n] for n in names if base(n) == kind) for kind in kinds}
+    print("pooled over copies (mean steps/s of the processes of each variant):")
+    for kind in kinds:
+        copies = [n for n in names if base(n) == kind]
+        if kind == "a":
+            detail = f"spread of a: {min(total[n] for n in copies) / mean['a']:.3f}-{max(total[n] for n in copies) / mean['a']:.3f}"
+        else:
+            paired = [total[n] / total["a" + n[len(kind):]] for n in copies if "a" + n[len(kind):] in total]
+            detail = "ratio to a of the same copy: " + " ".join(f"{r:.3f}" for r in paired)
+        print(f"  {kind:<3}{VARIANTS[kind]:<39}{mean[kind]:>9.0f}{mean[kind] / mean['a']:>8.3f}   "
+              f"{len(copies)} processes, {detail}")
+        if kind != "a":
+            record("timeshare", f"{kind} {VARIANTS[kind]} / a, pooled over {len(copies)} processes each",
+                   mean[kind] / mean["a"], ">= 0.97" if kind == "b" else "")
 
 
 if __name__ == "__main__":

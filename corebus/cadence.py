@@ -50,6 +50,8 @@ class Cadence:
         """Whether a due step lies in ``(previous_step, step]``."""
         if step <= previous_step:
             return False
+        if self.every == 1 and self.stop is None:  # every step (a logger's default): asked per step
+            return step > self.start
         if self.at is not None:
             return previous_step < self.at <= step
         low = max(previous_step, self.start)
