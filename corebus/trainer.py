@@ -83,7 +83,13 @@ def _pack(logs: Mapping[str, Any], names_out: list[str]) -> tf.Tensor:
     names_out[:] = sorted(logs.keys())
     if not names_out:
         return tf.zeros((0,), tf.float32)
-    return tf.stack([tf.reduce_mean(tf.cast(logs[k], tf.float32)) for k in names_out])
+    return tf.stack([_scalar(logs[k]) for k in names_out])
+
+
+def _scalar(value: Any) -> tf.Tensor:
+    """A float32 scalar: a metric's mean if it is not one already (no op added for a scalar)."""
+    value = tf.cast(value, tf.float32)
+    return value if value.shape.rank == 0 else tf.reduce_mean(value)
 
 
 class Trainer(RunContext):
