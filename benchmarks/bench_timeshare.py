@@ -11,16 +11,17 @@ slices over their total length; a slow spell of the machine falls on all of them
 Variants (``--variants``, any of):
 
 - ``a``   ``Trainer.fit`` with no loggers
-- ``a2``, ``b2``, ``b3``...: more processes of a variant. Each process keeps its own speed for
-  its whole life (+-5 %), so one process per variant places a ratio only that well; with copies
-  the output adds each variant's mean over its processes (``pooled``), and ``--paired`` runs
-  copy k of every variant with hash seed k and no address randomisation
 - ``b``   ``MLflowLogger(log_every_n_steps=1)`` to a real ``mlflow server`` (sqlite store, the
   server's default worker count) on the last CPU, training on the others
 - ``c``   the same, ``log_every_n_steps=10``
 - ``d``   a plugin whose ``on_log`` runs every step and does nothing (the engine's per-step
   logging path), ``e`` one that holds every step's values and reads them at hand-off, as the
   loggers do, with no sink (both from ``bench_mlflow.py --decompose``)
+
+and copies ``a2``, ``b2``, ``b3``...: more processes of a variant. Each process keeps its own
+speed for its whole life (+-5 %), so one process per variant places a ratio only that well;
+with copies the output adds each variant's mean over its processes (``pooled``), and
+``--paired`` runs copy k of every variant with hash seed k and no address randomisation.
 
 Every variant counts steps with one ``on_train_batch_begin`` hook (a clock read and an append).
 A stopped process's wall clock goes on, so the loggers' hand-off interval

@@ -29,7 +29,7 @@ BENCHMARKS = [
     ("bench_loggers.py", [], ["--epochs", "150", "--repeats", "1"]),
     ("bench_mlflow.py", [], ["--epochs", "90", "--repeats", "2"]),
     ("bench_mlflow.py", ["--server-own-core", "--decompose"], ["--server-own-core", "--epochs", "90", "--repeats", "2"]),
-    ("bench_timeshare.py", ["--variants", "a,a2,b,c,d,e", "--seconds", "60"],
+    ("bench_timeshare.py", ["--variants", "a,b,a2,b2,a3,b3,c,d,e", "--seconds", "40", "--paired"],
      ["--variants", "a,a2,b", "--seconds", "20", "--warmup", "10"]),
     ("bench_snapshot.py", [], ["--steps", "100", "--repeats", "1"]),
     ("bench_watchdog.py", [], ["--epochs", "20", "--repeats", "2", "--latency-runs", "2"]),
