@@ -499,10 +499,8 @@ class Trainer(RunContext):
                 break
         if packed is None:
             return None
-        if self._previous_call is not None and self._previous_call[0].packed is packed:
-            source_of_last = self._previous_call[0]  # shares the fetch with the last call's views
-        else:
-            source_of_last = _Packed(packed)
+        # The last call's own source where its views were made: they share one fetch.
+        source_of_last = self._previous_call[0] if self._previous_call is not None else _Packed(packed)
         layout = self._call_layout()
         return LazyLogs._of_call(layout.log_names, layout.log_positions, source_of_last)
 
@@ -533,7 +531,7 @@ class Trainer(RunContext):
         call), the running mean is what is logged.
         """
         layout = self._layout
-        if layout is None or layout.packed_names != self._train_log_names:
+        if layout is None or layout.packed_names != self._train_log_names:  # _call_layout's test, per call
             layout = self._call_layout()
         source = _Packed(packed)
         previous, self._previous_call = self._previous_call, (source, begin + n, layout)

@@ -280,3 +280,33 @@ def test_disable_policy_counts_failures_in_a_row_and_warns_once_per_streak(caplo
     warnings = [r.getMessage() for r in caplog.records]
     assert [w.split(":")[0] for w in warnings] == ["plugin 'logger' failed in on_epoch_end"] * 3 + [
         "plugin 'logger' disabled after 3 failures in a row; the run goes on without it"]
+
+
+def test_direct_callers_give_pluggys_results_and_errors_and_wrappers_keep_pluggy():
+    import pluggy
+
+    class Answers:
+        def __init__(self, value):
+            self.value = value
+
+        @hookimpl
+        def on_log(self, kind, step):
+            return None if self.value is None else (self.value, kind, step)
+
+    bus = PluginBus([("first", Answers(1)), ("silent", Answers(None)), ("last", Answers(3))])
+    direct = bus.caller("on_log")
+    assert not isinstance(direct, pluggy.HookCaller)  # the engine's per-step path skips pluggy's
+    kwargs = dict(trainer=None, kind="batch", step=7, logs={})
+    assert direct(**kwargs) == bus.pm.hook.on_log(**kwargs) == [(1, "batch", 7), (3, "batch", 7)]
+    with pytest.raises(pluggy.HookCallError, match="'step'"):
+        direct(trainer=None, kind="batch", logs={})
+
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def on_log(self):
+            result = yield
+            return result + ["wrapped"]
+
+    wrapped = PluginBus([("first", Answers(1)), ("wrapper", Wrapping())])
+    assert isinstance(wrapped.caller("on_log"), pluggy.HookCaller)
+    assert wrapped.caller("on_log")(**kwargs) == [(1, "batch", 7), "wrapped"]
