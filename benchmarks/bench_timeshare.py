@@ -69,8 +69,13 @@ def base(name: str) -> str:
     return name.rstrip("0123456789")
 
 
+def copy_number(name: str) -> str:
+    """``b3`` -> ``"3"``, ``b`` -> ``""``."""
+    return name[len(base(name)):]
+
+
 def describe(name: str) -> str:
-    return VARIANTS[base(name)] + ("" if name == base(name) else f" (copy {name[len(base(name)):]})")
+    return VARIANTS[base(name)] + (f" (copy {copy_number(name)})" if copy_number(name) else "")
 
 
 # ---------------------------------------------------------------- one variant (a child process)
@@ -219,7 +224,7 @@ def main(argv=None) -> int:
             env = dict(os.environ)
             if args.paired:  # copy k of every variant: hash seed k, no address randomisation
                 command = ["setarch", os.uname().machine, "-R"] + command
-                env["PYTHONHASHSEED"] = name[len(base(name)):] or "1"
+                env["PYTHONHASHSEED"] = copy_number(name) or "1"
             processes[name] = subprocess.Popen(command, env=env)
         for name, process in processes.items():
             while not ((folder / f"ready-{name}").exists() and stopped(process)):
@@ -288,7 +293,7 @@ def pooled(names: list[str], total: dict[str, float]) -> None:
         if kind == "a":
             detail = f"spread of a: {min(total[n] for n in copies) / mean['a']:.3f}-{max(total[n] for n in copies) / mean['a']:.3f}"
         else:
-            paired = [total[n] / total["a" + n[len(kind):]] for n in copies if "a" + n[len(kind):] in total]
+            paired = [total[n] / total["a" + copy_number(n)] for n in copies if "a" + copy_number(n) in total]
             detail = "ratio to a of the same copy: " + " ".join(f"{r:.3f}" for r in paired)
         print(f"  {kind:<3}{VARIANTS[kind]:<39}{mean[kind]:>9.0f}{mean[kind] / mean['a']:>8.3f}   "
               f"{len(copies)} processes, {detail}")

@@ -295,7 +295,6 @@ def _direct_caller(hook_caller: Any) -> Callable[..., list[Any]] | None:
                 results.append(result)
         return results
 
-    call.hook_caller = hook_caller  # pluggy's own, for introspection
     return call
 
 

@@ -512,8 +512,9 @@ class Trainer(RunContext):
             log_names, log_positions, step_names, step_positions = _views(names)
             means = _mean_metric_names(self.model) if self._user_train_step is None else set()
             packed_own = {name[len(STEP_VALUE):] for name in names if name.startswith(STEP_VALUE)}
-            derived = tuple((name, names.index(name)) for name in step_names
-                            if name in means and name not in packed_own and name in names)
+            # running means whose own value the step does not pack: derived from two calls
+            derived = tuple((name, position) for name, position in zip(log_names, log_positions)
+                            if name in means and name not in packed_own)
             layout = self._layout = _CallLayout(list(names), log_names, log_positions, step_names, step_positions,
                                                 derived)
         return layout
@@ -530,9 +531,7 @@ class Trainer(RunContext):
         bit-exact). Where rows are unknown (datasets, sample weights, a resumed epoch's first
         call), the running mean is what is logged.
         """
-        layout = self._layout
-        if layout is None or layout.packed_names != self._train_log_names:  # _call_layout's test, per call
-            layout = self._call_layout()
+        layout = self._call_layout()
         source = _Packed(packed)
         previous, self._previous_call = self._previous_call, (source, begin + n, layout)
         logs = LazyLogs._of_call(layout.log_names, layout.log_positions, source) if want_logs else None

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink,
@@ -395,7 +395,7 @@ class _Writer:
                 pending = []
             if kind == "metrics":
                 pending_run = (run_key, run_id)
-                # plain tuples in _Point's order: a NamedTuple's constructor costs 4x a tuple's
+                # (key, value, timestamp ms, step): mlflow.entities.Metric's argument order
                 pending += [(k, v, ts, step) for step, ts, values in record["points"] for k, v in values.items()]
             elif kind == "start" and record.get("resumed"):
                 self._verify_runs.add(run_key)
@@ -506,15 +506,6 @@ class _Writer:
         return [m for m in metrics if m[3] not in self._history.get((run_id, m[0]), ())]
 
 
-class _Point(NamedTuple):
-    """One metric point, in ``mlflow.entities.Metric``'s argument order."""
-
-    key: str
-    value: float
-    timestamp: int
-    step: int
-
-
 class _RestMetrics:
     """Metric points to a tracking server as one JSON ``runs/log-batch`` request per 1000.
 
@@ -553,7 +544,7 @@ class _RestMetrics:
             return None
 
     def log_metrics(self, run_id: str, points: list[tuple]) -> None:
-        """``points``: ``(key, value, timestamp ms, step)`` tuples (``_Point``'s order)."""
+        """``points``: ``(key, value, timestamp ms, step)`` tuples (``Metric``'s argument order)."""
         bodies = [self._body(run_id, points[start:start + self.MAX_METRICS])
                   for start in range(0, len(points), self.MAX_METRICS)]
         if self._direct is not None:

@@ -346,7 +346,7 @@ def test_metrics_posted_as_json_read_back_like_the_clients_own(server):
     points as ``MlflowClient.log_batch``, non-finite values and more than 1000 points included."""
     from mlflow.entities import Metric
 
-    from corebus.integrations.mlflow import _Point, _RestMetrics
+    from corebus.integrations.mlflow import _RestMetrics
 
     client = server.client()
     experiment = client.get_experiment_by_name("corebus-tests") or client.get_experiment(
@@ -354,7 +354,7 @@ def test_metrics_posted_as_json_read_back_like_the_clients_own(server):
     values = [0.5, float("nan"), float("inf"), float("-inf"), 1e-30, -0.0, 5e-324, 1.7976931348623157e308,
               0.1 + 0.2, -123456789.123456789] + [float(i) for i in range(1200)]
     keys = ["m", "val/é loss"]  # a key json must escape, in the same request
-    points = [_Point(keys[i % 2], v, 1000 + i, i) for i, v in enumerate(values)]
+    points = [(keys[i % 2], v, 1000 + i, i) for i, v in enumerate(values)]  # Metric's argument order
     ours, theirs = (client.create_run(experiment.experiment_id).info.run_id for _ in range(2))
     _RestMetrics.for_uri(server.uri).log_metrics(ours, points)
     client.log_batch(theirs, metrics=[Metric(*p) for p in points], synchronous=True)
