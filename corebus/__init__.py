@@ -15,7 +15,7 @@ from .cadence import Cadence
 from .context import optimizer_names
 from .errors import ConfigError, CorebusError, MissingExtraError, PluginError, require_module
 from .io import BackgroundWorker, atomic_path, check_writable, fsync_path
-from .logs import LazyLogs
+from .logs import LazyLogs, LoggedStep
 from .monitor import Monitor
 from .registry import installed_plugins, load_plugin_config
 from .backend_process import BackendError, BackendProcess, InProcessBackend
@@ -56,6 +56,7 @@ __all__ = [
     "GradientPipelineOptimizer",
     "KerasCallback",
     "LazyLogs",
+    "LoggedStep",
     "LearningRateController",
     "LOGGER_FLUSH_SECONDS",
     "LogSink",

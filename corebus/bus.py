@@ -62,10 +62,11 @@ class PluginBus:
             self._register(name, plugin)
         self.plugins = dict(ordered)
         self._enforce_list_order([name for name, _ in ordered])
-        tracing = bool(os.environ.get("COREBUS_TRACE"))
-        if tracing:
+        self._tracing = bool(os.environ.get("COREBUS_TRACE"))
+        if self._tracing:
             self._enable_tracing()
-        self._callers = {hook: self._make_caller(getattr(self.pm.hook, hook), tracing) for hook in hookspecs.__all__}
+        self._callers = {hook: self._make_caller(getattr(self.pm.hook, hook), self._tracing)
+                         for hook in hookspecs.__all__}
 
     # ------------------------------------------------------------------ registration
 
@@ -198,6 +199,14 @@ class PluginBus:
         costs nothing per batch.
         """
         return self._callers[hook]
+
+    def caller_without(self, hook: str, plugins: Iterable[object]) -> Callable[..., Any] | None:
+        """The caller of ``hook`` leaving ``plugins`` out (``None`` when no other plugin
+        implements it): batch ``on_log`` records skip the plugins that take ``on_log_steps``."""
+        plugins = list(plugins)
+        if not plugins:
+            return self._callers[hook]
+        return self._make_caller(self.pm.subset_hook_caller(hook, plugins), self._tracing)
 
     def call(self, hook: str, **kwargs: Any) -> list[Any]:
         """Call ``hook`` on every implementing plugin (no-op when none does)."""

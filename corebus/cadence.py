@@ -8,6 +8,7 @@ the snapshot was, so an exact-equality test would skip or repeat events.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,11 @@ class Cadence:
             return False
         # multiples of `every` counted from `start` that are <= high, minus those <= low
         return (high - self.start) // self.every > (low - self.start) // self.every
+
+    def picks(self, records: Iterable[Any]) -> list[Any]:
+        """The records (``on_log_steps``'s :class:`corebus.LoggedStep`) at which this is due."""
+        due = self.due
+        return [record for record in records if due(record.previous_step, record.step)]
 
     def due_now(self, trainer: Any) -> bool:
         """``due`` for the updates of the train call that just ended."""

@@ -8,13 +8,17 @@ and the same step numbers in ``Trainer.fit`` and in ``model.fit``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from . import sinks
 from .alerts import Alert
 from .bus import PluginBus
-from .logs import LazyLogs
+from .logs import LazyLogs, LoggedStep
+
+log = logging.getLogger("corebus")
 
 
 #: What a plugin may ask the gradient pipeline for (``gradient_taps = {...}``); see
@@ -43,17 +47,21 @@ def optimizer_names(value: Any, owner: str) -> list[str] | None:
 _EVERY_CALL = object()
 
 
-def _batch_log_cadences(bus: PluginBus) -> tuple[Any, ...] | None:
-    """The cadences of the batch ``on_log`` records the subscribers use, or ``None`` (every
-    call) when one of them does not declare ``batch_log_cadence``. Declared ``None``: none."""
+def _log_cadences(plugins: Any) -> tuple[Any, ...] | None:
+    """The cadences of the batch records ``plugins`` use, or ``None`` (every call) when one of
+    them does not declare ``batch_log_cadence``. Declared ``None``: none."""
     cadences = []
-    for _, impl in bus.implementations("on_log"):
-        cadence = getattr(impl.plugin, "batch_log_cadence", _EVERY_CALL)
+    for plugin in plugins:
+        cadence = getattr(plugin, "batch_log_cadence", _EVERY_CALL)
         if cadence is _EVERY_CALL:
             return None
         if cadence is not None:
             cadences.append(cadence)
     return tuple(cadences)
+
+
+#: ``on_log_steps`` records are handed over at least this often (bounds the tensors held).
+HELD_STEPS_MAX = 1000
 
 
 def _plain(value: Any) -> bool:
@@ -98,7 +106,11 @@ class RunContext:
         self._lr: Any = None
         self._lr_by_name: dict[str, Any] = {}
         self._callers: dict[str, Any] = {}
+        self._batch_on_log: Any = None  # on_log for batch records: subscribers without on_log_steps
         self._batch_log_cadences: tuple[Any, ...] | None = None  # None: every train call is logged
+        self._step_log_cadences: tuple[Any, ...] | None = ()  # of the on_log_steps subscribers
+        self._held_steps: list[tuple[int, int, float, Any]] = []  # on_log_steps records to hand over
+        self._hand_over_at = 0.0
         self._at_epoch_end = False
         self._resume_at: tuple[int, int] | None = None
         self.gradient_taps: frozenset[str] = frozenset()
@@ -189,7 +201,11 @@ class RunContext:
         self.bus = bus
         self.gradient_taps = frozenset(taps)
         self._callers = {hook: bus.caller(hook) for hook in bus._callers}
-        self._batch_log_cadences = _batch_log_cadences(bus)
+        step_takers = [impl.plugin for _, impl in bus.implementations("on_log_steps")]
+        self._batch_on_log = bus.caller_without("on_log", step_takers)
+        self._batch_log_cadences = _log_cadences(
+            impl.plugin for _, impl in bus.implementations("on_log") if impl.plugin not in step_takers)
+        self._step_log_cadences = _log_cadences(step_takers)
         self._accumulation = self.accumulation_steps("default")
 
     def _start_steps(self, micro_step: int) -> None:
@@ -231,6 +247,7 @@ class RunContext:
 
     def _train_begin(self) -> None:
         self.mode = "train"
+        self._held_steps, self._hand_over_at = [], 0.0  # the first record goes at once
         self._emit("on_train_begin", logs={})
 
     def _epoch_begin(self, epoch: int) -> None:
@@ -249,26 +266,35 @@ class RunContext:
         """``steps_done`` batches were trained in the call that just ended. ``step_values`` are
         what ``on_log`` gets: the last step's own values where known (default: ``logs``)."""
         log_now = self._batch_log_due(steps_done)
-        self._batch_ended(batch, steps_done, logs, (logs if step_values is None else step_values) if log_now else None)
+        hold = self._batch_log_due(steps_done, held=True)
+        values = logs if step_values is None else step_values
+        self._batch_ended(batch, steps_done, logs, values if log_now else None, values if hold else None)
 
     def _batch_ended(self, batch: int, steps_done: int, logs: Mapping[str, Any] | None,
-                     log_values: Mapping[str, Any] | None) -> None:
-        """Advance the steps, then ``on_train_batch_end`` (``logs``) and, when ``log_values`` is
-        given (a batch ``on_log`` is due), ``on_log``."""
+                     log_values: Mapping[str, Any] | None, held_values: Any = None) -> None:
+        """Advance the steps, then ``on_train_batch_end`` (``logs``), then the batch records:
+        ``held_values`` held for ``on_log_steps`` and, when ``log_values`` is given (a batch
+        ``on_log`` is due), ``on_log`` (neither when ``on_train_batch_end`` raised)."""
         self.batch = batch
         self._advance(steps_done)
         on_batch_end = self._callers.get("on_train_batch_end")
         if on_batch_end is not None:
             on_batch_end(trainer=self, batch=batch, logs=logs)
+        if held_values is not None:
+            self._hold_step_log(held_values)
         if log_values is not None:
-            self._callers["on_log"](trainer=self, kind="batch", step=self.global_step, logs=log_values)
+            self._batch_on_log(trainer=self, kind="batch", step=self.global_step, logs=log_values)
 
-    def _batch_log_due(self, steps_done: int) -> bool:
-        """Whether the train call of ``steps_done`` batches that is ending gets a batch ``on_log``:
-        some subscriber's ``batch_log_cadence`` has a step in it (or one declares none)."""
-        if self._callers.get("on_log") is None:
+    def _batch_log_due(self, steps_done: int, held: bool = False) -> bool:
+        """Whether the train call of ``steps_done`` batches that is ending gets a batch ``on_log``
+        (``held``: an ``on_log_steps`` record): some subscriber's ``batch_log_cadence`` has a
+        step in it (or one declares none)."""
+        if held:
+            caller, cadences = self._callers.get("on_log_steps"), self._step_log_cadences
+        else:
+            caller, cadences = self._batch_on_log, self._batch_log_cadences
+        if caller is None:
             return False
-        cadences = self._batch_log_cadences
         if cadences is None:
             return True
         step_after = self._global_step_at(self.micro_step + steps_done)
@@ -276,6 +302,25 @@ class RunContext:
             if cadence.due(self.global_step, step_after):
                 return True
         return False
+
+    def _hold_step_log(self, values: Any) -> None:
+        """Keep the batch record of the call that just ended (steps advanced) for
+        ``on_log_steps``; hand the records over when due."""
+        held = self._held_steps
+        held.append((self.global_step, self.previous_global_step, time.time(), values))
+        if len(held) >= HELD_STEPS_MAX or time.monotonic() >= self._hand_over_at:
+            self._hand_over_step_logs()
+
+    def _hand_over_step_logs(self) -> None:
+        """Give the ``on_log_steps`` subscribers the records held, if any."""
+        held, self._held_steps = self._held_steps, []
+        self._hand_over_at = time.monotonic() + sinks.LOGGER_FLUSH_SECONDS
+        if held:
+            self._callers["on_log_steps"](trainer=self, records=self._logged_steps(held))
+
+    def _logged_steps(self, held: list[tuple[int, int, float, Any]]) -> list[LoggedStep]:
+        """The held entries as records (the engine holds its calls' raw output: made lazy here)."""
+        return [LoggedStep(*entry) for entry in held]
 
     def learning_rate_key(self, optimizer_name: str) -> str:
         """The log name of an optimizer's learning rate: ``learning_rate``, or
@@ -291,6 +336,7 @@ class RunContext:
                 for name, optimizer in self.optimizers.items()}
 
     def _epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        self._hand_over_step_logs()  # a logger's batch points come before the epoch's
         self._at_epoch_end = True
         try:
             self._emit("on_epoch_end", epoch=epoch, logs=logs)
@@ -308,9 +354,15 @@ class RunContext:
             self._emit("on_log", kind="epoch", step=self.global_step, logs=record)
 
     def _train_end(self, logs: dict[str, float] | None) -> None:
+        self._hand_over_step_logs()
         self._emit("on_train_end", logs=logs)
 
     def _exception(self, exception: BaseException) -> None:
+        try:  # the records of the steps trained still reach the loggers, which then close
+            self._hand_over_step_logs()
+        except Exception as exc:  # never hide the exception that ended training
+            log.warning("on_log_steps failed while training ended with %s: %s: %s",
+                        type(exception).__name__, type(exc).__name__, exc)
         self._emit("on_exception", exception=exception)
 
     def _test_begin(self) -> None:
@@ -413,9 +465,6 @@ class RunContext:
         self.stop_training = bool(state.get("stop_training", False))
         self._resume_at = (int(state["epoch"]), int(state["next_batch"]))
         self._emit("on_state_restored", step=self.global_step, state=state)
-
-    def wants_batch_logs(self) -> bool:
-        return self._callers.get("on_train_batch_end") is not None or self._callers.get("on_log") is not None
 
 
 __all__ = ["RunContext", "LazyLogs"]

@@ -63,6 +63,7 @@ __all__ = [
     "on_state_restored",
     # logging
     "on_log",
+    "on_log_steps",
     # alerts
     "on_alert",
 ]
@@ -349,7 +350,8 @@ def on_log(trainer, kind, step, logs):
     subscriber declares one, the batch call is skipped after train calls where none is due: no
     dispatch per step, and in ``model.fit`` no learning-rate read. The call still goes to every
     subscriber when any is due, so each checks its own cadence; one without the attribute gets
-    every call.
+    every call. A logger that sends in batches takes its batch records through
+    :func:`on_log_steps` instead, many at a time.
 
     Batch values are the step's own values, not Keras's running means: the batch loss as the
     compiled step computed it, and mean-type metrics of the call derived on first read from two
@@ -365,6 +367,29 @@ def on_log(trainer, kind, step, logs):
     :param kind: ``"batch"`` or ``"epoch"``.
     :param step: the global optimizer step the values belong to (the canonical x axis).
     :param logs: mapping of metric name to value.
+    """
+
+
+@hookspec
+def on_log_steps(trainer, records):
+    """Batch ``on_log`` records of many train calls at once, for loggers that send in batches.
+
+    A plugin implementing this hook gets its batch records here instead of through ``on_log``
+    (its ``on_log`` then sees epoch records only). The engine keeps each train call's record
+    (a :class:`corebus.LoggedStep`: ``step``, ``previous_step``, ``time``, ``logs``) and hands
+    them over every ``corebus.LOGGER_FLUSH_SECONDS`` (the first at once), every 1,000 records,
+    and always before the epoch's ``on_log``, ``on_train_end`` and ``on_exception``. So the
+    training loop runs no plugin code per step: a batch record costs a tuple, and its Python
+    work runs later, many steps in a row, where it runs faster.
+
+    ``records`` holds, oldest first, every train call at which some subscriber's
+    ``batch_log_cadence`` is due (every call when one subscriber declares none); a subscriber
+    picks its own with ``cadence.picks(records)``. ``logs`` are the values ``on_log`` would
+    have had (lazy, read at first use); ``time`` is the wall-clock time (``time.time()``)
+    the call ended, for the backend's timestamp.
+
+    :param trainer: the running trainer.
+    :param records: the held records, oldest first.
     """
 
 

@@ -116,7 +116,7 @@ class KerasCallback(keras.callbacks.Callback):
             batch = min(batch, steps - 1)
         steps_done = batch - ctx._first_batch + 1
         logs = dict(logs or {})
-        if not ctx._batch_log_due(steps_done):
+        if not (ctx._batch_log_due(steps_done) or ctx._batch_log_due(steps_done, held=True)):
             ctx._train_batch_end(batch, steps_done, LazyLogs.from_tensors(logs))
             return
         # Keras hands callbacks running means only; on_log's gradient norm and learning rate

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from abc import ABCMeta
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+
+class LoggedStep(NamedTuple):
+    """One train call's batch record, as ``on_log_steps`` hands it over."""
+
+    step: int
+    """The global optimizer step after the call (the x axis)."""
+    previous_step: int
+    """The global step before the call: a :class:`corebus.Cadence` is due if it crossed a step."""
+    time: float
+    """Wall-clock time (``time.time()``) when the call ended."""
+    logs: Mapping[str, Any]
+    """What ``on_log`` would have had (lazy: read when used)."""
 
 
 class _Packed:

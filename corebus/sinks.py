@@ -61,9 +61,10 @@ class PendingPoints:
         # sparse cadence, a long validation), goes at once: add() is called only when due.
         self._handed_at = float("-inf")
 
-    def add(self, step: int, values: Any) -> bool:
-        """Hold one point; ``True`` when the points are due for hand-off (call :meth:`take`)."""
-        self._points.append((int(step), int(time.time() * 1000), values))
+    def add(self, step: int, values: Any, at: float | None = None) -> bool:
+        """Hold one point (logged at ``at``, ``time.time()`` by default); ``True`` when the
+        points are due for hand-off (call :meth:`take`)."""
+        self._points.append((int(step), int((time.time() if at is None else at) * 1000), values))
         return len(self._points) >= self.max_points or time.monotonic() - self._handed_at >= self.interval
 
     def take(self) -> list[tuple[int, int, dict[str, float]]]:

@@ -16,7 +16,7 @@ from .bus import PluginBus
 from .context import RunContext, lr_owner
 from .data import ArrayData, DatasetData, make_data, split_validation
 from .errors import ConfigError
-from .logs import LazyLogs, _Packed
+from .logs import LazyLogs, LoggedStep, _Packed
 
 TrainStep = Callable[["Trainer", Any], Mapping[str, Any]]
 
@@ -72,6 +72,37 @@ class _CallLayout(NamedTuple):
     step_names: tuple[str, ...]
     step_positions: tuple[int, ...]
     derived: tuple[tuple[str, int], ...]  # (name, position of its running mean)
+
+
+class _HeldCall(NamedTuple):
+    """A train call's output held for ``on_log_steps``: made into its step values at hand-over,
+    so the training loop spends a tuple per call, not the values' Python work."""
+
+    packed: Any
+    before: tuple[Any, int, _CallLayout | None] | None  # the call before: (packed, end batch, layout)
+    begin: int
+    n: int
+    rows: ArrayData | None
+    layout: _CallLayout
+
+
+def _step_logs(layout: _CallLayout, source: _Packed, before: tuple[_Packed, int, _CallLayout | None] | None,
+               begin: int, n: int, rows: ArrayData | None) -> LazyLogs:
+    """``on_log``'s step values of the call of batches ``begin..begin+n-1`` (a view of its packed
+    vector: one fetch, on first read).
+
+    The step's own loss comes packed from the step. Other running means (accuracy...) give
+    the call's own value from two consecutive running means and the rows each covers:
+    ``(mean_now * rows_now - mean_before * rows_before) / rows_in_call``, computed on the
+    host when first read (no work in the step; float32 means, so the value is close, not
+    bit-exact). Where rows are unknown (datasets, sample weights, a resumed epoch's first
+    call), the running mean is what is logged.
+    """
+    derive = None
+    if layout.derived and rows is not None and before is not None and before[1] == begin \
+            and before[2] is layout and begin > 0:
+        derive = (layout.derived, before[0], rows.samples_before(begin), rows.samples_before(begin + n))
+    return LazyLogs._of_call(layout.step_names, layout.step_positions, source, derive)
 
 
 def _pack(logs: Mapping[str, Any], names_out: list[str]) -> tf.Tensor:
@@ -284,7 +315,7 @@ class Trainer(RunContext):
             for _, impl in everywhere.implementations(hook)
         ) + tuple(sorted(self.gradient_taps))
         # on_log subscribers get each step's own values, measured inside the step.
-        self._step_values = everywhere.caller("on_log") is not None
+        self._step_values = everywhere.caller("on_log") is not None or everywhere.caller("on_log_steps") is not None
         return bus
 
     # ------------------------------------------------------------------ steps
@@ -457,13 +488,15 @@ class Trainer(RunContext):
 
     def _run_epoch(self, data: ArrayData | DatasetData, epoch: int, first_batch: int = 0) -> Mapping[str, Any] | None:
         begin_hook = self._callers["on_train_batch_begin"]
-        wants_logs = self.wants_batch_logs()
         batch_end_hook = self._callers["on_train_batch_end"] is not None
+        per_call_logs = batch_end_hook or self._batch_on_log is not None
+        holds = self._callers["on_log_steps"] is not None
         # A call's own value of a running mean follows from the rows each call covered (below).
         rows = data if isinstance(data, ArrayData) and not data.has_sample_weight else None
         iterator = data.iterator(epoch, skip_batches=first_batch)
         source = data.source
         self._previous_call = None  # metrics were reset (or restored mid-epoch): no call before
+        last_call = None  # (packed, end batch, layout) of the call before, for held records
         packed = None
         functions: dict[int, Callable] = {}  # looked up once per epoch, not once per call
         for begin, n in self._batches(data.steps, first_batch):
@@ -480,7 +513,8 @@ class Trainer(RunContext):
                 if done:
                     logs = self._metrics_or(None) or {}
                     # The cut-short call packed nothing: on_log's learning rate is read here (if due).
-                    step_values = None if not self._batch_log_due(done) else {
+                    due = self._batch_log_due(done) or self._batch_log_due(done, held=True)
+                    step_values = None if not due else {
                         **logs, **{key: float(np.asarray(rate)) for key, rate in self.learning_rate_logs().items()}}
                     self._train_batch_end(begin + done - 1, done, logs, step_values)
                     return logs
@@ -489,12 +523,19 @@ class Trainer(RunContext):
                 # A custom step that calls only parts of the model (a GAN's two halves) built
                 # every layer without Keras marking the whole model built; saving needs it.
                 self.model.built = all(layer.built for layer in self.model._flatten_layers(include_self=False))
-            if wants_logs:
+            hold = holds and self._batch_log_due(n, held=True)
+            if per_call_logs:
                 log_now = self._batch_log_due(n)
-                logs, step_values = self._call_logs(packed, rows, begin, n, batch_end_hook, log_now)
-                self._batch_ended(begin + n - 1, n, logs, step_values)
+                logs, step_values = self._call_logs(packed, rows, begin, n, batch_end_hook, log_now or hold)
+                self._batch_ended(begin + n - 1, n, logs, step_values if log_now else None,
+                                  step_values if hold else None)
             else:
                 self._advance(n)
+                if holds:  # on_log_steps subscribers only: a call's record is made at hand-over
+                    layout = self._call_layout()
+                    if hold:
+                        self._hold_step_log(_HeldCall(packed, last_call, begin, n, rows, layout))
+                    last_call = (packed, begin + n, layout)
             if self.stop_training:
                 break
         if packed is None:
@@ -521,27 +562,32 @@ class Trainer(RunContext):
 
     def _call_logs(self, packed: Any, rows: ArrayData | None, begin: int, n: int, want_logs: bool,
                    want_values: bool) -> tuple[LazyLogs | None, LazyLogs | None]:
-        """The batch logs (Keras's running means) and on_log's step values of one call, each
-        only when wanted (views of one packed vector: one fetch, on first read).
-
-        The step's own loss comes packed from the step. Other running means (accuracy...) give
-        the call's own value from two consecutive running means and the rows each covers:
-        ``(mean_now * rows_now - mean_before * rows_before) / rows_in_call``, computed on the
-        host when first read (no work in the step; float32 means, so the value is close, not
-        bit-exact). Where rows are unknown (datasets, sample weights, a resumed epoch's first
-        call), the running mean is what is logged.
-        """
+        """The batch logs (Keras's running means) and on_log's step values (:func:`_step_logs`)
+        of one call, each only when wanted (views of one packed vector: one fetch, on first read)."""
         layout = self._call_layout()
         source = _Packed(packed)
         previous, self._previous_call = self._previous_call, (source, begin + n, layout)
         logs = LazyLogs._of_call(layout.log_names, layout.log_positions, source) if want_logs else None
         if not want_values:
             return logs, None
-        derive = None
-        if layout.derived and rows is not None and previous is not None and previous[1] == begin \
-                and previous[2] is layout and begin > 0:
-            derive = (layout.derived, previous[0], rows.samples_before(begin), rows.samples_before(begin + n))
-        return logs, LazyLogs._of_call(layout.step_names, layout.step_positions, source, derive)
+        return logs, _step_logs(layout, source, previous, begin, n, rows)
+
+    def _logged_steps(self, held: list[tuple[int, int, float, Any]]) -> list[LoggedStep]:
+        sources: dict[int, _Packed] = {}  # one per packed tensor: a call and the next share its fetch
+
+        def source_of(packed: Any) -> _Packed:
+            return sources.get(id(packed)) or sources.setdefault(id(packed), _Packed(packed))
+
+        records = []
+        for step, previous_step, at, values in held:
+            if type(values) is _HeldCall:
+                before = values.before
+                if before is not None:
+                    before = (source_of(before[0]), before[1], before[2])
+                values = _step_logs(values.layout, source_of(values.packed), before, values.begin, values.n,
+                                    values.rows)
+            records.append(LoggedStep(step, previous_step, at, values))
+        return records
 
     def _steps_done_since(self, begin: int) -> int:
         # A call that hit the end of a dataset of unknown length ran some of its steps:

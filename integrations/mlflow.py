@@ -183,16 +183,20 @@ class MLflowLogger:
             self._put("tags", tags={"corebus.resumed_at_step": str(step)})
 
     @hookimpl
-    def on_log(self, trainer, kind, step, logs):
+    def on_log_steps(self, records):
+        if self.batch_log_cadence is None or (self._phase != "open" and not self._ready()):
+            return
+        for record in self.batch_log_cadence.picks(records):
+            self._points.add(record.step, record.logs, record.time)  # read at hand-off (PendingPoints)
+        if self._points:
+            self._put("metrics")
+
+    @hookimpl
+    def on_log(self, trainer, step, logs):  # epoch records (batch records come to on_log_steps)
         if self._phase != "open" and not self._ready():
             return
-        if kind == "batch":
-            if self.batch_log_cadence is None or not self.batch_log_cadence.due_now(trainer):
-                return
-            values = logs  # read at hand-off (PendingPoints)
-        else:
-            values = {f"epoch/{name}": value for name, value in logs.items()}
-            values["epoch"] = trainer.epoch
+        values = {f"epoch/{name}": value for name, value in logs.items()}
+        values["epoch"] = trainer.epoch
         if self._points.add(step, values):
             self._put("metrics")
 

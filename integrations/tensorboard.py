@@ -178,16 +178,18 @@ class TensorBoardLogger:
             self._stop_profiler(trainer.global_step)
 
     @hookimpl
-    def on_log(self, trainer, kind, step, logs):
-        if self._graph_pending:  # at the first record: the model is built (a subclassed one at its first step)
-            self._graph_pending = False
-            for record in _graph_records(trainer.model):
-                self._put(record)
-        if kind == "batch":
-            if self.batch_log_cadence is not None and self.batch_log_cadence.due_now(trainer):
-                if self._points.add(step, logs):  # read at hand-off (PendingPoints)
-                    self._hand_over_points()
+    def on_log_steps(self, trainer, records):
+        self._write_graph_once(trainer)
+        if self.batch_log_cadence is None:
             return
+        for record in self.batch_log_cadence.picks(records):
+            self._points.add(record.step, record.logs, record.time)  # read at hand-off (PendingPoints)
+        if self._points:
+            self._hand_over_points()
+
+    @hookimpl
+    def on_log(self, trainer, logs):  # epoch records (batch records come to on_log_steps)
+        self._write_graph_once(trainer)
         epoch = trainer.epoch
         train = {f"epoch_{k}": float(v) for k, v in logs.items() if not k.startswith("val_")}
         if not self.write_steps_per_second:
@@ -242,6 +244,12 @@ class TensorBoardLogger:
             return replay_spool(path, files.write, what="TensorBoardLogger")
         finally:
             files.close()
+
+    def _write_graph_once(self, trainer: Any) -> None:
+        if self._graph_pending:  # at the first record: the model is built (a subclassed one at its first step)
+            self._graph_pending = False
+            for record in _graph_records(trainer.model):
+                self._put(record)
 
     def _hand_over_points(self) -> None:
         for step, _, values in self._points.take():

@@ -133,13 +133,16 @@ class WandbLogger:
         self._resumed_step = step
 
     @hookimpl
-    def on_log(self, trainer: Any, kind: str, step: int, logs: Any) -> None:
-        if kind == "batch":
-            if self.batch_log_cadence is None or not self.batch_log_cadence.due_now(trainer):
-                return
-            if self._points.add(step, logs):  # read at hand-off (PendingPoints)
-                self._hand_over_points()
+    def on_log_steps(self, records: list[Any]) -> None:
+        if self.batch_log_cadence is None:
             return
+        for record in self.batch_log_cadence.picks(records):
+            self._points.add(record.step, record.logs, record.time)  # read at hand-off (PendingPoints)
+        if self._points:
+            self._hand_over_points()
+
+    @hookimpl
+    def on_log(self, trainer: Any, step: int, logs: Any) -> None:  # epoch records (batch ones: on_log_steps)
         values = {f"epoch/{k}": float(v) for k, v in logs.items()}
         values["epoch/epoch"] = trainer.epoch
         self._put({"type": "log", "step": int(step), "values": values})

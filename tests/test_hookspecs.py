@@ -28,6 +28,7 @@ PINNED = {
     "on_checkpoint_saved": "(trainer, filepath, step, metadata)",
     "on_state_restored": "(trainer, step, state)",
     "on_log": "(trainer, kind, step, logs)",
+    "on_log_steps": "(trainer, records)",
     "on_alert": "(trainer, alert)",
 }
 

@@ -247,7 +247,8 @@ def test_a_crash_marks_the_run_failed_and_an_interrupt_killed(server, tmp_path, 
         make_trainer([mlflow_logger, FailAt(5, error)]).fit(x, y, batch_size=8, epochs=2, verbose=0)
     client = server.client()
     assert client.get_run(mlflow_logger.run_id).info.status == status
-    # on_log follows on_train_batch_end, where step 5 raised: steps 1-4 were logged, all of them.
+    # Batch records follow on_train_batch_end, where step 5 raised: steps 1-4 were logged, all of
+    # them (the records held reached the logger before on_exception closed the run).
     assert steps_of(client, mlflow_logger.run_id, "loss") == [1, 2, 3, 4]
 
 

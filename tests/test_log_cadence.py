@@ -82,16 +82,17 @@ def test_the_loggers_declare_their_cadence(tmp_path):
 
 
 class HandOffSpy:
-    """After the logger's own on_log, how many points it still holds (not handed to its sink)."""
+    """Runs after the logger's on_log_steps: the steps each hand-over brought, and how many
+    points the logger still holds afterwards (not handed to its sink)."""
 
     def __init__(self, logger):
-        self.logger, self.held = logger, []
+        self.logger, self.deliveries, self.held = logger, [], []
         self.batch_log_cadence = logger.batch_log_cadence
 
     @hookimpl(trylast=True)
-    def on_log(self, kind):
-        if kind == "batch":
-            self.held.append(len(self.logger._points))
+    def on_log_steps(self, records):
+        self.deliveries.append([record.step for record in records])
+        self.held.append(len(self.logger._points))
 
 
 def _logger(kind, tmp_path):
@@ -104,24 +105,93 @@ def _logger(kind, tmp_path):
     return TensorBoardLogger(log_dir=tmp_path / "tb", update_freq=4)
 
 
-# After steps 4, 8 and 12 (epoch 0 ends at step 6). MLflow holds epoch values as points too;
-# TensorBoard and W&B hand their points over before an epoch record, to keep the order.
-HELD_WITHIN_THE_INTERVAL = {"mlflow": [0, 2, 3], "wandb": [0, 1, 2], "tensorboard": [0, 1, 2]}
-
-
-@pytest.mark.parametrize("kind", sorted(HELD_WITHIN_THE_INTERVAL))
-def test_loggers_hold_points_until_the_interval_and_hand_one_over_at_once_after_it(
-        kind, tiny_data, tmp_path, monkeypatch):  # noqa: F811
-    # Within the interval, points are held (read later, in one go). The first point goes at
-    # once, so the backend starts early.
+@pytest.mark.parametrize("kind", ["mlflow", "tensorboard", "wandb"])
+@pytest.mark.parametrize("mode", ["engine", "model.fit"])
+def test_loggers_get_batch_records_in_bulk_at_the_interval_and_before_each_epoch_record(
+        kind, mode, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    # Within the interval the engine holds the records; the first goes at once (the backend
+    # starts early), the rest before the epoch's on_log. Each hand-over reaches the sink whole.
     monkeypatch.setattr("corebus.sinks.LOGGER_FLUSH_SECONDS", 60.0)
     spy = HandOffSpy(_logger(kind, tmp_path / "held"))
-    _train("engine", [spy.logger, spy], 1, tiny_data)
-    assert spy.held == HELD_WITHIN_THE_INTERVAL[kind]
+    _train(mode, [spy.logger, spy], 1, tiny_data)
+    assert spy.deliveries == [[4], [8, 12]]  # steps 4, 8 and 12; epoch 0 ends at step 6
+    assert spy.held == [0, 0]
 
-    # The hook is called only at due steps: a point must not wait for the next one once the
-    # interval has passed (here 0 s: every point goes at its own step).
+    # Once the interval has passed, a record goes at its own step (here 0 s: every one).
     monkeypatch.setattr("corebus.sinks.LOGGER_FLUSH_SECONDS", 0.0)
     spy = HandOffSpy(_logger(kind, tmp_path / "at_once"))
-    _train("engine", [spy.logger, spy], 1, tiny_data)
-    assert spy.held == [0, 0, 0]
+    _train(mode, [spy.logger, spy], 1, tiny_data)
+    assert spy.deliveries == [[4], [8], [12]] and spy.held == [0, 0, 0]
+
+
+class StepsSpy:
+    """Takes batch records through on_log_steps (and epoch records through on_log)."""
+
+    def __init__(self, **declared):
+        self.__dict__.update(declared)
+        self.records, self.events = [], []
+
+    @hookimpl
+    def on_log_steps(self, records):
+        self.events.append(("steps", [record.step for record in records]))
+        self.records += [(r.step, r.previous_step, dict(r.logs)) for r in records]
+
+    @hookimpl
+    def on_log(self, kind, step):
+        self.events.append((kind, step))
+
+
+class ValuesSpy(LogSpy):
+    @hookimpl
+    def on_log(self, trainer, kind, step, logs):
+        if kind == "batch":
+            self.batch_steps.append((step, trainer.previous_global_step, dict(logs)))
+
+
+@pytest.mark.parametrize("mode", ["engine", "model.fit"])
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_bulk_records_hold_what_on_log_would_have_had(tiny_data, mode, steps_per_execution):  # noqa: F811
+    every_3 = Cadence.every_n(3)
+    bulk, each = StepsSpy(batch_log_cadence=every_3), ValuesSpy(batch_log_cadence=every_3)
+    _train(mode, [bulk, each], steps_per_execution, tiny_data)
+    assert [step for step, _, _ in bulk.records] == _due([3], steps_per_execution)
+    # the same steps, the same step values (the own loss and accuracy, the learning rate)
+    assert bulk.records == each.batch_steps
+    assert {"loss", "accuracy", "learning_rate"} <= set(bulk.records[0][2])
+    # the subscriber of on_log_steps gets no batch on_log; its records come before the epoch's
+    kinds = [event[0] for event in bulk.events]
+    assert "batch" not in kinds and kinds.count("epoch") == 2
+    for i, event in enumerate(bulk.events):
+        if event[0] == "epoch":
+            assert bulk.events[i - 1][0] == "steps" and bulk.events[i - 1][1][-1] <= event[1]
+
+
+def test_bulk_records_are_handed_over_when_training_fails(tiny_data, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("corebus.sinks.LOGGER_FLUSH_SECONDS", 60.0)
+
+    class FailAtStep5:
+        @hookimpl
+        def on_train_batch_end(self, trainer):
+            if trainer.global_step == 5:
+                raise RuntimeError("boom")
+
+    class Ended(StepsSpy):
+        @hookimpl
+        def on_exception(self):
+            self.events.append(("exception",))
+
+    spy = Ended()  # no declared cadence: every call
+    with pytest.raises(corebus.PluginError):
+        _train("engine", [spy, FailAtStep5()], 1, tiny_data)
+    # step 5's on_train_batch_end raised: as for on_log, no record of it
+    assert spy.events == [("steps", [1]), ("steps", [2, 3, 4]), ("exception",)]
+
+
+def test_bulk_records_are_bounded(tiny_data, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("corebus.sinks.LOGGER_FLUSH_SECONDS", 60.0)
+    monkeypatch.setattr("corebus.context.HELD_STEPS_MAX", 2)
+    spy = StepsSpy()
+    _train("engine", [spy], 1, tiny_data)
+    assert [event[1] for event in spy.events if event[0] == "steps"] == [[1], [2, 3], [4, 5], [6], [7, 8], [9, 10],
+                                                                        [11, 12]]
+
