@@ -26,9 +26,8 @@ runs the server on the last CPU and training on the others, in every variant, so
 the client's own cost; ``--server-nice 19`` keeps the shared cores but runs the server at the
 lowest priority.
 ``--decompose`` adds three variants that split (b)'s cost: (d) a plugin whose ``on_log`` runs
-every step and does nothing (the engine's per-step logging path), (e) a plugin that holds every
-step's values and reads them every 2 s as the loggers do (``corebus.PendingPoints``, no
-sink), (f) ``MLflowLogger`` every step whose metric requests go to
+every step and does nothing (the engine's per-step logging path), (e) a plugin that takes every
+step's record in bulk and reads its values as the loggers do (``on_log_steps``, no sink), (f) ``MLflowLogger`` every step whose metric requests go to
 ``ack_server.py``, which acknowledges without storing (the client's whole cost, none of the
 server's CPU).
 Run: ``python benchmarks/bench_mlflow.py [--server-own-core | --server-nice 19] [--decompose]``.
@@ -93,7 +92,8 @@ class OnLogEveryStep:
 
 
 class HoldAndRead:
-    """(e): every step's values held and read at hand-off, as the loggers do, with no sink."""
+    """(e): every step's record taken in bulk (``on_log_steps``) and its values read, as the
+    loggers do, with no sink."""
 
     batch_log_cadence = Cadence.every_n(1)
     sink = _Up()
@@ -103,12 +103,9 @@ class HoldAndRead:
         self.read = 0
 
     @hookimpl
-    def on_log(self, trainer, kind, step, logs):
-        if self.points.add(step, logs):
-            self.read += len(self.points.take())
-
-    @hookimpl
-    def on_train_end(self):
+    def on_log_steps(self, records):
+        for record in self.batch_log_cadence.picks(records):
+            self.points.add(record.step, record.logs, record.time)
         self.read += len(self.points.take())
 
 
@@ -187,7 +184,7 @@ def main(argv=None):
         if args.decompose:
             acknowledger, ack_uri = ack_server(server_cpus)
             variants.update({"(d) on_log every step, doing nothing": lambda: [OnLogEveryStep()],
-                             "(e) every step's values held and read": lambda: [HoldAndRead()],
+                             "(e) every step's record taken in bulk and read": lambda: [HoldAndRead()],
                              "(f) (b) to a server that only acknowledges": lambda: [logger(1, ack_uri)]})
         rates = {name: [] for name in variants}
         sends = []

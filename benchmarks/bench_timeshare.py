@@ -15,8 +15,9 @@ Variants (``--variants``, any of):
   server's default worker count) on the last CPU, training on the others
 - ``c``   the same, ``log_every_n_steps=10``
 - ``d``   a plugin whose ``on_log`` runs every step and does nothing (the engine's per-step
-  logging path), ``e`` one that holds every step's values and reads them at hand-off, as the
-  loggers do, with no sink (both from ``bench_mlflow.py --decompose``)
+  logging path), ``e`` one that takes every step's record in bulk and reads its values
+  (``on_log_steps``), as the loggers do, with no sink (both from ``bench_mlflow.py --decompose``)
+- ``i``   no loggers, but MLflow's client imported and used once (what importing it costs a step)
 
 and copies ``a2``, ``b2``, ``b3``...: more processes of a variant. Each process keeps its own
 speed for its whole life (+-5 %), so one process per variant places a ratio only that well;
@@ -61,7 +62,8 @@ from results import record  # noqa: E402
 
 VARIANTS = {"a": "no loggers",
             "b": "MLflowLogger, every step", "c": "MLflowLogger, every 10 steps",
-            "d": "on_log every step, doing nothing", "e": "every step's values held and read"}
+            "d": "on_log every step, doing nothing", "e": "every step's record taken in bulk, read",
+            "i": "no loggers, MLflow's client imported and used"}
 
 
 def base(name: str) -> str:
@@ -108,6 +110,10 @@ def worker(variant: str, uri: str, folder: Path, sharing: int) -> None:
             trainer.stop_training = (folder / "stop").exists()
 
     kind = base(variant)
+    if kind == "i":  # MLflow's client in this process, as (b) has it, but no logger
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).search_experiments()
 
     def plugins():
         if kind in ("b", "c"):
