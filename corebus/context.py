@@ -247,7 +247,9 @@ class RunContext:
 
     def _train_begin(self) -> None:
         self.mode = "train"
-        self._held_steps, self._hand_over_at = [], 0.0  # the first record goes at once
+        if self._held_steps:  # left by a model.fit that raised (Keras has no exception hook)
+            self._hand_over_step_logs()
+        self._hand_over_at = 0.0  # the first record goes at once
         self._emit("on_train_begin", logs={})
 
     def _epoch_begin(self, epoch: int) -> None:

@@ -269,6 +269,8 @@ def test_in_model_fit_a_crashed_run_is_closed_by_the_next_fit(server, tmp_path):
     fail.step = 10**9
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
     assert client.get_run(crashed).info.status == "FAILED"
+    # the records of the steps trained before the crash, held for the logger, were not lost
+    assert steps_of(client, crashed, "loss") == [1, 2, 3, 4]
     assert mlflow_logger.run_id != crashed and client.get_run(mlflow_logger.run_id).info.status == "FINISHED"
 
 
