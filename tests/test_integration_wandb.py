@@ -36,6 +36,8 @@ def wandb_env(tmp_path, monkeypatch):
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    if "wandb" in sys.modules:  # an earlier test's run (e.g. mode="disabled") left W&B's settings behind
+        sys.modules["wandb"].teardown()
     return root
 
 
