@@ -60,6 +60,14 @@ def _log_cadences(plugins: Any) -> tuple[Any, ...] | None:
     return tuple(cadences)
 
 
+def _takes_batch_records(bus: PluginBus) -> bool:
+    """Whether some ``on_log`` / ``on_log_steps`` subscriber of ``bus`` takes batch records
+    (declares a ``batch_log_cadence`` that is not ``None``, or none at all)."""
+    plugins = [impl.plugin for hook in ("on_log", "on_log_steps") for _, impl in bus.implementations(hook)]
+    cadences = _log_cadences(plugins)
+    return cadences is None or len(cadences) > 0
+
+
 #: ``on_log_steps`` records are handed over at least this often (bounds the tensors held).
 HELD_STEPS_MAX = 1000
 

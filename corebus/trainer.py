@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from . import registry
 from .bus import PluginBus
-from .context import RunContext, lr_owner
+from .context import RunContext, _takes_batch_records, lr_owner
 from .data import ArrayData, DatasetData, make_data, split_validation
 from .errors import ConfigError
 from .logs import LazyLogs, LoggedStep, _Packed
@@ -314,8 +314,9 @@ class Trainer(RunContext):
             for hook in ("transform_gradients", "gradient_accumulation_steps")
             for _, impl in everywhere.implementations(hook)
         ) + tuple(sorted(self.gradient_taps))
-        # on_log subscribers get each step's own values, measured inside the step.
-        self._step_values = everywhere.caller("on_log") is not None or everywhere.caller("on_log_steps") is not None
+        # Batch records carry each step's own values, measured inside the step: only computed
+        # when some subscriber takes batch records (not for epoch-only loggers).
+        self._step_values = _takes_batch_records(everywhere)
         return bus
 
     # ------------------------------------------------------------------ steps

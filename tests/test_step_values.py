@@ -7,7 +7,8 @@ import pytest
 
 import corebus
 from corebus import ConfigError, hookimpl
-from corebus.testing import make_trainer, tiny_data, tiny_model
+from corebus.testing import RecordingPlugin, make_trainer, tiny_data, tiny_model
+from corebus.trainer import STEP_VALUE
 
 LR = 0.1
 
@@ -203,3 +204,30 @@ def test_a_call_cut_short_by_the_end_of_a_dataset_still_carries_the_learning_rat
     spy = LearningRateSpy()
     make_trainer([spy], optimizer=keras.optimizers.SGD(LR), steps_per_execution=4).fit(unknown, epochs=1, verbose=0)
     assert spy.logged == pytest.approx([LR, LR]) and spy.eager == pytest.approx([LR, LR])
+
+
+def test_epoch_only_subscribers_cost_the_step_no_step_values(tiny_data):
+    x, y = tiny_data
+
+    class EpochOnly:
+        batch_log_cadence = None  # epoch records only
+
+        def __init__(self):
+            self.epochs = []
+
+        @hookimpl
+        def on_log(self, kind, logs):
+            self.epochs.append((kind, dict(logs)))
+
+    epoch_only = EpochOnly()
+    trainer = make_trainer([epoch_only])
+    trainer.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert not trainer._step_values  # nothing extra computed in the step
+    assert not any(name.startswith(STEP_VALUE) for name in trainer._train_log_names)
+    assert [kind for kind, _ in epoch_only.epochs] == ["epoch", "epoch"]
+    assert {"loss", "accuracy", "learning_rate"} <= set(epoch_only.epochs[0][1])
+
+    every_step = RecordingPlugin()  # declares no cadence: it takes every batch record
+    trainer = make_trainer([EpochOnly(), every_step])
+    trainer.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert trainer._step_values and STEP_VALUE + "loss" in trainer._train_log_names
