@@ -109,6 +109,18 @@ class HoldAndRead:
         self.read += len(self.points.take())
 
 
+class TakeInBulk:
+    """(g, time-shared only): every step's record taken in bulk and dropped unread: the step
+    values computed in the step and the records kept, without the reads of (e)."""
+
+    batch_log_cadence = Cadence.every_n(1)
+    sink = _Up()
+
+    @hookimpl
+    def on_log_steps(self, records):
+        pass
+
+
 def ack_server(cpus):
     """``(process, uri)`` of ``ack_server.py`` on a free port, on ``cpus`` when given."""
     port = free_port()

@@ -18,6 +18,8 @@ Variants (``--variants``, any of):
   logging path), ``e`` one that takes every step's record in bulk and reads its values
   (``on_log_steps``), as the loggers do, with no sink (both from ``bench_mlflow.py --decompose``)
 - ``i``   no loggers, but MLflow's client imported and used once (what importing it costs a step)
+- ``g``   every step's record taken in bulk and dropped unread (the step values and the held
+  records, without (e)'s reads)
 
 and copies ``a2``, ``b2``, ``b3``...: more processes of a variant. Each process keeps its own
 speed for its whole life (+-5 %), so one process per variant places a ratio only that well;
@@ -63,7 +65,8 @@ from results import record  # noqa: E402
 VARIANTS = {"a": "no loggers",
             "b": "MLflowLogger, every step", "c": "MLflowLogger, every 10 steps",
             "d": "on_log every step, doing nothing", "e": "every step's record taken in bulk, read",
-            "i": "no loggers, MLflow's client imported and used"}
+            "i": "no loggers, MLflow's client imported and used",
+            "g": "every step's record taken in bulk, unread"}
 
 
 def base(name: str) -> str:
@@ -87,7 +90,7 @@ def worker(variant: str, uri: str, folder: Path, sharing: int) -> None:
     import corebus.integrations.mlflow
     import corebus.sinks
     from bench_engine import BATCH, load_data
-    from bench_mlflow import HoldAndRead, OnLogEveryStep
+    from bench_mlflow import HoldAndRead, OnLogEveryStep, TakeInBulk
     from corebus import hookimpl
     from corebus.demo import digits_mlp
     from corebus.integrations import MLflowLogger
@@ -119,7 +122,7 @@ def worker(variant: str, uri: str, folder: Path, sharing: int) -> None:
         if kind in ("b", "c"):
             return [MLflowLogger(tracking_uri=uri, experiment_name="timeshare", dir=folder / f"spool-{variant}",
                                  log_every_n_steps=1 if kind == "b" else 10)]
-        return {"d": [OnLogEveryStep()], "e": [HoldAndRead()]}.get(kind, [])
+        return {"d": [OnLogEveryStep()], "e": [HoldAndRead()], "g": [TakeInBulk()]}.get(kind, [])
 
     x, y = load_data()
 
