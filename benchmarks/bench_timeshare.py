@@ -20,6 +20,10 @@ Variants (``--variants``, any of):
 - ``i``   no loggers, but MLflow's client imported and used once (what importing it costs a step)
 - ``g``   every step's record taken in bulk and dropped unread (the step values and the held
   records, without (e)'s reads)
+- ``h``   (b) with every request body built but not posted (MLflow's work in this process,
+  without the HTTP exchange), ``n`` (b) with the sink's send a no-op (no body, no request)
+- ``p``   (b) with MLflow's client in a child process (``isolate_sdk=True``), ``q`` (b) with
+  the sink's thread at the training thread's priority (not lowered)
 
 and copies ``a2``, ``b2``, ``b3``...: more processes of a variant. Each process keeps its own
 speed for its whole life (+-5 %), so one process per variant places a ratio only that well;
@@ -66,7 +70,9 @@ VARIANTS = {"a": "no loggers",
             "b": "MLflowLogger, every step", "c": "MLflowLogger, every 10 steps",
             "d": "on_log every step, doing nothing", "e": "every step's record taken in bulk, read",
             "i": "no loggers, MLflow's client imported and used",
-            "g": "every step's record taken in bulk, unread"}
+            "g": "every step's record taken in bulk, unread",
+            "h": "MLflowLogger, every step, bodies not posted", "n": "MLflowLogger, every step, nothing sent",
+            "p": "MLflowLogger, every step, client in a child", "q": "MLflowLogger, every step, sink not niced"}
 
 
 def base(name: str) -> str:
@@ -88,6 +94,7 @@ def describe(name: str) -> str:
 def worker(variant: str, uri: str, folder: Path, sharing: int) -> None:
     import corebus
     import corebus.integrations.mlflow
+    import corebus.io
     import corebus.sinks
     from bench_engine import BATCH, load_data
     from bench_mlflow import HoldAndRead, OnLogEveryStep, TakeInBulk
@@ -113,15 +120,21 @@ def worker(variant: str, uri: str, folder: Path, sharing: int) -> None:
             trainer.stop_training = (folder / "stop").exists()
 
     kind = base(variant)
+    if kind == "h":
+        corebus.integrations.mlflow._RestMetrics._post_direct = lambda self, bodies: None
+    if kind == "n":
+        MLflowLogger._send = lambda self, records: None
+    if kind == "q":
+        corebus.io.lower_thread_priority = lambda niceness=10: None
     if kind == "i":  # MLflow's client in this process, as (b) has it, but no logger
         from mlflow.tracking import MlflowClient
 
         MlflowClient(uri).search_experiments()
 
     def plugins():
-        if kind in ("b", "c"):
+        if kind in ("b", "c", "h", "n", "p", "q"):
             return [MLflowLogger(tracking_uri=uri, experiment_name="timeshare", dir=folder / f"spool-{variant}",
-                                 log_every_n_steps=1 if kind == "b" else 10)]
+                                 log_every_n_steps=10 if kind == "c" else 1, isolate_sdk=kind == "p")]
         return {"d": [OnLogEveryStep()], "e": [HoldAndRead()], "g": [TakeInBulk()]}.get(kind, [])
 
     x, y = load_data()
@@ -258,7 +271,7 @@ def main(argv=None) -> int:
                 retried[name] = stats["failures"]
         from mlflow.tracking import MlflowClient
 
-        for name in (n for n in names if base(n) == "b"):
+        for name in (n for n in names if base(n) in ("b", "p", "q")):
             history = MlflowClient(server.uri).get_metric_history(results[name]["run_id"], "loss")
             assert sorted(p.step for p in history) == list(range(1, results[name]["steps"] + 1)), f"({name}) lost points"
     finally:
