@@ -367,9 +367,29 @@ def test_metrics_posted_as_json_read_back_like_the_clients_own(server):
     assert _RestMetrics.for_uri("sqlite:///x.db") is None
 
 
+def test_the_steps_a_run_holds_are_read_back_as_json_page_by_page(server):
+    """The check after a failed request (which points did the server keep?) reads a key's steps
+    as plain JSON, every page of them, as MLflow's client would find them."""
+    from mlflow.entities import Metric
+
+    from corebus.integrations.mlflow import _RestMetrics
+
+    client = server.client()
+    experiment = client.get_experiment_by_name("corebus-tests") or client.get_experiment(
+        client.create_experiment("corebus-tests"))
+    run = client.create_run(experiment.experiment_id).info.run_id
+    steps = [0, 1, 2, 5, 8, 13, 21]
+    client.log_batch(run, metrics=[Metric("loss", 0.5, 1000 + s, s) for s in steps], synchronous=True)
+    rest = _RestMetrics.for_uri(server.uri)
+    rest.HISTORY_PAGE = 3  # three pages for seven points
+    assert rest.logged_steps(run, "loss") == set(steps) == {m.step for m in client.get_metric_history(run, "loss")}
+    assert rest.logged_steps(run, "never logged") == set()
+    assert _RestMetrics.for_uri("https://mlflow.example.com").logged_steps(run, "loss") is None  # the client's way
+
+
 def test_metric_batches_to_a_plain_http_server_carry_mlflows_headers_and_auth(monkeypatch):
     """The stdlib path to a plain-http server: MLflow's own request headers and basic auth, the
-    same JSON, 1000 points a request on one connection; a 429 comes back as RetryLater with the
+    same JSON, 1000 points a request (a connection each); a 429 comes back as RetryLater with the
     server's delay, another refusal as an error naming the status (the sink retries both)."""
     from webhook_receiver import Receiver
 
