@@ -24,6 +24,9 @@ Variants (``--variants``, any of):
   without the HTTP exchange), ``n`` (b) with the sink's send a no-op (no body, no request)
 - ``p``   (b) with MLflow's client in a child process (``isolate_sdk=True``), ``q`` (b) with
   the sink's thread at the training thread's priority (not lowered)
+- ``t``   (b) to a second server, on the same CPU, whose sqlite store is in RAM (``/dev/shm``):
+  what the server's disk writes (journal commits, writeback, their interrupts, which the
+  kernel may run on the training core) cost the training process
 
 and copies ``a2``, ``b2``, ``b3``...: more processes of a variant. Each process keeps its own
 speed for its whole life (+-5 %), so one process per variant places a ratio only that well;
@@ -49,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -72,7 +76,9 @@ VARIANTS = {"a": "no loggers",
             "i": "no loggers, MLflow's client imported and used",
             "g": "every step's record taken in bulk, unread",
             "h": "MLflowLogger, every step, bodies not posted", "n": "MLflowLogger, every step, nothing sent",
-            "p": "MLflowLogger, every step, client in a child", "q": "MLflowLogger, every step, sink not niced"}
+            "p": "MLflowLogger, every step, client in a child", "q": "MLflowLogger, every step, sink not niced",
+            "t": "MLflowLogger, every step, server store in RAM"}
+LOGGING_TO_SERVER = ("b", "c", "h", "n", "p", "q", "t")
 
 
 def base(name: str) -> str:
@@ -132,7 +138,7 @@ def worker(variant: str, uri: str, folder: Path, sharing: int) -> None:
         MlflowClient(uri).search_experiments()
 
     def plugins():
-        if kind in ("b", "c", "h", "n", "p", "q"):
+        if kind in LOGGING_TO_SERVER:
             return [MLflowLogger(tracking_uri=uri, experiment_name="timeshare", dir=folder / f"spool-{variant}",
                                  log_every_n_steps=10 if kind == "c" else 1, isolate_sdk=kind == "p")]
         return {"d": [OnLogEveryStep()], "e": [HoldAndRead()], "g": [TakeInBulk()]}.get(kind, [])
@@ -238,10 +244,16 @@ def main(argv=None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="corebus-bench-timeshare-"))
     server = MlflowServer(folder, workers=None, cpus={cpus[-1]})
     server.start()
+    in_ram = None
+    if any(base(n) == "t" for n in names):
+        in_ram = MlflowServer(Path(tempfile.mkdtemp(prefix="corebus-bench-timeshare-", dir="/dev/shm")), workers=None,
+                              cpus={cpus[-1]})
+        in_ram.start()
+    uri = {name: (in_ram if base(name) == "t" else server).uri for name in names}
     processes: dict[str, subprocess.Popen] = {}
     try:
         for name in names:
-            command = ["taskset", "-c", training_cpus, sys.executable, __file__, "--worker", name, "--uri", server.uri,
+            command = ["taskset", "-c", training_cpus, sys.executable, __file__, "--worker", name, "--uri", uri[name],
                        "--folder", str(folder), "--sharing", str(len(names))]
             env = dict(os.environ)
             if args.paired:  # copy k of every variant: hash seed k, no address randomisation
@@ -271,14 +283,17 @@ def main(argv=None) -> int:
                 retried[name] = stats["failures"]
         from mlflow.tracking import MlflowClient
 
-        for name in (n for n in names if base(n) in ("b", "p", "q")):
-            history = MlflowClient(server.uri).get_metric_history(results[name]["run_id"], "loss")
+        for name in (n for n in names if base(n) in ("b", "p", "q", "t")):
+            history = MlflowClient(uri[name]).get_metric_history(results[name]["run_id"], "loss")
             assert sorted(p.step for p in history) == list(range(1, results[name]["steps"] + 1)), f"({name}) lost points"
     finally:
         for process in processes.values():
             if process.poll() is None:
                 process.kill()
         server.stop()
+        if in_ram is not None:
+            in_ram.stop()
+            shutil.rmtree(in_ram.root, ignore_errors=True)
 
     times = {name: results[name]["times"] for name in names}
     blocks = rates_per_block(slices, times, args.block)
