@@ -138,6 +138,18 @@ def ack_server(cpus):
     raise RuntimeError("ack_server.py did not start")
 
 
+def send_metrics_to(mlflow_logger, uri: str) -> None:
+    """Only ``mlflow_logger``'s metric requests go to ``uri``: the run, params and status still
+    go to its tracking server."""
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+
+    from corebus.integrations.mlflow import _direct_target
+
+    rest = mlflow_logger._writer._rest
+    rest._creds = get_default_host_creds(uri)
+    rest._direct = _direct_target(rest._creds)
+
+
 def run(x, y, epochs, plugins):
     """``(steps, steady-state steps/s, steps/s of the loop, steps/s of the fit)``.
 
@@ -182,10 +194,8 @@ def main(argv=None):
         def logger(every, metrics_to=None, isolate_sdk=None):
             mlflow_logger = MLflowLogger(tracking_uri=server.uri, experiment_name="bench", log_every_n_steps=every,
                                          dir=root / "spool", isolate_sdk=isolate_sdk)
-            if metrics_to:  # only the metric requests: the run, params and status still go to the server
-                from mlflow.tracking._tracking_service.utils import get_default_host_creds
-
-                mlflow_logger._writer._rest._creds = get_default_host_creds(metrics_to)
+            if metrics_to:
+                send_metrics_to(mlflow_logger, metrics_to)
             return mlflow_logger
 
         run(x, y, 2, [])  # warm-up: tracing, the store's first writes, MLflow's lazy imports

@@ -27,6 +27,9 @@ Variants (``--variants``, any of):
 - ``t``   (b) to a second server, on the same CPU, whose sqlite store is in RAM (``/dev/shm``):
   what the server's disk writes (journal commits, writeback, their interrupts, which the
   kernel may run on the training core) cost the training process
+- ``k``   (b) with its metric requests sent to ``ack_server.py`` on the server's CPU, which
+  acknowledges without storing: the same requests and round trips, almost none of the
+  server's CPU work
 
 and copies ``a2``, ``b2``, ``b3``...: more processes of a variant. Each process keeps its own
 speed for its whole life (+-5 %), so one process per variant places a ratio only that well;
@@ -77,8 +80,9 @@ VARIANTS = {"a": "no loggers",
             "g": "every step's record taken in bulk, unread",
             "h": "MLflowLogger, every step, bodies not posted", "n": "MLflowLogger, every step, nothing sent",
             "p": "MLflowLogger, every step, client in a child", "q": "MLflowLogger, every step, sink not niced",
-            "t": "MLflowLogger, every step, server store in RAM"}
-LOGGING_TO_SERVER = ("b", "c", "h", "n", "p", "q", "t")
+            "t": "MLflowLogger, every step, server store in RAM",
+            "k": "MLflowLogger, every step, metrics only acknowledged"}
+LOGGING_TO_SERVER = ("b", "c", "h", "n", "p", "q", "t", "k")
 
 
 def base(name: str) -> str:
@@ -97,13 +101,13 @@ def describe(name: str) -> str:
 
 # ---------------------------------------------------------------- one variant (a child process)
 
-def worker(variant: str, uri: str, folder: Path, sharing: int) -> None:
+def worker(variant: str, uri: str, folder: Path, sharing: int, ack_uri: str | None) -> None:
     import corebus
     import corebus.integrations.mlflow
     import corebus.io
     import corebus.sinks
     from bench_engine import BATCH, load_data
-    from bench_mlflow import HoldAndRead, OnLogEveryStep, TakeInBulk
+    from bench_mlflow import HoldAndRead, OnLogEveryStep, TakeInBulk, send_metrics_to
     from corebus import hookimpl
     from corebus.demo import digits_mlp
     from corebus.integrations import MLflowLogger
@@ -139,8 +143,11 @@ def worker(variant: str, uri: str, folder: Path, sharing: int) -> None:
 
     def plugins():
         if kind in LOGGING_TO_SERVER:
-            return [MLflowLogger(tracking_uri=uri, experiment_name="timeshare", dir=folder / f"spool-{variant}",
-                                 log_every_n_steps=10 if kind == "c" else 1, isolate_sdk=kind == "p")]
+            logger = MLflowLogger(tracking_uri=uri, experiment_name="timeshare", dir=folder / f"spool-{variant}",
+                                  log_every_n_steps=10 if kind == "c" else 1, isolate_sdk=kind == "p")
+            if kind == "k":
+                send_metrics_to(logger, ack_uri)
+            return [logger]
         return {"d": [OnLogEveryStep()], "e": [HoldAndRead()], "g": [TakeInBulk()]}.get(kind, [])
 
     x, y = load_data()
@@ -229,11 +236,13 @@ def main(argv=None) -> int:
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--sharing", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ack-uri", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.uri, Path(args.folder), args.sharing)
+        worker(args.worker, args.uri, Path(args.folder), args.sharing, args.ack_uri)
         return 0
 
+    from bench_mlflow import ack_server
     from mlflow_server import MlflowServer
 
     names = args.variants.split(",")
@@ -250,11 +259,14 @@ def main(argv=None) -> int:
                               cpus={cpus[-1]})
         in_ram.start()
     uri = {name: (in_ram if base(name) == "t" else server).uri for name in names}
+    acknowledger, ack_uri = ack_server({cpus[-1]}) if any(base(n) == "k" for n in names) else (None, None)
     processes: dict[str, subprocess.Popen] = {}
     try:
         for name in names:
             command = ["taskset", "-c", training_cpus, sys.executable, __file__, "--worker", name, "--uri", uri[name],
                        "--folder", str(folder), "--sharing", str(len(names))]
+            if ack_uri:
+                command += ["--ack-uri", ack_uri]
             env = dict(os.environ)
             if args.paired:  # copy k of every variant: hash seed k, no address randomisation
                 command = ["setarch", os.uname().machine, "-R"] + command
@@ -291,6 +303,8 @@ def main(argv=None) -> int:
             if process.poll() is None:
                 process.kill()
         server.stop()
+        if acknowledger is not None:
+            acknowledger.kill()
         if in_ram is not None:
             in_ram.stop()
             shutil.rmtree(in_ram.root, ignore_errors=True)
