@@ -382,7 +382,11 @@ def test_the_steps_a_run_holds_are_read_back_as_json_page_by_page(server):
     client.log_batch(run, metrics=[Metric("loss", 0.5, 1000 + s, s) for s in steps], synchronous=True)
     rest = _RestMetrics.for_uri(server.uri)
     rest.HISTORY_PAGE = 3  # three pages for seven points
+    pages = []
+    exchange = rest._exchange
+    rest._exchange = lambda *request: pages.append(request) or exchange(*request)
     assert rest.logged_steps(run, "loss") == set(steps) == {m.step for m in client.get_metric_history(run, "loss")}
+    assert len(pages) == 3 and "page_token" in pages[-1][1]
     assert rest.logged_steps(run, "never logged") == set()
     assert _RestMetrics.for_uri("https://mlflow.example.com").logged_steps(run, "loss") is None  # the client's way
 
@@ -412,6 +416,9 @@ def test_metric_batches_to_a_plain_http_server_carry_mlflows_headers_and_auth(mo
         assert first["json"]["run_id"] == "run-1" and len(first["json"]["metrics"]) == 1000
         assert first["json"]["metrics"][3] == {"key": "loss", "value": 3.0, "timestamp": 1003, "step": 3}
         assert len(second["json"]["metrics"]) == 500
+        # A connection per request: a kept-alive one the server closed while training was busy
+        # would fail the next request half-sent
+        assert first["peer"] != second["peer"]
         with pytest.raises(RetryLater, match="429") as refused:
             rest.log_metrics("run-1", points[:1])
         assert refused.value.retry_after == 7.0

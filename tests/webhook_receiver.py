@@ -1,6 +1,7 @@
 """A real HTTP webhook receiver on 127.0.0.1 for notifier tests (and the watchdog benchmark).
 
-It records every POST (arrival time, headers, JSON body, the status it answered) and answers
+It records every POST (arrival time, headers, JSON body, the status it answered, the client's
+address: one per connection) and answers
 from a script: ``Receiver(answers=[(429, {"Retry-After": "1"}), 200])`` answers 429 once, then
 200; ``hang=True`` accepts requests and never answers them (until ``close``).
 """
@@ -30,7 +31,8 @@ class Receiver:
                 status, headers = (answer, {}) if isinstance(answer, int) else answer
                 with receiver._arrived:
                     receiver.requests.append({"time": time.time(), "path": self.path, "status": status,
-                                              "headers": dict(self.headers), "json": json.loads(body)})
+                                              "headers": dict(self.headers), "json": json.loads(body),
+                                              "peer": self.client_address})
                     receiver._arrived.notify_all()
                 if receiver.hang:
                     receiver._released.wait(60)
