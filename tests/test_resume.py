@@ -96,6 +96,24 @@ def test_model_fit_resumes_per_epoch_exactly(runs):
     assert_same_run(runs, "keras_kill_30", reference="keras_uninterrupted")
 
 
+def test_a_capture_keeps_its_values_while_training_goes_on(tmp_path):
+    """A background write reads the captured arrays while the next steps update the variables:
+    each array must be the run's state at the capture, in memory of its own."""
+    x, y = tiny_data()
+    trainer = make_trainer()
+    trainer.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    snapshot = RunSnapshot.capture(trainer)
+    at_capture = {name: array.copy() for name, array in snapshot.arrays.items()}
+    trainer.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    moved = [name for name, array in at_capture.items()
+             if name.startswith("model/") and not np.array_equal(array, np.asarray(
+                 trainer._state_variables()["model"][int(name.split("/")[1])].numpy()))]
+    assert moved  # training changed the weights after the capture ...
+    for name, array in snapshot.arrays.items():  # ... and the capture still holds the old values
+        np.testing.assert_array_equal(array, at_capture[name], err_msg=name)
+    assert len({id(a) for a in snapshot.arrays.values()}) == len(snapshot.arrays)
+
+
 def test_snapshot_from_another_model_is_refused_and_kept(tmp_path):
     x, y = tiny_data()
     trainer = make_trainer()
