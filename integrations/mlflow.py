@@ -570,9 +570,7 @@ class _RestMetrics:
         # the next request then fails half-sent (broken pipe) and must be checked and resent.
         # A loopback or LAN connect costs far less than the server's ~45 ms per request.
         for body in bodies:
-            status, retry_after, text = self._exchange("POST", self.ENDPOINT, body)
-            if status != 200:
-                _raise_for_status(status, retry_after, text)
+            self._exchange("POST", self.ENDPOINT, body)
 
     def logged_steps(self, run_id: str, key: str) -> set[int] | None:
         """The steps the server holds for ``key`` (``None`` where requests go through MLflow's
@@ -586,24 +584,27 @@ class _RestMetrics:
             query = {"run_id": run_id, "metric_key": key, "max_results": self.HISTORY_PAGE}
             if token:
                 query["page_token"] = token
-            status, _, text = self._exchange("GET", f"{self.HISTORY}?{urlencode(query)}")
-            if status != 200:
-                raise RuntimeError(f"MLflow server answered {status} to metrics/get-history: {text[:500]!r}")
-            page = json.loads(text)
+            page = json.loads(self._exchange("GET", self.HISTORY, query=query))
             steps.update(int(point.get("step", 0)) for point in page.get("metrics", ()))
             token = page.get("next_page_token")
             if not token:
                 return steps
 
-    def _exchange(self, method: str, endpoint: str, body: bytes | None = None) -> tuple[int, str | None, bytes]:
+    def _exchange(self, method: str, endpoint: str, body: bytes | None = None,
+                  query: dict[str, Any] | None = None) -> bytes:
+        """The answer's body; a refusal raised as the sink's retryable exception."""
         host, port, base, headers = self._direct
         connection = http.client.HTTPConnection(host, port, timeout=self.TIMEOUT)
         try:
-            connection.request(method, base + endpoint, body=body, headers=headers)
+            connection.request(method, base + endpoint + (f"?{urlencode(query)}" if query else ""), body=body,
+                               headers=headers)
             response = connection.getresponse()
-            return response.status, response.getheader("Retry-After"), response.read()
+            status, retry_after, text = response.status, response.getheader("Retry-After"), response.read()
         finally:
             connection.close()
+        if status != 200:
+            _raise_for_status(status, retry_after, text, endpoint)
+        return text
 
     def _body(self, run_id: str, points: list[tuple]) -> bytes:
         """The request's JSON, one format string per point: a third of the CPU of building a
@@ -644,13 +645,13 @@ def _direct_target(creds: Any) -> tuple[str, int, str, dict[str, str]] | None:
     return parts.hostname, parts.port or 80, parts.path.rstrip("/"), headers
 
 
-def _raise_for_status(status: int, retry_after: str | None, body: bytes) -> None:
+def _raise_for_status(status: int, retry_after: str | None, body: bytes, endpoint: str) -> None:
     """The server's refusal as an exception the sink retries (after ``Retry-After`` if given)."""
     try:
         detail = json.loads(body).get("message") or body.decode(errors="replace")
     except (ValueError, AttributeError):
         detail = body.decode(errors="replace")
-    message = f"MLflow server answered {status} to runs/log-batch: {detail[:500]}"
+    message = f"MLflow server answered {status} to {endpoint.removeprefix('/api/2.0/mlflow/')}: {detail[:500]}"
     if status in (429, 503):
         try:
             delay = float(retry_after) if retry_after is not None else None

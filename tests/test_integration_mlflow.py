@@ -384,9 +384,9 @@ def test_the_steps_a_run_holds_are_read_back_as_json_page_by_page(server):
     rest.HISTORY_PAGE = 3  # three pages for seven points
     pages = []
     exchange = rest._exchange
-    rest._exchange = lambda *request: pages.append(request) or exchange(*request)
+    rest._exchange = lambda *request, query: pages.append(query) or exchange(*request, query=query)
     assert rest.logged_steps(run, "loss") == set(steps) == {m.step for m in client.get_metric_history(run, "loss")}
-    assert len(pages) == 3 and "page_token" in pages[-1][1]
+    assert len(pages) == 3 and "page_token" in pages[-1]
     assert rest.logged_steps(run, "never logged") == set()
     assert _RestMetrics.for_uri("https://mlflow.example.com").logged_steps(run, "loss") is None  # the client's way
 
