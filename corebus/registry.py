@@ -54,10 +54,6 @@ def _entry_points() -> dict[str, metadata.EntryPoint]:
     return found
 
 
-def installed_names() -> list[str]:
-    return sorted(_entry_points())
-
-
 def installed_plugins() -> list[PluginInfo]:
     """Every installed plugin with its distribution, version and the hooks it implements.
 
