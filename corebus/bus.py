@@ -16,6 +16,7 @@ What it adds to pluggy, and why:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import time
@@ -80,6 +81,10 @@ class PluginBus:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
             raise ConfigError(f"plugin {name!r} does not match the hook specs: {exc}") from exc
+        try:
+            self.pm.check_pending()  # a @hookimpl whose name is no hook would never be called
+        except pluggy.PluginValidationError:
+            raise ConfigError(_unknown_hooks_message(name, self.pm.get_hookcallers(plugin) or [])) from None
         for caller in self.pm.get_hookcallers(plugin) or []:
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
@@ -305,6 +310,18 @@ def _direct_caller(hook_caller: Any) -> Callable[..., list[Any]] | None:
         return results
 
     return call
+
+
+def _unknown_hooks_message(name: str, callers: Iterable[Any]) -> str:
+    """Names each ``@hookimpl`` method of a plugin that matches no hook, with the closest hook."""
+    parts = []
+    for caller in callers:
+        if caller.has_spec():
+            continue
+        close = difflib.get_close_matches(caller.name, hookspecs.__all__, n=1)
+        parts.append(f"{caller.name}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return (f"plugin {name!r}: @hookimpl method {', '.join(parts)} is no corebus hook, so it would never be "
+            f"called; rename it to a hook of corebus.hookspecs, or mark it @hookimpl(optionalhook=True)")
 
 
 def _unique_names(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:

@@ -310,3 +310,37 @@ def test_direct_callers_give_pluggys_results_and_errors_and_wrappers_keep_pluggy
     wrapped = PluginBus([("first", Answers(1)), ("wrapper", Wrapping())])
     assert isinstance(wrapped.caller("on_log"), pluggy.HookCaller)
     assert wrapped.caller("on_log")(**kwargs) == [(1, "batch", 7), "wrapped"]
+
+
+class MisspelledHook:
+    @hookimpl
+    def on_epoch_ends(self, epoch):  # the user meant on_epoch_end; pluggy alone would ignore it
+        raise AssertionError("never called")
+
+
+class OptionalExtraHook:
+    @hookimpl(optionalhook=True)
+    def on_something_newer(self, epoch):  # a hook of a later corebus: allowed, explicitly
+        return None
+
+
+def test_a_misspelled_hook_is_an_error_naming_the_method_and_the_closest_hook():
+    with pytest.raises(ConfigError) as error:
+        PluginBus([("typo", MisspelledHook())])
+    message = str(error.value)
+    assert "plugin 'typo'" in message and "on_epoch_ends" in message and "did you mean on_epoch_end?" in message
+    PluginBus([("newer", OptionalExtraHook())])  # marked optional: no error
+
+
+def test_a_misspelled_hook_fails_before_training_in_both_engines():
+    import corebus
+    from corebus.testing import tiny_data, tiny_model
+
+    x, y = tiny_data(32)
+    with pytest.raises(ConfigError, match="on_epoch_ends .*did you mean on_epoch_end"):
+        corebus.Trainer(tiny_model(), "sgd", "sparse_categorical_crossentropy", plugins=[MisspelledHook()])
+    model = tiny_model()
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    with pytest.raises(ConfigError, match="on_epoch_ends"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[corebus.KerasCallback([MisspelledHook()])])
+    assert model.optimizer.iterations.numpy() == 0
