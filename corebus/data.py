@@ -8,7 +8,7 @@ skip to the exact batch it stopped at.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import keras
@@ -43,6 +43,33 @@ def _to_arrays(structure: Any) -> Any:
         return np.asarray(leaf)
 
     return keras.tree.map_structure(convert, structure)
+
+
+class EpochSpans:
+    """Which pass over the data, first batch and number of batches each epoch trains.
+
+    Keras's rule: with ``steps_per_epoch`` smaller than a pass, an epoch continues where the
+    last one stopped and ends early where the pass ends; the next epoch starts a new pass
+    (a new shuffle order). Without it, every epoch is one whole pass. Epochs count from
+    ``first`` (the fit's first epoch), so a resumed run finds the same spans.
+    """
+
+    def __init__(self, steps: int | None, num_batches: int | None):
+        self.steps, self.num_batches, self.first = steps, num_batches, 0
+
+    def of(self, epoch: int) -> tuple[int, int, int | None]:
+        steps, total = self.steps, self.num_batches
+        if not steps or not total or steps >= total:
+            return epoch, 0, (min(steps, total) if steps and total else steps or total)
+        data_pass, start = self.first, 0
+        for e in range(self.first, epoch + 1):
+            n = min(steps, total - start)
+            if e == epoch:
+                return data_pass, start, n
+            start += n
+            if start >= total:
+                data_pass, start = data_pass + 1, 0
+        return epoch, 0, steps  # epoch before the first: not reached by fit
 
 
 class ArrayData:
@@ -89,7 +116,9 @@ class ArrayData:
         full_steps = math.ceil(n / self.batch_size) if strategy is None else n // self.batch_size
         if full_steps == 0:
             raise ConfigError(f"{n} samples make no full global batch of {self.batch_size}")
+        self.num_batches = full_steps
         self.steps = min(steps, full_steps) if steps else full_steps
+        self.spans = EpochSpans(steps, full_steps)
         self.has_sample_weight = sample_weight is not None
         parts = tuple(p for p in (x, y, sample_weight) if p is not None)
         self._tensors = keras.tree.map_structure(
@@ -104,6 +133,13 @@ class ArrayData:
             return np.arange(self.num_samples, dtype=np.int64)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
+    def epoch_done(self) -> None:
+        pass
+
+    def steps_in(self, epoch: int) -> int:
+        """Batches epoch ``epoch`` trains (fewer than ``steps`` where a pass ends, as in Keras)."""
+        return self.spans.of(epoch)[2]
+
     def iterator(self, epoch: int, skip_batches: int = 0) -> Iterator:
         """An iterator of index batches; the compiled step gathers the rows itself.
 
@@ -116,15 +152,17 @@ class ArrayData:
         eighth of a 29-step epoch of a small MLP); the epoch's order travels to the step with
         the arrays (:attr:`source`, valid until the next call).
         """
+        data_pass, start, steps = self.spans.of(epoch)
+        skip_batches += start
         if self.strategy is None:
-            self._order = tf.convert_to_tensor(self.order(epoch))
+            self._order = tf.convert_to_tensor(self.order(data_pass))
             if self._positions is None:
                 positions = tf.data.Dataset.from_tensor_slices(np.arange(self.num_samples, dtype=np.int64))
                 self._positions = positions.batch(self.batch_size).with_options(_INDEX_OPTIONS)
             return iter(self._positions.skip(skip_batches) if skip_batches else self._positions)
         self._order = None
-        indices = self.order(epoch)[skip_batches * self.batch_size :]
-        indices = indices[: (self.steps - skip_batches) * self.batch_size]
+        indices = self.order(data_pass)[skip_batches * self.batch_size :]
+        indices = indices[: (start + steps - skip_batches) * self.batch_size]
         return iter(self.strategy.distribute_datasets_from_function(
             lambda ctx: _replica_batches(indices, self.batch_size, ctx).with_options(_INDEX_OPTIONS)))
 
@@ -183,31 +221,55 @@ def _replica_batches(indices: np.ndarray, global_batch: int, context: Any) -> tf
 
 
 class DatasetData:
-    """A ``tf.data.Dataset`` the user batched already (``batch_size`` is ignored, as in Keras)."""
+    """A ``tf.data.Dataset`` the user batched already (``batch_size`` is ignored, as in Keras),
+    or the dataset Keras's own data adapter makes of a generator, an iterator or a
+    ``keras.utils.PyDataset`` (``adapter``: its epoch hooks run as in ``model.fit``)."""
 
-    def __init__(self, dataset: tf.data.Dataset, *, steps: int | None = None, strategy: Any = None):
+    def __init__(self, dataset: tf.data.Dataset, *, steps: int | None = None, strategy: Any = None,
+                 persistent: bool = True, adapter: Any = None, num_batches: int | None = None):
         self._dataset = dataset
         self.strategy = strategy
-        cardinality = int(dataset.cardinality())
-        if cardinality == tf.data.INFINITE_CARDINALITY and not steps:
+        self.adapter = adapter
+        cardinality = int(dataset.cardinality()) if num_batches is None else num_batches
+        if cardinality == 0:
+            raise ConfigError("the training data is empty (a dataset with no batches): check its source "
+                              "and any filter()/take()/batch(drop_remainder=True) that removes every row")
+        if cardinality == tf.data.INFINITE_CARDINALITY and not steps and adapter is None:
             raise ConfigError(
                 "the dataset is infinite (repeat()): pass steps_per_epoch so epochs have an end"
             )
-        self.known_steps = cardinality if cardinality >= 0 else None
-        self.steps = steps or self.known_steps
+        self.known_steps = cardinality if cardinality is not None and cardinality >= 0 else None
+        self.steps = min(steps, self.known_steps) if steps and self.known_steps else steps or self.known_steps
+        self.spans = EpochSpans(steps, self.known_steps)
         self.batch_size = None
         # With steps_per_epoch, Keras keeps one iterator across epochs (an epoch is a number of
-        # steps, not a pass over the data); without it, every epoch is a fresh pass.
-        self._persistent = steps is not None
+        # steps, not a pass over the data); without it, every epoch is a fresh pass. Validation
+        # data starts over at every evaluation (persistent=False), as Keras's evaluate does.
+        self._persistent = steps is not None and persistent
         self._iterator: Iterator | None = None
+        self._in_epoch = False
+
+    def steps_in(self, epoch: int) -> int | None:
+        return self.spans.of(epoch)[2]
 
     def iterator(self, epoch: int, skip_batches: int = 0) -> Iterator:
-        if self._persistent and self._iterator is not None:
+        if self.adapter is not None and not self._in_epoch:
+            self.adapter.on_epoch_begin()
+            self._in_epoch = True
+        start = self.spans.of(epoch)[1] if self._persistent else 0
+        if self._persistent and self._iterator is not None and (start or self.known_steps is None):
             return self._iterator
+        skip_batches += start
         ds = self._dataset.skip(skip_batches) if skip_batches else self._dataset
         # Under a strategy the dataset yields global batches; tf.distribute splits them.
         self._iterator = iter(ds if self.strategy is None else self.strategy.experimental_distribute_dataset(ds))
         return self._iterator
+
+    def epoch_done(self) -> None:
+        """The epoch ended: Keras's adapter hooks (a PyDataset's ``on_epoch_end``, its workers)."""
+        if self.adapter is not None and self._in_epoch:
+            self._in_epoch = False
+            self.adapter.on_epoch_end()
 
     source: tuple = ()
 
@@ -220,7 +282,10 @@ class DatasetData:
         self._iterator = None
 
     def first_batch(self) -> Any:
-        return next(iter(self._dataset.take(1)))
+        try:
+            return next(iter(self._dataset.take(1)))
+        except StopIteration:
+            raise ConfigError("the data yields no batches (an empty dataset, generator or PyDataset)") from None
 
 
 def make_data(
@@ -233,19 +298,76 @@ def make_data(
     seed: int = 0,
     steps: int | None = None,
     strategy: Any = None,
+    class_weight: Any = None,
+    persistent: bool = True,
 ) -> ArrayData | DatasetData:
-    """Pick the adapter for ``x`` and validate the inputs (one clear error, before training)."""
+    """Pick the adapter for ``x`` and validate the inputs (one clear error, before training).
+
+    Arrays and ``tf.data`` datasets have the engine's own adapters (exact resume, rows gathered
+    in the step); any other input Keras takes (generators, iterators, ``keras.utils.PyDataset``)
+    goes through Keras's own data adapter, so it behaves as in ``model.fit``.
+    """
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"steps_per_epoch={steps!r} must be a positive integer")
+    if class_weight is not None and not isinstance(class_weight, Mapping):
+        raise ConfigError(f"class_weight must be a dict {{class index: weight}}, got {type(class_weight).__name__}")
+    if x is None:
+        raise ConfigError("no training data: pass x (arrays, a tf.data.Dataset, a generator or a PyDataset)")
     if _is_dataset(x):
         if y is not None:
             raise ConfigError("x is a tf.data.Dataset: it must yield (x, y) itself; do not pass y")
-        return DatasetData(x, steps=steps, strategy=strategy)
-    if isinstance(x, tf.data.Iterator) or hasattr(x, "__next__"):
-        raise ConfigError("pass a tf.data.Dataset or arrays, not an iterator or generator")
+        if sample_weight is not None:
+            raise ConfigError("x is a tf.data.Dataset: it must yield (x, y, sample_weight) itself; "
+                              "do not pass sample_weight")
+        if class_weight is not None:
+            from keras.src.trainers.data_adapters.tf_dataset_adapter import make_class_weight_map_fn
+
+            x = x.map(make_class_weight_map_fn(class_weight))
+        return DatasetData(x, steps=steps, strategy=strategy, persistent=persistent)
+    if not _array_like(x):
+        return _keras_adapted(x, y, sample_weight, batch_size, steps, shuffle, class_weight, strategy, persistent)
+    if class_weight is not None:
+        y, sample_weight = _to_arrays(y), _class_weights(_to_arrays(y), sample_weight, class_weight)
     return ArrayData(
         x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=seed, steps=steps, strategy=strategy
     )
+
+
+def _array_like(x: Any) -> bool:
+    leaves = [leaf for leaf in keras.tree.flatten(x) if leaf is not None]
+    return bool(leaves) and all(
+        isinstance(leaf, (np.ndarray, tf.Tensor, list, tuple, int, float)) or hasattr(leaf, "__array__")
+        for leaf in leaves)
+
+
+def _class_weights(y: Any, sample_weight: Any, class_weight: Mapping) -> Any:
+    """Keras's rule: per-row weights from the row's class (argmax of one-hot rows)."""
+    from keras.src.trainers.data_adapters.data_adapter_utils import class_weight_to_sample_weights
+
+    if sample_weight is not None:
+        raise ConfigError("pass class_weight or sample_weight, not both (as in Keras): fold the class "
+                          "weights into sample_weight")
+    if y is None or isinstance(y, (dict, list, tuple)):
+        raise ConfigError("class_weight needs one array of targets y (a single-output model)")
+    return class_weight_to_sample_weights(np.asarray(y), class_weight)
+
+
+def _keras_adapted(x, y, sample_weight, batch_size, steps, shuffle, class_weight, strategy, persistent):
+    """A generator, iterator, PyDataset (or anything Keras's data adapters take) as a dataset."""
+    from keras.src.trainers.data_adapters import get_data_adapter
+
+    if strategy is not None:
+        raise ConfigError(f"under a tf.distribute strategy pass a tf.data.Dataset or arrays, not "
+                          f"{type(x).__name__}: wrap a generator with tf.data.Dataset.from_generator")
+    try:
+        adapter = get_data_adapter(x, y, sample_weight=sample_weight, batch_size=batch_size,
+                                   steps_per_epoch=steps, shuffle=shuffle, class_weight=class_weight)
+        dataset = adapter.get_tf_dataset()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot read x of type {type(x).__name__}: {exc}") from exc
+    num_batches = adapter.num_batches
+    return DatasetData(dataset, steps=steps, persistent=persistent, adapter=adapter,
+                       num_batches=num_batches if num_batches is not None else tf.data.UNKNOWN_CARDINALITY)
 
 
 def split_validation(x: Any, y: Any, sample_weight: Any, validation_split: float) -> tuple:

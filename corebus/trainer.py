@@ -123,6 +123,35 @@ def _scalar(value: Any) -> tf.Tensor:
     return value if value.shape.rank == 0 else tf.reduce_mean(value)
 
 
+def _check_validation_freq(freq: Any) -> None:
+    if isinstance(freq, bool) or not (
+            (isinstance(freq, int) and freq >= 1)
+            or (isinstance(freq, (list, tuple, set, range)) and all(isinstance(e, int) and e >= 1 for e in freq))):
+        raise ConfigError(f"validation_freq={freq!r}: pass an integer >= 1 (validate every N epochs) or a "
+                          "list of 1-based epochs to validate after, as model.fit takes")
+
+
+def _should_validate(epoch: int, freq: Any) -> bool:
+    """Keras's rule, with 1-based epochs."""
+    return (epoch + 1) % freq == 0 if isinstance(freq, int) else (epoch + 1) in freq
+
+
+def _verbosity(verbose: Any, data: Any = None) -> int:
+    if verbose == "auto":
+        return 1
+    if verbose not in (0, 1, 2):
+        raise ConfigError(f"verbose={verbose!r}: use 'auto', 0 (silent), 1 (progress bar) or 2 (a line per epoch)")
+    return int(verbose)
+
+
+def _overrides_step(model: keras.Model, name: str) -> bool:
+    """Whether the model's class defines its own ``train_step`` / ``test_step`` (keras.io's
+    "customizing what happens in fit"), which the engine must run instead of its own."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    return getattr(type(model), name) is not getattr(TensorFlowTrainer, name)
+
+
 class Trainer(RunContext):
     """Train a Keras model with a compiled custom loop, plugins attached.
 
@@ -189,7 +218,9 @@ class Trainer(RunContext):
         self.strategy = strategy
         self.steps_per_execution = steps_per_execution
         self.jit_compile = bool(jit_compile)
-        self.seed = int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
+        # Keras's global seed state decides (keras.utils.set_random_seed seeds Python's random):
+        # two runs of one seeded script shuffle alike, as model.fit does.
+        self.seed = int(seed) if seed is not None else random.randrange(2**31)
         self.profile = profile
         self._user_train_step = train_step
         self._user_test_step = test_step
@@ -290,8 +321,12 @@ class Trainer(RunContext):
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"bad optimizer/loss/metrics: {exc}") from exc
 
-    def _make_bus(self, extra: list[str]) -> PluginBus:
+    def _make_bus(self, extra: list[str], callbacks: Any = None) -> PluginBus:
         named = list(self._plugins)
+        if callbacks:
+            from .keras_callbacks import KerasCallbacks
+
+            named.append(("keras_callbacks", KerasCallbacks.of(callbacks, self.model)))
         for name in extra:
             # the user may have activated it already (by name or as an instance, configured)
             if name not in {n for n, _ in named} and not any(
@@ -500,7 +535,7 @@ class Trainer(RunContext):
         last_call = None  # (packed, end batch, layout) of the call before, for held records
         packed = None
         functions: dict[int, Callable] = {}  # looked up once per epoch, not once per call
-        for begin, n in self._batches(data.steps, first_batch):
+        for begin, n in self._batches(data.steps_in(epoch), first_batch):
             if begin_hook is not None:
                 self.batch = begin
                 begin_hook(trainer=self, batch=begin, logs={})
@@ -657,37 +692,47 @@ class Trainer(RunContext):
         batch_size: int | None = None,
         epochs: int = 1,
         verbose: Any = "auto",
+        callbacks: Any = None,
         validation_split: float = 0.0,
         validation_data: Any = None,
         shuffle: bool = True,
+        class_weight: Mapping[int, float] | None = None,
         sample_weight: Any = None,
         initial_epoch: int = 0,
         steps_per_epoch: int | None = None,
         validation_steps: int | None = None,
         validation_batch_size: int | None = None,
-        validation_freq: int = 1,
+        validation_freq: int | Any = 1,
     ) -> Any:
-        """Train like ``model.fit``; returns a Keras-like ``History``."""
+        """Train like ``model.fit``, with its arguments in its order; returns a Keras-like
+        ``History``. ``callbacks`` are ``keras.callbacks.Callback`` objects, run with Keras's
+        contract beside the plugins (:mod:`corebus.keras_callbacks`)."""
         if not isinstance(epochs, int) or epochs < 0:
             raise ConfigError(f"epochs={epochs!r} must be a non-negative integer")
+        if not isinstance(initial_epoch, int) or initial_epoch < 0:
+            raise ConfigError(f"initial_epoch={initial_epoch!r} must be a non-negative integer")
+        _check_validation_freq(validation_freq)
         if validation_split and validation_data is None:
             (x, y, sample_weight), validation_data = split_validation(x, y, sample_weight, validation_split)
         data = make_data(
             x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=self.seed, steps=steps_per_epoch,
-            strategy=self.strategy,
+            strategy=self.strategy, class_weight=class_weight,
         )
+        self._check_targets(x, y, data)
+        data.spans.first = initial_epoch
         val_data = None
         if validation_data is not None:
-            if isinstance(validation_data, tf.data.Dataset):
-                val_data = make_data(validation_data, steps=validation_steps, strategy=self.strategy)
+            if isinstance(validation_data, tf.data.Dataset) or not isinstance(validation_data, (tuple, list)):
+                val_data = make_data(validation_data, steps=validation_steps, strategy=self.strategy,
+                                     persistent=False)
             else:
                 val_x, val_y, val_sw = keras.utils.unpack_x_y_sample_weight(tuple(validation_data))
                 val_data = make_data(
                     val_x, val_y, val_sw, batch_size=validation_batch_size or batch_size, steps=validation_steps,
-                    strategy=self.strategy,
+                    strategy=self.strategy, persistent=False,
                 )
-        verbose = 1 if verbose == "auto" else int(verbose)
-        bus = self._make_bus(["history"] + (["progress"] if verbose else []))
+        verbose = _verbosity(verbose, data)
+        bus = self._make_bus(["history"] + (["progress"] if verbose else []), callbacks)
         self.history = next(p for n, p in bus.plugins.items() if n == "history" or type(p).__name__ == "History")
         self.params = {
             "epochs": epochs,
@@ -704,7 +749,8 @@ class Trainer(RunContext):
         epoch_logs: dict[str, float] | None = None
         try:
             self._train_begin()
-            start_epoch, skip = initial_epoch, 0
+            # Keras's BackupAndRestore says where to start through model._initial_epoch.
+            start_epoch, skip = getattr(self.model, "_initial_epoch", None) or initial_epoch, 0
             if self._resume_at is not None:  # a plugin restored a run snapshot
                 (start_epoch, skip), self._resume_at = self._resume_at, None
                 if isinstance(data, ArrayData):
@@ -722,9 +768,12 @@ class Trainer(RunContext):
                     self._counter_at_epoch_start = self.micro_step
                     self._epoch_begin(epoch)
                 last = self._run_epoch(data, epoch, skip)
+                data.epoch_done()
+                if last is None and epoch == start_epoch and not skip and self.micro_step == self._counter_at_epoch_start:
+                    raise ConfigError("the first epoch got no batches: the training data is empty")
                 skip = 0
                 epoch_logs = self._metrics_or(last)
-                if val_data is not None and (epoch + 1) % validation_freq == 0:
+                if val_data is not None and _should_validate(epoch, validation_freq):
                     val_logs = self._evaluate_data(val_data)
                     epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
                     epoch_logs = dict(sorted(epoch_logs.items()))
@@ -736,9 +785,23 @@ class Trainer(RunContext):
                 optimizer.finalize_variable_values(self.model.trainable_variables)
             self._train_end(epoch_logs)
         except BaseException as exc:
+            data.epoch_done()
             self._exception(exc)
             raise
+        finally:
+            if hasattr(self.model, "_initial_epoch"):
+                self.model._initial_epoch = None
         return self.history
+
+    def _check_targets(self, x: Any, y: Any, data: Any) -> None:
+        """``fit(x)`` without targets, for a compiled loss that needs them: say so before training."""
+        if y is not None or not isinstance(data, ArrayData) or self._user_train_step is not None:
+            return
+        if _overrides_step(self.model, "train_step"):
+            return
+        if getattr(self.model, "loss", None) is not None:
+            raise ConfigError("fit got x but no targets (y=None) for a model compiled with a loss: pass y=..., "
+                              "or a dataset that yields (x, y)")
 
     def evaluate(
         self,
@@ -748,12 +811,14 @@ class Trainer(RunContext):
         verbose: Any = "auto",
         sample_weight: Any = None,
         steps: int | None = None,
+        callbacks: Any = None,
         return_dict: bool = False,
     ) -> Any:
         """Evaluate like ``model.evaluate``: a scalar, a list in metric order, or a dict."""
-        data = make_data(x, y, sample_weight, batch_size=batch_size, steps=steps, strategy=self.strategy)
-        verbose = 1 if verbose == "auto" else int(verbose)
-        self._make_bus(["progress"] if verbose else [])
+        data = make_data(x, y, sample_weight, batch_size=batch_size, steps=steps, strategy=self.strategy,
+                         persistent=False)
+        verbose = _verbosity(verbose)
+        self._make_bus(["progress"] if verbose else [], callbacks)
         self.params = {"epochs": 1, "steps": data.steps, "verbose": verbose}
         with self._scope():
             self._build_for_eval(data)
@@ -766,11 +831,12 @@ class Trainer(RunContext):
         if self.model.compiled:
             self.model._symbolic_build(data_batch=data.first_batch())
 
-    def predict(self, x: Any, batch_size: int | None = None, verbose: Any = "auto", steps: int | None = None) -> Any:
+    def predict(self, x: Any, batch_size: int | None = None, verbose: Any = "auto", steps: int | None = None,
+                callbacks: Any = None) -> Any:
         """Predict like ``model.predict``: numpy outputs for every sample."""
-        data = make_data(x, batch_size=batch_size, steps=steps)
-        verbose = 1 if verbose == "auto" else int(verbose)
-        self._make_bus(["progress"] if verbose else [])
+        data = make_data(x, batch_size=batch_size, steps=steps, persistent=False)
+        verbose = _verbosity(verbose)
+        self._make_bus(["progress"] if verbose else [], callbacks)
         self.params = {"epochs": 1, "steps": data.steps, "verbose": verbose}
         if self._predict_fn is None:
             model = self.model
@@ -823,6 +889,6 @@ class Trainer(RunContext):
         self.seed = int(state.get("seed", self.seed))
         super()._load_run_state(state)
 
-    def describe(self, verbose: int = 1) -> str:
-        """The hook plan of a ``fit(verbose=...)`` with these plugins (no training)."""
-        return self._make_bus(["history"] + (["progress"] if verbose else [])).describe()
+    def describe(self, verbose: int = 1, callbacks: Any = None) -> str:
+        """The hook plan of a ``fit(verbose=..., callbacks=...)`` with these plugins (no training)."""
+        return self._make_bus(["history"] + (["progress"] if verbose else []), callbacks).describe()
