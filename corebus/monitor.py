@@ -6,12 +6,13 @@ LR, plateau alerts), so "is this better?" is decided the same way everywhere.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import operator
-
-import numpy as np
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -25,9 +26,14 @@ class Monitor:
 
     ``mode="auto"`` follows Keras: ``*loss`` is minimised; otherwise the direction of the
     model's metric of that name (``_direction``), e.g. accuracy is maximised.
+
+    Missing metrics: :meth:`value` warns once (Keras's policy, ``strict`` raises);
+    :meth:`current` is the stricter check of the control plugins (a name the logs will not
+    have is a :class:`ConfigError` naming the close match; see there).
     """
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "auto", min_delta: float = 0.0, *, owner: str = "plugin", strict: bool = False):
+    def __init__(self, monitor: str = "val_loss", mode: str = "auto", min_delta: float = 0.0, *,
+                 owner: str = "plugin", strict: bool = False):
         if mode not in MODES:
             raise ConfigError(f"{owner}: mode={mode!r} is unknown; use one of {', '.join(MODES)}")
         if not isinstance(monitor, str) or not monitor:
@@ -39,6 +45,14 @@ class Monitor:
         self.strict = strict
         self.op: Any = None
         self._warned = False
+
+    def try_resolve(self, model: Any = None) -> bool:
+        """:meth:`resolve` if the direction can be decided now; False (no error) if not yet."""
+        try:
+            self.resolve(model)
+        except ConfigError:
+            return False
+        return True
 
     def resolve(self, model: Any = None) -> None:
         """Decide the direction (needs the model's metrics for ``auto``)."""
@@ -97,6 +111,48 @@ class Monitor:
             log.warning(message)
             self._warned = True
         return None
+
+
+    def current(self, logs: Mapping[str, Any] | None, trainer: Any = None) -> float | None:
+        """The monitored value at an epoch end, checked: a scalar, or ``None`` to skip this epoch.
+
+        Unlike Keras (which warns and skips the epoch for ever), a monitor that names a key
+        these logs will not have raises :class:`ConfigError` listing the available keys and the
+        closest one (``val_acc`` -> ``val_accuracy``). Only a ``val_*`` monitor in an epoch
+        that ran no validation while the run has validation (``validation_freq``) is skipped;
+        where the run's validation is unknown (``model.fit``), that warns once, as Keras does.
+        ``strict=True`` raises in every case. A vector value (``F1Score(average=None)``)
+        raises: Keras's callbacks cannot compare one either (TF: "truth value of an array
+        ... is ambiguous" at the second epoch); a one-element vector is its element.
+        """
+        logs = logs if logs is not None else {}
+        if self.monitor not in logs:
+            keys = sorted(logs)
+            ran_validation = any(k.startswith("val_") for k in keys)
+            has_validation = (getattr(trainer, "params", None) or {}).get("validation")
+            if self.strict or ran_validation or not self.monitor.startswith("val_") or has_validation is False:
+                raise ConfigError(self._missing_message(keys, has_validation is False and not ran_validation))
+            if has_validation is None and not self._warned:
+                log.warning(f"{self.owner}: monitor={self.monitor!r} is not in the logs of this epoch (no "
+                            f"validation ran); available metrics: {', '.join(keys) or '(none)'}")
+                self._warned = True
+            return None
+        value = np.asarray(logs[self.monitor])
+        if value.size != 1:
+            raise ConfigError(
+                f"{self.owner}: monitor={self.monitor!r} is a vector of shape {value.shape} (one value per "
+                "class or output), not one number; Keras's own callbacks cannot compare it either. Monitor a "
+                "metric that reduces to one number, e.g. F1Score(average='macro') or its mean in a custom metric")
+        return float(value.reshape(()))
+
+    def _missing_message(self, keys: list[str], no_validation: bool) -> str:
+        message = f"{self.owner}: monitor={self.monitor!r} is not in the epoch logs"
+        if no_validation:
+            message += " (this run has no validation data: pass validation_data= or validation_split=)"
+        close = difflib.get_close_matches(self.monitor, keys, n=1, cutoff=0.6)
+        if close:
+            message += f"; did you mean monitor={close[0]!r}?"
+        return message + f" Available keys: {', '.join(keys) or '(none)'}"
 
 
 def _all_metrics(model: Any) -> list[Any]:

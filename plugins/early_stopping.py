@@ -22,8 +22,14 @@ class EarlyStopping:
     **whether or not training stopped early**.
 
     Differences from Keras: an unknown ``mode`` or a negative ``patience`` raises
-    :class:`corebus.ConfigError` (Keras warns and falls back); ``strict=True`` turns a monitored
-    metric missing from the logs into a ``ConfigError`` instead of a warning. The state
+    :class:`corebus.ConfigError` (Keras warns and falls back). A ``monitor`` the epoch logs do
+    not have is a ``ConfigError`` at the first epoch end, naming the available keys and the close
+    match (``val_acc`` -> ``val_accuracy``), where Keras warns and never stops: the one exception
+    is a ``val_*`` monitor in an epoch without validation (``validation_freq``), which is skipped
+    (inside ``model.fit``, where the adapter cannot know whether validation will run, with one
+    warning); ``strict=True`` raises then too. A vector-valued monitor (``F1Score(average=None)``)
+    is a ``ConfigError`` at the first epoch end; Keras's EarlyStopping fails on it at the second
+    with a bare "truth value of an array is ambiguous". The state
     (:meth:`state_dict`) is JSON-serialisable, best weights included (nested lists plus dtypes),
     so a resumed run stops at the same epoch and restores the same weights.
     """
@@ -72,11 +78,12 @@ class EarlyStopping:
 
     @hookimpl
     def on_epoch_end(self, trainer, epoch, logs):
-        # Resolved lazily, as in Keras: the model's metrics are built only after a step.
-        self._monitor.resolve(trainer.model)
-        current = self._monitor.value(logs)
+        current = self._monitor.current(logs, trainer)
         if current is None or epoch < self.start_from_epoch:
             return
+        # Resolved lazily, as in Keras (the model's metrics are built only after a step), and
+        # after the name check: a misspelt name must not read as an unknown direction.
+        self._monitor.resolve(trainer.model)
         if self.restore_best_weights and self.best_weights is None:
             self.best_weights = trainer.model.get_weights()
             self.best_epoch = epoch
@@ -99,10 +106,10 @@ class EarlyStopping:
     @hookimpl
     def on_train_end(self, trainer):
         if self.stopped_epoch > 0 and self.verbose > 0:
-            print(f"Epoch {self.stopped_epoch + 1}: early stopping")
+            _print_msg(f"Epoch {self.stopped_epoch + 1}: early stopping")
         if self.restore_best_weights and self.best_weights is not None:
             if self.verbose > 0:
-                print(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
+                _print_msg(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
             trainer.model.set_weights(self.best_weights)
 
 
@@ -134,3 +141,11 @@ class EarlyStopping:
         else:
             self.best_weights = None
         self._resumed = True
+
+
+def _print_msg(message: str) -> None:
+    # Where Keras's callbacks send their messages: stdout, or absl logging after
+    # keras.config.disable_interactive_logging(). Imported late: Keras is heavy to import.
+    from keras.src.utils import io_utils
+
+    io_utils.print_msg(message)

@@ -236,7 +236,7 @@ class LRSchedule:
             lr.set(value)
             if self.verbose > 0:
                 which = "" if target == "default" else f" of {target!r}"
-                print(f"\nEpoch {epoch + 1}: LRSchedule setting learning rate{which} to {value}.")
+                _print_msg(f"\nEpoch {epoch + 1}: LRSchedule setting learning rate{which} to {value}.")
 
     # tryfirst: record the LR the epoch ended with, before a plateau plugin changes it.
     @hookimpl(tryfirst=True)
@@ -258,3 +258,11 @@ def lr_log_key(optimizer_name: str) -> str:
     """The epoch-log key of an optimizer's learning rate: Keras's ``learning_rate`` for the
     default optimizer, ``learning_rate/<name>`` for a named one (as ``grad_norm/<name>``)."""
     return "learning_rate" if optimizer_name == "default" else f"learning_rate/{optimizer_name}"
+
+
+def _print_msg(message: str) -> None:
+    # Where Keras's callbacks send their messages: stdout, or absl logging after
+    # keras.config.disable_interactive_logging(). Imported late: Keras is heavy to import.
+    from keras.src.utils import io_utils
+
+    io_utils.print_msg(message)

@@ -30,13 +30,17 @@ class ReduceLROnPlateau:
     :param monitor: metric name in the epoch logs (``val_*`` for validation metrics).
     :param factor: multiplier of the LR at each reduction, in ``[0, 1)``.
     :param patience: epochs with no improvement before a reduction.
-    :param verbose: 1 prints a message at each reduction, as Keras does.
+    :param verbose: 1 prints a message at each reduction where Keras sends its own (stdout, or
+        logging after ``keras.config.disable_interactive_logging()``).
     :param mode: ``"auto"``, ``"min"`` or ``"max"``.
     :param min_delta: smallest change that counts as an improvement.
     :param cooldown: epochs to wait after a reduction before counting again.
     :param min_lr: lower bound of the learning rate.
-    :param strict: raise :class:`corebus.ConfigError` when ``monitor`` is missing from the logs
-        (Keras only warns; so does this plugin by default, once).
+    :param strict: raise :class:`corebus.ConfigError` whenever ``monitor`` is missing from the
+        logs, even in an epoch that ran no validation (``validation_freq``). Without it a name
+        the logs do not have is still an error at the first epoch end, listing the available
+        keys and the close match (``val_acc`` -> ``val_accuracy``), where Keras warns and never
+        reduces; only a ``val_*`` monitor in an epoch without validation is skipped.
     :param optimizers: which optimizers to reduce, in a custom step with several
         (``optimizer={"generator": ..., "discriminator": ...}``): a name or a list of names.
         ``None`` (the default) reduces every optimizer of the run: the one optimizer of an
@@ -50,7 +54,11 @@ class ReduceLROnPlateau:
     Differences from Keras: bad values (``factor >= 1`` or negative, negative ``patience``,
     ``cooldown`` or ``min_lr``, unknown ``mode``) raise :class:`corebus.ConfigError` at
     construction (Keras raises for ``factor`` only, and falls back to ``auto`` for a bad mode);
-    the direction of ``mode="auto"`` is decided at train begin, not at the first epoch end; it
+    the direction of ``mode="auto"`` is decided at train begin when the model's metrics tell it
+    (else at the first epoch end, after the name check); a vector-valued monitor
+    (``F1Score(average=None)``) is an error at the first epoch end (Keras fails at its first
+    comparison with "truth value of an array is ambiguous"); messages go through Keras's
+    ``io_utils.print_msg`` as Keras's do; it
     can drive several optimizers (``optimizers=``). The state (:meth:`state_dict`) survives a
     resume: a restored instance does not reset its counters at the next train begin.
     """
@@ -108,7 +116,9 @@ class ReduceLROnPlateau:
     @hookimpl
     def on_train_begin(self, trainer):
         trainer.check_optimizer_names(self.optimizers, "ReduceLROnPlateau")
-        self._monitor.resolve(trainer.model)
+        # Early where the model's metrics tell the direction; a name they do not know (a typo,
+        # a custom metric) waits for the first epoch end, where the name is checked first.
+        self._monitor.try_resolve(trainer.model)
         # Keras resets at every fit; a resumed run keeps the counters it was restored with.
         if not self._restored:
             self.best, self.wait, self.cooldown_counter = None, 0, 0
@@ -123,9 +133,10 @@ class ReduceLROnPlateau:
     def on_epoch_end(self, trainer, epoch, logs):
         for name in self._targets(trainer):
             logs[_lr_log_key(name)] = trainer.lr_for(name).value
-        current = self._monitor.value(logs)
+        current = self._monitor.current(logs, trainer)
         if current is None:
             return
+        self._monitor.resolve(trainer.model)
         if self.in_cooldown():
             self.cooldown_counter -= 1
             self.wait = 0
@@ -163,7 +174,7 @@ class ReduceLROnPlateau:
             reduced = True
             if self.verbose > 0:
                 which = "" if name == "default" else f" of {name!r}"
-                print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate{which} to {new}.")
+                _print_msg(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate{which} to {new}.")
         self._record_multipliers(trainer)
         return reduced
 
@@ -185,6 +196,14 @@ class ReduceLROnPlateau:
         # is restored with the run's LR state; these are the plugin's record of it.
         self.multipliers = {str(k): float(v) for k, v in dict(state.get("multipliers", {})).items()}
         self._restored = True
+
+
+def _print_msg(message: str) -> None:
+    # Where Keras's callbacks send their messages: stdout, or absl logging after
+    # keras.config.disable_interactive_logging(). Imported late: Keras is heavy to import.
+    from keras.src.utils import io_utils
+
+    io_utils.print_msg(message)
 
 
 def _lr_log_key(optimizer_name: str) -> str:

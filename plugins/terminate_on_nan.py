@@ -73,7 +73,7 @@ class TerminateOnNaN:
             )
         self.stopped_step = step
         message = f"Step {step} (epoch {trainer.epoch}, {where}): invalid loss {loss}, terminating training"
-        print(message)
+        _print_msg(message)
         trainer.alert("nan_loss", "Training stopped: non-finite loss", message, level="error")
         trainer.stop_training = True
 
@@ -83,3 +83,11 @@ class TerminateOnNaN:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stopped_step = state.get("stopped_step")
+
+
+def _print_msg(message: str) -> None:
+    # Where Keras's callbacks send their messages: stdout, or absl logging after
+    # keras.config.disable_interactive_logging(). Imported late: Keras is heavy to import.
+    from keras.src.utils import io_utils
+
+    io_utils.print_msg(message)

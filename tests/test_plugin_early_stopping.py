@@ -4,6 +4,7 @@ import contextlib
 import json
 import logging
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -272,15 +273,123 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         EarlyStopping(**kwargs)
 
 
-def test_missing_monitor_warns_once_like_keras_and_errors_when_strict(caplog):
+def test_missing_monitor_is_an_error_at_the_first_epoch_end_where_keras_warns_for_ever():
+    # Keras: a warning every epoch and an early stopping that never triggers.
     x, y = tiny_data(n=32)
-    plugin = EarlyStopping(patience=0)  # monitors val_loss, but no validation runs
-    with caplog.at_level(logging.WARNING, logger="corebus"):
-        history = make_trainer([plugin]).fit(x, y, batch_size=16, epochs=3, verbose=0)
-    assert history.epoch == [0, 1, 2]  # a missing metric never stops training
-    warnings = [r for r in caplog.records if "'val_loss' is not in the logs" in r.getMessage()]
-    assert len(warnings) == 1 and "accuracy, loss" in warnings[0].getMessage()
+    callback = keras.callbacks.EarlyStopping(patience=0)  # monitors val_loss, but no validation runs
+    with pytest.warns(UserWarning, match="val_loss"):
+        keras_history = compiled("sgd").fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[callback])
+    assert keras_history.epoch == [0, 1, 2]
+    # corebus: one clear error at the first epoch end, saying why the key is missing.
+    trainer = make_trainer([EarlyStopping(patience=0)])
+    with pytest.raises(ConfigError, match=r"monitor='val_loss' is not in the epoch logs \(this run has no "
+                                          r"validation data: pass validation_data=.*did you mean monitor='loss'"):
+        trainer.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    assert trainer.epoch == 0
 
-    strict = EarlyStopping(strict=True)
-    with pytest.raises(ConfigError, match="monitor='val_loss' is not in the logs"):
-        make_trainer([strict]).fit(x, y, batch_size=16, epochs=3, verbose=0)
+
+@pytest.mark.parametrize("way", ["engine", "adapter"])
+def test_misspelt_monitor_names_the_close_match_not_the_mode(way):
+    # The report: monitor="val_acc" said "cannot be inferred, pass mode=", and with mode="max"
+    # training ran with an early stopping that never triggered.
+    x, y = tiny_data(n=32)
+    for kwargs in (dict(monitor="val_acc"), dict(monitor="val_acc", mode="max")):
+        plugin = EarlyStopping(patience=0, **kwargs)
+        with pytest.raises(ConfigError) as info:
+            if way == "engine":
+                make_trainer([plugin]).fit(x, y, batch_size=16, epochs=3, validation_split=0.25, verbose=0)
+            else:
+                compiled("sgd").fit(x, y, batch_size=16, epochs=3, validation_split=0.25, verbose=0,
+                                    callbacks=[corebus.KerasCallback([plugin])])
+        message = str(info.value)
+        assert "did you mean monitor='val_accuracy'?" in message and "mode=" not in message
+        assert "Available keys: accuracy, loss, val_accuracy, val_loss" in message
+        assert plugin.wait == 0  # raised at the first epoch end
+
+
+def test_val_monitor_waits_for_validation_freq_epochs(caplog):
+    x, y = tiny_data(n=32)
+    fit = dict(batch_size=16, epochs=4, validation_split=0.25, validation_freq=2, shuffle=False, verbose=0)
+    keras_callback = keras.callbacks.EarlyStopping(patience=1)
+    with warnings_ignored():
+        keras_history = compiled("sgd").fit(x, y, callbacks=[keras_callback], **fit)
+    engine = EarlyStopping(patience=1)
+    with caplog.at_level(logging.WARNING, logger="corebus"):
+        engine_history = make_trainer([engine], model=tiny_model(hidden=HIDDEN)).fit(x, y, **fit)
+    assert not [r for r in caplog.records if r.name == "corebus"]  # the engine knows validation comes at epoch 2
+    adapted = EarlyStopping(patience=1)
+    with caplog.at_level(logging.WARNING, logger="corebus"):
+        adapter_history = compiled("sgd").fit(x, y, callbacks=[corebus.KerasCallback([adapted])], **fit)
+    # model.fit does not say whether validation will run: one warning, as Keras warns
+    assert len([r for r in caplog.records if "no validation ran" in r.getMessage()]) == 1
+    assert engine_history.epoch == adapter_history.epoch == keras_history.epoch
+    assert engine.best == pytest.approx(keras_callback.best, rel=1e-5)
+    assert adapted.best == pytest.approx(keras_callback.best, rel=1e-5)
+
+    strict = EarlyStopping(patience=1, strict=True)
+    with pytest.raises(ConfigError, match="monitor='val_loss' is not in the epoch logs"):
+        make_trainer([strict]).fit(x, y, **fit)
+
+
+@contextlib.contextmanager
+def warnings_ignored():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras's "val_loss not available" at epochs without validation
+        yield
+
+
+def vector_model():
+    model = tiny_model(hidden=HIDDEN)
+    model.compile(optimizer="sgd", loss="categorical_crossentropy", metrics=[keras.metrics.F1Score(average=None)])
+    return model
+
+
+VECTOR_FIT = dict(batch_size=16, epochs=4, validation_split=0.25, shuffle=False, verbose=0)
+
+
+def test_vector_monitor_fails_in_keras_and_is_a_clear_error_here_through_the_adapter():
+    x, y = noisy_data()
+    y = keras.utils.to_categorical(y, 3)
+    keras_callback = keras.callbacks.EarlyStopping(monitor="val_f1_score", mode="max", patience=2)
+    seen = []
+    recorder = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(epoch))
+    with pytest.raises(ValueError, match="truth value of an array"):  # Keras's own, at the second epoch
+        vector_model().fit(x, y, callbacks=[recorder, keras_callback], **VECTOR_FIT)
+    assert seen == [0, 1]
+
+    plugin = EarlyStopping(monitor="val_f1_score", mode="max", patience=2)
+    seen.clear()
+    with pytest.raises(ConfigError, match=r"monitor='val_f1_score' is a vector of shape \(3,\).*average='macro'"):
+        vector_model().fit(x, y, callbacks=[recorder, corebus.KerasCallback([plugin])], **VECTOR_FIT)
+    assert seen == [0]  # at the first epoch end, not a crash at the second
+
+
+def test_vector_monitor_is_a_clear_error_in_the_engine():
+    x, y = noisy_data()
+    trainer = make_trainer([EarlyStopping(monitor="val_f1_score", mode="max", patience=2)],
+                           model=tiny_model(hidden=HIDDEN), loss="categorical_crossentropy",
+                           metrics=[keras.metrics.F1Score(average=None)])
+    with pytest.raises(ConfigError, match="is a vector of shape"):
+        trainer.fit(x, keras.utils.to_categorical(y, 3), **VECTOR_FIT)
+
+
+def test_one_element_vector_is_its_value_as_in_keras():
+    monitor = corebus.Monitor("val_auc", "max", owner="EarlyStopping")
+    assert monitor.current({"val_auc": np.array([0.75], "float32")}) == 0.75
+    assert monitor.current({"val_auc": np.float32(0.5)}) == 0.5
+
+
+def test_verbose_messages_go_where_keras_sends_them(capsys, caplog):
+    kwargs = dict(patience=0, verbose=1, restore_best_weights=True)
+    try:
+        for interactive in (True, False):
+            (keras.config.enable_interactive_logging if interactive else keras.config.disable_interactive_logging)()
+            caplog.clear()
+            keras_run(kwargs, 0.5, 8)
+            theirs = capsys.readouterr().out, [r.getMessage() for r in caplog.records]
+            engine_run(kwargs, 0.5, 8)
+            ours = capsys.readouterr().out, [r.getMessage() for r in caplog.records][len(theirs[1]):]
+            assert "early stopping" in (theirs[0] if interactive else " ".join(theirs[1]))
+            assert ours == (theirs[0], theirs[1])
+    finally:
+        keras.config.enable_interactive_logging()

@@ -1,6 +1,7 @@
 """LRSchedule and corebus.plugins.schedules against Keras's schedules and LearningRateScheduler."""
 
 import json
+import logging
 
 import keras
 import numpy as np
@@ -11,7 +12,7 @@ import corebus
 from corebus import ConfigError, hookimpl
 from corebus.plugins.lr_schedule import LRSchedule
 from corebus.plugins.schedules import CyclicalLR, LinearWarmup, StepDecay
-from corebus.testing import fit_both_ways, make_trainer, tiny_model
+from corebus.testing import fit_both_ways, make_trainer, tiny_data, tiny_model
 
 S = keras.optimizers.schedules
 LOSS = "sparse_categorical_crossentropy"
@@ -337,3 +338,29 @@ def test_state_dict_round_trip_resumes_exactly(tiny_data):
     assert [step for step, _ in rows] == [16, 17, 18, 19]
     expected = [0.2 * 0.5 ** np.floor((1 + s // 4) / 2) for s, _ in rows]
     np.testing.assert_allclose([lr for _, lr in rows], expected, rtol=1e-7)
+
+
+@pytest.mark.parametrize("interactive", [True, False])
+def test_verbose_messages_go_where_keras_sends_them(interactive, capsys, caplog):
+    x, y = tiny_data(n=48)
+
+    def halve(epoch, lr):
+        return 0.1 * 0.5**epoch
+
+    fit = dict(batch_size=24, epochs=2, verbose=0, shuffle=False)
+    (keras.config.enable_interactive_logging if interactive else keras.config.disable_interactive_logging)()
+    try:
+        with caplog.at_level(logging.INFO):
+            model = tiny_model()
+            model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+            model.fit(x, y, callbacks=[keras.callbacks.LearningRateScheduler(halve, verbose=1)], **fit)
+            theirs = capsys.readouterr().out, [r.getMessage() for r in caplog.records if "setting" in r.getMessage()]
+            caplog.clear()
+            make_trainer([LRSchedule(halve, per="epoch", verbose=1)]).fit(x, y, **fit)
+            ours = capsys.readouterr().out, [r.getMessage() for r in caplog.records if "setting" in r.getMessage()]
+    finally:
+        keras.config.enable_interactive_logging()
+    # Same channel as Keras's LearningRateScheduler, same wording apart from the class name.
+    assert [part.replace("LearningRateScheduler", "LRSchedule") for part in (theirs[0], *theirs[1])] == \
+        [ours[0], *ours[1]]
+    assert bool(theirs[0]) is interactive and bool(theirs[1]) is not interactive
