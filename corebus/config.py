@@ -18,13 +18,19 @@ A run config names everything a run needs, so a run is one file::
     epochs = 10
     batch_size = 64
 
+    [run]
+    name = "digits"                              # the run directory is <dir>/<name>; default: the file's name
+    dir = "corebus-runs"                         # relative plugin paths (report_dir, filepath...) land there
+
     [[plugins]]
     name = "alert_webhook"
     url = "${SLACK_WEBHOOK_URL}"                 # from the environment, never echoed
 
-The whole file is checked before anything runs, against a typed schema: an unknown key, a value
-of the wrong type, a factory that does not import, a plugin that is not installed or rejects its
-params each fail with one message naming the file, the key and what is allowed. ``${VAR}`` in any
+The whole file is checked before anything runs: every value against its type (the schema below,
+the factories' and plugins' signatures), the loss, metrics and optimizer against Keras, so an
+unknown key, a value of the wrong type, a factory that does not import, a plugin that is not
+installed or rejects its params each fail with one message naming the file, the key and what is
+allowed. ``${VAR}`` in any
 string is replaced from the environment; the values that came from there are registered as
 secrets, so plan output, error messages and logged run params show ``${VAR}`` or ``***``.
 """
@@ -32,57 +38,63 @@ secrets, so plan output, error messages and logged run params show ``${VAR}`` or
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Interval
 
 from .errors import ConfigError, MissingExtraError
 from .sinks import register_secret
+from .typecheck import check_call, closest, did_you_mean, hint_text, matches, type_hints
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
 class Key:
-    """One allowed key: its type(s) and an optional check with the allowed values in words."""
+    """One allowed key: its type hint (checked by pydantic, strictly) and the allowed values in words."""
 
-    types: tuple[type, ...]
-    check: Callable[[Any], bool] | None = None
+    hint: Any
     allowed: str = ""
+    check: Callable[[Any], bool] | None = None
 
 
-def _positive(value: Any) -> bool:
-    return value >= 1
-
-
-def _fraction(value: Any) -> bool:
-    return 0.0 <= value < 1.0
-
+_COUNT = Key(Annotated[int, Ge(1)], "an integer >= 1")
+_FACTORY = Key(str, '"module:function"')
+_PARAMS = Key(dict[str, Any], "a table of the factory's parameters")
+_IDENTIFIER = str | dict[str, Any]
 
 SCHEMA: dict[str, dict[str, Key]] = {
-    "model": {"factory": Key((str,), None, '"module:function"'), "params": Key((dict,))},
-    "data": {"factory": Key((str,), None, '"module:function"'), "params": Key((dict,))},
+    "model": {"factory": _FACTORY, "params": _PARAMS},
+    "data": {"factory": _FACTORY, "params": _PARAMS},
     "trainer": {
-        "optimizer": Key((str, dict)), "loss": Key((str, dict)), "metrics": Key((list,)),
-        "steps_per_execution": Key((int,), _positive, "an integer >= 1"), "jit_compile": Key((bool,)),
-        "seed": Key((int,)), "profile": Key((bool,)),
-        "mixed_precision": Key((str,), lambda v: v in ("mixed_float16", "mixed_bfloat16"),
-                               '"mixed_float16" or "mixed_bfloat16"'),
+        "optimizer": Key(_IDENTIFIER, 'a Keras optimizer name or { name = "adam", learning_rate = 1e-3 }'),
+        "loss": Key(_IDENTIFIER, "a Keras loss name (or its config table)"),
+        "metrics": Key(list[_IDENTIFIER], "a list of Keras metric names"),
+        "steps_per_execution": _COUNT, "jit_compile": Key(bool), "seed": Key(int), "profile": Key(bool),
+        "mixed_precision": Key(Literal["mixed_float16", "mixed_bfloat16"], '"mixed_float16" or "mixed_bfloat16"'),
     },
     "fit": {
-        "epochs": Key((int,), lambda v: v >= 0, "an integer >= 0"), "batch_size": Key((int,), _positive, "an integer >= 1"),
-        "verbose": Key((int,), lambda v: v in (0, 1, 2), "0, 1 or 2"),
-        "validation_split": Key((float, int), _fraction, "a fraction in [0, 1)"), "shuffle": Key((bool,)),
-        "initial_epoch": Key((int,), lambda v: v >= 0, "an integer >= 0"),
-        "steps_per_epoch": Key((int,), _positive, "an integer >= 1"), "validation_steps": Key((int,), _positive, "an integer >= 1"),
-        "validation_batch_size": Key((int,), _positive, "an integer >= 1"), "validation_freq": Key((int,), _positive, "an integer >= 1"),
+        "epochs": Key(Annotated[int, Ge(0)], "an integer >= 0"), "batch_size": _COUNT,
+        "verbose": Key(Literal[0, 1, 2], "0, 1 or 2"),
+        "validation_split": Key(Annotated[float, Interval(ge=0, lt=1)], "a fraction in [0, 1)"), "shuffle": Key(bool),
+        "initial_epoch": Key(Annotated[int, Ge(0)], "an integer >= 0"),
+        "steps_per_epoch": _COUNT, "validation_steps": _COUNT, "validation_batch_size": _COUNT, "validation_freq": _COUNT,
     },
-    "run": {"name": Key((str,)), "dir": Key((str,))},
+    # The run's directory is <dir>/<name>: relative plugin paths land there, so runs of other names keep theirs.
+    "run": {"name": Key(str, "a folder name (no / or \\)", lambda v: bool(v) and not re.search(r"[/\\]", v)),
+            "dir": Key(str, "a folder")},
 }
 REQUIRED = {"model": ("factory",), "data": ("factory",)}
+DEFAULT_RUNS_DIR = "corebus-runs"
+# Plugin parameters that name a file or folder (besides those hinted os.PathLike).
+PATH_PARAMS = frozenset({"filepath", "filename", "path", "dir", "log_dir", "backup_dir", "report_dir"})
 
 
 @dataclass
@@ -94,9 +106,10 @@ class RunConfig:
     plugins: list[tuple[str, Any]]  # (entry-point name, instance), in config order
     templates: list[dict[str, Any]] = field(default_factory=list)  # plugins as written (``${VAR}`` kept)
     secrets: dict[str, str] = field(default_factory=dict)  # value from the environment -> "${VAR}"
+    run_dir: Path = Path(DEFAULT_RUNS_DIR)
 
     def factory(self, section: str) -> Callable[..., Any]:
-        return _import(self.sections[section]["factory"], f"{self.path}: {section}.factory")
+        return _import(self.sections[section]["factory"], f"{self.path}: {section}.factory", self.path)
 
     def build(self) -> tuple[Any, dict[str, Any]]:
         """``(trainer, fit kwargs)``: the model and data factories run here."""
@@ -106,10 +119,7 @@ class RunConfig:
         trainer_args = dict(self.sections.get("trainer", {}))
         optimizer = trainer_args.pop("optimizer", None)
         if isinstance(optimizer, dict):
-            import keras
-
-            params = dict(optimizer)
-            optimizer = keras.optimizers.get({"class_name": params.pop("name", "adam"), "config": params})
+            optimizer = _optimizer(optimizer)
         trainer = Trainer(model, optimizer, trainer_args.pop("loss", None), trainer_args.pop("metrics", None),
                           plugins=self.plugins, **trainer_args)
         fit = {**_fit_data(self.factory("data")(**self.sections["data"].get("params", {})), self.path),
@@ -119,7 +129,7 @@ class RunConfig:
 
 def load_run_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Parse and validate a run config; ``overrides`` maps ``"fit.epochs"`` style keys to values."""
-    from .registry import instantiate, load_config_file, specs_from
+    from .registry import load_config_file, specs_from
 
     path = Path(path)
     data = load_config_file(path)
@@ -142,30 +152,110 @@ def load_run_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None
                 raise ConfigError(f"{path}: {section}.{required} is required ({keys[required].allowed})")
         sections[section] = {k: _check(path, f"{section}.{k}", keys, k, _interpolate(v, f"{section}.{k}", path, secrets))
                              for k, v in table.items()}
-    for section in ("model", "data"):
-        _import(sections[section]["factory"], f"{path}: {section}.factory")  # fails now, not mid-run
+    for section in ("model", "data"):  # fail now, not mid-run
+        factory = _import(sections[section]["factory"], f"{path}: {section}.factory", path)
+        problem = check_call(factory, sections[section].get("params", {}), sections[section]["factory"])
+        if problem:
+            raise ConfigError(f"{path}: {section}.params.{_hide(problem, secrets)}")
+    _check_keras_identifiers(path, sections["trainer"])
+    run = sections["run"]
+    run_dir = Path(run.get("dir", DEFAULT_RUNS_DIR)) / run.get("name", path.stem)
     templates = specs_from(data.get("plugins", []), str(path))
-    plugins = []
-    for i, template in enumerate(templates):
-        spec = _interpolate(dict(template), f"plugins[{i}]", path, secrets)
-        params = {k: v for k, v in spec.items() if k != "name"}
+    plugins = [_plugin(path, i, _interpolate(dict(t), f"plugins[{i}]", path, secrets), run_dir, secrets)
+               for i, t in enumerate(templates)]
+    return RunConfig(path, sections, plugins, templates, secrets, run_dir)
+
+
+def _plugin(path: Path, i: int, spec: dict[str, Any], run_dir: Path, secrets: Mapping[str, str]) -> tuple[str, Any]:
+    from .registry import instantiate, load_plugin_class
+
+    where = f"{path}: plugins[{i}] ({spec['name']})"
+    try:
+        params = _under_run_dir(load_plugin_class(spec["name"]), {k: v for k, v in spec.items() if k != "name"}, run_dir)
+        return spec["name"], instantiate(spec["name"], params)
+    except MissingExtraError:
+        raise
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {_hide(str(exc), secrets)}") from None
+
+
+def _under_run_dir(cls: type, params: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Relative file and folder parameters resolved under the run directory; one left at a
+    relative default (``report_dir="corebus-runs/report"``) becomes ``<run dir>/report``."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return params
+    hints = type_hints(cls)
+    for name, parameter in signature.parameters.items():
+        if name not in PATH_PARAMS and "PathLike" not in hint_text(hints.get(name, "")):
+            continue
+        value = params.get(name, parameter.default)
+        if isinstance(value, (str, os.PathLike)) and not Path(value).is_absolute():
+            params[name] = str(run_dir / (value if name in params else Path(value).name))
+    return params
+
+
+def _check_keras_identifiers(path: Path, trainer: Mapping[str, Any]) -> None:
+    """Loss, metrics and optimizer resolved now, as Keras resolves them (compile resolves lazily)."""
+    import keras
+
+    def resolve(kind: str, where: str, value: Any, getter: Callable[[Any], Any], names: list[str]) -> None:
         try:
-            plugins.append((spec["name"], instantiate(spec["name"], params)))
-        except MissingExtraError:
-            raise
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: plugins[{i}] ({spec['name']}): {_hide(str(exc), secrets)}") from None
-    return RunConfig(path, sections, plugins, templates, secrets)
+            getter(value)
+        except (ValueError, TypeError) as exc:
+            if isinstance(value, str):
+                raise ConfigError(f"{path}: {where} = {value!r}: Keras has no {kind} of that name"
+                                  f"{closest(value, names)}") from None
+            raise ConfigError(f"{path}: {where} = {value!r}: {exc}") from None
+
+    def public(module: Any, *extra: str) -> list[str]:
+        return [*extra, *(n for n in dir(module) if not n.startswith("_") and n not in ("get", "serialize", "deserialize"))]
+
+    if "loss" in trainer:
+        resolve("loss", "trainer.loss", trainer["loss"], keras.losses.get, public(keras.losses))
+    # compile() also takes these four names and picks the metric from the loss
+    for i, metric in enumerate(trainer.get("metrics", [])):
+        if metric not in ("accuracy", "acc", "crossentropy", "ce"):
+            resolve("metric", f"trainer.metrics[{i}]", metric, keras.metrics.get,
+                    public(keras.metrics, "accuracy", "acc", "crossentropy", "ce"))
+    optimizer = trainer.get("optimizer")
+    if isinstance(optimizer, str):
+        resolve("optimizer", "trainer.optimizer", optimizer, keras.optimizers.get, public(keras.optimizers))
+    elif isinstance(optimizer, Mapping):
+        name = optimizer.get("name", "adam")
+        resolve("optimizer", "trainer.optimizer.name", name, keras.optimizers.get, public(keras.optimizers))
+        cls = type(keras.optimizers.get(name))
+        # Keras optimizers pass **kwargs up to their base class: the names along the MRO are the allowed ones
+        allowed = list(dict.fromkeys(
+            p.name for c in cls.__mro__ if "__init__" in vars(c)
+            for p in inspect.signature(c.__init__).parameters.values()
+            if p.name not in ("self", "name") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)))
+        for key in optimizer:
+            if key != "name" and key not in allowed:
+                hint = " (did you mean learning_rate?)" if key == "lr" else closest(key, allowed)  # Keras 2's name
+                raise ConfigError(f"{path}: trainer.optimizer.{key}: {cls.__name__} has no such parameter"
+                                  f"{hint}; allowed: name, {', '.join(allowed)}")
+        try:
+            _optimizer(optimizer)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: trainer.optimizer = {dict(optimizer)!r}: {exc}") from None
+
+
+def _optimizer(spec: Mapping[str, Any]) -> Any:
+    import keras
+
+    params = dict(spec)
+    return keras.optimizers.get({"class_name": params.pop("name", "adam"), "config": params})
 
 
 def _check(path: Path, where: str, keys: Mapping[str, Key], key: str, value: Any) -> Any:
     spec = keys.get(key)
     if spec is None:
-        raise ConfigError(f"{path}: {where}: unknown key; allowed: {', '.join(keys)}")
-    type_ok = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
-    if not type_ok or (spec.check is not None and not spec.check(value)):
-        wanted = spec.allowed or " or ".join(t.__name__ for t in spec.types)
-        raise ConfigError(f"{path}: {where} = {value!r}: expected {wanted}")
+        hint = did_you_mean(key, keys)
+        raise ConfigError(f"{path}: {where}: unknown key; allowed: {', '.join(keys)}" + (f"; {hint}" if hint else ""))
+    if not matches(spec.hint, value) or (spec.check is not None and not spec.check(value)):
+        raise ConfigError(f"{path}: {where} = {value!r}: expected {spec.allowed or hint_text(spec.hint)}")
     return value
 
 
@@ -195,10 +285,14 @@ def _hide(text: str, secrets: Mapping[str, str]) -> str:
     return text
 
 
-def _import(target: str, where: str) -> Callable[..., Any]:
+def _import(target: str, where: str, config_path: Path) -> Callable[..., Any]:
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise ConfigError(f'{where} = {target!r}: write "module:function" (e.g. "corebus.demo:digits_mlp")')
+    # A factory module beside the config file or in the current folder imports as a script's would.
+    for folder in (str(Path.cwd()), str(config_path.resolve().parent)):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -228,7 +322,7 @@ def _fit_data(value: Any, path: Path) -> dict[str, Any]:
 
 def describe_config(config: RunConfig) -> str:
     """The config as the user wrote it (``${VAR}`` kept), for ``--print-plan``."""
-    lines = [f"run config {config.path}"]
+    lines = [f"run config {config.path} (run directory {config.run_dir})"]
     for section, values in config.sections.items():
         if values:
             lines.append(f"  [{section}] " + ", ".join(f"{k}={_hide(repr(v), config.secrets)}" for k, v in values.items()))

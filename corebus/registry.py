@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import ConfigError, MissingExtraError
+from .typecheck import closest, hint_text, matches, type_hints
 
 ENTRY_POINT_GROUP = "corebus.plugins"
 
@@ -133,16 +134,31 @@ def instantiate(name: str, params: Mapping[str, Any]) -> object:
         signature = inspect.signature(cls)
         signature.bind(**params)
     except TypeError as exc:
+        hint = _did_you_mean(cls, params)
         raise ConfigError(
-            f"plugin {name!r} ({cls.__qualname__}) got bad params {dict(params)!r}: {exc}. "
+            f"plugin {name!r} ({cls.__qualname__}) got bad params {dict(params)!r}: {exc}{hint}. "
             f"Accepted: {cls.__qualname__}{_signature_text(cls)}"
         ) from None
+    hints = type_hints(cls)
+    for key, value in params.items():
+        if key in hints and not matches(hints[key], value):
+            raise ConfigError(f"plugin {name!r} ({cls.__qualname__}): {key} = {value!r}: expected "
+                              f"{hint_text(hints[key])}. Accepted: {cls.__qualname__}{_signature_text(cls)}")
     try:
         return cls(**params)
     except MissingExtraError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"plugin {name!r} rejected its params: {exc}") from exc
+
+
+def _did_you_mean(cls: type, params: Mapping[str, Any]) -> str:
+    try:
+        known = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return ""
+    unknown = [k for k in params if k not in known]
+    return closest(unknown[0], known) if unknown else ""
 
 
 def _signature_text(cls: type) -> str:
