@@ -126,7 +126,7 @@ def _summary(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows.append(("LR reductions", ", ".join(f"epoch {r['epoch'] + 1} x{_fmt(r['factor'])}" for r in reductions) or "none"))
     for warmup in lr.get("warmup") or []:
         rows.append(("warm-up", f"{warmup['end_step']} steps ({warmup['optimizer']}, {warmup['plugin']})"))
-    rows.append(("checkpoints", str(len(report.get("checkpoints") or []))))
+    rows.append(("checkpoints", _checkpoint_counts(report)))
     alerts = report.get("alerts") or []
     rows.append(("alerts", ", ".join(f"{a['kind']} ({a['level']})" for a in alerts) or "none"))
     if report.get("profile") is None:
@@ -135,6 +135,16 @@ def _summary(report: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------- plots
+
+
+def _checkpoint_counts(report: Mapping[str, Any]) -> str:
+    """"N saved, M kept": distinct files saved, and those still on disk at the end."""
+    run = report.get("run", {})
+    saved = run.get("checkpoints_saved")
+    if saved is None:  # a report written before the counts existed: events only
+        return f"{len(report.get('checkpoints') or [])} saved"
+    kept = run.get("checkpoints_kept")
+    return f"{saved} saved, {'?' if kept is None else kept} kept"
 
 
 def _figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (8.0, 4.0)) -> Any:
@@ -185,12 +195,15 @@ def _draw_curves(report: Mapping[str, Any]) -> Any:
     for ax, name in zip(axes[0], names):
         if name in (batches.get("values") or {}) and len(epochs) > 0:
             steps, values = _series(batches, name)
-            ax.plot(_step_to_epoch(report)(steps), values, color="tab:blue", alpha=0.25, lw=0.8,
+            # Beneath the epoch curves and fainter the denser it is: at small batch sizes
+            # thousands of noisy points would otherwise cover them.
+            ax.plot(_step_to_epoch(report)(steps), values, color="tab:gray", lw=0.6, zorder=1,
+                    alpha=max(0.08, min(0.35, 60 / max(len(values), 1))),
                     label=f"{name} (every {batches.get('every')} steps)")
         for key, style in ((name, "o-"), (f"val_{name}", "s--")):
             points = [(xi, e["logs"][key]) for xi, e in zip(x, epochs) if key in e["logs"]]
             if points:
-                ax.plot(*zip(*points), style, ms=3, label=key)
+                ax.plot(*zip(*points), style, ms=3, lw=1.6, zorder=3, label=key)
         if best is not None:
             ax.axvline(best["epoch"] + 1, color="tab:green", ls=":", lw=1.2, label=f"best epoch {best['epoch'] + 1}")
             record = next((e for e in epochs if e["epoch"] == best["epoch"]), None)
@@ -260,10 +273,11 @@ def _draw_timeline(report: Mapping[str, Any]) -> Any:
     ax = axes[0][0]
     lanes = ["epochs", "checkpoints", "LR", "alerts"]
     ax.plot([e["step"] for e in epochs], [0] * len(epochs), "|", ms=14, color="gray")
-    for c in checkpoints:
-        ax.plot(c["step"], 1, "v", color="tab:purple")
-        ax.annotate(Path(c["filepath"]).name, (c["step"], 1), fontsize=6, rotation=20, xytext=(2, 5),
-                    textcoords="offset points")
+    for c in checkpoints:  # filled: still on disk at the end; hollow: deleted by the keep policy
+        kept = c.get("kept", True) is not False
+        ax.plot(c["step"], 1, "v", color="tab:purple", mfc="tab:purple" if kept else "none")
+    for (step, label), height in zip(timeline_labels(checkpoints), (6, 16, 26) * len(checkpoints)):
+        ax.annotate(label, (step, 1), fontsize=6, xytext=(2, height), textcoords="offset points")
     for r in lr.get("reductions") or []:
         ax.plot(r["step"], 2, "D", color="tab:red")
     for w in lr.get("warmup") or []:
@@ -282,6 +296,17 @@ def _draw_timeline(report: Mapping[str, Any]) -> Any:
     ax.set(title="timeline", xlabel="global step")
     ax.grid(axis="x", alpha=0.3)
     return figure
+
+
+def timeline_labels(checkpoints: Sequence[Mapping[str, Any]], most: int = 8) -> list[tuple[int, str]]:
+    """The checkpoint labels the timeline draws: one per kept file, at its last save, at most
+    ``most`` (the newest), stacked on three heights, so labels never smear into each other."""
+    last: dict[str, Mapping[str, Any]] = {}
+    for c in checkpoints:
+        if c.get("kept", True) is not False:
+            last[c["filepath"]] = c
+    chosen = sorted(last.values(), key=lambda c: c["step"])[-most:]
+    return [(int(c["step"]), Path(c["filepath"]).name) for c in chosen]
 
 
 def _draw_overhead(report: Mapping[str, Any]) -> Any:
@@ -335,17 +360,19 @@ def _report_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
         body += ["<h2>Epochs</h2>", _table(["epoch", "step"] + keys,
                                            [[e["epoch"] + 1, e["step"]] + [e["logs"].get(k, "") for k in keys] for e in epochs])]
     if report.get("checkpoints"):
-        body += ["<h2>Checkpoints</h2>", _table(("step", "epoch", "file", "metadata"), [
-            (c["step"], (c.get("epoch") or 0) + 1, c["filepath"], json.dumps(c.get("metadata"), default=str))
+        body += ["<h2>Checkpoints</h2>", _table(("step", "epoch", "file", "kept", "metadata"), [
+            (c["step"], (c.get("epoch") or 0) + 1, c["filepath"], {True: "yes", False: "deleted"}.get(c.get("kept"), "?"),
+             json.dumps(c.get("metadata"), default=str))
             for c in report["checkpoints"]])]
     if report.get("alerts"):
-        body += ["<h2>Alerts</h2>", _table(("step", "level", "kind", "title", "text"), [
-            (a.get("step"), a.get("level"), a.get("kind"), a.get("title"), a.get("text")) for a in report["alerts"]])]
+        body += ["<h2>Alerts</h2>", _table(("step", "epoch", "level", "kind", "title", "text"), [
+            (a.get("step"), "" if a.get("epoch") is None else a["epoch"] + 1, a.get("level"), a.get("kind"),
+             a.get("title"), a.get("text")) for a in report["alerts"]])]
     if report.get("profile"):
         rows = [(name, hook, t["calls"], f"{t['seconds'] * 1e3:.2f}") for name, hooks in report["profile"].items()
                 for hook, t in hooks.items()]
         body += ["<h2>Plugin overhead</h2>", _table(("plugin", "hook", "calls", "ms"), rows)]
-    return _page(f"corebus report {run.get('name', '')}", body)
+    return _page(f"{run.get('name', '') or 'run'} - corebus run report", body)
 
 
 def _fmt(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 import threading
@@ -10,6 +11,8 @@ import time
 from typing import Any
 
 from corebus import Cadence, ConfigError, MissingExtraError, check_writable, hookimpl, write_report
+
+log = logging.getLogger("corebus")
 
 
 class RunReport:
@@ -22,6 +25,16 @@ class RunReport:
     ``reduce_lr_on_plateau``); warm-up ends of ``lr_schedule`` plugins; early stopping's best
     and stopped epochs; checkpoint events; alerts (from any thread); and, when the run is
     profiled (``Trainer(profile=True)``), each plugin's host time.
+
+    It writes last: ``on_train_end`` / ``on_exception`` are wrappers (outermost, ``tryfirst``),
+    so the report is written after every other plugin's end hook has run (loggers closed,
+    final checkpoints written), and its times, profile and checkpoint counts include them.
+    Each checkpoint event records whether its file is still there at the end (``kept``; a
+    policy such as ``save_top_k`` deletes files), and ``run`` counts both
+    (``checkpoints_saved`` / ``checkpoints_kept``, distinct files). The report is titled with
+    the run's name: ``name=``, else the trainer's ``run_name``, else the run folder holding
+    ``report_dir`` (``corebus-runs/<run>/report``), else the model's name. Epoch indices in the
+    JSON are Keras's (0-based, as ``History.epoch``); everything rendered counts from 1.
 
     At train end (or on an exception, with status ``failed`` / ``killed``) it writes into
     ``report_dir``: ``report.json``, PNG plots (curves, learning rate, gradient norm, timeline,
@@ -36,7 +49,7 @@ class RunReport:
     error_policy = "warn"  # a failing report must not end the training it describes
 
     def __init__(self, report_dir: str | os.PathLike = "corebus-runs/report", log_every_n_steps: int | None = 10,
-                 gradient_norm: bool = True):
+                 gradient_norm: bool = True, name: str | None = None):
         if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool)
                                               or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise ConfigError(f"RunReport: log_every_n_steps={log_every_n_steps!r}; use a positive integer, "
@@ -47,6 +60,7 @@ class RunReport:
         check_writable(self.report_dir, "RunReport")
         self.log_every_n_steps = log_every_n_steps
         self.gradient_norm = bool(gradient_norm)
+        self.name = name
         # The gradient pipeline computes the norm inside the step only when someone asks.
         self.gradient_taps = {"norm"} if self.gradient_norm else set()
         self.batch_log_cadence = None if log_every_n_steps is None else Cadence.every_n(log_every_n_steps)
@@ -56,7 +70,7 @@ class RunReport:
 
     def get_config(self) -> dict[str, Any]:
         return {"report_dir": os.path.abspath(self.report_dir), "log_every_n_steps": self.log_every_n_steps,
-                "gradient_norm": self.gradient_norm}
+                "gradient_norm": self.gradient_norm, "name": self.name}
 
     @hookimpl
     def on_train_begin(self, trainer):
@@ -126,14 +140,39 @@ class RunReport:
         with self._lock:
             self._alerts.append(record)
 
-    @hookimpl
+    # Wrappers, outermost: the code after ``yield`` runs once every other plugin's end hook
+    # has returned (a trylast impl would still run before other trylast ones).
+    @hookimpl(wrapper=True, tryfirst=True)
     def on_train_end(self, trainer):
-        self._write(trainer, "finished", None)
+        try:
+            return (yield)
+        finally:
+            self._safely_write(trainer, "finished", None)
 
-    @hookimpl
+    @hookimpl(wrapper=True, tryfirst=True)
     def on_exception(self, trainer, exception):
-        status = "killed" if isinstance(exception, KeyboardInterrupt) else "failed"
-        self._write(trainer, status, f"{type(exception).__name__}: {exception}")
+        try:
+            return (yield)
+        finally:
+            status = "killed" if isinstance(exception, KeyboardInterrupt) else "failed"
+            self._safely_write(trainer, status, f"{type(exception).__name__}: {exception}")
+
+    def _safely_write(self, trainer: Any, status: str, error: str | None) -> None:
+        # A wrapper runs outside the bus's error policy: apply this plugin's ("warn") here.
+        try:
+            self._write(trainer, status, error)
+        except Exception as exc:  # noqa: BLE001 - a failing report must not end the run it describes
+            log.warning("RunReport: writing the report failed: %s: %s", type(exc).__name__, exc)
+
+    def _run_name(self, trainer: Any) -> str:
+        if self.name:
+            return str(self.name)
+        if getattr(trainer, "run_name", None):
+            return str(trainer.run_name)
+        folder = os.path.abspath(self.report_dir)
+        if os.path.basename(folder) == "report":  # corebus-runs/<run>/report
+            return os.path.basename(os.path.dirname(folder))
+        return str(getattr(trainer.model, "name", "") or "")
 
     def _write(self, trainer: Any, status: str, error: str | None) -> None:
         if not hasattr(self, "_started"):  # failed before on_train_begin ran: nothing recorded
@@ -142,13 +181,17 @@ class RunReport:
                         if hasattr(p, "best_epoch") and hasattr(p, "stopped_epoch")), None)
         bus = trainer.bus
         with self._lock:
+            checkpoints = [dict(c, kept=_exists(c["filepath"])) for c in self._checkpoints]
+            files = {c["filepath"]: c["kept"] for c in checkpoints}
             self.report = {
                 "format": "corebus-report", "version": 1,
-                "run": {"name": str(getattr(trainer, "run_name", None) or getattr(trainer.model, "name", "")),
+                "run": {"name": self._run_name(trainer),
                         "status": status, "error": error, "started": self._started, "ended": time.time(),
                         "seconds": time.time() - self._started, "first_step": self._first_step,
                         "global_step": trainer.global_step, "params": dict(trainer.params),
-                        "plugins": list(bus.plugins), "optimizers": list(trainer.optimizers)},
+                        "plugins": list(bus.plugins), "optimizers": list(trainer.optimizers),
+                        "checkpoints_saved": len(files),
+                        "checkpoints_kept": None if None in files.values() else sum(files.values())},
                 "config": self._config,
                 "epochs": list(self._epochs),
                 "batches": self._batches,
@@ -157,7 +200,7 @@ class RunReport:
                     "plugin": stopper[0], "monitor": getattr(stopper[1], "monitor", None),
                     "best": _number(getattr(stopper[1], "best", None)),
                     "best_epoch": stopper[1].best_epoch, "stopped_epoch": stopper[1].stopped_epoch},
-                "checkpoints": list(self._checkpoints),
+                "checkpoints": checkpoints,
                 "alerts": list(self._alerts),
                 "profile": bus.profile_report() if bus.profile_enabled else None,
                 "profile_note": None if bus.profile_enabled else "profile off: Trainer(profile=True)",
@@ -168,6 +211,13 @@ class RunReport:
 def _lr_key(optimizer_name: str) -> str:
     # The epoch logs' keys (lr_schedule / reduce_lr_on_plateau), not imported: plugins stay independent.
     return "learning_rate" if optimizer_name == "default" else f"learning_rate/{optimizer_name}"
+
+
+def _exists(filepath: str) -> bool | None:
+    """Whether a checkpoint file (or SavedModel folder) is still there; None for object-store URLs."""
+    if "://" in filepath:
+        return None
+    return os.path.exists(filepath)
 
 
 def _number(value: Any) -> float | None:

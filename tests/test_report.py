@@ -197,3 +197,80 @@ def test_bad_params_and_missing_matplotlib_fail_before_training(tmp_path, monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else find_spec(n, *a))
     with pytest.raises(MissingExtraError, match=r"matplotlib.*pip install"):
         RunReport(tmp_path)
+
+
+class SlowEnd:
+    """Ends last of the ordinary plugins (trylast) and takes a measurable time, saving a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    @hookimpl(trylast=True)
+    def on_train_end(self, trainer):
+        import time
+
+        time.sleep(0.2)
+        trainer.model.save_weights(str(self.path))
+        trainer.bus.call("on_checkpoint_saved", trainer=trainer, filepath=str(self.path), step=trainer.global_step,
+                         metadata={"by": "slow_end"})
+
+
+def test_report_is_written_after_every_other_plugins_train_end_and_counts_kept_checkpoints(tmp_path):
+    x, y = tiny_data(n=64)
+    ckpt = tmp_path / "ckpt"
+    plugins = [
+        RunReport(tmp_path / "corebus-runs" / "nightly-7" / "report", log_every_n_steps=None),
+        # save_top_k=2 over 6 epochs whose val_loss falls: files are saved and later deleted
+        ModelCheckpoint(str(ckpt / "e{epoch}.weights.h5"), monitor="val_loss", save_top_k=2, save_weights_only=True),
+        SlowEnd(tmp_path / "final.weights.h5"),
+    ]
+    trainer = make_trainer(plugins, profile=True)
+    trainer.fit(x, y, batch_size=16, epochs=6, validation_split=0.25, verbose=0)
+    report = _read(tmp_path / "corebus-runs" / "nightly-7" / "report")
+    run = report["run"]
+    # written after SlowEnd's trylast on_train_end: its time, its checkpoint and its profile are in
+    assert report["profile"]["SlowEnd"]["on_train_end"]["seconds"] >= 0.2
+    assert report["checkpoints"][-1]["metadata"] == {"by": "slow_end"} and report["checkpoints"][-1]["kept"] is True
+    saved = {c["filepath"] for c in report["checkpoints"]}
+    on_disk = {str(p) for p in ckpt.glob("*.weights.h5")} | {str(tmp_path / "final.weights.h5")}
+    assert run["checkpoints_saved"] == len(saved) > run["checkpoints_kept"] == len(on_disk) == 3
+    assert {c["filepath"] for c in report["checkpoints"] if c["kept"]} == on_disk
+    # titled with the run's name (the run folder holding report/), here and in the HTML's title
+    assert run["name"] == "nightly-7"
+    html = (tmp_path / "corebus-runs" / "nightly-7" / "report" / "report.html").read_text()
+    assert "<title>nightly-7 - corebus run report</title>" in html
+    assert f"{len(saved)} saved, 3 kept" in html
+    # the timeline labels kept files only, one each: no pile of overlapping names
+    from corebus.report import timeline_labels
+
+    labels = [name for _, name in timeline_labels(report["checkpoints"])]
+    assert sorted(labels) == sorted(p.rsplit("/", 1)[-1] for p in on_disk)
+
+
+def test_explicit_name_wins_and_epochs_read_from_one(tmp_path):
+    x, y = tiny_data(n=32)
+    stopper = EarlyStopping(monitor="loss", patience=0, min_delta=10.0)  # stops at the second epoch
+    make_trainer([RunReport(tmp_path / "r", log_every_n_steps=None, name="baseline"), stopper]).fit(
+        x, y, batch_size=16, epochs=5, verbose=0)
+    report = _read(tmp_path / "r")
+    assert report["run"]["name"] == "baseline"
+    assert [e["epoch"] for e in report["epochs"]] == [0, 1]  # JSON: Keras's indices, as History.epoch
+    from corebus.report import _summary
+
+    rows = dict(_summary(report))
+    assert rows["early stopping"] == "stopped at epoch 2" and rows["best epoch"].startswith("1 (loss")
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "<tr><td>1</td>" in html and "<tr><td>0</td>" not in html  # the epochs table counts from 1
+
+
+def test_step_overlay_lies_beneath_the_epoch_curves_and_fades_when_dense():
+    from corebus.report import _draw_curves
+
+    steps = list(range(1, 2001))
+    report = {"run": {"first_step": 0}, "epochs": [{"epoch": e, "step": 400 * (e + 1), "logs": {"loss": 1.0 / (e + 1)}}
+                                                   for e in range(5)],
+              "batches": {"every": 1, "step": steps, "values": {"loss": [1.0] * len(steps)}}}
+    figure = _draw_curves(report)
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    overlay, epoch_curve = lines["loss (every 1 steps)"], lines["loss"]
+    assert overlay.get_zorder() < epoch_curve.get_zorder() and overlay.get_alpha() <= 0.1
