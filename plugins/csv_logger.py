@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import collections
 import csv
+import logging
 import os
 from typing import Any
 
 import numpy as np
 
 from corebus import ConfigError, atomic_path, check_writable, hookimpl
+
+log = logging.getLogger("corebus")
 
 
 class CSVLogger:
@@ -47,30 +50,44 @@ class CSVLogger:
         self.csv_file: Any = None
         self._last_epoch: int | None = None
         self._resume: dict[str, Any] | None = None
+        self._mode = "a" if append else "w"
+        self._offset: int | None = None  # the file's length after the last row written
 
     @hookimpl
     def on_train_begin(self):
-        resume, self._resume = self._resume, None
-        if resume is not None:
-            self._truncate_after(resume["last_epoch"])
-        if self.append or resume is not None:
-            if os.path.exists(self.filename):
-                with open(self.filename) as f:
-                    self.append_header = not bool(len(f.readline()))
-            mode = "a"
-        else:
-            mode = "w"
+        # The file is opened at the first row, not here: a resumed run's state is restored after
+        # this hook (BackupAndRestore is trylast), and opening with "w" now would erase the rows
+        # written before the snapshot.
         self._close()
+        self.writer = None
+        if self._resume is None:
+            self.keys = None
+            self._mode = "a" if self.append else "w"
+            exists = self._mode == "a" and os.path.exists(self.filename)
+            self._offset = os.path.getsize(self.filename) if exists else 0
+
+    def _open(self) -> None:
+        resume, self._resume = self._resume, None
+        mode = self._mode
+        if resume is not None:
+            self._truncate_to(resume)
+            mode = "a"
+            self.keys = resume["keys"]
+        self.append_header = True
+        if mode == "a" and os.path.exists(self.filename):
+            with open(self.filename) as f:
+                self.append_header = not bool(len(f.readline()))
         try:
             self.csv_file = open(self.filename, mode)  # text mode, as Keras: rows end in \r\n
         except OSError as exc:
             raise ConfigError(f"CSVLogger: cannot open {self.filename!r}: {exc.strerror or exc}") from exc
-        self.writer = None
-        self.keys = resume["keys"] if resume is not None else None
+        self._offset = self.csv_file.tell() if mode == "a" else 0
 
     @hookimpl
     def on_epoch_end(self, epoch, logs):
         logs = logs or {}
+        if self.csv_file is None:
+            self._open()
         if self.keys is None:
             self.keys = sorted(logs.keys())
             if self.keys and not any(key.startswith("val_") for key in self.keys):
@@ -88,9 +105,12 @@ class CSVLogger:
         self.writer.writerow(row)
         self.csv_file.flush()
         self._last_epoch = epoch
+        self._offset = self.csv_file.tell()
 
     @hookimpl
     def on_train_end(self):
+        if self.csv_file is None and self._resume is None and self._mode == "w":
+            self._open()  # no epoch ran: Keras still leaves an empty file
         self._close()
 
     @hookimpl
@@ -100,12 +120,26 @@ class CSVLogger:
     def _close(self) -> None:
         if self.csv_file and not self.csv_file.closed:
             self.csv_file.close()
+        self.csv_file = None
         self.writer = None
 
-    def _truncate_after(self, last_epoch: int | None) -> None:
-        # Rows written after the snapshot (the run died later) would be written again.
+    def _truncate_to(self, resume: dict[str, Any]) -> None:
+        """Drop what was written after the snapshot (the run died later and writes it again)."""
         if not os.path.exists(self.filename):
             return
+        offset = resume.get("offset")
+        if offset is not None:
+            size = os.path.getsize(self.filename)
+            if size < offset:
+                log.warning("CSVLogger: %s holds %d bytes, the snapshot expected %d; appending to what is there",
+                            self.filename, size, offset)
+            elif size > offset:
+                with open(self.filename, "r+b") as f:
+                    f.truncate(offset)
+                    os.fsync(f.fileno())
+            return
+        # A snapshot of an older corebus holds the last epoch only: keep rows up to it.
+        last_epoch = resume.get("last_epoch")
         with open(self.filename, newline="") as f:
             lines = f.readlines()
         keep = lines[:1] + [
@@ -115,12 +149,17 @@ class CSVLogger:
             f.writelines(keep)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"keys": self.keys, "last_epoch": self._last_epoch}
+        # offset: the file's length after the last row of the snapshot; a resume cuts it there.
+        return {"keys": self.keys, "last_epoch": self._last_epoch, "offset": self._offset}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = {"keys": state.get("keys"), "last_epoch": state.get("last_epoch")}
+        offset = state.get("offset")
+        if offset is not None and (not isinstance(offset, int) or isinstance(offset, bool) or offset < 0):
+            raise ValueError(f"CSVLogger: the snapshot's file offset {offset!r} is not a byte count")
+        self._resume = {"keys": state.get("keys"), "last_epoch": state.get("last_epoch"), "offset": offset}
         self.keys = self._resume["keys"]
         self._last_epoch = self._resume["last_epoch"]
+        self._offset = offset
 
 
 def _handle_value(value: Any) -> Any:
