@@ -25,8 +25,13 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .errors import ConfigError
 
-    run_demo(epochs=args.epochs, batch_size=args.batch_size, verbose=args.verbose, root=args.root)
+    try:
+        run_demo(epochs=args.epochs, batch_size=args.batch_size, verbose=args.verbose, root=args.root)
+    except ConfigError as exc:  # missing extras, bad input: one line, not a traceback
+        print(f"corebus demo: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,11 +2,87 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
+import re
 import time
 from pathlib import Path
 
+from .bus import hookimpl
+from .errors import ConfigError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEMO_EXTRAS = ("tensorboard", "mlflow", "wandb", "report")  # the optional parts the demo's stack uses
+
+
+def missing_extras(extras: tuple[str, ...] = DEMO_EXTRAS) -> list[str]:
+    """The extras among ``extras`` with a package that does not import, read from corebus's own
+    requirements (``matplotlib>=3.5; extra == "report"``), without importing any of them."""
+    missing = []
+    for requirement in importlib.metadata.requires("corebus") or []:
+        marker = re.search(r"""extra\s*==\s*["']([\w-]+)["']""", requirement)
+        if marker is None or marker.group(1) not in extras or marker.group(1) in missing:
+            continue
+        module = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).replace("-", "_").lower()
+        if importlib.util.find_spec(module) is None:
+            missing.append(marker.group(1))
+    return sorted(missing, key=extras.index)
+
+
+def check_demo_extras() -> None:
+    """One error naming every missing extra and the one pip command, before anything is built."""
+    missing = missing_extras()
+    if missing:
+        raise ConfigError(
+            f"the demo's plugin stack needs the optional extras {', '.join(missing)}, which are not installed. "
+            f'Install them with: pip install "corebus[{",".join(missing)}]"   (or "corebus[all]")')
+
+
+class PhaseClock:
+    """Splits a fit's time into the training steps and the work between them: validation and every
+    plugin's epoch-end and end-of-run work (checkpoints, report, loggers). Its hooks run first."""
+
+    def __init__(self) -> None:
+        self.epochs: list[tuple[int, float]] = []  # (training steps, their seconds) per epoch
+        self.first_begin: float | None = None
+        self._began: tuple[float, int] | None = None
+
+    @hookimpl(tryfirst=True)
+    def on_epoch_begin(self, trainer) -> None:
+        now = time.perf_counter()
+        self.first_begin = self.first_begin or now
+        self._began = (now, trainer.global_step)
+
+    @hookimpl(tryfirst=True)
+    def on_test_begin(self, trainer) -> None:
+        self._steps_done(trainer)
+
+    @hookimpl(tryfirst=True)
+    def on_epoch_end(self, trainer) -> None:
+        self._steps_done(trainer)
+
+    def _steps_done(self, trainer) -> None:
+        if self._began is not None:  # validation ends an epoch's steps; on_epoch_end does without it
+            started, step = self._began
+            self.epochs.append((trainer.global_step - step, time.perf_counter() - started))
+            self._began = None
+
+    def lines(self, fit_seconds: float, fit_started: float) -> list[str]:
+        """The summary's time lines: training speed apart from epoch-end work."""
+        steps = sum(n for n, _ in self.epochs)
+        training = sum(t for _, t in self.epochs)
+        start = (self.first_begin or fit_started) - fit_started
+        later = self.epochs[1:] or self.epochs  # the first epoch also traces the compiled step
+        later_steps, later_seconds = sum(n for n, _ in later), sum(t for _, t in later)
+        speed = later_steps / later_seconds if later_seconds > 0 else float("nan")
+        which = "epochs after the first, which also traces the compiled step" if len(self.epochs) > 1 else "one epoch"
+        return [
+            f"time: {fit_seconds:.1f}s = training steps {training:.1f}s + epoch-end work "
+            f"{fit_seconds - training - start:.1f}s (validation, checkpoints, report, loggers) + start {start:.1f}s",
+            f"training speed: {speed:.0f} steps/s ({steps} steps; measured over the {which})",
+        ]
 
 
 def load_digits_split(seed: int = 0):
@@ -72,17 +148,19 @@ def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int) -> list:
 def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str | Path = "corebus-runs") -> dict:
     import math
 
+    check_demo_extras()
     import corebus
 
     (x_train, y_train), (x_test, y_test) = load_digits_split()
     run_dir = Path(root).resolve() / time.strftime("demo-%Y%m%d-%H%M%S")
     steps_per_epoch = math.ceil(len(x_train) * 0.9 / batch_size)
+    clock = PhaseClock()
     trainer = corebus.Trainer(
         digits_mlp(),
         optimizer="adam",
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        plugins=demo_plugins(run_dir, steps_per_epoch, epochs),
+        plugins=[*demo_plugins(run_dir, steps_per_epoch, epochs), ("phase_clock", clock)],
         seed=0,
         profile=True,
     )
@@ -96,7 +174,7 @@ def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str
     seconds = time.perf_counter() - start
     profile = trainer.bus.profile_report()  # evaluate() below runs with a bus of its own
     test = trainer.evaluate(x_test, y_test, verbose=0, return_dict=True)
-    _print_summary(history, trainer, seconds, test)
+    _print_summary(history, trainer, clock.lines(seconds, start), test)
     _print_overhead(profile)
     checkpoints = sorted((run_dir / "checkpoints").glob("*.h5"))
     print(f"\nwritten under {run_dir}:")
@@ -120,7 +198,7 @@ def history_plugins(trainer) -> dict:
     return dict(trainer._plugins)
 
 
-def _print_summary(history, trainer, seconds: float, test: dict) -> None:
+def _print_summary(history, trainer, time_lines: list[str], test: dict) -> None:
     keys = list(history.history)
     header = ["epoch"] + keys
     rows = [[str(e + 1)] + [f"{history.history[k][i]:.4f}" for k in keys] for i, e in enumerate(history.epoch)]
@@ -133,10 +211,9 @@ def _print_summary(history, trainer, seconds: float, test: dict) -> None:
     for row in rows:
         print(" | ".join(cell.rjust(w) for cell, w in zip(row, widths)))
     print(line)
-    steps = trainer.global_step
     stopper = history_plugins(trainer).get("early_stopping")
     if stopper is not None and stopper.best_epoch is not None:
         print(f"early stopping: best epoch {stopper.best_epoch + 1} (val_loss {stopper.best:.4f}); "
               f"stopped at epoch {stopper.stopped_epoch + 1 if stopper.stopped_epoch else '-'}")
-    print(f"steps: {steps}   time: {seconds:.1f}s   steps/s: {steps / seconds:.0f}")
+    print("\n".join(time_lines))
     print("test: " + "   ".join(f"{k}={v:.4f}" for k, v in test.items()))

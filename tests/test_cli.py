@@ -33,6 +33,7 @@ def test_demo_trains_with_the_plugin_stack_and_prints_a_summary(tmp_path):
     assert "Epoch 3/3" in out and "Summary" in out and "learning_rate" in out
     for name in ("lr_schedule", "reduce_lr_on_plateau", "gradient_clipping", "early_stopping", "checkpoint", "csv_logger", "backup", "progress"):
         assert name in out.split("Epoch 1/3")[0], f"{name} missing from the hook plan"
+    assert "training speed: " in out and "(validation, checkpoints, report, loggers)" in out
     accuracy = float(out.split("test: ")[1].split("accuracy=")[1].split()[0])
     assert accuracy > 0.8, out  # digits is easy: 3 epochs of an MLP reach > 80 %
     (run_dir,) = (tmp_path / "corebus-runs").iterdir()
