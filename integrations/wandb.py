@@ -7,11 +7,18 @@ import os
 import secrets
 import shutil
 import string
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from corebus import LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, InProcessBackend, ConfigError, LogSink, PendingPoints, Spool, check_writable, hookimpl, read_spool, replay_spool, require_module
+from corebus import (LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, PendingPoints, Spool, check_writable, hookimpl,
+                     read_spool, replay_spool, require_module)
+
+try:  # the SDK in a child process; without it, the SDK runs on the sink's worker thread
+    from corebus import BackendProcess
+except ImportError:  # pragma: no cover - depends on the core's version
+    BackendProcess = None
 
 log = logging.getLogger("corebus")
 
@@ -36,6 +43,13 @@ class WandbLogger:
       ``run_<id>_model`` (aliases ``latest``, ``step_<N>``);
     - alerts (``on_alert``): ``run.alert`` in online mode, and always a ``summary["alerts"]``
       list (offline, ``run.alert`` would only fire, stale, when the run is synced);
+    - time: each history row's ``_timestamp`` is the wall time its step (or epoch) ended, not
+      when the row reached W&B. W&B measures a run's runtime itself, from ``wandb.init`` to
+      ``finish``, and has no way to set it: so the run starts when the fit does (at the first
+      ``on_epoch_begin``, once a snapshot restore chose the run id) and ``fit`` waits for it,
+      up to ``start_timeout`` seconds, once (W&B's own Keras callbacks need ``wandb.init``
+      before ``fit`` for the same reason); ``finish`` is the fit's end. A start that fails or
+      times out is only logged: the records wait in the sink and its spool;
     - the end: ``finish(exit_code=0)`` on success, ``1`` on an exception, ``255`` on
       ``KeyboardInterrupt`` (the SDK has no "killed" API; 255 is its own Ctrl-C code), and
       ``summary["corebus/status"]`` = ``FINISHED`` / ``FAILED`` / ``KILLED``. Inside
@@ -67,6 +81,7 @@ class WandbLogger:
     :param shutdown_timeout: seconds ``fit`` waits at the end for W&B to take the records.
     :param tags: the run's tags.
     :param isolate_sdk: run the W&B SDK in a child process (default: yes, unless disabled).
+    :param start_timeout: seconds ``fit`` waits at its start for the W&B run to be up.
     """
 
     runs_on = "chief"  # under tf.distribute: one writer, not one per worker
@@ -78,7 +93,7 @@ class WandbLogger:
     def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None,
                  dir: str | os.PathLike | None = None, name: str | None = None, log_every_n_steps: int | None = 10,
                  log_checkpoints: bool = True, shutdown_timeout: float = 30.0, tags: list[str] | None = None,
-                 isolate_sdk: bool | None = None):
+                 isolate_sdk: bool | None = None, start_timeout: float = 60.0):
         require_module("wandb", extra="wandb", what="WandbLogger")
         self.project = project or os.environ.get("WANDB_PROJECT") or "corebus"
         self.entity = entity
@@ -94,8 +109,10 @@ class WandbLogger:
             raise ConfigError(f"WandbLogger: mode={self.mode!r}; use one of {', '.join(MODES)}")
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise ConfigError(f"WandbLogger: log_every_n_steps={log_every_n_steps!r}; use a positive integer or None")
-        if not shutdown_timeout or shutdown_timeout <= 0:
-            raise ConfigError(f"WandbLogger: shutdown_timeout={shutdown_timeout!r}; use a positive number of seconds")
+        for key, value in (("shutdown_timeout", shutdown_timeout), ("start_timeout", start_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"WandbLogger: {key}={value!r}; use a positive number of seconds")
+        self.start_timeout = start_timeout
         self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
         self.run_id: str | None = None
         self._resume_id: str | None = None
@@ -103,9 +120,13 @@ class WandbLogger:
         self._params: dict[str, Any] = {}
         # W&B's client builds a protobuf record per row and runs an asyncio thread: off the
         # training process unless asked (or nothing is written: mode "disabled").
-        self.isolate_sdk = self.mode != "disabled" if isolate_sdk is None else bool(isolate_sdk)
+        if isolate_sdk and BackendProcess is None:
+            raise ConfigError("WandbLogger: isolate_sdk=True needs corebus.BackendProcess, which this corebus "
+                              "lacks; leave isolate_sdk unset to run the SDK in this process")
+        self.isolate_sdk = (self.mode != "disabled" and BackendProcess is not None) if isolate_sdk is None \
+            else bool(isolate_sdk)
         self._sink: LogSink | None = None
-        self._writer: BackendProcess | InProcessBackend | None = None  # the run's _RunWriter, wherever it lives
+        self._writer: Any = None  # the run's _RunWriter behind call()/close(), in a child or here
         self._started = False
         self._points = PendingPoints()
 
@@ -113,7 +134,7 @@ class WandbLogger:
         return {"project": self.project, "entity": self.entity, "mode": self.mode, "dir": self.dir,
                 "name": self.name, "tags": self.tags, "log_every_n_steps": self.log_every_n_steps,
                 "log_checkpoints": self.log_checkpoints, "shutdown_timeout": self.shutdown_timeout,
-                "isolate_sdk": self.isolate_sdk}
+                "isolate_sdk": self.isolate_sdk, "start_timeout": self.start_timeout}
 
     # ---------------------------------------------------------------- hooks (training thread)
 
@@ -133,6 +154,14 @@ class WandbLogger:
         self._resumed_step = step
 
     @hookimpl
+    def on_epoch_begin(self) -> None:
+        # The first hook after every on_train_begin (a snapshot restore has chosen the run id):
+        # W&B's runtime clock starts at wandb.init, so the run starts with the fit.
+        if self._started and self._sink is None:
+            self._open_sink()
+            self._start_run()
+
+    @hookimpl
     def on_log_steps(self, records: list[Any]) -> None:
         if self.batch_log_cadence is None:
             return
@@ -145,6 +174,7 @@ class WandbLogger:
     def on_log(self, trainer: Any, step: int, logs: Any) -> None:  # epoch records (batch ones: on_log_steps)
         values = {f"epoch/{k}": float(v) for k, v in logs.items()}
         values["epoch/epoch"] = trainer.epoch
+        values["_timestamp"] = time.time()
         self._put({"type": "log", "step": int(step), "values": values})
 
     @hookimpl
@@ -182,22 +212,49 @@ class WandbLogger:
     # ---------------------------------------------------------------- delivery
 
     def _hand_over_points(self) -> None:
-        for step, _, values in self._points.take():
-            self._put({"type": "log", "step": step, "values": {f"batch/{name}": v for name, v in values.items()}})
+        for step, ms, values in self._points.take():
+            values = {f"batch/{name}": v for name, v in values.items()}
+            values["_timestamp"] = ms / 1000  # when the step ran, not when W&B gets the row
+            self._put({"type": "log", "step": step, "values": values})
 
     def _put(self, record: dict[str, Any], points_first: bool = True) -> None:
         if points_first and self._points:  # keep the order: points logged before go first (W&B steps only grow)
             self._hand_over_points()
         if self._sink is None:
-            header = {"plugin": "wandb", "config": {**self.get_config(), "run_id": self.run_id}}
-            spool = Spool(Path(self.dir) / f"wandb-{self.run_id}.spool.jsonl", header)
-            settings = self._writer_settings()
-            self._writer = (BackendProcess(_RunWriter, **settings) if self.isolate_sdk else
-                            InProcessBackend(_RunWriter(**settings)))
-            self._sink = LogSink("wandb", self._send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
-                                 shutdown_timeout=self.shutdown_timeout)
-            self._sink.put({"type": "config", "values": self._params, "resumed_step": self._resumed_step})
+            self._open_sink()
         self._sink.put(record)
+
+    def _open_sink(self) -> None:
+        header = {"plugin": "wandb", "config": {**self.get_config(), "run_id": self.run_id}}
+        spool = Spool(Path(self.dir) / f"wandb-{self.run_id}.spool.jsonl", header)
+        settings = self._writer_settings()
+        self._writer = BackendProcess(_RunWriter, **settings) if self.isolate_sdk else _InThread(_RunWriter(**settings))
+        self._sink = LogSink("wandb", self._send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
+                             shutdown_timeout=self.shutdown_timeout)
+        self._sink.put({"type": "config", "values": self._params, "resumed_step": self._resumed_step})
+
+    def _start_run(self) -> None:
+        """``wandb.init`` now, waiting up to ``start_timeout`` (on a helper thread, so a hung
+        start cannot hold the fit longer); the sink's first send retries a failed start."""
+        writer, failure = self._writer, []
+
+        def start() -> None:
+            try:
+                writer.call("open")
+            except Exception as exc:  # the sink retries and spools; training goes on
+                failure.append(exc)
+
+        began = time.perf_counter()
+        thread = threading.Thread(target=start, name="corebus-wandb-start", daemon=True)
+        thread.start()
+        thread.join(self.start_timeout)
+        if thread.is_alive():
+            log.warning("WandbLogger: the W&B run did not start within %.0f s; training goes on, its records "
+                        "wait for it", self.start_timeout)
+        elif failure:
+            log.warning("WandbLogger: the W&B run could not start (%s); its records wait in the spool", failure[0])
+        else:
+            log.info("WandbLogger: run %s started in %.2f s", self.run_id, time.perf_counter() - began)
 
     def _end(self, exit_code: int, status: str, error: str | None = None) -> None:
         if not self._started:  # fit failed before this plugin's on_train_begin: no run to end
@@ -268,13 +325,19 @@ class _RunWriter:
                          "tags": tags or None, "id": run_id, "settings": wandb.Settings(**process)}
         self.run_id, self.mode, self.dir = run_id, mode, dir
         self.run: Any = None
+        self._lock = threading.Lock()  # the start helper and the sink's worker may both open
+
+    def open(self) -> None:
+        """Start the run now (its runtime counts from here)."""
+        self._open()
 
     def _open(self) -> Any:
-        if self.run is None:
-            start = time.perf_counter()
-            self.run = self._wandb.init(**self.settings, resume="allow", reinit="create_new")
-            log.info("WandbLogger: wandb.init took %.2f s (run %s)", time.perf_counter() - start, self.run_id)
-        return self.run
+        with self._lock:
+            if self.run is None:
+                start = time.perf_counter()
+                self.run = self._wandb.init(**self.settings, resume="allow", reinit="create_new")
+                log.info("WandbLogger: wandb.init took %.2f s (run %s)", time.perf_counter() - start, self.run_id)
+            return self.run
 
     def send(self, records: list[dict[str, Any]]) -> None:
         for record in records:
@@ -314,6 +377,20 @@ class _RunWriter:
         run.log_artifact(artifact, aliases=["latest", f"step_{record['step']}"])
         if record["staged"]:
             path.unlink(missing_ok=True)  # add_file copied it into W&B's own staging area
+
+
+class _InThread:
+    """The writer's ``call``/``close`` interface in this process (the sink's worker thread
+    calls it), where a test can patch ``wandb``."""
+
+    def __init__(self, writer: _RunWriter):
+        self.writer = writer
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.writer, method)(*args)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Nothing to stop."""
 
 
 def _program() -> str | None:

@@ -389,3 +389,51 @@ def test_the_sdk_runs_in_a_child_process_by_default(wandb_env, mocker, monkeypat
     # (which, left alone, says "<python with no main file>").
     assert run.environment.program == "train.py" or run.environment.program.endswith("/train.py")
     assert run.environment.executable == sys.executable
+
+
+class SlowSteps:
+    """Makes each train call take ``seconds`` longer, and notes when each step and epoch ended."""
+
+    def __init__(self, seconds):
+        self.seconds, self.step_times, self.epoch_times = seconds, {}, {}
+        self.first_batch = None
+
+    @hookimpl
+    def on_train_batch_begin(self):
+        self.first_batch = self.first_batch or time.time()
+
+    @hookimpl
+    def on_train_batch_end(self):
+        time.sleep(self.seconds)
+
+    @hookimpl
+    def on_log_steps(self, records):
+        self.step_times.update({record.step: record.time for record in records})
+
+    @hookimpl
+    def on_epoch_end(self, epoch):
+        self.epoch_times[epoch] = time.time()
+
+
+def test_rows_carry_their_steps_wall_time_and_the_runtime_is_the_fits(wandb_env):
+    x, y = tiny_data(N)
+    logger = WandbLogger(log_every_n_steps=1)
+    slow = SlowSteps(0.1)
+    began = time.time()
+    make_trainer([logger, slow]).fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+    ended = time.time()
+
+    run = only_run(wandb_env, logger.run_id)
+    stamps = {row["_step"]: row["_timestamp"] for row in run.history}
+    assert sorted(stamps) == sorted(slow.step_times) == list(range(1, 37))
+    for step, stamp in stamps.items():
+        if step % 12:  # a step's own row: the time its call ended (to the millisecond)
+            assert stamp == pytest.approx(slow.step_times[step], abs=2e-3)
+        else:  # the epoch's values joined the row of its last step: the epoch's end
+            assert stamp == pytest.approx(slow.epoch_times[step // 12 - 1], abs=0.5)
+    # Spread over the fit (36 calls of >= 0.1 s), not bunched at delivery.
+    assert stamps[35] - stamps[1] >= 3.4
+    # The W&B run starts with the fit, before its first batch (fit waited for it), and
+    # finishes with it: W&B counts its runtime (whole seconds) from wandb.init to finish.
+    assert began <= run.start_time <= slow.first_batch
+    assert slow.epoch_times[2] - run.start_time - 1 <= run.runtime <= ended - run.start_time + 1

@@ -84,6 +84,8 @@ class WandbRun:
     alerts: list[Any] = field(default_factory=list)
     environment: Any = None  # the environment records merged (program, python, host...)
     exit_code: int | None = None
+    start_time: float | None = None  # when wandb.init began (time.time())
+    runtime: int | None = None  # whole seconds from wandb.init to finish, as W&B measured them
 
     def metric(self, key: str) -> dict[int, Any]:
         """``{step: value}`` of one history key."""
@@ -112,6 +114,7 @@ def _fold(path: str | Path) -> WandbRun:
         if kind == "run":
             run.run_id, run.project = record.run.run_id, record.run.project
             run.name, run.tags = record.run.display_name, list(record.run.tags)
+            run.start_time = record.run.start_time.ToMicroseconds() / 1e6
             for item in record.run.config.update:
                 run.config[_key(item)] = json.loads(item.value_json)
         elif kind == "config":
@@ -134,7 +137,7 @@ def _fold(path: str | Path) -> WandbRun:
                 run.environment = type(record.environment)()
             run.environment.MergeFrom(record.environment)
         elif kind == "exit":
-            run.exit_code = record.exit.exit_code
+            run.exit_code, run.runtime = record.exit.exit_code, record.exit.runtime
     return run
 
 
