@@ -7,8 +7,7 @@
 (a2) (a) again, between (b) and (c): a control, whose ratio to (a) is the noise floor of the
     machine the benchmark runs on (it read 0.978 and 1.046 in two 20-30-round runs here)
 (b2) (b) with MLflow's client in a child process (``isolate_sdk=True``) instead of on the
-    sink's worker thread, where it shares the interpreter lock with training (runs 7-11 of
-    benchmarks/runs/ had the child as (b) and this process as (b1))
+    sink's worker thread, where it shares the interpreter lock with training
 
 Digits MLP 64-256-256-10, batch 64, Adam, ``--epochs`` (29 steps each); ``--repeats`` rounds,
 variants in alternating order (abc, cba, ...), ratios are medians of the per-round ratios to (a). Three rates:
@@ -18,18 +17,16 @@ step, as ``bench_loggers``), the whole loop (adds the run's creation, a one-off 
 by the server), and the whole ``fit`` (adds the final drain: last points, status).
 Target for (b)/(a): >= 0.97.
 
-Where (b)'s cost goes, measured on a 2-core machine: the hook takes ~20 us per step on the
-training thread; the sink's worker thread sends the points as plain-JSON ``log-batch`` requests
-(~35 us per step); the server, on the same 2 cores, spends 100-200 us of CPU per metric point
-in its ORM inserts, which a remote server would not take from training. ``--server-own-core``
+Where (b)'s cost goes: the hook takes ~20 us per step on the training thread; the sink's worker
+thread sends the points with ``MlflowClient.log_batch`` (protobuf messages, ~44 us of CPU per
+point); the server, on the same cores, spends 100-200 us of CPU per metric point in its ORM
+inserts, which a remote server would not take from training. ``--server-own-core``
 runs the server on the last CPU and training on the others, in every variant, so the ratio is
 the client's own cost; ``--server-nice 19`` keeps the shared cores but runs the server at the
 lowest priority.
-``--decompose`` adds three variants that split (b)'s cost: (d) a plugin whose ``on_log`` runs
+``--decompose`` adds two variants that split (b)'s cost: (d) a plugin whose ``on_log`` runs
 every step and does nothing (the engine's per-step logging path), (e) a plugin that takes every
-step's record in bulk and reads its values as the loggers do (``on_log_steps``, no sink), (f) ``MLflowLogger`` every step whose metric requests go to
-``ack_server.py``, which acknowledges without storing (the client's whole cost, none of the
-server's CPU).
+step's record in bulk and reads its values as the loggers do (``on_log_steps``, no sink).
 Run: ``python benchmarks/bench_mlflow.py [--server-own-core | --server-nice 19] [--decompose]``.
 """
 
@@ -38,9 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from bench_engine import BATCH, load_data  # noqa: E402
 from bench_loggers import StepClock, delivered  # noqa: E402
-from mlflow_server import MlflowServer, free_port  # noqa: E402
+from mlflow_server import MlflowServer  # noqa: E402
 
 import corebus  # noqa: E402
 from results import record  # noqa: E402
@@ -109,47 +104,6 @@ class HoldAndRead:
         self.read += len(self.points.take())
 
 
-class TakeInBulk:
-    """(g, time-shared only): every step's record taken in bulk and dropped unread: the step
-    values computed in the step and the records kept, without the reads of (e)."""
-
-    batch_log_cadence = Cadence.every_n(1)
-    sink = _Up()
-
-    @hookimpl
-    def on_log_steps(self, records):
-        pass
-
-
-def ack_server(cpus):
-    """``(process, uri)`` of ``ack_server.py`` on a free port, on ``cpus`` when given."""
-    port = free_port()
-    command = [sys.executable, str(Path(__file__).with_name("ack_server.py")), str(port)]
-    if cpus:
-        command = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] + command
-    process = subprocess.Popen(command)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return process, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("ack_server.py did not start")
-
-
-def send_metrics_to(mlflow_logger, uri: str) -> None:
-    """Only ``mlflow_logger``'s metric requests go to ``uri``: the run, params and status still
-    go to its tracking server."""
-    from mlflow.tracking._tracking_service.utils import get_default_host_creds
-
-    from corebus.integrations.mlflow import _direct_target
-
-    rest = mlflow_logger._writer._rest
-    rest._creds = get_default_host_creds(uri)
-    rest._direct = _direct_target(rest._creds)
-
-
 def run(x, y, epochs, plugins):
     """``(steps, steady-state steps/s, steps/s of the loop, steps/s of the fit)``.
 
@@ -177,7 +131,7 @@ def main(argv=None):
                         help="run the server on the last CPU and training on the others, as a server on "
                              "another machine: the ratio is then the client's own cost")
     parser.add_argument("--decompose", action="store_true",
-                        help="add variants (d)-(f) that split the every-step cost (module docstring)")
+                        help="add variants (d)-(e) that split the every-step cost (module docstring)")
     args = parser.parse_args(argv)
     server_cpus = None
     if args.server_own_core:
@@ -189,14 +143,10 @@ def main(argv=None):
     root = Path(tempfile.mkdtemp(prefix="corebus-bench-mlflow-"))
     server = MlflowServer(root, workers=None, niceness=args.server_nice, cpus=server_cpus)
     server.start()
-    acknowledger = None
     try:
-        def logger(every, metrics_to=None, isolate_sdk=None):
-            mlflow_logger = MLflowLogger(tracking_uri=server.uri, experiment_name="bench", log_every_n_steps=every,
-                                         dir=root / "spool", isolate_sdk=isolate_sdk)
-            if metrics_to:
-                send_metrics_to(mlflow_logger, metrics_to)
-            return mlflow_logger
+        def logger(every, isolate_sdk=None):
+            return MLflowLogger(tracking_uri=server.uri, experiment_name="bench", log_every_n_steps=every,
+                                dir=root / "spool", isolate_sdk=isolate_sdk)
 
         run(x, y, 2, [])  # warm-up: tracing, the store's first writes, MLflow's lazy imports
         run(x, y, 2, [logger(1)])
@@ -204,10 +154,8 @@ def main(argv=None):
         variants = {NONE: lambda: [], EVERY_STEP: lambda: [logger(1)], CONTROL: lambda: [],
                     EVERY_10: lambda: [logger(10)], ISOLATED: lambda: [logger(1, isolate_sdk=True)]}
         if args.decompose:
-            acknowledger, ack_uri = ack_server(server_cpus)
             variants.update({"(d) on_log every step, doing nothing": lambda: [OnLogEveryStep()],
-                             "(e) every step's record taken in bulk and read": lambda: [HoldAndRead()],
-                             "(f) (b) to a server that only acknowledges": lambda: [logger(1, ack_uri)]})
+                             "(e) every step's record taken in bulk and read": lambda: [HoldAndRead()]})
         rates = {name: [] for name in variants}
         sends = []
         for repeat in range(args.repeats):
@@ -230,8 +178,6 @@ def main(argv=None):
                     assert plugin.read >= steps, plugin.read  # every step's values were read
     finally:
         server.stop()
-        if acknowledger is not None:
-            acknowledger.kill()
     print(f"{steps} steps per run, {args.repeats} rounds; every step: {statistics.median(s for s, _ in sends):.1f} "
           f"MLflow sends/s, {statistics.median(t for _, t in sends) * 1e3:.0f} ms each")
     base = rates[NONE]

@@ -8,33 +8,25 @@ under ``dir`` (``corebus sync <dir>`` replays them later). Nothing global of MLf
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import http.client
-import json
+import inspect
 import logging
 import os
-import posixpath
-import re
 import shutil
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink,
-                     RetryLater, Spool, check_writable, hookimpl, PendingPoints, read_spool, replay_spool,
-                     require_module)
+                     PendingPoints, Spool, check_writable, hookimpl, read_spool, replay_spool, require_module)
+
+from .mlflow_writer import (MAX_TAG, _Writer, clean_key, flatten, local_artifact_location, mlflow_env,
+                            redact_uri_secrets, safe_uri)
 
 log = logging.getLogger("corebus")
 
-RUN_KEY_TAG = "corebus.run_key"  # names the run across retries, resumes and `corebus sync`
-MAX_KEY, MAX_PARAM, MAX_TAG = 250, 6000, 8000  # MLflow's limits (mlflow.utils.validation)
-# MLflow's HTTP client retries a dead server for ~4 minutes by default; the sink retries instead.
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
+__all__ = ["MLflowLogger"]
+LOG_CHECKPOINTS = ("kept", "all", False)
 
 
 class MLflowLogger:
@@ -51,50 +43,58 @@ class MLflowLogger:
         of N (exact under ``steps_per_execution``); ``None`` logs epoch metrics only.
     :param dir: where the spool and the files waiting for upload live.
     :param log_model: at the end of training upload the model as ``model/model.keras``.
+    :param log_checkpoints: ``"kept"`` (default): upload every checkpoint announced by
+        ``on_checkpoint_saved`` and remove from the run the ones the checkpoint plugin deleted
+        since (its ``save_top_k``), so the run holds what the disk holds; ``"all"``: upload
+        every one and keep it; ``False``: upload none.
+    :param artifact_location: where the experiment keeps its artifacts, used when this logger
+        creates the experiment. Default: beside a sqlite store (``<store dir>/mlartifacts/
+        <experiment>``), never ``./mlruns`` of the working directory; a file store keeps them
+        inside itself and a tracking server decides on its side.
     :param shutdown_timeout: seconds ``fit`` waits at the end for delivery; the rest stays
         in the spool.
     :param tags: run tags.
-    :param isolate_sdk: run MLflow's client in a child process. Default: yes for a local
-        store, no for a tracking server (below). ``False`` keeps it in this process, on the
-        sink's worker thread (where a test can patch ``mlflow``).
+    :param isolate_sdk: run MLflow's client in a child process (default: no).
 
     Naming: batch metrics under their Keras names (``loss``) at the global optimizer step (the
-    learning rate per epoch only: MLflow stores every point); epoch metrics as ``epoch/<name>`` (``epoch/val_loss``, ``epoch/learning_rate``...) at the
-    global step the epoch ended on, beside an ``epoch`` metric (0-based index) so a chart can
-    use either axis. Params are ``trainer.run_params()`` flattened with dots
-    (``fit.epochs``, ``optimizer.default.learning_rate``, ``plugins.<name>.<param>``), secrets
-    redacted, values cut to 6000 characters. Checkpoints go to ``checkpoints/`` as they are
-    announced (``on_checkpoint_saved``); the file is hard-linked first, so a checkpoint rotated
-    away before the upload still arrives. Metric points are handed to the sink every
-    ``corebus.LOGGER_FLUSH_SECONDS`` (2 s; one MLflow request then instead of one per step), so
-    a dashboard trails training by up to a few seconds.
+    learning rate per epoch only: MLflow stores every point); epoch metrics as
+    ``epoch/<name>`` (``epoch/val_loss``, ``epoch/learning_rate``...) at the global step the
+    epoch ended on, beside an ``epoch`` metric (0-based index) so a chart can use either axis.
+
+    Params are configuration only: ``trainer.run_params()`` flattened with dots
+    (``fit.epochs``, ``optimizer.default.learning_rate``, ``optimizer.default.name``,
+    ``plugins.<name>.<param>``: a plugin's ``get_config()``, else the attributes named like its
+    constructor's parameters, never its running state), plus ``model.loss``,
+    ``model.metrics`` and the model's ``model.total_params`` / ``model.trainable_params`` /
+    ``model.non_trainable_params`` (what ``mlflow.tensorflow.autolog`` records in its model
+    summary); secrets redacted, values cut to 6000 characters.
+
+    Checkpoints go to ``checkpoints/`` as they are announced; the file is hard-linked first, so
+    a checkpoint rotated away before the upload still arrives. Metric points are handed to the
+    sink every ``corebus.LOGGER_FLUSH_SECONDS`` (2 s), so a dashboard trails training by up to
+    a few seconds. Everything is sent with ``MlflowClient`` (``log_batch``, which splits into
+    MLflow's per-request limits) on the sink's worker thread: every backend MLflow supports works.
 
     Alerts (``on_alert``, e.g. from ``stall_alert``) become run tags: ``corebus.alert.<kind>``
     holds the latest of each kind with its text, ``corebus.alerts`` one line per alert.
 
-    Status: FINISHED at the end of ``fit``; FAILED when it raises; KILLED on
-    ``KeyboardInterrupt``. Inside ``model.fit`` Keras has no exception hook, so the status is
-    set at ``on_train_end`` only: a crash there leaves the run RUNNING until the same logger's
-    next ``fit`` marks it FAILED. A run restored from a
-    snapshot (``state_dict`` holds the run) continues the same MLflow run; steps the
-    interrupted process had already logged are not logged twice. Each metric lands once per
-    (key, step) after an outage too: records of a failed request are checked against the
-    server before they are sent again.
-
-    With a local store (sqlite, files) MLflow's client does the storage work itself, in
-    SQLAlchemy, about 0.4 ms of CPU per metric point: it runs in a child process at lower CPU
-    priority (:class:`corebus.BackendProcess`), never on the interpreter lock the training
-    loop needs. To a tracking server it spends 6-8 ms of Python per 1,000 points (points go
-    out as plain JSON, not through the client's protobuf path), on the sink's worker thread by
-    default: a child measured no faster there in steady state (1.01 of the in-process rate,
-    95 % interval 0.98-1.05) and its start-up takes 2-3 s of CPU to import MLflow again.
+    Status: FINISHED at the end of ``fit``; FAILED when it raises; KILLED when it is stopped
+    (``KeyboardInterrupt``, ``SystemExit``). Inside ``model.fit`` Keras has no exception hook,
+    so the status is set at ``on_train_end`` only: a crash there leaves the run RUNNING until
+    the same logger's next ``fit`` marks it FAILED. A run restored from a snapshot
+    (``state_dict`` holds the run) continues the same MLflow run; steps the interrupted
+    process had already logged are not logged twice. Each metric lands once per (key, step)
+    after an outage too: the points of a failed request are checked against the run's history
+    before they are sent again.
 
     For an ``http(s)`` tracking URI, while a run is open this sets
     ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``, ``MLFLOW_HTTP_REQUEST_TIMEOUT=10`` and
     ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=0`` unless you set them yourself (MLflow reads them per
-    request and has no per-client setting), and removes them at the end. Credentials in the URI
-    are not written to params or the spool: use ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``.
-    Only the chief logs under ``tf.distribute``.
+    request and has no per-client setting; the sink retries instead), and removes them at the
+    end. A password in the URI (``http://user:PASS@host``) is shown as ``***`` in params,
+    warnings and the spool, and MLflow's own "View run at" line (which would print it) is
+    suppressed with ``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``; ``corebus sync`` then needs
+    ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``. Only the chief logs under ``tf.distribute``.
     """
 
     runs_on = "chief"  # under tf.distribute: one writer, not one per worker
@@ -114,6 +114,8 @@ class MLflowLogger:
         shutdown_timeout: float = 30.0,
         tags: dict[str, Any] | None = None,
         isolate_sdk: bool | None = None,
+        log_checkpoints: str | bool = "kept",
+        artifact_location: str | None = None,
     ):
         mlflow = require_module("mlflow", extra="mlflow", what="MLflowLogger")
         if log_every_n_steps is not None and (
@@ -123,6 +125,13 @@ class MLflowLogger:
                               "or None for epoch metrics only")
         if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
             raise ConfigError(f"MLflowLogger: shutdown_timeout={shutdown_timeout!r} must be a number of seconds >= 0")
+        if log_checkpoints is not False and (not isinstance(log_checkpoints, str) or log_checkpoints not in LOG_CHECKPOINTS):
+            raise ConfigError(f'MLflowLogger: log_checkpoints={log_checkpoints!r}; use "kept" (the files the '
+                              'checkpoint plugin keeps), "all" or False')
+        if artifact_location is not None and (not isinstance(artifact_location, (str, os.PathLike))
+                                              or not os.fspath(artifact_location)):
+            raise ConfigError(f"MLflowLogger: artifact_location={artifact_location!r}; use a path or URI "
+                              "(e.g. 's3://bucket/corebus'), or None")
         self.tracking_uri = str(tracking_uri or mlflow.get_tracking_uri())
         if self.tracking_uri.startswith("sqlite:///") and not self.tracking_uri[10:].startswith("/"):
             # absolute, so `corebus sync` run from another directory finds the same database
@@ -133,12 +142,16 @@ class MLflowLogger:
         self.dir = os.path.abspath(os.fspath(dir))
         check_writable(self.dir, "MLflowLogger")
         self.log_model = bool(log_model)
+        self.log_checkpoints = log_checkpoints
+        self.artifact_location = (_absolute_location(os.fspath(artifact_location)) if artifact_location is not None
+                                  else local_artifact_location(self.tracking_uri, self.experiment_name))
         self.shutdown_timeout = float(shutdown_timeout)
-        self.tags = {_clean_key(k): str(v)[:MAX_TAG] for k, v in (tags or {}).items()}
+        self.tags = {clean_key(k): str(v)[:MAX_TAG] for k, v in (tags or {}).items()}
         self.sink: LogSink | None = None
         self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
-        self._writer = _Writer(self.tracking_uri, self.experiment_name, run_name)
-        self.isolate_sdk = not _is_server(self.tracking_uri) if isolate_sdk is None else bool(isolate_sdk)
+        self._writer = _Writer(self.tracking_uri, self.experiment_name, run_name,
+                               artifact_location=self.artifact_location)
+        self.isolate_sdk = bool(isolate_sdk)
         self._backend: BackendProcess | InProcessBackend | None = None  # where self._writer's sends run
         self._key: str | None = None
         self._restored = False
@@ -149,6 +162,7 @@ class MLflowLogger:
         # client (GIL time) and the server far more than its payload does.
         self._points = PendingPoints()
         self._staged = 0
+        self._uploaded: set[str] = set()  # checkpoint files uploaded and not yet seen deleted ("kept")
         self._early_alerts: list[dict[str, Any]] = []
 
     @property
@@ -157,10 +171,11 @@ class MLflowLogger:
         return self._writer.run_ids.get(self._key) if self._key else None
 
     def get_config(self) -> dict[str, Any]:
-        return {"tracking_uri": _safe_uri(self.tracking_uri), "experiment_name": self.experiment_name,
+        return {"tracking_uri": safe_uri(self.tracking_uri), "experiment_name": self.experiment_name,
                 "run_name": self.run_name, "log_every_n_steps": self.log_every_n_steps, "dir": self.dir,
-                "log_model": self.log_model, "shutdown_timeout": self.shutdown_timeout, "tags": self.tags,
-                "isolate_sdk": self.isolate_sdk}
+                "log_model": self.log_model, "log_checkpoints": self.log_checkpoints,
+                "artifact_location": self.artifact_location and safe_uri(self.artifact_location),
+                "shutdown_timeout": self.shutdown_timeout, "tags": self.tags, "isolate_sdk": self.isolate_sdk}
 
     # ---------------------------------------------------------------- hooks (training thread)
 
@@ -171,7 +186,8 @@ class MLflowLogger:
             self._finish("FAILED")
         if not self._restored:
             self._key = uuid.uuid4().hex
-        self._params = trainer.run_params()
+            self._uploaded = set()
+        self._params = run_params(trainer)
         self._points = PendingPoints()
         # The run is opened at the first event, not here: a snapshot restored later in
         # on_train_begin (BackupAndRestore) may still hand us the interrupted run to continue.
@@ -213,11 +229,15 @@ class MLflowLogger:
 
     @hookimpl
     def on_checkpoint_saved(self, filepath):
-        if self._ready():
-            self._put("artifact", path=str(self._stage(filepath)), artifact_path="checkpoints")
+        if self.log_checkpoints is False or not self._ready():
+            return
+        self._forget_deleted()
+        self._put("artifact", path=str(self._stage(filepath)), artifact_path="checkpoints")
+        if self.log_checkpoints == "kept":
+            self._uploaded.add(os.path.abspath(filepath))
 
     # trylast: other plugins' on_train_end / on_exception may still announce a checkpoint
-    # (background writes are announced when they finish) or log; the run closes after them.
+    # (background writes are announced when they finish), delete one or log; the run closes after them.
     @hookimpl(trylast=True)
     def on_train_end(self, trainer):
         if not self._ready():
@@ -234,17 +254,21 @@ class MLflowLogger:
     @hookimpl(trylast=True)
     def on_exception(self, exception):
         if self._ready():
-            self._finish("KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED")
+            # a stop request (Ctrl-C, a signal turned into SystemExit) is not a failure
+            self._finish("KILLED" if isinstance(exception, (KeyboardInterrupt, SystemExit)) else "FAILED")
 
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_key": self._key, "run_id": self.run_id}
+        return {"run_key": self._key, "run_id": self.run_id, "checkpoints": sorted(self._uploaded)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._key = state.get("run_key") or uuid.uuid4().hex
         if state.get("run_id"):
             self._writer.run_ids[self._key] = state["run_id"]
+        # Only looked up with os.path.exists, and only their base names are removed from this
+        # run's checkpoints/ folder: a crafted list can do no more than that.
+        self._uploaded = {p for p in state.get("checkpoints") or () if isinstance(p, str)}
         self._restored = True
 
     # ---------------------------------------------------------------- helpers
@@ -256,21 +280,28 @@ class MLflowLogger:
             self._key = self._key or uuid.uuid4().hex
             spool = Spool(Path(self.dir) / f"mlflow-{self._key}.spool.jsonl",
                           {"plugin": "mlflow", "config": self._writer.config()})
-            self._backend = (BackendProcess(_Writer, self.tracking_uri, self.experiment_name, self.run_name)
+            self._backend = (BackendProcess(_Writer, self.tracking_uri, self.experiment_name, self.run_name,
+                                            artifact_location=self.artifact_location)
                              if self.isolate_sdk else InProcessBackend(self._writer))
             self.sink = LogSink(f"mlflow-{self._key[:8]}", self._send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
                                 shutdown_timeout=self.shutdown_timeout)
-            _http_env(self.tracking_uri, +1)
+            mlflow_env(self.tracking_uri, +1)
             self._phase = "open"
             self._put("start", ts=_now_ms(), run_name=self.run_name, tags=self.tags, resumed=resumed)
-            self._put("params", params=_flatten(self._params))
+            self._put("params", params=flatten(self._params))
             while self._early_alerts:
                 self.sink.put({**self._early_alerts.pop(0), "run": self._key})
         return self._phase == "open"
 
     def _send(self, records: list[dict[str, Any]]) -> None:
         """The sink's send; the run ids known here go along and come back (a child has its own)."""
-        self._writer.run_ids.update(self._backend.call("send", records, dict(self._writer.run_ids)))
+        try:
+            self._writer.run_ids.update(self._backend.call("send", records, dict(self._writer.run_ids)))
+        except Exception as exc:  # a child's errors come back as text: no password in them either
+            message = redact_uri_secrets(str(exc), self.tracking_uri)
+            if message == str(exc):
+                raise
+            raise RuntimeError(message) from None
 
     def _put(self, kind: str, **fields: Any) -> None:
         if kind != "metrics" and self._points:  # keep the order: metrics logged before come first
@@ -289,9 +320,19 @@ class MLflowLogger:
                 continue
             key = self._names.get(name)
             if key is None:
-                key = self._names[name] = _clean_key(name)
+                key = self._names[name] = clean_key(name)
             out[key] = number
         return out
+
+    def _forget_deleted(self) -> None:
+        """Checkpoints uploaded earlier whose file the checkpoint plugin has deleted since
+        (``save_top_k``) leave the run too (``log_checkpoints="kept"``)."""
+        for path in sorted(self._uploaded):
+            if not os.path.exists(path):
+                self._uploaded.discard(path)
+                name = os.path.basename(path)
+                if not any(os.path.basename(p) == name for p in self._uploaded):
+                    self._put("forget", artifact=f"checkpoints/{name}")
 
     def _stage(self, source: str | None, name: str | None = None) -> Path:
         """A private path for a file waiting for upload (a hard link to ``source`` if given)."""
@@ -309,6 +350,8 @@ class MLflowLogger:
         return target
 
     def _finish(self, status: str) -> None:
+        if self.log_checkpoints == "kept":
+            self._forget_deleted()
         self._put("status", status=status, ts=_now_ms())
         self._phase = "idle"
         try:
@@ -316,7 +359,7 @@ class MLflowLogger:
         finally:
             self._backend.close()
             self._backend = None
-            _http_env(self.tracking_uri, -1)
+            mlflow_env(self.tracking_uri, -1)
             staged = Path(self.dir) / f"mlflow-{self._key}-artifacts"
             if staged.is_dir() and not any(staged.iterdir()):
                 staged.rmdir()
@@ -329,410 +372,93 @@ class MLflowLogger:
         require_module("mlflow", extra="mlflow", what="MLflowLogger")
         header, records = read_spool(path)
         config = header.get("config", {})
-        writer = _Writer(config["tracking_uri"], config["experiment_name"], config.get("run_name"), verify=True)
-        _http_env(writer.tracking_uri, +1)
+        writer = _Writer(config["tracking_uri"], config["experiment_name"], config.get("run_name"), verify=True,
+                         artifact_location=config.get("artifact_location"))
+        mlflow_env(writer.tracking_uri, +1)
         try:
             sent = replay_spool(path, writer.send, what="MLflowLogger")
         finally:
-            _http_env(writer.tracking_uri, -1)
+            mlflow_env(writer.tracking_uri, -1)
         staged = Path(str(path).replace(".spool.jsonl", "-artifacts"))
         if sent == len(records) and staged.is_dir() and not any(staged.iterdir()):
             staged.rmdir()
         return sent
 
 
-class _Writer:
-    """Records -> ``MlflowClient`` calls: in the logger's child process (``isolate_sdk``) or on
-    its sink's worker thread, and in ``corebus sync``.
-
-    Every record type lands once however often its batch is retried: the run is found by its
-    ``corebus.run_key`` tag before one is created, params already on the run are skipped,
-    artifacts overwrite, and metrics of a request that failed (a timeout may still have been
-    committed) or of a resumed run are checked against the server's history by (key, step).
-    """
-
-    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None, verify: bool = False):
-        self.tracking_uri = tracking_uri
-        self.experiment_name = experiment_name
-        self.run_name = run_name
-        self.run_ids: dict[str, str] = {}
-        self._verify_all = verify
-        self._verify_runs: set[str] = set()
-        self._uncertain: set[tuple[str, str, int]] = set()
-        self._history: dict[tuple[str, str], set[int]] = {}
-        self._client: Any = None
-        self._experiment_id: str | None = None
-        self._rest = _RestMetrics.for_uri(tracking_uri)
-
-    def config(self) -> dict[str, Any]:
-        return {"tracking_uri": _safe_uri(self.tracking_uri), "experiment_name": self.experiment_name,
-                "run_name": self.run_name}
-
-    def send(self, records: list[dict[str, Any]], run_ids: dict[str, str] | None = None) -> dict[str, str]:
-        """Deliver ``records``; returns the run ids by run key (``run_ids``: those known already,
-        e.g. a resumed run's, when this writer lives in another process)."""
-        self.run_ids.update(run_ids or {})
-        try:
-            self._send(records)
-        except Exception:
-            self._uncertain.update((r["run"], key, step) for r in records if r["type"] == "metrics"
-                                   for step, _, values in r["points"] for key in values)
-            raise
-        return dict(self.run_ids)
-
-    def _send(self, records: list[dict[str, Any]]) -> None:
-        from mlflow.entities import RunTag
-
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        client = self._client
-        uploaded: list[Path] = []
-        pending: list[Any] = []  # consecutive metrics of one run go out in one log_batch
-        pending_run: tuple[str, str] | None = None
-        for record in records:
-            run_key, kind = record["run"], record["type"]
-            run_id = self._run_id(client, record)
-            if pending and (kind != "metrics" or pending_run != (run_key, run_id)):
-                self._log_metrics(client, *pending_run, pending)
-                pending = []
-            if kind == "metrics":
-                pending_run = (run_key, run_id)
-                # (key, value, timestamp ms, step): mlflow.entities.Metric's argument order
-                pending += [(k, v, ts, step) for step, ts, values in record["points"] for k, v in values.items()]
-            elif kind == "start" and record.get("resumed"):
-                self._verify_runs.add(run_key)
-                client.update_run(run_id, status="RUNNING")
-            elif kind == "params":
-                self._log_params(client, run_id, record["params"])
-            elif kind == "tags":
-                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()], synchronous=True)
-            elif kind == "artifact":
-                path = Path(record["path"])
-                if not path.exists():  # uploaded and removed by a run that died before popping its spool
-                    continue
-                if path.is_dir():
-                    client.log_artifacts(run_id, str(path), posixpath.join(record["artifact_path"], path.name))
-                else:
-                    client.log_artifact(run_id, str(path), record["artifact_path"])
-                uploaded.append(path)
-            elif kind == "alert":
-                self._log_alert(client, run_id, record)
-            elif kind == "status":
-                client.set_terminated(run_id, record["status"], end_time=record["ts"])
-        if pending:
-            self._log_metrics(client, *pending_run, pending)
-        for path in uploaded:  # only once the whole batch is in: a retried batch uploads again
-            shutil.rmtree(path.parent, ignore_errors=True)
-
-    def _run_id(self, client: Any, record: dict[str, Any]) -> str:
-        run_key = record["run"]
-        run_id = self.run_ids.get(run_key)
-        if run_id is None:
-            experiment_id = self._experiment(client)
-            found = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
-            if found:
-                run_id = found[0].info.run_id
-            else:
-                tags = {**record.get("tags", {}), RUN_KEY_TAG: run_key}
-                run_name = record.get("run_name") or self.run_name
-                run = client.create_run(experiment_id, start_time=record.get("ts"), tags=tags, run_name=run_name)
-                run_id = run.info.run_id
-            self.run_ids[run_key] = run_id
-        return run_id
-
-    def _experiment(self, client: Any) -> str:
-        if self._experiment_id is None:
-            experiment = client.get_experiment_by_name(self.experiment_name)
-            if experiment is not None:
-                self._experiment_id = experiment.experiment_id
-            else:
-                try:
-                    self._experiment_id = client.create_experiment(self.experiment_name)
-                except Exception:  # created meanwhile by another process
-                    experiment = client.get_experiment_by_name(self.experiment_name)
-                    if experiment is None:
-                        raise
-                    self._experiment_id = experiment.experiment_id
-        return self._experiment_id
-
-    def _log_alert(self, client: Any, run_id: str, record: dict[str, Any]) -> None:
-        """Tags: ``corebus.alert.<kind>`` (the latest of that kind) and ``corebus.alerts`` (one
-        line per alert, newest last, cut to MLflow's tag length from the oldest end)."""
-        from mlflow.entities import RunTag
-
-        line = f"step {record['step']}: [{record['level']}] {record['title']}"
-        history = client.get_run(run_id).data.tags.get("corebus.alerts", "")
-        if line in history.splitlines():  # a retried batch: already recorded
-            return
-        lines = (history + "\n" + line).strip("\n")[-MAX_TAG:]
-        detail = (line + ("\n" + record["text"] if record.get("text") else ""))[:MAX_TAG]
-        client.log_batch(run_id, tags=[RunTag(_clean_key(f"corebus.alert.{record['kind']}"), detail),
-                                       RunTag("corebus.alerts", lines)], synchronous=True)
-
-    def _log_params(self, client: Any, run_id: str, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        existing = client.get_run(run_id).data.params
-        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
-        if changed:  # a resumed run with other settings: MLflow refuses to change a param
-            log.warning("MLflowLogger: run %s keeps its first values of %s", run_id, ", ".join(changed[:10]))
-        new = [Param(k, v) for k, v in params.items() if k not in existing]
-        if new:
-            client.log_batch(run_id, params=new, synchronous=True)
-
-    def _log_metrics(self, client: Any, run_key: str, run_id: str, metrics: list[Any]) -> None:
-        if not (self._uncertain or self._history or self._verify_all or run_key in self._verify_runs):
-            fresh = metrics  # nothing to check against the server: the common case, kept cheap
-        else:
-            fresh = self._unlogged(client, run_key, run_id, metrics)
-        if fresh and self._rest is not None:
-            self._rest.log_metrics(run_id, fresh)
-        elif fresh:
-            from mlflow.entities import Metric
-
-            client.log_batch(run_id, metrics=[Metric(*m) for m in fresh], synchronous=True)
-        if self._uncertain or self._history:
-            for key, _, _, step in metrics:
-                self._uncertain.discard((run_key, key, step))
-                if (run_id, key) in self._history:
-                    self._history[(run_id, key)].add(step)
-
-    def _unlogged(self, client: Any, run_key: str, run_id: str, metrics: list[Any]) -> list[Any]:
-        """The points the server does not hold yet, by (key, step), for a resumed or verified
-        run (every key) or after a failed request (the keys it carried)."""
-        suspects = {key for key, _, _, step in metrics if (run_key, key, step) in self._uncertain}
-        check = {m[0] for m in metrics} if (self._verify_all or run_key in self._verify_runs) else suspects
-        for key in check:
-            if key in suspects or (run_id, key) not in self._history:
-                steps = self._rest.logged_steps(run_id, key) if self._rest is not None else None
-                if steps is None:
-                    steps = {m.step for m in client.get_metric_history(run_id, key)}
-                self._history[(run_id, key)] = steps
-        return [m for m in metrics if m[3] not in self._history.get((run_id, m[0]), ())]
+# ---------------------------------------------------------------- run params
 
 
-class _RestMetrics:
-    """Metric points to a tracking server as one JSON ``runs/log-batch`` request per 1000.
-
-    ``MlflowClient.log_batch`` turns every point into a protobuf message and back into JSON:
-    ~44 us of CPU per point, on a thread that shares the GIL with training. The server's REST
-    API takes the same JSON built as text at ~0.6 us per point.
-
-    Sent through MLflow's own ``http_request`` (auth plugins, TLS settings, proxies, Databricks,
-    workspaces), each request also costs ~4 ms of CPU of its own: request headers resolved
-    again (with failed imports), proxy settings read from the environment, ``requests``'
-    layers. To a plain ``http`` server with no proxy, no auth plugin and at most a user/password
-    or token (what ``_direct_target`` checks), the headers MLflow would send are resolved once
-    and the requests go out on standard-library connections (one per request): ~0.3 ms each.
-    """
-
-    ENDPOINT = "/api/2.0/mlflow/runs/log-batch"
-    MAX_METRICS = 1000  # the server's limit per request (mlflow.utils.validation)
-    HISTORY = "/api/2.0/mlflow/metrics/get-history"
-    HISTORY_PAGE = 25_000  # points per page of a history (the server's maximum)
-    TIMEOUT = 10.0  # seconds, as HTTP_ENV's MLFLOW_HTTP_REQUEST_TIMEOUT
-
-    def __init__(self, tracking_uri: str):
-        from mlflow.tracking._tracking_service.utils import get_default_host_creds
-        from mlflow.utils.rest_utils import http_request, verify_rest_response
-
-        self._creds = get_default_host_creds(tracking_uri)
-        self._request, self._verify = http_request, verify_rest_response
-        self._json_keys: dict[str, str] = {}
-        self._direct = _direct_target(self._creds)
-
-    @classmethod
-    def for_uri(cls, tracking_uri: str) -> "_RestMetrics | None":
-        if not _is_server(tracking_uri):
-            return None
-        try:
-            return cls(tracking_uri)
-        except ImportError:  # MLflow moved its REST helpers: the client's slower path still works
-            return None
-
-    def log_metrics(self, run_id: str, points: list[tuple]) -> None:
-        """``points``: ``(key, value, timestamp ms, step)`` tuples (``Metric``'s argument order)."""
-        bodies = [self._body(run_id, points[start:start + self.MAX_METRICS])
-                  for start in range(0, len(points), self.MAX_METRICS)]
-        if self._direct is not None:
-            self._post_direct(bodies)
-            return
-        for body in bodies:
-            response = self._request(self._creds, self.ENDPOINT, "POST", data=body, max_retries=0, backoff_factor=0,
-                                     timeout=self.TIMEOUT, extra_headers={"Content-Type": "application/json"})
-            self._verify(response, self.ENDPOINT)
-
-    def _post_direct(self, bodies: list[bytes]) -> None:
-        # A connection per request: a kept-alive one can be closed by the server while this
-        # process is slow or paused between two requests (uvicorn closes it after 5 s idle), and
-        # the next request then fails half-sent (broken pipe) and must be checked and resent.
-        # A loopback or LAN connect costs far less than the server's ~45 ms per request.
-        for body in bodies:
-            self._exchange("POST", self.ENDPOINT, body)
-
-    def logged_steps(self, run_id: str, key: str) -> set[int] | None:
-        """The steps the server holds for ``key`` (``None`` where requests go through MLflow's
-        machinery: use the client). Plain JSON: ``MlflowClient.get_metric_history`` parses each
-        point through protobuf, ~44 µs a point, seconds of CPU for a long run's history."""
-        if self._direct is None:
-            return None
-        steps: set[int] = set()
-        token = None
-        while True:
-            query = {"run_id": run_id, "metric_key": key, "max_results": self.HISTORY_PAGE}
-            if token:
-                query["page_token"] = token
-            page = json.loads(self._exchange("GET", self.HISTORY, query=query))
-            steps.update(int(point.get("step", 0)) for point in page.get("metrics", ()))
-            token = page.get("next_page_token")
-            if not token:
-                return steps
-
-    def _exchange(self, method: str, endpoint: str, body: bytes | None = None,
-                  query: dict[str, Any] | None = None) -> bytes:
-        """The answer's body; a refusal raised as the sink's retryable exception."""
-        host, port, base, headers = self._direct
-        connection = http.client.HTTPConnection(host, port, timeout=self.TIMEOUT)
-        try:
-            connection.request(method, base + endpoint + (f"?{urlencode(query)}" if query else ""), body=body,
-                               headers=headers)
-            response = connection.getresponse()
-            status, retry_after, text = response.status, response.getheader("Retry-After"), response.read()
-        finally:
-            connection.close()
-        if status != 200:
-            _raise_for_status(status, retry_after, text, endpoint)
-        return text
-
-    def _body(self, run_id: str, points: list[tuple]) -> bytes:
-        """The request's JSON, one format string per point: a third of the CPU of building a
-        dict per point for ``json.dumps`` (keys are few and encoded once)."""
-        keys = self._json_keys
-        metrics = ",".join(
-            f'{{"key":{keys.get(key) or keys.setdefault(key, json.dumps(key))},'
-            f'"value":{_json_number(value)},"timestamp":{timestamp},"step":{step}}}'
-            for key, value, timestamp, step in points)
-        return f'{{"run_id":{json.dumps(run_id)},"metrics":[{metrics}]}}'.encode()
+def run_params(trainer: Any) -> dict[str, Any]:
+    """The run's configuration: ``trainer.run_params()`` without plugins' running state, plus
+    the model's loss, metrics and parameter counts."""
+    params = trainer.run_params()
+    plugins = params.get("plugins") or {}
+    for name, plugin in trainer.bus.plugins.items():
+        if name in plugins and not callable(getattr(plugin, "get_config", None)):
+            # without get_config the core takes every public attribute, counters included
+            # (wait, best, losses): keep those named like a constructor parameter
+            accepted = _init_parameters(type(plugin))
+            plugins[name] = {k: v for k, v in plugins[name].items() if k in accepted}
+    params["model"] = _model_params(trainer)
+    return params
 
 
-def _direct_target(creds: Any) -> tuple[str, int, str, dict[str, str]] | None:
-    """``(host, port, base path, headers)`` for requests to the server without MLflow's request
-    machinery, or ``None`` where that machinery does something for this server: TLS, an auth
-    plugin or signature, Databricks, a workspace header, a proxy."""
-    import urllib.request
-
-    from mlflow.tracking.request_header.registry import resolve_request_headers
-    from mlflow.utils import rest_utils
-
-    parts = urlsplit(creds.host)
-    if parts.scheme != "http" or not parts.hostname:
-        return None
-    if (creds.auth or creds.aws_sigv4 or creds.client_cert_path or creds.use_databricks_sdk or creds.workspace_id
-            or creds.client_secret or os.environ.get("_MLFLOW_DATABRICKS_TRAFFIC_ID")):
-        return None
-    if getattr(rest_utils, "get_request_workspace", lambda: None)():
-        return None
-    if "http" in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname):
-        return None
-    headers = {**resolve_request_headers(), "Content-Type": "application/json"}
-    if creds.username and creds.password:
-        token = base64.standard_b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
-    elif creds.token:
-        headers["Authorization"] = f"Bearer {creds.token}"
-    return parts.hostname, parts.port or 80, parts.path.rstrip("/"), headers
-
-
-def _raise_for_status(status: int, retry_after: str | None, body: bytes, endpoint: str) -> None:
-    """The server's refusal as an exception the sink retries (after ``Retry-After`` if given)."""
+def _init_parameters(cls: type) -> set[str]:
     try:
-        detail = json.loads(body).get("message") or body.decode(errors="replace")
-    except (ValueError, AttributeError):
-        detail = body.decode(errors="replace")
-    message = f"MLflow server answered {status} to {endpoint.removeprefix('/api/2.0/mlflow/')}: {detail[:500]}"
-    if status in (429, 503):
+        signature = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return set()
+    return {name for name, p in signature.parameters.items()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"}
+
+
+def _model_params(trainer: Any) -> dict[str, Any]:
+    model = trainer.model
+    config: dict[str, Any] = {}
+    if getattr(model, "compiled", False):
         try:
-            delay = float(retry_after) if retry_after is not None else None
-        except ValueError:
-            delay = None
-        raise RetryLater(message, delay)
-    raise RuntimeError(message)
+            config = model.get_compile_config() or {}
+        except Exception:  # a compile argument Keras cannot serialise: fall back below
+            config = {}
+    loss = config.get("loss") or getattr(trainer, "loss", None) or getattr(model, "loss", None)
+    metrics = config.get("metrics") or getattr(trainer, "metrics", None)
+    out: dict[str, Any] = {"loss": _name_of(loss), "metrics": _name_of(metrics or [])}
+    weights = list(getattr(model, "weights", None) or ())
+    if weights:
+        trainable = sum(_size(v) for v in model.trainable_weights)
+        total = sum(_size(v) for v in weights)
+        out.update(total_params=total, trainable_params=trainable, non_trainable_params=total - trainable)
+    return out
 
 
-def _json_number(value: float) -> str:
-    """A double in protobuf's JSON: ``repr`` (shortest round-trip, as ``json.dumps``), and
-    non-finite values as the strings plain JSON lacks."""
-    if value - value == 0:  # finite
-        return repr(float(value))
-    if value != value:
-        return '"NaN"'
-    return '"Infinity"' if value > 0 else '"-Infinity"'
+def _size(variable: Any) -> int:
+    count = 1
+    for dim in variable.shape:
+        count *= int(dim)
+    return count
 
 
-# ---------------------------------------------------------------- module helpers
-
-_env_lock = threading.Lock()
-_env_users = 0
-_env_ours: dict[str, str] = {}
-
-
-def _http_env(tracking_uri: str, delta: int) -> None:
-    """Reference-counted short HTTP settings for MLflow, only those the user did not set."""
-    global _env_users
-    if not _is_server(tracking_uri):
-        return
-    with _env_lock:
-        if delta > 0 and _env_users == 0:
-            for name, value in HTTP_ENV.items():
-                if name not in os.environ:
-                    os.environ[name] = _env_ours[name] = value
-        _env_users = max(0, _env_users + delta)
-        if _env_users == 0:
-            for name, value in _env_ours.items():
-                if os.environ.get(name) == value:
-                    del os.environ[name]
-            _env_ours.clear()
+def _name_of(value: Any) -> Any:
+    """A loss or metric as a user named it: ``"mse"``, a class name, a function name."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_name_of(v) for v in value]
+    if isinstance(value, dict):
+        if "class_name" in value:  # a serialised Keras object
+            return value.get("config", {}).get("name") if isinstance(value.get("config"), dict) \
+                and value["class_name"] == "function" else value["class_name"]
+        return {str(k): _name_of(v) for k, v in value.items()}
+    return getattr(value, "name", None) or getattr(value, "__name__", None) or type(value).__name__
 
 
-def _is_server(tracking_uri: str) -> bool:
-    """Whether the URI names a tracking server (HTTP), not a local store (sqlite, files)."""
-    return urlsplit(tracking_uri).scheme in ("http", "https")
+def _absolute_location(location: str) -> str:
+    """A plain relative path made absolute: the experiment must not depend on the directory a
+    process happened to start in."""
+    if "://" in location or location.startswith(("/", "file:")):
+        return location
+    return Path(location).resolve().as_uri()
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _safe_uri(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def _clean_key(name: Any) -> str:
-    """A valid MLflow metric/param/tag key: allowed characters, no path tricks, <= 250 chars."""
-    key = re.sub(r"[^/\w.\- :]", "_", str(name)) or "_"
-    if posixpath.normpath(key) != key or key.startswith("/"):
-        key = key.replace("/", "_")  # "a//b", "a/../b": MLflow refuses names that are not plain paths
-    if key == "." or key.startswith(".."):
-        key = "_" + key
-    if len(key) > MAX_KEY:
-        key = key[: MAX_KEY - 9] + "_" + hashlib.sha1(key.encode()).hexdigest()[:8]
-    return key
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"fit": {"epochs": 3}}`` -> ``{"fit.epochs": "3"}``, keys and values within MLflow's limits."""
-    flat: dict[str, str] = {}
-    for name, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update({k: v for k, v in _flatten(value, f"{prefix}{name}.").items() if k not in flat})
-            continue
-        text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-        if len(text) > MAX_PARAM:
-            text = text[: MAX_PARAM - 3] + "..."
-        flat.setdefault(_clean_key(f"{prefix}{name}"), text)
-    return flat

@@ -51,10 +51,8 @@ class Recorder:
 class Notifier:
     """A plugin with a secret, a very long value and a very long name among its params."""
 
-    def __init__(self):
-        self.webhook_url = SECRET
-        self.notes = "n" * 7000
-        setattr(self, "k" * 300, 1)
+    def get_config(self):
+        return {"webhook_url": SECRET, "notes": "n" * 7000, "k" * 300: 1}
 
     @hookimpl
     def on_train_end(self):
@@ -150,11 +148,13 @@ def test_every_metric_param_and_artifact_reaches_the_server(server, tmp_path, mo
     (long_key,) = [k for k in params if k.startswith("plugins.Notifier.kkk")]
     assert len(long_key) == 250
 
-    # Every announced checkpoint was uploaded, even the one save_top_k deleted locally.
+    # The run holds the checkpoints the checkpoint plugin kept (log_checkpoints="kept"): ep01
+    # was uploaded when announced and removed once save_top_k deleted it locally.
     announced = {os.path.basename(p) for p in recorder.checkpoints}
     assert announced == {"ep01.weights.h5", "ep02.weights.h5"}
     assert os.listdir(tmp_path / "ckpt") == ["ep02.weights.h5"]  # ep01 was rotated away locally
-    assert {os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "checkpoints")} == announced
+    assert [os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
+        "ep02.weights.h5"]
     # The final model, loadable and equal to the trained one.
     local = client.download_artifacts(run.info.run_id, "model/model.keras", str(tmp_path / "download"))
     restored = keras.models.load_model(local)
@@ -191,8 +191,7 @@ class Outage:
 
 @pytest.mark.parametrize("isolate_sdk", [None, True, False])
 def test_the_client_to_a_server_runs_here_unless_isolated(server, tmp_path, monkeypatch, isolate_sdk):
-    """To a tracking server MLflow's client works on the sink's thread by default (a local
-    store's is isolated by default: the test further down); ``isolate_sdk=True`` moves it to
+    """MLflow's client works on the sink's thread by default; ``isolate_sdk=True`` moves it to
     a child process, off the training process's interpreter lock, with the same results."""
     from corebus.integrations.mlflow import _Writer
 
@@ -344,104 +343,6 @@ def test_bad_settings_fail_before_training(tmp_path):
         MLflowLogger(dir=tmp_path / "a-file")
 
 
-def test_metrics_posted_as_json_read_back_like_the_clients_own(server):
-    """The logger's REST fast path (``runs/log-batch`` built with json.dumps) stores the same
-    points as ``MlflowClient.log_batch``, non-finite values and more than 1000 points included."""
-    from mlflow.entities import Metric
-
-    from corebus.integrations.mlflow import _RestMetrics
-
-    client = server.client()
-    experiment = client.get_experiment_by_name("corebus-tests") or client.get_experiment(
-        client.create_experiment("corebus-tests"))
-    values = [0.5, float("nan"), float("inf"), float("-inf"), 1e-30, -0.0, 5e-324, 1.7976931348623157e308,
-              0.1 + 0.2, -123456789.123456789] + [float(i) for i in range(1200)]
-    keys = ["m", "val/é loss"]  # a key json must escape, in the same request
-    points = [(keys[i % 2], v, 1000 + i, i) for i, v in enumerate(values)]  # Metric's argument order
-    ours, theirs = (client.create_run(experiment.experiment_id).info.run_id for _ in range(2))
-    _RestMetrics.for_uri(server.uri).log_metrics(ours, points)
-    client.log_batch(theirs, metrics=[Metric(*p) for p in points], synchronous=True)
-    got, expected = (sorted((key, m.step, m.timestamp, repr(m.value)) for key in keys
-                            for m in client.get_metric_history(run, key)) for run in (ours, theirs))
-    assert got == expected and len(got) == len(values)
-    assert _RestMetrics.for_uri("sqlite:///x.db") is None
-
-
-def test_the_steps_a_run_holds_are_read_back_as_json_page_by_page(server):
-    """The check after a failed request (which points did the server keep?) reads a key's steps
-    as plain JSON, every page of them, as MLflow's client would find them."""
-    from mlflow.entities import Metric
-
-    from corebus.integrations.mlflow import _RestMetrics
-
-    client = server.client()
-    experiment = client.get_experiment_by_name("corebus-tests") or client.get_experiment(
-        client.create_experiment("corebus-tests"))
-    run = client.create_run(experiment.experiment_id).info.run_id
-    steps = [0, 1, 2, 5, 8, 13, 21]
-    client.log_batch(run, metrics=[Metric("loss", 0.5, 1000 + s, s) for s in steps], synchronous=True)
-    rest = _RestMetrics.for_uri(server.uri)
-    rest.HISTORY_PAGE = 3  # three pages for seven points
-    pages = []
-    exchange = rest._exchange
-    rest._exchange = lambda *request, query: pages.append(query) or exchange(*request, query=query)
-    assert rest.logged_steps(run, "loss") == set(steps) == {m.step for m in client.get_metric_history(run, "loss")}
-    assert len(pages) == 3 and "page_token" in pages[-1]
-    assert rest.logged_steps(run, "never logged") == set()
-    assert _RestMetrics.for_uri("https://mlflow.example.com").logged_steps(run, "loss") is None  # the client's way
-
-
-def test_metric_batches_to_a_plain_http_server_carry_mlflows_headers_and_auth(monkeypatch):
-    """The stdlib path to a plain-http server: MLflow's own request headers and basic auth, the
-    same JSON, 1000 points a request (a connection each); a 429 comes back as RetryLater with the
-    server's delay, another refusal as an error naming the status (the sink retries both)."""
-    from webhook_receiver import Receiver
-
-    from corebus.integrations.mlflow import _RestMetrics
-    from corebus.sinks import RetryLater
-
-    receiver = Receiver(answers=[200, 200, (429, {"Retry-After": "7"}), 400])
-    try:
-        host = receiver.url.split("/hooks/")[0]
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ada")
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
-        rest = _RestMetrics.for_uri(host)
-        assert rest._direct is not None
-        points = [("loss", float(i), 1000 + i, i) for i in range(1500)]
-        rest.log_metrics("run-1", points)
-        first, second = receiver.requests
-        assert first["path"] == second["path"] == "/api/2.0/mlflow/runs/log-batch"
-        assert first["headers"]["Authorization"] == "Basic YWRhOnMzY3JldA=="  # ada:s3cret
-        assert first["headers"]["User-Agent"].startswith("mlflow-python-client/")
-        assert first["json"]["run_id"] == "run-1" and len(first["json"]["metrics"]) == 1000
-        assert first["json"]["metrics"][3] == {"key": "loss", "value": 3.0, "timestamp": 1003, "step": 3}
-        assert len(second["json"]["metrics"]) == 500
-        # A connection per request: a kept-alive one the server closed while training was busy
-        # would fail the next request half-sent
-        assert first["peer"] != second["peer"]
-        with pytest.raises(RetryLater, match="429") as refused:
-            rest.log_metrics("run-1", points[:1])
-        assert refused.value.retry_after == 7.0
-        with pytest.raises(RuntimeError, match="answered 400"):
-            rest.log_metrics("run-1", points[:1])
-    finally:
-        receiver.close()
-
-
-def test_metric_batches_take_mlflows_request_path_where_it_does_more(monkeypatch):
-    from corebus.integrations.mlflow import _RestMetrics
-
-    assert _RestMetrics.for_uri("http://127.0.0.1:5000")._direct is not None
-    assert _RestMetrics.for_uri("https://mlflow.example.com")._direct is None  # TLS settings are MLflow's
-    monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "basic-auth")  # an auth plugin
-    assert _RestMetrics.for_uri("http://127.0.0.1:5000")._direct is None
-    monkeypatch.delenv("MLFLOW_TRACKING_AUTH")
-    monkeypatch.setenv("http_proxy", "http://proxy.example.com:3128")
-    monkeypatch.setenv("no_proxy", "localhost")
-    assert _RestMetrics.for_uri("http://mlflow.internal:5000")._direct is None  # through the proxy
-    assert _RestMetrics.for_uri("http://localhost:5000")._direct is not None  # bypassed
-
-
 def test_alerts_are_recorded_on_the_run_even_from_another_thread(server, tmp_path):
     x, y = tiny_data(96)
 
@@ -466,24 +367,25 @@ def test_alerts_are_recorded_on_the_run_even_from_another_thread(server, tmp_pat
     assert tags["corebus.alerts"].splitlines() == ["step 3: [error] no step for 60 s", "step 12: [warning] val_loss stuck"]
 
 
-def test_a_local_store_is_written_from_a_child_process_with_the_same_results(tmp_path, monkeypatch):
-    """MLflow's default store (sqlite, no server): the SDK's writes run in a child process, off
-    the training process's interpreter lock; a crash still ends FAILED and a resume continues
-    the same run without repeating steps."""
-    from corebus.integrations.mlflow import _Writer
+def test_a_local_store_crash_and_resume_continue_one_run_and_keep_artifacts_beside_the_store(tmp_path, monkeypatch):
+    """MLflow's default kind of store (sqlite, no server), written by MLflow's client on the
+    sink's thread: a crash ends FAILED, a resume continues the same run without repeating
+    steps, and the artifacts land beside the store, not in ``./mlruns`` of the working
+    directory (MLflow's own default)."""
     from mlflow.tracking import MlflowClient
 
-    def not_here(self, records):
-        raise AssertionError("the local store was written from the training process")
-
-    monkeypatch.setattr(_Writer, "_send", not_here)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store = tmp_path / "store"
+    uri = f"sqlite:///{store}/mlflow.db"
+    store.mkdir()
     x, y = tiny_data(96)  # 12 steps per epoch
     backup_dir = tmp_path / "backup"
 
     def local_logger():
         return MLflowLogger(tracking_uri=uri, experiment_name="corebus-tests", dir=tmp_path / "mlflow",
-                            log_every_n_steps=1, shutdown_timeout=30)
+                            log_every_n_steps=1, shutdown_timeout=30, log_model=True)
 
     first = local_logger()
     with pytest.raises(PluginError):
@@ -501,3 +403,48 @@ def test_a_local_store_is_written_from_a_child_process_with_the_same_results(tmp
     assert steps_of(client, run.info.run_id, "loss") == list(range(1, 37))
     assert run.data.params["fit.epochs"] == "3"
     assert not list((tmp_path / "mlflow").glob("*.spool.jsonl"))  # everything delivered
+    # the final model is an artifact of the run, stored beside the store
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.keras"]
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri())
+    assert list(store.glob("mlartifacts/corebus-tests/*/artifacts/model/model.keras"))
+    assert not list(elsewhere.iterdir())  # nothing in the working directory (no ./mlruns)
+
+
+def test_an_artifact_location_is_used_when_the_experiment_is_created(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    x, y = tiny_data(32)
+    mlflow_logger = MLflowLogger(tracking_uri=uri, experiment_name="placed", dir=tmp_path / "mlflow",
+                                 artifact_location="elsewhere/artifacts", log_model=True)
+    make_trainer([mlflow_logger]).fit(x, y, batch_size=8, epochs=1, verbose=0)
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_experiment_by_name("placed").artifact_location == (tmp_path / "elsewhere/artifacts").as_uri()
+    assert list((tmp_path / "elsewhere/artifacts").glob("*/artifacts/model/model.keras"))
+    with pytest.raises(ConfigError, match="artifact_location"):
+        MLflowLogger(tracking_uri=uri, dir=tmp_path / "mlflow", artifact_location="")
+
+
+def test_more_points_than_one_request_holds_arrive_through_mlflows_client(server):
+    """Metrics go through ``MlflowClient.log_batch``, which splits them into MLflow's limit of
+    1000 per request: 2,420 points, non-finite and extreme values included, land as sent."""
+    from mlflow.entities import Metric
+
+    from corebus.integrations.mlflow import _Writer
+
+    values = [0.5, float("nan"), float("inf"), float("-inf"), 1e-30, -0.0, 5e-324, 1.7976931348623157e308,
+              0.1 + 0.2, -123456789.123456789] + [float(i) for i in range(1200)]
+    points = [[step, 1000 + step, {"m": value, "val/loss": -value}] for step, value in enumerate(values)]
+    writer = _Writer(server.uri, "corebus-tests", None)
+    writer.send([{"type": "start", "run": "many-points", "ts": 1000}, {"type": "metrics", "run": "many-points",
+                                                                         "points": points}])
+    client = server.client()
+    ours = writer.run_ids["many-points"]
+    theirs = client.create_run(client.get_run(ours).info.experiment_id).info.run_id
+    client.log_batch(theirs, metrics=[Metric(k, v, ts, step) for step, ts, values in points for k, v in values.items()],
+                     synchronous=True)
+    # as MLflow stores them (a store keeps infinities as the largest double)
+    got, expected = (sorted((key, m.step, m.timestamp, repr(m.value)) for key in ("m", "val/loss")
+                            for m in client.get_metric_history(run, key)) for run in (ours, theirs))
+    assert got == expected and len(got) == 2 * len(values)
