@@ -1,7 +1,9 @@
-"""One place every benchmark reports its headline numbers to (``run_all.py`` collects them).
+"""How every benchmark reports a headline number: ``record(...)`` prints it with its target, and
+``run_all.py`` collects the records into one table.
 
-``record(...)`` appends one JSON line to the file named by ``$COREBUS_BENCH_RESULTS`` and does
-nothing when it is unset, so each benchmark still runs alone and prints its own table.
+``record`` always prints one line (``measure: value   target >= 0.98: met``), so each benchmark
+run alone shows its ratios and targets; it also appends a JSON line to the file named by
+``$COREBUS_BENCH_RESULTS`` when that is set (``run_all.py`` sets it).
 """
 
 from __future__ import annotations
@@ -10,8 +12,27 @@ import json
 import os
 
 
+def met(value: float, target: str) -> str:
+    """``"met"`` / ``"NOT met"`` for a target ``">= x"`` or ``"<= x"``; ``""`` without one."""
+    for sign, holds in ((">=", value.__ge__), ("<=", value.__le__)):
+        if target.startswith(sign):
+            return "met" if holds(float(target[len(sign):])) else "NOT met"
+    return ""
+
+
+def show(value: float, unit: str = "") -> str:
+    if unit == "fraction":
+        return f"{value:+.1%}"
+    if unit == "steps/s":
+        return f"{value:.0f} steps/s"
+    return f"{value:.3f}" + (f" {unit}" if unit else "")
+
+
 def record(benchmark: str, measure: str, value: float, target: str = "", unit: str = "") -> None:
-    """``target`` in words (``">= 0.95"``), compared by run_all when it is ``>= x`` / ``<= x``."""
+    """``target`` in words (``">= 0.95"``); ``unit`` ``""`` for a ratio, ``"fraction"``, ``"s"``,
+    ``"steps/s"``."""
+    verdict = f"   target {target}: {met(float(value), target)}" if target else ""
+    print(f"[{benchmark}] {measure}: {show(float(value), unit)}{verdict}", flush=True)
     path = os.environ.get("COREBUS_BENCH_RESULTS")
     if not path:
         return
