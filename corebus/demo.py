@@ -40,6 +40,26 @@ def check_demo_extras() -> None:
             f'Install them with: pip install "corebus[{",".join(missing)}]"   (or "corebus[all]")')
 
 
+class TestEvaluation:
+    """Evaluates the test set when training ends, after early stopping restored the best weights
+    and before the loggers close, and logs it as ``test_*`` keys: an evaluation after fit would
+    reach the loggers as one more validation point."""
+
+    def __init__(self, x, y) -> None:
+        self.x, self.y = x, y
+        self.results: dict[str, float] = {}
+
+    @hookimpl
+    def on_train_end(self, trainer) -> None:
+        self.results = {k: float(v) for k, v in trainer.model.evaluate(self.x, self.y, verbose=0, return_dict=True).items()}
+        # the report keeps epochs: this record is no epoch of its own
+        reports = [p for p in trainer.bus.plugins.values() if type(p).__name__ == "RunReport"]
+        log = trainer.bus.caller_without("on_log", reports)
+        if log is not None:
+            log(trainer=trainer, kind="epoch", step=trainer.global_step,
+                logs={f"test_{k}": v for k, v in self.results.items()})
+
+
 class PhaseClock:
     """Splits a fit's time into the training steps and the work between them: validation and every
     plugin's epoch-end and end-of-run work (checkpoints, report, loggers). Its hooks run first."""
@@ -117,8 +137,9 @@ def digits_mlp(seed: int = 0):
 ACCUMULATE = 2  # micro-batches per optimizer update in the demo
 
 
-def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int) -> list:
-    """The default stack, by entry-point name, exactly as a config file would name it.
+def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int, test: TestEvaluation | None = None) -> list:
+    """The default stack, by entry-point name, exactly as a config file would name it (``test``,
+    when given, runs after early stopping's end of training and before the loggers').
 
     ``steps_per_epoch`` counts batches; schedules count optimizer updates (batches / ACCUMULATE).
     """
@@ -130,6 +151,7 @@ def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int) -> list:
         {"name": "gradient_clipping", "global_norm": 1.0},
         {"name": "gradient_accumulation", "steps": ACCUMULATE},
         {"name": "early_stopping", "monitor": "val_loss", "patience": 4, "restore_best_weights": True},
+        *([("test_evaluation", test)] if test is not None else []),
         {"name": "terminate_on_nan", "check_every": 10},
         {"name": "stall_alert", "timeout": 60},
         {"name": "alert_log"},
@@ -154,13 +176,13 @@ def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str
     (x_train, y_train), (x_test, y_test) = load_digits_split()
     run_dir = Path(root).resolve() / time.strftime("demo-%Y%m%d-%H%M%S")
     steps_per_epoch = math.ceil(len(x_train) * 0.9 / batch_size)
-    clock = PhaseClock()
+    clock, test_evaluation = PhaseClock(), TestEvaluation(x_test, y_test)
     trainer = corebus.Trainer(
         digits_mlp(),
         optimizer="adam",
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        plugins=[*demo_plugins(run_dir, steps_per_epoch, epochs), ("phase_clock", clock)],
+        plugins=[*demo_plugins(run_dir, steps_per_epoch, epochs, test_evaluation), ("phase_clock", clock)],
         seed=0,
         profile=True,
     )
@@ -172,8 +194,8 @@ def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str
         x_train, y_train, batch_size=batch_size, epochs=epochs, validation_split=0.1, verbose=verbose
     )
     seconds = time.perf_counter() - start
-    profile = trainer.bus.profile_report()  # evaluate() below runs with a bus of its own
-    test = trainer.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    profile = trainer.bus.profile_report()
+    test = test_evaluation.results
     _print_summary(history, trainer, clock.lines(seconds, start), test)
     _print_overhead(profile)
     checkpoints = sorted((run_dir / "checkpoints").glob("*.h5"))
@@ -184,8 +206,8 @@ def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str
     print(f"  MLflow:      mlflow ui --backend-store-uri sqlite:///{run_dir / 'mlflow.db'}")
     print(f"  W&B:         wandb sync {run_dir / 'wandb'}/offline-run-*   (offline run, upload when you like)")
     print(f"  report:      {run_dir / 'report' / 'report.html'}   (regenerate: corebus report {run_dir / 'report'})")
-    print("  alerts:      the corebus.alerts log above; route them to Slack with alert_webhook (README: Alerts)")
-    print("  run again:   the same stack from a file: corebus run <config.toml> (README: Config-driven runs)")
+    print("  alerts:      the corebus.alerts log above; route them to Slack with alert_webhook (docs/alerts.md)")
+    print("  run again:   the same stack from a file: corebus run <config.toml> (docs/config-runs.md)")
     return {"history": history.history, "test": test, "seconds": seconds, "run_dir": run_dir}
 
 

@@ -55,3 +55,47 @@ def test_the_summary_reports_training_speed_apart_from_epoch_end_work():
     assert speed == round(sum(n for n, _ in later) / sum(t for _, t in later))
     assert speed > 36 / seconds  # the old summary's steps / total time understated it
     assert "(36 steps; measured over the epochs after the first" in speed_line
+
+
+def test_the_demo_logs_its_test_evaluation_as_test_keys_beside_the_last_validation_point(tmp_path):
+    import mlflow
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from corebus.demo import TestEvaluation
+
+    x, y = tiny_data(160)
+    x_test, y_test = tiny_data(40, seed=1)
+    test = TestEvaluation(x_test, y_test)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plugins = [{"name": "early_stopping", "monitor": "val_loss", "patience": 1, "restore_best_weights": True},
+               ("test_evaluation", test),
+               {"name": "tensorboard", "log_dir": str(tmp_path / "tb")},
+               {"name": "mlflow", "tracking_uri": uri, "experiment_name": "demo-test", "dir": str(tmp_path / "spool")},
+               {"name": "report", "report_dir": str(tmp_path / "report")}]
+    trainer = corebus.Trainer(tiny_model(), "sgd", "sparse_categorical_crossentropy", ["accuracy"], plugins=plugins, seed=0)
+    history = trainer.fit(x, y, epochs=3, batch_size=16, validation_split=0.25, verbose=0)
+    # Keras on the same weights is the oracle of the values
+    expected = trainer.model.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    assert test.results.keys() == {"loss", "accuracy"}
+    assert all(abs(test.results[k] - expected[k]) < 1e-6 for k in expected), (test.results, expected)
+
+    client = mlflow.tracking.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("demo-test").experiment_id])
+    metric = {k: [m.value for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
+    assert metric["epoch/val_loss"] == [__import__("pytest").approx(v) for v in history.history["val_loss"]]
+    assert metric["epoch/test_loss"] == [__import__("pytest").approx(test.results["loss"])]
+
+    validation = event_accumulator.EventAccumulator(str(tmp_path / "tb" / "validation"))
+    validation.Reload()
+    tags = validation.Tags()["tensors"]
+    assert not [tag for tag in tags if "test" in tag]
+    # one evaluation point per validation of the fit (as Keras's TensorBoard writes), none for the test set
+    assert len(validation.Tensors("evaluation_loss_vs_iterations")) == len(history.epoch)
+    train = event_accumulator.EventAccumulator(str(tmp_path / "tb" / "train"))
+    train.Reload()
+    assert "epoch_test_loss" in train.Tags()["tensors"]
+
+    import json
+
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert len(report["epochs"]) == len(history.epoch)  # the test record is no epoch of the report
