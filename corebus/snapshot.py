@@ -76,6 +76,11 @@ class RunSnapshot:
     def micro_step(self) -> int:
         return int(self.state["micro_step"])
 
+    @property
+    def directory_name(self) -> str:
+        """The name of this snapshot's directory inside a backup directory."""
+        return f"{PREFIX}{self.micro_step:012d}"
+
     # ------------------------------------------------------------------ capture
 
     @classmethod
@@ -108,7 +113,7 @@ class RunSnapshot:
         """Write transactionally into ``directory``; keep the ``keep`` newest snapshots."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        name = f"{PREFIX}{self.micro_step:012d}"
+        name = self.directory_name
         final = directory / name
         tmp = directory / f".tmp-{name}-{os.getpid()}"
         if tmp.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -36,7 +37,9 @@ class BackupAndRestore:
 
     controls = {"run.backup"}
     # History records the epoch in its own trylast on_epoch_end; the snapshot must include it.
-    runs_after = ("history",)
+    # After "report" too: both end the run from an outermost (tryfirst) on_train_end wrapper,
+    # and of two such wrappers the one registered later is outside, so backup commits last.
+    runs_after = ("history", "report")
 
     def __init__(self, backup_dir: str, save_freq: str | int = "epoch", delete_checkpoint: bool = True, background: bool = True):
         if save_freq != "epoch" and (not isinstance(save_freq, int) or save_freq < 1):
@@ -51,6 +54,7 @@ class BackupAndRestore:
         self._worker: BackgroundWorker | None = None
         self.restored_step: int | None = None
         self.snapshots_written = 0
+        self._last_path: Path | None = None
 
     @hookimpl(trylast=True)
     def on_train_begin(self, trainer: Any) -> None:
@@ -64,26 +68,71 @@ class BackupAndRestore:
             snapshot.restore(trainer)
             self.restored_step = trainer.global_step
             log.info("BackupAndRestore: resumed from %s at step %d", snapshot.path, trainer.global_step)
+            epochs = (getattr(trainer, "params", None) or {}).get("epochs")
+            if trainer.stop_training or (epochs is not None and trainer.epoch >= epochs):
+                log.warning("BackupAndRestore: the run in %s had finished training (it was stopped while "
+                            "ending); nothing is trained again, the run only ends", self.backup_dir)
 
     @hookimpl(trylast=True)
     def on_train_batch_end(self, trainer: Any) -> None:
         if self._cadence is not None and trainer.supports_mid_epoch_resume and self._cadence.due_now(trainer):
             self._save(trainer)
 
-    @hookimpl(trylast=True)
-    def on_epoch_end(self, trainer: Any) -> None:
+    @hookimpl(wrapper=True)
+    def on_epoch_end(self, trainer: Any) -> Any:
+        # A wrapper: the snapshot is taken after every plugin's on_epoch_end (history's trylast
+        # one included), and also when one of them raised, so the epoch's training is kept.
+        try:
+            result = yield
+        except BaseException:
+            try:
+                self._save(trainer)
+            except Exception as exc:  # never hide the error that ended the epoch
+                log.warning("BackupAndRestore: snapshot of the failed epoch end not written: %s: %s",
+                            type(exc).__name__, exc)
+            raise
         self._save(trainer)
+        return result
 
-    @hookimpl
-    def on_train_end(self, trainer: Any) -> None:
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_train_end(self, trainer: Any) -> Any:
+        # The end of training is a commit: the snapshots go only after every other plugin's
+        # on_train_end has returned (loggers closed, report written). A kill before that point
+        # leaves the last snapshot, from which the rerun ends the run without training again.
+        failed = None
+        try:  # the last epoch's snapshot must be on disk before anything else ends
+            if self._worker is not None:
+                self._worker.flush()
+        except Exception as exc:  # let the others end first, then report it
+            failed = exc
+        result = yield
         self._close()
+        if failed is not None:
+            raise failed
         if self.delete_checkpoint and trainer.is_chief and self.backup_dir.exists():
             for snapshot in self.backup_dir.glob("snapshot-*"):
                 shutil.rmtree(snapshot, ignore_errors=True)
+            with contextlib.suppress(OSError):  # as Keras: no empty backup_dir left behind
+                self.backup_dir.rmdir()
+        return result
 
     @hookimpl
     def on_exception(self) -> None:
         self._close()  # keep the snapshots: they are what the next start resumes from
+
+    def snapshot_now(self, trainer: Any) -> Path | None:
+        """Write a snapshot of the run as it is now and wait until it is on disk.
+
+        For a stop requested between steps (e.g. SIGTERM answered at the next step boundary):
+        the rerun resumes exactly at the step after this one. Returns the snapshot's path, or
+        ``None`` on a worker that is not the chief (only the chief writes).
+        """
+        if not trainer.is_chief:
+            return None
+        self._save(trainer)
+        if self._worker is not None:
+            self._worker.flush()
+        return self._last_path
 
     def _save(self, trainer: Any) -> None:
         if not trainer.is_chief:
@@ -92,6 +141,7 @@ class BackupAndRestore:
             self._worker.flush()  # at most one snapshot in flight
         snapshot = RunSnapshot.capture(trainer)
         self.snapshots_written += 1
+        self._last_path = self.backup_dir / snapshot.directory_name
         if not self.background:
             snapshot.write(self.backup_dir)
             return

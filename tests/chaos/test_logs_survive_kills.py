@@ -11,6 +11,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 WORKER = Path(__file__).parents[1] / "workers" / "resume_worker.py"
@@ -65,3 +66,18 @@ def test_csv_rows_written_after_the_snapshot_are_written_once(runs):
     out = finished(runs, "kill_writing_48")
     assert restored_step(out) == 45  # epoch 3's row (step 48) was on disk, its snapshot was not
     assert (out / "history.csv").read_bytes() == (finished(runs, "uninterrupted") / "history.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_kill_in_the_end_phase_trains_nothing_again(runs):
+    """A plugin's on_train_end kills the process after every epoch was trained: the snapshots
+    are still there (the end is a commit), so the rerun only ends the run."""
+    reference = finished(runs, "uninterrupted")
+    out = finished(runs, "kill_in_train_end")
+    assert json.loads((out / "process.json").read_text()) == {"steps": 0, "restored_step": 72}
+    assert (out / "history.csv").read_bytes() == (reference / "history.csv").read_bytes()
+    weights, ref_weights = np.load(out / "final.npz"), np.load(reference / "final.npz")
+    assert sorted(weights.files) == sorted(ref_weights.files)
+    for key in weights.files:
+        np.testing.assert_array_equal(weights[key], ref_weights[key])
+    assert not (out / "backup").exists()  # the rerun committed the end: no snapshot, no directory
