@@ -21,6 +21,7 @@ _CLASSES = {
     "StallAlert": "stall_alert",
     "AlertLog": "alert_log",
     "AlertWebhook": "alert_webhook",
+    "RunReport": "report",
 }
 
 __all__ = sorted(_CLASSES)

@@ -62,3 +62,23 @@ def test_one_line_move_runs_like_model_fit(tmp_path, monkeypatch):
         runs[name] = (namespace["history"].epoch, sorted(namespace["history"].history), list(rows[0]), len(rows))
     assert runs["trainer"] == runs["model.fit"]
     assert runs["trainer"][0] == [0]
+
+
+def test_plugin_table_names_installed_plugins_importable_as_said():
+    """Each row's names are installed entry points, and each class imports from the package the
+    README says (corebus.plugins; the loggers from corebus.integrations) and is that entry point."""
+    import importlib.metadata
+
+    import corebus.integrations
+    import corebus.plugins
+
+    entry_points = {ep.name: ep for ep in importlib.metadata.entry_points(group="corebus.plugins")}
+    rows = re.findall(r"^\| (`[^|]+`) \| (`[^|]+`) \|", section("## Built-in plugins"), re.M)
+    assert len(rows) >= 10
+    for names, classes in rows:
+        names, classes = re.findall(r"`(\w+)`", names), re.findall(r"`(\w+)`", classes)
+        assert len(names) == len(classes), (names, classes)
+        for name, cls in zip(names, classes):
+            assert name in entry_points, f"README names {name!r}, not an installed plugin"
+            package = corebus.integrations if name in ("tensorboard", "mlflow", "wandb") else corebus.plugins
+            assert getattr(package, cls) is entry_points[name].load(), f"{package.__name__}.{cls} is not {name!r}"
