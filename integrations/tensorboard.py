@@ -149,6 +149,10 @@ class TensorBoardLogger:
         # (afterwards measured on each call).
         per_call = trainer.params.get("steps_per_execution") or getattr(trainer.model, "steps_per_execution", 1)
         self._call_steps = max(1, -(-int(per_call) // trainer.accumulation_steps()))
+        # Gradients are captured from the call holding the epoch's last update on: any
+        # `accumulation` consecutive micro-batches hold one update, and an epoch whose length
+        # is no multiple of it ends inside an accumulation window (its last call updates nothing).
+        self._capture_from_end = int(per_call) + trainer.accumulation_steps() - 1
         # Held until the first write opens the sink: a snapshot restored later in this hook
         # (BackupAndRestore) may still point log_dir at the run being resumed.
         self._points = PendingPoints()
@@ -163,8 +167,8 @@ class TensorBoardLogger:
     def on_train_batch_begin(self, trainer, batch):
         steps = trainer.params.get("steps")
         if ("values" in self.gradient_taps and steps and trainer.epoch % self.histogram_freq == 0
-                and batch + self._call_steps >= steps):
-            trainer.gradient_pipeline.capture_gradients(True)  # the epoch's last call
+                and batch + self._capture_from_end >= steps):
+            trainer.gradient_pipeline.capture_gradients(True)  # from the call of the epoch's last update
         window = self.profile_batch
         # The window is in global steps, so a later fit or a resumed run past it never re-profiles.
         if window and self._profiler == "idle" and trainer.global_step < window[1]:
@@ -294,6 +298,9 @@ class TensorBoardLogger:
         if histograms:
             self._put({"type": "histograms", "run": "train", "step": epoch, "values": histograms})
             self._put(_scalars("train", epoch, norms))
+        elif trainer.accumulation_steps() > 1 and (trainer.params.get("steps") or 0) < trainer.accumulation_steps():
+            # An epoch shorter than the accumulation window may hold no update at all.
+            log.info("TensorBoardLogger: epoch %d had no optimizer update; no gradient histogram", epoch)
         elif not self._warned_no_gradients:
             self._warned_no_gradients = True
             log.warning("TensorBoardLogger: no gradients to write; inside model.fit compile with "

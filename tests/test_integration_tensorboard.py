@@ -15,6 +15,7 @@ import corebus
 from corebus import ConfigError, LazyLogs, MissingExtraError, hookimpl, read_spool
 from corebus.cli import main as cli_main
 from corebus.integrations import TensorBoardLogger
+from corebus.plugins import GradientAccumulation
 from corebus.testing import make_trainer, tiny_data, tiny_model
 
 FIT = dict(batch_size=16, verbose=0, shuffle=False, validation_split=0.25)  # 72 train samples: 5 steps/epoch
@@ -396,3 +397,35 @@ def test_scalars_are_the_bytes_tensorboard_writes():
     for number in (0.5, 1e-7, -2.0, 1e30, 123456789.123, 0.0, float("inf"), float("nan")):
         assert _scalar_value("batch_loss", number).SerializeToString() == \
             scalar_pb("batch_loss", number).value[0].SerializeToString()
+
+
+@pytest.mark.parametrize("mode", ["engine", "model.fit"])
+def test_gradient_histograms_with_accumulation_are_written_every_due_epoch(tmp_path, mode):
+    # 6 micro-batches per epoch, an update every 4: epochs 0 and 2 end inside an accumulation
+    # window (their last updates are micro-batches 4 and 16), epochs 1 and 3 on an update.
+    x, y = tiny_data()
+    lr, spy = 0.1, WeightSteps()
+    logger = TensorBoardLogger(tmp_path, histogram_freq=1, update_freq="epoch")
+    plugins = [spy, logger, GradientAccumulation(4)]
+    fit = dict(batch_size=16, verbose=0, shuffle=False, epochs=4)  # 96 samples: 6 micro-batches per epoch
+    if mode == "engine":
+        trainer = make_trainer(plugins, optimizer=keras.optimizers.SGD(lr))
+        trainer.fit(x, y, **fit)
+        model = trainer.model
+    else:
+        callback = corebus.KerasCallback(plugins)
+        model = tiny_model()
+        model.compile(optimizer=callback.wrap_optimizer(keras.optimizers.SGD(lr)),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.fit(x, y, callbacks=[callback], **fit)
+    train = read_run(tmp_path / "train")[0]
+    for epoch, micro in enumerate((4, 12, 16, 24)):  # each epoch's last update, 1-based micro-batch
+        before, after = spy.snapshots[2 * micro - 2], spy.snapshots[2 * micro - 1]
+        for weight, old, new in zip(model.trainable_weights, before, after):
+            gradient = (old - new) / lr
+            plugin, rows = train[f"{weight.path}/gradient_histogram"]
+            assert [step for step, _ in rows] == [0, 1, 2, 3]
+            assert rows[epoch][1][:, 2].sum() == gradient.size
+            np.testing.assert_allclose(rows[epoch][1][:, :2].min(), gradient.min(), rtol=1e-4, atol=1e-7)
+            norm = dict(scalars(train)[f"{weight.path}/gradient_norm"])[epoch]
+            assert norm == pytest.approx(np.linalg.norm(gradient), rel=1e-4)
