@@ -14,8 +14,12 @@ import keras
 from . import registry
 from .bus import PluginBus
 from .context import RunContext
-from .gradients import GradientPipelineOptimizer, unwrap
+from .errors import ConfigError, CorebusError
+from .gradients import GradientPipelineOptimizer, unwrap, wrap_optimizer
 from .logs import LazyLogs
+
+#: Hooks compiled into the step through the gradient pipeline.
+GRADIENT_HOOKS = ("transform_gradients", "gradient_accumulation_steps")
 
 
 class KerasRunContext(RunContext):
@@ -55,14 +59,22 @@ class KerasCallback(keras.callbacks.Callback):
 
     ::
 
-        callback = corebus.KerasCallback(plugins=["early_stopping", MyPlugin()])
-        model.compile(optimizer=callback.wrap_optimizer("adam"), loss=...)  # gradient plugins
+        callback = corebus.KerasCallback(plugins=["early_stopping", "gradient_clipping", MyPlugin()])
+        model.compile(optimizer="adam", loss=...)
         model.fit(x, y, callbacks=[callback])
+
+    Gradient plugins (clipping, accumulation, gradient taps) run inside Keras's compiled step:
+    for the length of each ``fit`` the callback wraps the model's optimizer in a
+    :class:`corebus.GradientPipelineOptimizer` (Keras's ``LossScaleOptimizer`` pattern) and
+    retraces the train function; at the end it puts the model's own optimizer back, so the
+    model (and any file saved from it) never depends on corebus.
     """
 
     def __init__(self, plugins: Any = None, *, profile: bool = False):
         super().__init__()
-        self._pipelined = False
+        self._pipelined: GradientPipelineOptimizer | None = None  # the wrapper in use during fit
+        self._checked = False
+        self._own_optimizer: Any = None  # the model's optimizer while ours wraps it
         self.context = KerasRunContext()
         self.context._use_bus(PluginBus(registry.resolve_all(plugins), profile=profile))
 
@@ -70,26 +82,70 @@ class KerasCallback(keras.callbacks.Callback):
     def bus(self) -> PluginBus:
         return self.context.bus
 
-    def wrap_optimizer(self, optimizer: Any) -> GradientPipelineOptimizer:
-        """Wrap ``optimizer`` so this callback's gradient plugins run inside ``model.fit``."""
-        return GradientPipelineOptimizer(optimizer, self.context)
+    def wrap_optimizer(self, optimizer: Any) -> Any:
+        """The plain Keras optimizer for ``optimizer``: no longer needed (the callback wraps the
+        model's optimizer during ``fit``), kept so older scripts run unchanged."""
+        return wrap_optimizer(optimizer)
+
+    def _install_pipeline(self) -> None:
+        """Route the model's updates through the gradient pipeline when a plugin needs it."""
+        model, bus = self.model, self.context.bus
+        optimizer = getattr(model, "optimizer", None)
+        needed = bool(self.context.gradient_taps) or any(bus.implementations(h) for h in GRADIENT_HOOKS)
+        self._pipelined = None
+        if optimizer is None or not needed:
+            return
+        nested = getattr(optimizer, "inner_optimizer", None)
+        while nested is not None and not isinstance(nested, GradientPipelineOptimizer):
+            nested = getattr(nested, "inner_optimizer", None)
+        if nested is not None and nested._context is not self.context:
+            raise ConfigError(
+                f"the model's optimizer ({type(optimizer).__name__}) holds a GradientPipelineOptimizer of another "
+                "run: compile the model with a plain optimizer (KerasCallback wraps it during fit)")
+        if nested is None:
+            if not (isinstance(optimizer, GradientPipelineOptimizer) and optimizer._context is self.context):
+                self._own_optimizer = optimizer
+                with model.distribute_strategy.scope():  # its variables live where the model's do
+                    model.optimizer = GradientPipelineOptimizer(unwrap(optimizer), self.context)
+                # fit made its train function before on_train_begin; traced or not, it must
+                # trace again to see the wrapper.
+                model.make_train_function(force=True)
+            nested = model.optimizer
+        self._pipelined = nested
+
+    def _check_pipeline_reached(self) -> None:
+        """After the first step: gradient plugins must not be silently inert."""
+        if self._pipelined is not None and not self._pipelined.traced:
+            wanted = sorted({name for hook in GRADIENT_HOOKS for name, _ in self.context.bus.implementations(hook)})
+            taps = sorted(self.context.gradient_taps)
+            self._remove_pipeline()
+            raise CorebusError(
+                f"gradient plugins {wanted} / gradient_taps={set(taps) or '{}'} cannot run: the model's train_step "
+                "applied no gradients through model.optimizer (call self.optimizer.apply(grads, variables) in it)")
+
+    def _remove_pipeline(self) -> None:
+        if self._own_optimizer is not None:
+            self.model.optimizer, self._own_optimizer = self._own_optimizer, None
+            # The pipeline's hooks are compiled into the trace: a later fit traces anew.
+            self.model.make_train_function(force=True)
 
     # --------------------------------------------------------------- train
 
     def on_train_begin(self, logs=None):
         ctx = self.context
+        self._install_pipeline()
+        self._checked = False
         ctx._attach(self.model, self.params)
         optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is not None and not optimizer.built:
-            # Build before any plugin runs, so a run snapshot can be restored into the slots.
-            optimizer.build(self.model.trainable_variables)
-        if ctx.optimizer is not None:
-            ctx.gradient_pipeline.prepare(ctx.optimizer, self.model.trainable_variables)
-        # Gradient taps only measure something when the optimizer runs the pipeline.
-        wrapped = getattr(self.model, "optimizer", None)
-        while wrapped is not None and not isinstance(wrapped, GradientPipelineOptimizer):
-            wrapped = getattr(wrapped, "inner_optimizer", None)
-        self._pipelined = wrapped is not None
+        # Without a distribution strategy Keras builds the model at the first step: a model
+        # with no input shape has no variables yet, and the optimizer and the pipeline then
+        # build themselves in that first trace.
+        if optimizer is not None and self.model.built:
+            with self.model.distribute_strategy.scope():
+                if not optimizer.built:
+                    # Build before any plugin runs, so a run snapshot can be restored into the slots.
+                    optimizer.build(self.model.trainable_variables)
+                ctx.gradient_pipeline.prepare(ctx.optimizer, self.model.trainable_variables)
         iterations = ctx.optimizer.iterations if ctx.optimizer is not None else 0
         ctx._start_steps(int(keras.ops.convert_to_numpy(iterations)) * ctx._accumulation)
         ctx._train_begin()
@@ -109,6 +165,9 @@ class KerasCallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         ctx = self.context
+        if not self._checked:
+            self._checked = True
+            self._check_pipeline_reached()
         # Keras reports begin + N - 1 even for a short last call of an epoch; clamp to the
         # real last batch so step counts (and every cadence built on them) stay exact.
         steps = ctx.params.get("steps")
@@ -121,7 +180,7 @@ class KerasCallback(keras.callbacks.Callback):
             return
         # Keras hands callbacks running means only; on_log's gradient norm and learning rate
         # (as the engine reports them) join the same fetch, read now: they change next step.
-        norms = ctx.gradient_pipeline.norm_logs() if "norm" in ctx.gradient_taps and self._pipelined else {}
+        norms = ctx.gradient_pipeline.norm_logs() if "norm" in ctx.gradient_taps else {}
         step_values = LazyLogs.from_tensors({**logs, **norms, **ctx.learning_rate_logs()})
         names = list(logs)
         ctx._train_batch_end(batch, steps_done, step_values.view(names, range(len(names))), step_values)
@@ -130,7 +189,10 @@ class KerasCallback(keras.callbacks.Callback):
         self.context._epoch_end(epoch, logs if logs is not None else {})
 
     def on_train_end(self, logs=None):
-        self.context._train_end(logs)
+        try:
+            self.context._train_end(logs)
+        finally:
+            self._remove_pipeline()
 
     # --------------------------------------------------------------- evaluate
 

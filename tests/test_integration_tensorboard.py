@@ -96,7 +96,10 @@ def test_same_tags_steps_and_values_as_keras_tensorboard(tmp_path):
             # what Keras lacks: weight norms beside each histogram, the per-step learning rate,
             # run params and final status
             norms = {t.replace("/histogram", "/norm") for t in expected if t.endswith("/histogram")}
-            assert extra == norms | {"batch_learning_rate", "run_params", "run_status"}
+            # and gradients: KerasCallback runs the gradient pipeline in model.fit
+            gradients = {t.replace("/histogram", f"/gradient_{kind}") for t in expected
+                         if t.endswith("/histogram") for kind in ("histogram", "norm")}
+            assert extra == norms | gradients | {"batch_learning_rate", "run_params", "run_status"}
             batch_steps = [step for step, _ in scalars(got)["batch_loss"]]
             assert scalars(got)["batch_learning_rate"] == [(step, f32(0.01)) for step in batch_steps]
         else:

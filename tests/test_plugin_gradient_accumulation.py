@@ -230,3 +230,76 @@ def test_unknown_optimizer_name_fails_before_any_step():
     assert isinstance(cause, ConfigError)
     assert "no optimizer named ['generater']; this run has ['default']" in str(cause)
     assert int(trainer.optimizer.iterations.numpy()) == 0
+
+
+class WithOverwrittenVariable(keras.layers.Layer):
+    """A dense layer plus a variable whose gradient is its next value (`overwrite_with_gradient`,
+    the float8 pattern): its gradient differs from micro-batch to micro-batch."""
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 3), initializer="glorot_uniform")
+        self.scale = self.add_weight(shape=(3,), initializer="zeros")
+        self.scale.overwrite_with_gradient = True
+
+    def call(self, x):
+        return keras.ops.softmax(x @ self.kernel + self.scale * keras.ops.mean(x, axis=1, keepdims=True))
+
+
+def overwrite_model():
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((4,)), WithOverwrittenVariable()])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    return model
+
+
+def test_overwrite_with_gradient_variables_match_keras_accumulation():
+    keras_model = overwrite_model()
+    keras_model.compile(optimizer=keras.optimizers.SGD(gradient_accumulation_steps=4, global_clipnorm=0.05),
+                        loss="sparse_categorical_crossentropy")
+    keras_model.fit(X, Y, batch_size=16, **FIT)
+    plugins = lambda: [GradientAccumulation(4), GradientClipping(global_norm=0.05)]  # noqa: E731
+    fitted = overwrite_model()
+    fitted.fit(X, Y, batch_size=16, callbacks=[corebus.KerasCallback(plugins())], **FIT)
+    trainer = make_trainer(plugins(), model=overwrite_model(), optimizer="sgd", metrics=[])
+    trainer.fit(X, Y, batch_size=16, **FIT)
+    reference = keras_model.get_weights()
+    assert np.abs(reference[1]).max() > 1e-3  # the overwritten variable moved
+    assert_weights_equal(fitted.get_weights(), reference)
+    assert_weights_equal(trainer.model.get_weights(), reference)
+
+
+def test_gradient_histograms_with_accumulation_in_the_engine(tmp_path, caplog):
+    # 6 micro-batches an epoch, an update every 4: epoch 0's last call completes no update.
+    # The histograms are each epoch's last update, and Trainer.fit says nothing about model.fit.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from corebus.integrations import TensorBoardLogger
+
+    class Weights:
+        def __init__(self):
+            self.by_micro_step = {}
+
+        @hookimpl
+        def on_train_begin(self, trainer):
+            self.by_micro_step[0] = [w.numpy().astype("float64") for w in trainer.model.trainable_weights]
+
+        @hookimpl
+        def on_train_batch_end(self, trainer):
+            self.by_micro_step[trainer.micro_step] = [w.numpy().astype("float64") for w in trainer.model.trainable_weights]
+
+    lr, spy = 0.1, Weights()
+    logger = TensorBoardLogger(tmp_path, histogram_freq=1)
+    trainer = make_trainer([spy, logger, GradientAccumulation(4)], optimizer=keras.optimizers.SGD(lr))
+    x, y = tiny_data()  # 96 samples
+    trainer.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    assert "wrap_optimizer" not in caplog.text
+    events = event_accumulator.EventAccumulator(str(tmp_path / "train"), size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    last_update = {0: 4, 1: 12, 2: 16}  # micro-steps 1-6, 7-12, 13-18
+    for index, weight in enumerate(trainer.model.trainable_weights):
+        rows = {e.step: tf.make_ndarray(e.tensor_proto) for e in events.Tensors(f"{weight.path}/gradient_histogram")}
+        assert sorted(rows) == [0, 1, 2]
+        for epoch, micro in last_update.items():
+            gradient = (spy.by_micro_step[micro - 1][index] - spy.by_micro_step[micro][index]) / lr
+            assert rows[epoch][:, 2].sum() == gradient.size
+            np.testing.assert_allclose(rows[epoch][:, 0].min(), gradient.min(), rtol=1e-4, atol=1e-7)
