@@ -12,6 +12,11 @@ import tensorflow as tf
 from corebus import ConfigError, hookimpl, optimizer_names
 
 
+def _dense(gradient: Any) -> Any:
+    """Keras's global_clipnorm turns sparse gradients dense (it scales them with a tensor op)."""
+    return tf.convert_to_tensor(gradient) if isinstance(gradient, tf.IndexedSlices) else gradient
+
+
 class GradientClipping:
     """Clip gradients before the optimizer applies them, exactly like a Keras optimizer's clipping.
 
@@ -21,6 +26,12 @@ class GradientClipping:
       (``tf.clip_by_global_norm``; Keras's ``global_clipnorm``);
     - ``norm``: clip each gradient tensor to this L2 norm (``tf.clip_by_norm``; Keras's ``clipnorm``);
     - ``value``: clip every element to ``[-value, value]`` (Keras's ``clipvalue``).
+
+    Sparse gradients (``tf.IndexedSlices``, e.g. of an ``Embedding``) are treated as Keras
+    treats them: ``global_norm`` makes them dense (so the optimizer then updates every row, as
+    Adam does after Keras's ``global_clipnorm``), ``norm`` and ``value`` keep them sparse;
+    ``global_norm`` measures a sparse gradient as Keras does, slice by slice (an index that
+    occurs twice in a batch counts twice, so the norm can differ from the dense gradient's).
 
     The clip runs at trace time inside the compiled step (``Trainer.fit``, or ``model.fit`` with
     ``model.compile(optimizer=callback.wrap_optimizer("adam"))``), so it costs no host work per
@@ -74,7 +85,14 @@ class GradientClipping:
             return None
         pre_clip_norm = None
         if self.mode == "global_norm":
-            clipped, pre_clip_norm = tf.clip_by_global_norm(gradients, self.threshold)
+            # Keras's norm sums the squares of a sparse gradient's slices as they are (a row
+            # looked up twice counts twice), then scales the gradient densified.
+            pre_clip_norm = tf.sqrt(tf.add_n([
+                tf.reduce_sum(tf.square(tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32)))
+                for g in gradients if g is not None
+            ]))
+            dense = [_dense(g) for g in gradients]
+            clipped, _ = tf.clip_by_global_norm(dense, self.threshold, use_norm=pre_clip_norm)
         elif self.mode == "norm":
             clipped = [None if g is None else tf.clip_by_norm(g, self.threshold) for g in gradients]
         else:

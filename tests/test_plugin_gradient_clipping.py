@@ -233,3 +233,35 @@ def test_unknown_optimizer_name_fails_before_any_step(tiny_data):
     assert "no optimizer named ['generater']; this run has ['default']" in str(cause)
     assert int(trainer.optimizer.iterations.numpy()) == 0
     assert_weights_equal(trainer.model.get_weights(), before, atol=0)
+
+
+def embedding_model():
+    keras.utils.set_random_seed(11)
+    return keras.Sequential([
+        keras.Input((5,), dtype="int32"), keras.layers.Embedding(50, 4), keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+
+
+@pytest.mark.parametrize("mode, keras_name, threshold", [
+    ("global_norm", "global_clipnorm", 100.0), ("global_norm", "global_clipnorm", 0.01),
+    ("value", "clipvalue", 100.0), ("value", "clipvalue", 0.001), ("norm", "clipnorm", 0.01),
+])
+def test_sparse_gradients_match_keras_clipping(mode, keras_name, threshold):
+    # An Embedding's gradient is sparse; Adam updates differ for sparse and dense gradients,
+    # so this shows whether a clip densifies exactly when Keras's does (also when nothing clips).
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 50, size=(128, 5)).astype("int32")
+    labels = (tokens[:, 0] % 3).astype("int32")
+    fit = {"batch_size": 16, "epochs": 1, "shuffle": False, "verbose": 0}  # 8 steps
+    reference = embedding_model()
+    reference.compile(optimizer=keras.optimizers.Adam(**{keras_name: threshold}), loss="sparse_categorical_crossentropy")
+    reference.fit(tokens, labels, **fit)
+    ours = embedding_model()
+    ours.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    ours.fit(tokens, labels, callbacks=[corebus.KerasCallback([GradientClipping(**{mode: threshold})])], **fit)
+    trainer = make_trainer([GradientClipping(**{mode: threshold})], model=embedding_model(), optimizer="adam",
+                           metrics=[])
+    trainer.fit(tokens, labels, **fit)
+    assert_weights_equal(ours.get_weights(), reference.get_weights())
+    assert_weights_equal(trainer.model.get_weights(), reference.get_weights())
