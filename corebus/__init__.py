@@ -14,7 +14,7 @@ from .bus import PluginBus, hookimpl
 from .cadence import Cadence
 from .context import optimizer_names
 from .errors import ConfigError, CorebusError, MissingExtraError, PluginError, require_module
-from .io import BackgroundWorker, atomic_path, check_writable, fsync_path
+from .io import BackgroundWorker, RunLock, atomic_path, check_writable, fsync_path
 from .logs import LazyLogs, LoggedStep
 from .monitor import Monitor
 from .registry import installed_plugins, load_plugin_config
@@ -45,6 +45,7 @@ __all__ = [
     "BackendError",
     "BackendProcess",
     "BackgroundWorker",
+    "RunLock",
     "InProcessBackend",
     "Monitor",
     "atomic_path",

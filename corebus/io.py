@@ -5,19 +5,27 @@
 - :class:`BackgroundWorker` -- run writes off the training thread, at most ``max_pending`` in
   flight; errors are kept and re-raised on :meth:`~BackgroundWorker.flush` so nothing is lost
   silently.
+- :class:`RunLock` -- one run owns a directory or file: an OS lock (``filelock``) held for the
+  run, with a sidecar naming the holder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
+import logging
 import os
 import queue
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("corebus")
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -137,3 +145,115 @@ class BackgroundWorker:
         finally:
             self._jobs.put(None)
             self._thread.join(timeout=30)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+# Locks this process holds, by lock file: plugins of one run may share a directory (a best and a
+# last ModelCheckpoint, a backup_dir beside them), so a second holder in the process shares it.
+_HELD: dict[str, list[Any]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+class RunLock:
+    """One run owns ``target`` (a directory, or a file) while it trains.
+
+    The lock is an OS file lock taken with ``filelock`` (released by the kernel when the process
+    dies, even by SIGKILL); a sidecar ``<lock>.owner`` names the holder (host, pid, plugin, start
+    time) for the message a second run gets. A sidecar left by a process that died is taken over
+    with a warning. Within one process the lock is shared by every holder of the same target.
+
+    :param target: the directory (locked through ``<dir>/.corebus-run.lock``) or the file
+        (``.<name>.lock`` beside it) the run writes.
+    :param owner: who locks it, for messages (``"BackupAndRestore"``).
+    :param directory: whether ``target`` is a directory (it need not exist yet).
+    """
+
+    def __init__(self, target: str | os.PathLike, owner: str, directory: bool = True):
+        self.target = Path(target)
+        self.owner = owner
+        if directory:
+            self.path = self.target / ".corebus-run.lock"
+        else:
+            self.path = self.target.parent / f".{self.target.name}.lock"
+        self.sidecar = self.path.with_name(self.path.name + ".owner")
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`corebus.ConfigError` naming the run that holds it."""
+        import filelock
+
+        from .errors import ConfigError
+
+        if self.held:
+            return
+        key = os.path.abspath(self.path)
+        with _HELD_GUARD:
+            shared = _HELD.get(key)
+            if shared is not None:
+                shared[1] += 1
+                self.held = True
+                return
+            lock = filelock.FileLock(key, timeout=0)
+            try:
+                lock.acquire()
+            except filelock.Timeout:
+                raise ConfigError(
+                    f"{self.owner}: {str(self.target)!r} is used by another run ({self._describe(self._holder())}); "
+                    "wait for that run to end (or stop it), or give this run its own directory"
+                ) from None
+            except OSError as exc:
+                raise ConfigError(f"{self.owner}: cannot lock {str(self.target)!r}: {exc.strerror or exc}") from exc
+            _HELD[key] = [lock, 1]
+        self.held = True
+        left = self._holder()
+        if left and left.get("pid") != os.getpid():
+            dead = left.get("host") == socket.gethostname() and not _pid_alive(int(left.get("pid", 0)))
+            log.warning("%s: taking over %s from %s, which %s", self.owner, self.target, self._describe(left),
+                        "is no longer running" if dead else "no longer holds its lock")
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "owner": self.owner,
+                  "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        with atomic_path(self.sidecar) as tmp:
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+
+    def release(self) -> None:
+        """Give the lock back; the last holder in the process removes the lock and its sidecar."""
+        if not self.held:
+            return
+        self.held = False
+        key = os.path.abspath(self.path)
+        with _HELD_GUARD:
+            shared = _HELD.get(key)
+            if shared is None:
+                return
+            shared[1] -= 1
+            if shared[1] > 0:
+                return
+            del _HELD[key]
+            with contextlib.suppress(OSError):
+                self.sidecar.unlink()
+            with contextlib.suppress(OSError):  # removed while held: a later run locks a new file
+                self.path.unlink()
+            shared[0].release()
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    @staticmethod
+    def _describe(holder: dict[str, Any] | None) -> str:
+        if not holder:
+            return "holder not recorded yet"
+        return (f"{holder.get('owner', '?')} on host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+                f"since {holder.get('since', '?')}")

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from corebus import BackgroundWorker, Cadence, ConfigError, RunSnapshot, check_writable, hookimpl
+from corebus import BackgroundWorker, Cadence, ConfigError, RunLock, RunSnapshot, check_writable, hookimpl
 
 log = logging.getLogger("corebus")
 
@@ -55,12 +55,15 @@ class BackupAndRestore:
         self.restored_step: int | None = None
         self.snapshots_written = 0
         self._last_path: Path | None = None
+        self._lock = RunLock(self.backup_dir, "BackupAndRestore")
 
     @hookimpl(trylast=True)
     def on_train_begin(self, trainer: Any) -> None:
         # trylast: every other plugin has initialised its state (and installed LR schedules)
         # before the snapshot overwrites it with the interrupted run's state.
         check_writable(self.backup_dir, "BackupAndRestore")
+        if trainer.is_chief:  # the chief writes; other workers of a multi-worker run only read
+            self._lock.acquire()
         if self._cadence is not None and not trainer.supports_mid_epoch_resume:
             log.warning("BackupAndRestore: model.fit resumes per epoch; snapshots at epoch ends only")
         snapshot = RunSnapshot.latest(self.backup_dir)
@@ -112,13 +115,18 @@ class BackupAndRestore:
         if self.delete_checkpoint and trainer.is_chief and self.backup_dir.exists():
             for snapshot in self.backup_dir.glob("snapshot-*"):
                 shutil.rmtree(snapshot, ignore_errors=True)
+        self._lock.release()
+        if self.delete_checkpoint and trainer.is_chief:
             with contextlib.suppress(OSError):  # as Keras: no empty backup_dir left behind
                 self.backup_dir.rmdir()
         return result
 
     @hookimpl
     def on_exception(self) -> None:
-        self._close()  # keep the snapshots: they are what the next start resumes from
+        try:
+            self._close()  # keep the snapshots: they are what the next start resumes from
+        finally:
+            self._lock.release()
 
     def snapshot_now(self, trainer: Any) -> Path | None:
         """Write a snapshot of the run as it is now and wait until it is on disk.

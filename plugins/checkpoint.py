@@ -17,7 +17,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from corebus import BackgroundWorker, Cadence, ConfigError, Monitor, atomic_path, check_writable, hookimpl
+from corebus import BackgroundWorker, Cadence, ConfigError, Monitor, RunLock, atomic_path, check_writable, hookimpl
 
 log = logging.getLogger("corebus")
 
@@ -105,6 +105,9 @@ class ModelCheckpoint:
         self._done: deque = deque()  # completed writes, announced on the training thread
         # Fail before training, not at the first save: Keras would only fail there.
         check_writable(self._directory, "ModelCheckpoint")
+        # One run owns the checkpoint directory (the file itself when no directory is given).
+        in_cwd = Path(self.filepath).parent == Path(".")
+        self._lock = RunLock(self.filepath if in_cwd else self._directory, "ModelCheckpoint", directory=not in_cwd)
 
     def _check_config(self) -> None:
         path, where = self.filepath, f"ModelCheckpoint(filepath={self.filepath!r})"
@@ -152,6 +155,7 @@ class ModelCheckpoint:
 
     @hookimpl
     def on_train_begin(self, trainer):
+        self._lock.acquire()
         self._epoch = int(trainer.params.get("initial_epoch", trainer.epoch) or 0)
         if self._monitor is not None:
             try:
@@ -184,11 +188,17 @@ class ModelCheckpoint:
 
     @hookimpl
     def on_train_end(self, trainer):
-        self._close(trainer)
+        try:
+            self._close(trainer)
+        finally:
+            self._lock.release()
 
     @hookimpl
     def on_exception(self, trainer):
-        self._close(trainer)
+        try:
+            self._close(trainer)
+        finally:
+            self._lock.release()
 
     # ---------------------------------------------------------------- deciding
 

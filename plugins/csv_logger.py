@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from corebus import ConfigError, atomic_path, check_writable, hookimpl
+from corebus import ConfigError, RunLock, atomic_path, check_writable, hookimpl
 
 log = logging.getLogger("corebus")
 
@@ -52,12 +52,14 @@ class CSVLogger:
         self._resume: dict[str, Any] | None = None
         self._mode = "a" if append else "w"
         self._offset: int | None = None  # the file's length after the last row written
+        self._lock = RunLock(self.filename, "CSVLogger", directory=False)
 
     @hookimpl
     def on_train_begin(self):
         # The file is opened at the first row, not here: a resumed run's state is restored after
         # this hook (BackupAndRestore is trylast), and opening with "w" now would erase the rows
         # written before the snapshot.
+        self._lock.acquire()  # one run writes this file
         self._close()
         self.writer = None
         if self._resume is None:
@@ -112,10 +114,14 @@ class CSVLogger:
         if self.csv_file is None and self._resume is None and self._mode == "w":
             self._open()  # no epoch ran: Keras still leaves an empty file
         self._close()
+        self._lock.release()
 
     @hookimpl
     def on_exception(self):
-        self._close()
+        try:
+            self._close()
+        finally:
+            self._lock.release()
 
     def _close(self) -> None:
         if self.csv_file and not self.csv_file.closed:
