@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 # (script, full arguments, --quick arguments)
 BENCHMARKS = [
     ("bench_engine.py", [], ["--epochs", "20", "--repeats", "2"]),
+    ("bench_parity.py", [], ["--epochs", "10", "--repeats", "2"]),
     ("bench_plugins.py", [], ["--epochs", "20", "--repeats", "2"]),
     ("bench_loggers.py", [], ["--epochs", "150", "--repeats", "1"]),
     ("bench_mlflow.py", [], ["--epochs", "90", "--repeats", "2"]),
