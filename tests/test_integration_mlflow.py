@@ -238,11 +238,12 @@ def test_a_dead_server_never_stalls_training_and_every_metric_lands_once(server,
     assert not list((tmp_path / "mlflow").glob("*.spool.jsonl"))
 
 
-@pytest.mark.parametrize("error, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+@pytest.mark.parametrize("error, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+                                           (SystemExit(128 + 15), "KILLED")])  # a stop turned into an exit
 def test_a_crash_marks_the_run_failed_and_an_interrupt_killed(server, tmp_path, error, status):
     x, y = tiny_data(96)
     mlflow_logger = logger(server, tmp_path, log_every_n_steps=1)
-    with pytest.raises(PluginError if status == "FAILED" else KeyboardInterrupt):
+    with pytest.raises(PluginError if status == "FAILED" else type(error)):
         make_trainer([mlflow_logger, FailAt(5, error)]).fit(x, y, batch_size=8, epochs=2, verbose=0)
     client = server.client()
     assert client.get_run(mlflow_logger.run_id).info.status == status
@@ -448,3 +449,120 @@ def test_more_points_than_one_request_holds_arrive_through_mlflows_client(server
     got, expected = (sorted((key, m.step, m.timestamp, repr(m.value)) for key in ("m", "val/loss")
                             for m in client.get_metric_history(run, key)) for run in (ours, theirs))
     assert got == expected and len(got) == 2 * len(values)
+
+
+class LossBuffer:
+    """A third-party plugin without get_config: a constructor parameter and running state."""
+
+    def __init__(self, every=3):
+        self.every = every
+        self.losses = []
+        self.wait = 0
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        self.wait += 1
+        self.losses.append(trainer.global_step)
+
+
+def summary_counts(model):
+    """Keras's own parameter counts, read from ``model.summary()``."""
+    import re
+
+    lines = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(lines))
+    return {kind: re.search(rf"{kind} params: ([\d,]+)", text).group(1).replace(",", "")
+            for kind in ("Total", "Trainable", "Non-trainable")}
+
+
+@pytest.mark.parametrize("mode", ["engine", "keras"])
+def test_params_are_configuration_with_loss_metrics_optimizer_and_model_size(tmp_path, mode):
+    from mlflow.tracking import MlflowClient
+
+    from corebus.plugins import EarlyStopping
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    x, y = tiny_data(64)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(3, activation="softmax")])
+    mlflow_logger = MLflowLogger(tracking_uri=uri, experiment_name="params", dir=tmp_path / "mlflow")
+    plugins = [EarlyStopping(monitor="loss", patience=5), LossBuffer(), mlflow_logger]
+    if mode == "engine":
+        make_trainer(plugins, model=model, optimizer="adam").fit(x, y, batch_size=8, epochs=2, verbose=0)
+    else:
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[KerasCallback(plugins)])
+    params = MlflowClient(tracking_uri=uri).get_run(mlflow_logger.run_id).data.params
+    assert params["model.loss"] == "sparse_categorical_crossentropy"
+    assert params["model.metrics"] == '["accuracy"]'
+    assert params["optimizer.default.name"] == model.optimizer.name  # Keras names it ("adam", "adam_1"...)
+    counts = summary_counts(model)  # Keras's "Total" there adds the optimizer's variables
+    assert (params["model.trainable_params"], params["model.non_trainable_params"]) == (
+        counts["Trainable"], counts["Non-trainable"])
+    assert params["model.total_params"] == str(model.count_params())
+    assert params["model.non_trainable_params"] == "16"  # BatchNormalization's moving mean and variance
+    # configuration, not running state (patience counters, best values, buffers)
+    assert params["plugins.EarlyStopping.patience"] == "5" and params["plugins.EarlyStopping.monitor"] == "loss"
+    assert params["plugins.LossBuffer.every"] == "3"
+    for state in ("plugins.EarlyStopping.wait", "plugins.EarlyStopping.best", "plugins.EarlyStopping.stopped_epoch",
+                  "plugins.LossBuffer.losses", "plugins.LossBuffer.wait"):
+        assert state not in params, state
+
+
+@pytest.mark.parametrize("log_checkpoints, expected", [
+    ("kept", ["ep03.weights.h5"]),
+    ("all", ["ep01.weights.h5", "ep02.weights.h5", "ep03.weights.h5"]),
+    (False, [])])
+def test_uploaded_checkpoints_follow_the_checkpoint_plugins_keep_policy(tmp_path, log_checkpoints, expected):
+    """save_top_k=1 on a falling training loss keeps one file on disk: "kept" (the default)
+    leaves the run with that one; "all" keeps every upload; False uploads none."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    x, y = tiny_data(64)
+    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "ep{epoch:02d}.weights.h5"), save_weights_only=True,
+                                 monitor="loss", save_top_k=1)
+    mlflow_logger = MLflowLogger(tracking_uri=uri, experiment_name="ckpt", dir=tmp_path / "mlflow",
+                                 log_checkpoints=log_checkpoints)
+    make_trainer([mlflow_logger, checkpoint], optimizer="adam").fit(x, y, batch_size=8, epochs=3, verbose=0)
+    assert os.listdir(tmp_path / "ckpt") == ["ep03.weights.h5"]
+    listed = MlflowClient(tracking_uri=uri).list_artifacts(mlflow_logger.run_id, "checkpoints")
+    assert sorted(os.path.basename(a.path) for a in listed) == expected
+    with pytest.raises(ConfigError, match="log_checkpoints"):
+        MLflowLogger(tracking_uri=uri, dir=tmp_path / "mlflow", log_checkpoints="best")
+
+
+def test_a_password_in_the_tracking_uri_is_never_printed_logged_or_spooled(server, tmp_path, capfd, caplog):
+    """A canary password in ``http://user:PASS@host``: a run to the live server (MLflow's own
+    "View run at" line would print it) and one to a dead port (send failures, spool), then
+    every byte of console output, log records, params and spool files is searched."""
+    import logging
+    from urllib.parse import urlsplit
+
+    from mlflow_server import free_port
+
+    canary = "Canary-Pa55word-7c1f"
+    caplog.set_level(logging.INFO)
+    x, y = tiny_data(32)
+    port = urlsplit(server.uri).port
+    live = logger(server, tmp_path, log_every_n_steps=1)
+    live.tracking_uri = live._writer.tracking_uri = f"http://ada:{canary}@127.0.0.1:{port}"
+    make_trainer([live]).fit(x, y, batch_size=8, epochs=1, verbose=0)
+    run = server.client().get_run(live.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["plugins.MLflowLogger.tracking_uri"] == f"http://ada:***@127.0.0.1:{port}"
+    assert not any(canary in value for value in {**run.data.params, **run.data.tags}.values())
+
+    dead = MLflowLogger(tracking_uri=f"http://ada:{canary}@127.0.0.1:{free_port()}", experiment_name="corebus-tests",
+                        dir=tmp_path / "dead", log_every_n_steps=1, shutdown_timeout=1)
+    make_trainer([dead]).fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert "send failed" in caplog.text  # the failure path really ran
+    spooled = list((tmp_path / "dead").rglob("*"))
+    assert any(p.name.endswith(".spool.jsonl") for p in spooled)
+    out, err = capfd.readouterr()
+    for where, text in [("stdout", out), ("stderr", err), ("log", caplog.text)] + [
+            (str(p), p.read_bytes().decode(errors="replace")) for p in spooled if p.is_file()]:
+        assert canary not in text, where
+    assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ  # restored after the run
