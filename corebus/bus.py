@@ -35,7 +35,7 @@ trace_log = logging.getLogger("corebus.trace")
 
 hookimpl = pluggy.HookimplMarker("corebus")
 
-ERROR_POLICIES = ("raise", "warn", "disable")
+ERROR_POLICIES = ("raise", "warn", "disable", "propagate")  # propagate: the error itself, unwrapped
 
 # Hooks where a failing plugin must not mask the original problem: always warn.
 _NEVER_RAISE = {"on_exception"}
@@ -123,6 +123,8 @@ class PluginBus:
         def on_error(exc: Exception) -> None:
             if isinstance(exc, ConfigError):
                 raise exc  # bad input: its message already says what to fix
+            if policy == "propagate":
+                raise exc  # Keras callbacks: their own exceptions, as model.fit raises them
             if policy == "raise":
                 raise PluginError(name, hook, exc) from exc
             bus.failures[name] += 1

@@ -136,6 +136,9 @@ class ArrayData:
     def epoch_done(self) -> None:
         pass
 
+    def reset(self) -> None:
+        pass
+
     def steps_in(self, epoch: int) -> int:
         """Batches epoch ``epoch`` trains (fewer than ``steps`` where a pass ends, as in Keras)."""
         return self.spans.of(epoch)[2]
@@ -248,11 +251,13 @@ class DatasetData:
         self._persistent = steps is not None and persistent
         self._iterator: Iterator | None = None
         self._in_epoch = False
+        self._fresh = False
 
     def steps_in(self, epoch: int) -> int | None:
         return self.spans.of(epoch)[2]
 
     def iterator(self, epoch: int, skip_batches: int = 0) -> Iterator:
+        self._fresh = False
         if self.adapter is not None and not self._in_epoch:
             self.adapter.on_epoch_begin()
             self._in_epoch = True
@@ -264,6 +269,17 @@ class DatasetData:
         # Under a strategy the dataset yields global batches; tf.distribute splits them.
         self._iterator = iter(ds if self.strategy is None else self.strategy.experimental_distribute_dataset(ds))
         return self._iterator
+
+    def reset(self) -> None:
+        """A new fit or evaluation starts: Keras's EpochIterator.reset (which ends an epoch of
+        the adapter: a PyDataset's ``on_epoch_end`` runs once more than there are epochs)."""
+        if self._fresh:
+            return  # reset already (right after the build's look at a batch)
+        self._iterator = None
+        self._fresh = True
+        if self.adapter is not None:
+            self._in_epoch = False
+            self.adapter.on_epoch_end()
 
     def epoch_done(self) -> None:
         """The epoch ended: Keras's adapter hooks (a PyDataset's ``on_epoch_end``, its workers)."""
@@ -283,6 +299,10 @@ class DatasetData:
 
     def first_batch(self) -> Any:
         try:
+            if self.adapter is not None:  # as Keras builds: from the epoch's own iterator, then reset()
+                batch = next(self.iterator(0))
+                self.reset()  # at once: a PyDataset's workers would fill its queue meanwhile
+                return batch
             return next(iter(self._dataset.take(1)))
         except StopIteration:
             raise ConfigError("the data yields no batches (an empty dataset, generator or PyDataset)") from None

@@ -37,6 +37,8 @@ def _py_logs(logs: Any) -> dict[str, Any]:
 class KerasCallbacks:
     """Runs a list of Keras callbacks as one corebus plugin (see the module docstring)."""
 
+    error_policy = "propagate"  # a callback's exception reaches the caller as it would from model.fit
+
     def __init__(self, callbacks: Any, model: Any):
         callbacks = list(keras.tree.flatten(callbacks)) if callbacks is not None else []
         for cb in callbacks:

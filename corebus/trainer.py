@@ -167,7 +167,10 @@ class Trainer(RunContext):
         step. Call ``trainer.apply_gradients(grads, variables, optimizer="name")`` inside it so
         the gradient pipeline (clipping, accumulation, logging) applies per optimizer.
     :param test_step: optional ``(trainer, data) -> dict`` for ``evaluate`` with custom steps.
+    :param loss_weights, weighted_metrics, auto_scale_loss: as ``model.compile`` takes them.
+    :param run_eagerly: run the steps eagerly (debugging), as ``model.compile(run_eagerly=True)``.
     :param steps_per_execution: steps run per compiled call; batch hooks fire once per call.
+        ``None``: the compiled model's value, else 1.
     :param strategy: a ``tf.distribute`` strategy (``MirroredStrategy``,
         ``MultiWorkerMirroredStrategy``). Create the model inside ``strategy.scope()``;
         ``batch_size`` is the global batch (split evenly over the replicas; the last partial
@@ -182,8 +185,14 @@ class Trainer(RunContext):
         multiplies its loss by ``trainer.scale_loss(loss, optimizer=name)`` before taking
         gradients. ``None``: follow the model's own policy (a model built under
         ``keras.mixed_precision.set_global_policy("mixed_float16")`` gets loss scaling).
-    :param jit_compile: compile the step with XLA.
-    :param seed: seed for the per-epoch shuffle order (random if not given).
+    :param jit_compile: compile the step with XLA; ``"auto"`` resolves as Keras does (the
+        compiled model's value; off on CPU).
+    :param seed: seed for the per-epoch shuffle order; ``None`` draws it from Keras's global
+        seed state, so after ``keras.utils.set_random_seed(s)`` runs repeat exactly.
+
+    Every ``model.compile`` argument is taken here (or from the already compiled model when
+    none of ``optimizer / loss / metrics / loss_weights / weighted_metrics`` is given); a model
+    class that overrides ``train_step`` / ``test_step`` runs its own steps.
     :param profile: record host time per plugin per hook (``trainer.bus.profile_report()``).
     """
 
@@ -198,11 +207,15 @@ class Trainer(RunContext):
         strategy: tf.distribute.Strategy | None = None,
         train_step: TrainStep | None = None,
         test_step: TrainStep | None = None,
-        steps_per_execution: int = 1,
-        jit_compile: bool = False,
+        steps_per_execution: int | None = None,
+        jit_compile: bool | str = "auto",
         seed: int | None = None,
         profile: bool = False,
         mixed_precision: str | None = None,
+        loss_weights: Any = None,
+        weighted_metrics: Any = None,
+        run_eagerly: bool | None = None,
+        auto_scale_loss: bool = True,
     ):
         super().__init__()
         if not isinstance(model, keras.Model):
@@ -210,26 +223,39 @@ class Trainer(RunContext):
                 f"model must be a keras.Model (Sequential, functional or subclassed), "
                 f"got {type(model).__name__}"
             )
+        if steps_per_execution is None:
+            steps_per_execution = getattr(model, "steps_per_execution", 1) if model.compiled else 1
         if not isinstance(steps_per_execution, int) or steps_per_execution < 1:
             raise ConfigError(f"steps_per_execution={steps_per_execution!r} must be an integer >= 1")
+        if jit_compile not in (True, False, "auto"):
+            raise ConfigError(f"jit_compile={jit_compile!r}: use True, False or 'auto'")
         if train_step is not None and not callable(train_step):
             raise ConfigError("train_step must be a callable (trainer, data) -> dict of logs")
         self.model = model
         self.strategy = strategy
         self.steps_per_execution = steps_per_execution
-        self.jit_compile = bool(jit_compile)
+        self._compile_args = {"loss_weights": loss_weights, "weighted_metrics": weighted_metrics,
+                              "auto_scale_loss": auto_scale_loss}
+        self.run_eagerly = bool(run_eagerly if run_eagerly is not None else model.compiled and model.run_eagerly)
+        self._jit_compile_arg = jit_compile
         # Keras's global seed state decides (keras.utils.set_random_seed seeds Python's random):
         # two runs of one seeded script shuffle alike, as model.fit does.
         self.seed = int(seed) if seed is not None else random.randrange(2**31)
         self.profile = profile
         self._user_train_step = train_step
         self._user_test_step = test_step
+        # keras.io's "customizing what happens in fit": the model class's own steps run
+        self._model_train_step = train_step is None and _overrides_step(model, "train_step")
+        self._model_test_step = test_step is None and _overrides_step(model, "test_step")
         self._plugins = registry.resolve_all(plugins)
         PluginBus(self._plugins)  # validates names, order and ownership before any training
         self._setup_strategy(strategy, seed)
         self._setup_mixed_precision(mixed_precision)
         with self._scope():
             self._setup_optimizers(optimizer, loss, metrics)
+        if jit_compile == "auto":  # Keras's resolution (model.jit_compile), off without a compiled model
+            jit_compile = bool(self.model.compiled and self.model.jit_compile) and not self.run_eagerly
+        self.jit_compile = bool(jit_compile)
         with tf.init_scope():
             self._step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="micro_step")
         self._train_fn: dict[int, Callable] = {}
@@ -290,25 +316,25 @@ class Trainer(RunContext):
         if self._user_train_step is None:
             if isinstance(optimizer, Mapping):
                 raise ConfigError("several optimizers need a custom train_step to say which applies where")
-            if optimizer is None and loss is None and metrics is None and self.model.compiled:
+            args = self._compile_args
+            given = (optimizer, loss, metrics, args["loss_weights"], args["weighted_metrics"])
+            if all(a is None for a in given) and self.model.compiled:
                 pass  # use the model's own compile() settings
             else:
-                if loss is None and not self.model.compiled:
+                if loss is None and not self.model.compiled and not self._model_train_step:
                     raise ConfigError("no loss: pass loss=... (e.g. 'sparse_categorical_crossentropy')")
-                try:
-                    self.model.compile(
-                        optimizer=optimizer if optimizer is not None else "rmsprop",
-                        loss=loss,
-                        metrics=metrics,
-                    )
-                except (ValueError, TypeError) as exc:
-                    raise ConfigError(f"bad optimizer/loss/metrics: {exc}") from exc
+                self._compile(optimizer if optimizer is not None else "rmsprop", loss, metrics)
             if self.mixed_precision == "mixed_float16" and not isinstance(
                     self.model.optimizer, keras.optimizers.LossScaleOptimizer):
                 self.model.optimizer = keras.optimizers.LossScaleOptimizer(self.model.optimizer)
             self.optimizers = {"default": self.model.optimizer}
             self.loss = self.model.loss
         else:
+            if not isinstance(optimizer, Mapping) and (loss is not None or any(
+                    v is not None for k, v in self._compile_args.items() if k != "auto_scale_loss")):
+                # a custom step may use model.compute_loss / compute_metrics, as in keras.io's guides
+                self._compile(optimizer or "adam", loss, metrics)
+                optimizer = self.model.optimizer
             specs = optimizer if isinstance(optimizer, Mapping) else {"default": optimizer or "adam"}
             try:
                 self.optimizers = {name: keras.optimizers.get(spec) for name, spec in specs.items()}
@@ -320,6 +346,15 @@ class Trainer(RunContext):
                 self.metrics = [keras.metrics.get(m) for m in (metrics or [])]
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"bad optimizer/loss/metrics: {exc}") from exc
+
+    def _compile(self, optimizer: Any, loss: Any, metrics: Any) -> None:
+        try:
+            self.model.compile(optimizer=optimizer, loss=loss, metrics=metrics, run_eagerly=self.run_eagerly,
+                               steps_per_execution=self.steps_per_execution,
+                               jit_compile=False if self._jit_compile_arg == "auto" and self.run_eagerly
+                               else self._jit_compile_arg, **self._compile_args)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"bad compile arguments (optimizer / loss / metrics / loss_weights): {exc}") from exc
 
     def _make_bus(self, extra: list[str], callbacks: Any = None) -> PluginBus:
         named = list(self._plugins)
@@ -343,6 +378,12 @@ class Trainer(RunContext):
         if self.strategy is not None and any(self.accumulation_steps(n) > 1 for n in self.optimizers):
             raise ConfigError("gradient accumulation under a tf.distribute strategy is not supported yet: "
                               "raise the global batch size instead (or train without a strategy)")
+        if self._model_train_step and any(everywhere.implementations(h) for h in (
+                "transform_gradients", "gradient_accumulation_steps")):
+            raise ConfigError(
+                f"{type(self.model).__name__} overrides train_step, which applies its gradients itself: gradient "
+                "plugins cannot reach them. Pass the step as Trainer(train_step=...) calling "
+                "trainer.apply_gradients(...), or compile the model with corebus.wrap_optimizer(...)")
         # Gradient hooks are compiled into the step: a different set of them needs a new trace.
         self._gradient_signature = tuple(
             id(impl.plugin)
@@ -398,6 +439,8 @@ class Trainer(RunContext):
     def _one_train_step(self, data: Any) -> Mapping[str, Any]:
         if self._user_train_step is not None:
             logs = self._user_train_step(self, data)
+        elif self._model_train_step:
+            logs = self.model.train_step(data)
         else:
             logs = self._default_train_step(data)
         if self.strategy is None:  # (under a strategy the call counts steps, once per step)
@@ -415,6 +458,8 @@ class Trainer(RunContext):
     def _one_test_step(self, data: Any) -> Mapping[str, Any]:
         if self._user_test_step is not None:
             return self._user_test_step(self, data)
+        if self._model_test_step:
+            return self.model.test_step(data)
         if self._user_train_step is not None and not self.model.compiled:
             raise ConfigError("evaluate with a custom train_step needs test_step=... as well")
         return self._default_test_step(data)
@@ -444,7 +489,7 @@ class Trainer(RunContext):
                     packed = _pack(on_rows(source, next(iterator)), names)
                 return packed
 
-        return tf.function(call)
+        return call if self.run_eagerly else tf.function(call)
 
     def _distributed(self, step: Callable, counts_steps: bool) -> Callable:
         """``step`` run on every replica; its logs reduced to one value each (replica mean)."""
@@ -587,7 +632,8 @@ class Trainer(RunContext):
         if layout is None or layout.packed_names != self._train_log_names:
             names = tuple(self._train_log_names)
             log_names, log_positions, step_names, step_positions = _views(names)
-            means = _mean_metric_names(self.model) if self._user_train_step is None else set()
+            custom = self._user_train_step is not None or self._model_train_step
+            means = set() if custom else _mean_metric_names(self.model)
             packed_own = {name[len(STEP_VALUE):] for name in names if name.startswith(STEP_VALUE)}
             # running means whose own value the step does not pack: derived from two calls
             derived = tuple((name, position) for name, position in zip(log_names, log_positions)
@@ -638,20 +684,36 @@ class Trainer(RunContext):
             chosen = metric_logs
         else:
             chosen = logs
-        return {k: float(np.asarray(v)) for k, v in sorted(dict(chosen).items())}
+        return {k: float(np.asarray(v)) if np.ndim(v) == 0 else np.asarray(v)
+                for k, v in sorted(dict(chosen).items())}
 
-    def _metric_results(self) -> dict[str, float]:
+    def _metric_results(self) -> dict[str, Any]:
         """``model.get_metrics_result()`` as one compiled call and one host fetch (eagerly it is
-        a few small ops and a sync per metric, every epoch and every validation pass)."""
+        a few small ops and a sync per metric, every epoch and every validation pass). A vector
+        metric (``F1Score(average=None)``) stays a vector, as in Keras's logs."""
         if self._results_fn is None:
-            names: list[str] = []
-            self._results_fn = (tf.function(lambda: _pack(self.model.get_metrics_result(), names)), names)
-        function, names = self._results_fn
-        return dict(zip(names, np.asarray(function(), dtype=np.float64).tolist()))
+            shapes: list[tuple[str, tuple]] = []
+
+            def results():
+                values = self.model.get_metrics_result()
+                shapes[:] = [(k, tuple(values[k].shape)) for k in sorted(values)]
+                parts = [tf.reshape(tf.cast(values[k], tf.float32), [-1]) for k, _ in shapes]
+                return tf.concat(parts, 0) if parts else tf.zeros((0,), tf.float32)
+
+            self._results_fn = (tf.function(results), shapes)
+        function, shapes = self._results_fn
+        flat = np.asarray(function(), dtype=np.float64)
+        out, at = {}, 0
+        for name, shape in shapes:
+            size = int(np.prod(shape)) if shape else 1
+            out[name] = flat[at].item() if not shape else flat[at:at + size].reshape(shape).astype(np.float32)
+            at += size
+        return out
 
     def _reset_metrics(self) -> None:
         if self._reset_fn is None:
-            metrics = self.model.metrics
+            # a custom step's own metrics (Trainer(metrics=...)) start every epoch afresh too
+            metrics = list(self.model.metrics) + list(getattr(self, "metrics", None) or [])
 
             def reset():
                 for metric in metrics:
@@ -662,6 +724,7 @@ class Trainer(RunContext):
         self._reset_fn()
 
     def _evaluate_data(self, data: ArrayData | DatasetData) -> dict[str, float]:
+        data.reset()
         self._test_begin()
         self._reset_metrics()
         begin_hook = self._callers["on_test_batch_begin"]
@@ -679,6 +742,7 @@ class Trainer(RunContext):
             logs = LazyLogs(self._test_log_names, packed)
             if end_hook is not None:
                 end_hook(trainer=self, batch=begin + n - 1, logs=logs)
+        data.epoch_done()
         result = self._metrics_or(logs)
         self._test_end(result)
         return result
@@ -744,6 +808,7 @@ class Trainer(RunContext):
             "validation": val_data is not None,
         }
         self._build(data)
+        data.reset()  # after the build's look at a batch, as Keras's fit resets its epoch iterator
         self.stop_training = False
         self._start_steps(int(self._step_counter.numpy()))
         epoch_logs: dict[str, float] | None = None
@@ -858,6 +923,7 @@ class Trainer(RunContext):
             batch_out = keras.tree.map_structure(np.asarray, batch_out)
             outputs.append(batch_out)
             self._predict_batch_end(begin, {"outputs": batch_out})
+        data.epoch_done()
         self._predict_end()
         if not outputs:
             raise ConfigError("predict got no batches")
