@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import string
@@ -12,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corebus import (LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, PendingPoints, Spool, check_writable, hookimpl,
-                     read_spool, replay_spool, require_module)
+from corebus import (LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, Monitor, PendingPoints, Spool, atomic_path,
+                     check_writable, hookimpl, read_spool, replay_spool, require_module)
 
 try:  # the SDK in a child process; without it, the SDK runs on the sink's worker thread
     from corebus import BackendProcess
@@ -24,6 +25,8 @@ log = logging.getLogger("corebus")
 
 MODES = ("online", "offline", "disabled")
 LEVELS = {"info": "INFO", "warning": "WARN", "error": "ERROR"}
+CHECKPOINT_POLICIES = ("kept", "all", False)
+RUN_ID = re.compile(r"[a-z0-9]{1,64}")  # W&B's own ids; a snapshot's run id also names files here
 
 
 class WandbLogger:
@@ -39,8 +42,16 @@ class WandbLogger:
       ``epoch/steps_per_second``) and ``epoch/epoch`` (0-based). W&B steps must only grow, so
       the epoch values join the row of the epoch's last step (one row per step);
     - ``trainer.run_params()`` (fit arguments, optimizer, plugin configs, secrets redacted)
-      as the run config; checkpoints from ``on_checkpoint_saved`` as ``model`` artifacts
-      ``run_<id>_model`` (aliases ``latest``, ``step_<N>``);
+      as the run config;
+    - checkpoints (``on_checkpoint_saved``) as versions of the ``model`` artifact
+      ``run_<id>_model``, with aliases ``step_<N>``, ``latest`` (the newest) and ``best`` (the
+      best by the checkpoint's monitor, as W&B's ``WandbModelCheckpoint``), following
+      ``log_checkpoints``: ``"kept"`` (default; ``True`` means the same) uploads, when the fit
+      ends, the checkpoints the checkpoint plugin kept (those still on disk: a ``save_top_k=4``
+      run holds 4 versions, not one per save); ``"all"`` uploads each one as it is announced
+      (a hard link keeps a file rotated away before its upload); ``False`` none. The run
+      summary holds ``best/<monitor>``, ``best/epoch`` (0-based) and ``best/step`` of the best
+      checkpoint announced;
     - alerts (``on_alert``): ``run.alert`` in online mode, and always a ``summary["alerts"]``
       list (offline, ``run.alert`` would only fire, stale, when the run is synced);
     - time: each history row's ``_timestamp`` is the wall time its step (or epoch) ended, not
@@ -65,9 +76,12 @@ class WandbLogger:
     ``<dir>/wandb-<run id>.spool.jsonl``; replay them with ``corebus sync <dir>``. Re-sent
     records are harmless: W&B ignores steps at or below its last one.
 
-    Resume: ``state_dict()`` holds the run id; a run restored from a snapshot logs to the same
-    run (``resume="allow"``); offline, W&B writes a new ``offline-run-*`` directory with the
-    same id, which ``wandb sync`` appends to the run. Only the chief logs under tf.distribute.
+    Resume: ``state_dict()`` holds the run id and the best checkpoint; a run restored from a
+    snapshot logs to the same run (``resume="allow"``); offline, W&B writes a new
+    ``offline-run-*`` directory with the same id, which ``wandb sync`` appends to the run. Steps
+    the interrupted process already delivered (after the snapshot was taken) are not logged
+    again: the last delivered step is noted in ``<dir>/wandb-<run id>.step`` after each
+    delivery. Only the chief logs under tf.distribute.
 
     :param project: W&B project (default ``$WANDB_PROJECT`` or ``"corebus"``).
     :param entity: W&B user or team (default: the account's).
@@ -77,7 +91,7 @@ class WandbLogger:
         ``./corebus-runs``).
     :param name: the run's display name.
     :param log_every_n_steps: batch metrics cadence in global steps, or ``None``.
-    :param log_checkpoints: upload checkpoints as artifacts.
+    :param log_checkpoints: ``"kept"`` / ``True``, ``"all"`` or ``False`` (see above).
     :param shutdown_timeout: seconds ``fit`` waits at the end for W&B to take the records.
     :param tags: the run's tags.
     :param isolate_sdk: run the W&B SDK in a child process (default: yes, unless disabled).
@@ -92,7 +106,7 @@ class WandbLogger:
 
     def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None,
                  dir: str | os.PathLike | None = None, name: str | None = None, log_every_n_steps: int | None = 10,
-                 log_checkpoints: bool = True, shutdown_timeout: float = 30.0, tags: list[str] | None = None,
+                 log_checkpoints: str | bool = "kept", shutdown_timeout: float = 30.0, tags: list[str] | None = None,
                  isolate_sdk: bool | None = None, start_timeout: float = 60.0):
         require_module("wandb", extra="wandb", what="WandbLogger")
         self.project = project or os.environ.get("WANDB_PROJECT") or "corebus"
@@ -103,7 +117,9 @@ class WandbLogger:
         self.name = name
         self.tags = list(tags or [])
         self.log_every_n_steps = log_every_n_steps
-        self.log_checkpoints = log_checkpoints
+        self.log_checkpoints = "kept" if log_checkpoints is True else log_checkpoints
+        if self.log_checkpoints not in CHECKPOINT_POLICIES:
+            raise ConfigError(f"WandbLogger: log_checkpoints={log_checkpoints!r}; use \"kept\" (or True), \"all\" or False")
         self.shutdown_timeout = shutdown_timeout
         if self.mode not in MODES:
             raise ConfigError(f"WandbLogger: mode={self.mode!r}; use one of {', '.join(MODES)}")
@@ -129,6 +145,11 @@ class WandbLogger:
         self._writer: Any = None  # the run's _RunWriter behind call()/close(), in a child or here
         self._started = False
         self._points = PendingPoints()
+        self._kept: dict[str, tuple[int, dict[str, Any]]] = {}  # path -> (step, metadata) announced this fit
+        self._best: dict[str, Any] | None = None  # {"monitor", "value", "epoch", "step"}
+        self._monitors: dict[str, Monitor | None] = {}
+        self._delivered_through: int | None = None  # a resumed run's steps already in W&B
+        self._model: Any = None
 
     def get_config(self) -> dict[str, Any]:
         return {"project": self.project, "entity": self.entity, "mode": self.mode, "dir": self.dir,
@@ -147,11 +168,19 @@ class WandbLogger:
         self._resumed_step = None
         self._sink = None  # opened at the first record: a snapshot restore may still change run_id
         self._points = PendingPoints()
+        self._kept = {}
+        self._model = trainer.model
+        if self._resume_id is None:
+            self._best = self._delivered_through = None
         self._started = True
 
     @hookimpl
     def on_state_restored(self, step: int) -> None:
         self._resumed_step = step
+        try:
+            self._delivered_through = int(self._step_file().read_text())
+        except (OSError, ValueError):  # nothing delivered yet (or another directory)
+            self._delivered_through = None
 
     @hookimpl
     def on_epoch_begin(self) -> None:
@@ -179,10 +208,17 @@ class WandbLogger:
 
     @hookimpl
     def on_checkpoint_saved(self, filepath: str, step: int, metadata: dict[str, Any]) -> None:
-        if self.log_checkpoints:
-            path, staged = self._stage(filepath)
-            self._put({"type": "artifact", "path": path, "name": Path(filepath).name, "staged": staged,
-                       "step": int(step), "metadata": {**(metadata or {}), "step": int(step)}})
+        metadata = {**(metadata or {}), "step": int(step)}
+        best = self._is_new_best(metadata)
+        if best:
+            self._best = {k: metadata.get(k) for k in ("monitor", "value", "epoch", "step")}
+            self._put({"type": "summary", "values": {f"best/{metadata['monitor']}": metadata["value"],
+                                                     "best/epoch": metadata.get("epoch"), "best/step": int(step)}})
+        if self.log_checkpoints == "all":
+            self._put_artifact(filepath, metadata, ["latest", f"step_{step}"] + (["best"] if best else []))
+        elif self.log_checkpoints == "kept":
+            self._kept.pop(filepath, None)  # the same name written again: the newest counts
+            self._kept[filepath] = (int(step), metadata)
 
     @hookimpl
     def on_alert(self, alert: Any) -> None:
@@ -192,7 +228,7 @@ class WandbLogger:
                    "level": alert.level, "step": alert.step, "epoch": alert.epoch, "time": alert.time},
                   points_first=False)
 
-    @hookimpl
+    @hookimpl(trylast=True)  # after the checkpoint plugin's last save and rotation
     def on_train_end(self) -> None:
         self._end(0, "FINISHED")
 
@@ -204,10 +240,61 @@ class WandbLogger:
             self._end(1, "FAILED", f"{type(exception).__name__}: {exception}"[:1000])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id}
+        return {"run_id": self.run_id, "best": self._best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.run_id = self._resume_id = state.get("run_id")
+        run_id, best = state.get("run_id"), state.get("best")
+        if run_id is not None and not (isinstance(run_id, str) and RUN_ID.fullmatch(run_id)):
+            raise ValueError(f"WandbLogger: the snapshot's run id {run_id!r} is no W&B run id")
+        if best is not None and not (isinstance(best, dict) and isinstance(best.get("value"), (int, float))):
+            raise ValueError(f"WandbLogger: the snapshot's best checkpoint {best!r} is malformed")
+        self.run_id = self._resume_id = run_id
+        self._best = best
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _is_new_best(self, metadata: dict[str, Any]) -> bool:
+        """Whether this checkpoint beats the best so far by its monitor (the plugin's
+        ``save_last`` copies repeat a save and never count)."""
+        monitor, value = metadata.get("monitor"), metadata.get("value")
+        if monitor is None or value is None or metadata.get("last"):
+            return False
+        direction = self._direction(monitor)
+        if direction is None:
+            return False
+        best = self._best if self._best and self._best.get("monitor") == monitor else None
+        return best is None or direction.better(float(value), float(best["value"]))
+
+    def _direction(self, monitor: str) -> Monitor | None:
+        if monitor not in self._monitors:
+            direction = Monitor(monitor, owner="WandbLogger")
+            self._monitors[monitor] = direction if direction.try_resolve(self._model) else None
+            if self._monitors[monitor] is None:
+                log.info("WandbLogger: the direction of %r is unknown; no 'best' alias", monitor)
+        return self._monitors[monitor]
+
+    def _put_kept(self) -> None:
+        """The checkpoints the checkpoint plugin kept (still on disk), oldest first."""
+        kept = [(path, step, meta) for path, (step, meta) in self._kept.items() if Path(path).exists()]
+        self._kept = {}
+        ranked = [entry for entry in kept if self._direction_of(entry[2]) is not None and not entry[2].get("last")]
+        best = None
+        for entry in ranked:
+            if best is None or self._direction_of(entry[2]).better(float(entry[2]["value"]), float(best[2]["value"])):
+                best = entry
+        for index, (path, step, meta) in enumerate(kept):
+            aliases = [f"step_{step}"] + (["latest"] if index == len(kept) - 1 else []) + (
+                ["best"] if best is not None and path == best[0] else [])
+            self._put_artifact(path, meta, aliases)
+
+    def _direction_of(self, metadata: dict[str, Any]) -> Monitor | None:
+        monitor = metadata.get("monitor")
+        return None if monitor is None or metadata.get("value") is None else self._direction(monitor)
+
+    def _put_artifact(self, filepath: str, metadata: dict[str, Any], aliases: list[str]) -> None:
+        path, staged = self._stage(filepath)
+        self._put({"type": "artifact", "path": path, "name": Path(filepath).name, "staged": staged,
+                   "step": metadata["step"], "metadata": metadata, "aliases": aliases})
 
     # ---------------------------------------------------------------- delivery
 
@@ -218,6 +305,8 @@ class WandbLogger:
             self._put({"type": "log", "step": step, "values": values})
 
     def _put(self, record: dict[str, Any], points_first: bool = True) -> None:
+        if record["type"] == "log" and self._delivered_through is not None and record["step"] <= self._delivered_through:
+            return  # the interrupted process delivered this step after the snapshot was taken
         if points_first and self._points:  # keep the order: points logged before go first (W&B steps only grow)
             self._hand_over_points()
         if self._sink is None:
@@ -260,10 +349,13 @@ class WandbLogger:
         if not self._started:  # fit failed before this plugin's on_train_begin: no run to end
             return
         self._started = False
+        if self.log_checkpoints == "kept":
+            self._put_kept()
         self._put({"type": "finish", "exit_code": exit_code, "status": status, "error": error})
         sink, self._sink = self._sink, None
         try:
-            sink.close(self.shutdown_timeout)
+            if sink.close(self.shutdown_timeout) and status == "FINISHED":
+                self._step_file().unlink(missing_ok=True)  # no process will resume this run
         finally:
             self._writer.close()
             self._writer = None
@@ -290,6 +382,13 @@ class WandbLogger:
 
     def _send(self, records: list[dict[str, Any]]) -> None:
         self._writer.call("send", records)
+        steps = [r["step"] for r in records if r["type"] == "log"]
+        if steps and self.mode != "disabled":  # what a resumed process need not log again
+            with atomic_path(self._step_file()) as tmp:
+                Path(tmp).write_text(str(max(steps)))
+
+    def _step_file(self) -> Path:
+        return Path(self.dir) / f"wandb-{self.run_id}.step"
 
     @classmethod
     def replay_spool(cls, path: str | os.PathLike) -> int:
@@ -350,6 +449,8 @@ class _RunWriter:
                     run.summary["corebus/resumed_at_step"] = record["resumed_step"]
             elif kind == "artifact":
                 self._send_artifact(run, record)
+            elif kind == "summary":
+                run.summary.update(record["values"])
             elif kind == "alert":
                 alert = {k: record[k] for k in ("kind", "title", "text", "level", "step", "epoch", "time")}
                 run.summary["alerts"] = list(run.summary.get("alerts") or []) + [alert]
@@ -374,7 +475,7 @@ class _RunWriter:
             artifact.add_dir(str(path))
         else:
             artifact.add_file(str(path), name=record["name"])
-        run.log_artifact(artifact, aliases=["latest", f"step_{record['step']}"])
+        run.log_artifact(artifact, aliases=record.get("aliases") or ["latest", f"step_{record['step']}"])
         if record["staged"]:
             path.unlink(missing_ok=True)  # add_file copied it into W&B's own staging area
 

@@ -81,11 +81,12 @@ class Saved:
     """Records every checkpoint announced on the bus."""
 
     def __init__(self):
-        self.files = []
+        self.files, self.metadata = [], []
 
     @hookimpl
-    def on_checkpoint_saved(self, filepath, step):
+    def on_checkpoint_saved(self, filepath, step, metadata):
         self.files.append((filepath, step))
+        self.metadata.append(metadata)
 
 
 def test_engine_fit_logs_every_metric_at_its_step_config_summary_and_exit_code(wandb_env):
@@ -186,7 +187,7 @@ def test_resumed_run_continues_the_same_run_id(wandb_env, tmp_path):
     with pytest.raises(KeyboardInterrupt):  # killed during epoch 1; the snapshot holds epoch 0
         make_trainer([first, BackupAndRestore(backup), StopWith(KeyboardInterrupt(), epoch=1)]).fit(
             x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
-    assert first.state_dict() == {"run_id": first.run_id}
+    assert first.state_dict() == {"run_id": first.run_id, "best": None}  # no checkpoint, no best
 
     second = WandbLogger(log_every_n_steps=6)
     make_trainer([second, BackupAndRestore(backup)]).fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
@@ -205,12 +206,12 @@ def test_resumed_run_continues_the_same_run_id(wandb_env, tmp_path):
     # A new fit of the same instance starts a new run; load_state_dict alone resumes one.
     fresh = WandbLogger()
     fresh.load_state_dict(second.state_dict())
-    assert fresh.state_dict() == {"run_id": first.run_id}
+    assert fresh.state_dict() == {"run_id": first.run_id, "best": None}
 
 
 def test_checkpoints_become_model_artifacts(wandb_env, tmp_path):
     x, y = tiny_data(N)
-    logger = WandbLogger(log_every_n_steps=None)
+    logger = WandbLogger(log_every_n_steps=None, log_checkpoints="all")
     # save_top_k=1 deletes each file at the next save, 3 steps later: usually before the worker
     # uploads it, so this fails unless the logger keeps the file (a hard link) until then.
     checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "{step:03d}.weights.h5"), monitor="loss",
@@ -222,7 +223,8 @@ def test_checkpoints_become_model_artifacts(wandb_env, tmp_path):
     saves = [step for _, step in saved.files]
     assert len(saves) > 3 and all(not Path(path).exists() for path, _ in saved.files[:-1])
     assert [(a.name, a.type) for a in run.artifacts] == [(f"run_{logger.run_id}_model", "model")] * len(saves)
-    assert [set(a.aliases) for a in run.artifacts] == [{"latest", f"step_{s}"} for s in saves]
+    # Each save entered the top 1, so each was the best so far (W&B moves both aliases along).
+    assert [set(a.aliases) for a in run.artifacts] == [{"latest", "best", f"step_{s}"} for s in saves]
     assert [[c.path for c in a.manifest.contents] for a in run.artifacts] == [[f"{s:03d}.weights.h5"] for s in saves]
     assert [json.loads(a.metadata)["step"] for a in run.artifacts] == saves
     # Only the last file is left on disk; its upload is that file, byte for byte.
@@ -437,3 +439,86 @@ def test_rows_carry_their_steps_wall_time_and_the_runtime_is_the_fits(wandb_env)
     # finishes with it: W&B counts its runtime (whole seconds) from wandb.init to finish.
     assert began <= run.start_time <= slow.first_batch
     assert slow.epoch_times[2] - run.start_time - 1 <= run.runtime <= ended - run.start_time + 1
+
+
+def test_kept_checkpoints_only_with_latest_and_best_aliases_and_the_best_in_the_summary(wandb_env, tmp_path):
+    x, y = tiny_data(N)
+    logger = WandbLogger(log_every_n_steps=None)  # log_checkpoints="kept" by default
+    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "{step:03d}.weights.h5"), monitor="loss",
+                                 save_weights_only=True, save_top_k=2, save_freq=2)
+    saved = Saved()
+    make_trainer([logger, checkpoint, saved]).fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+
+    run = only_run(wandb_env, logger.run_id)
+    kept = sorted(tmp_path.joinpath("ckpt").iterdir())
+    assert len(saved.files) > 4 and len(kept) == 2  # many saves, two kept on disk
+    # W&B holds the two kept files, oldest first, not one version per save.
+    assert [[c.path for c in a.manifest.contents] for a in run.artifacts] == [[p.name] for p in kept]
+    steps = [json.loads(a.metadata)["step"] for a in run.artifacts]
+    # W&B's log_artifact gives each version it logs "latest" (the server moves it along).
+    assert [set(a.aliases) - {"best"} for a in run.artifacts] == [{"latest", f"step_{s}"} for s in steps]
+    values = {step: meta["value"] for (_, step), meta in zip(saved.files, saved.metadata)}
+    best_step = min(values, key=values.get)  # the loss is minimised
+    assert [("best" in a.aliases) for a in run.artifacts] == [s == best_step for s in steps]
+    for artifact, path in zip(run.artifacts, kept):
+        digest = base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+        assert artifact.manifest.contents[0].digest == digest
+    # The summary: the best monitored value of the run and where it was.
+    best_meta = saved.metadata[[s for _, s in saved.files].index(best_step)]
+    assert run.summary["best/loss"] == pytest.approx(values[best_step])
+    assert (run.summary["best/epoch"], run.summary["best/step"]) == (best_meta["epoch"], best_step)
+
+
+def test_log_checkpoints_false_uploads_nothing_and_bad_values_are_refused(wandb_env, tmp_path):
+    with pytest.raises(ConfigError, match=r"log_checkpoints='some'.*\"kept\" \(or True\), \"all\" or False"):
+        WandbLogger(log_checkpoints="some")
+    assert WandbLogger(log_checkpoints=True).log_checkpoints == "kept"
+    logger = WandbLogger(log_every_n_steps=None, log_checkpoints=False)
+    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "{step:03d}.weights.h5"), save_weights_only=True,
+                                 save_freq=6)
+    make_trainer([logger, checkpoint]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    run = only_run(wandb_env, logger.run_id)
+    assert run.artifacts == [] and run.exit_code == 0
+
+
+class KillAt:
+    """Ctrl-C after the train call that reaches global step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_run_continues_its_wandb_run_without_repeating_a_step(wandb_env, tmp_path):
+    x, y = tiny_data(N)
+    backup = str(tmp_path / "backup")
+
+    def plugins(logger, *more):
+        checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "{epoch:02d}.weights.h5"), monitor="loss",
+                                     save_weights_only=True, save_best_only=True)
+        return [logger, checkpoint, BackupAndRestore(backup), *more]
+
+    first = WandbLogger(log_every_n_steps=2)
+    with pytest.raises(KeyboardInterrupt):  # the snapshot holds step 12; steps 13-18 were logged after it
+        make_trainer(plugins(first, KillAt(20))).fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+    second = WandbLogger(log_every_n_steps=2)
+    make_trainer(plugins(second)).fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+
+    killed, resumed = (read_run(path) for path in run_files(wandb_env, first.run_id))
+    assert second.run_id == first.run_id == killed.run_id == resumed.run_id
+    assert sorted(killed.metric("batch/loss")) == list(range(2, 19, 2))  # step 20 raised before its record
+    # The resumed process trained steps 13-36 again, and logs only what W&B does not hold.
+    assert resumed.summary["corebus/resumed_at_step"] == 12
+    assert sorted(resumed.metric("batch/loss")) == list(range(20, 37, 2))
+    assert resumed.metric("epoch/epoch") == {24: 1, 36: 2}
+    # The best checkpoint of the whole run (epoch 0's came before the kill) is in the summary.
+    assert resumed.summary["best/epoch"] in (0, 1, 2) and resumed.summary["best/loss"] == pytest.approx(
+        min([*killed.metric("epoch/loss").values(), *resumed.metric("epoch/loss").values()]), rel=1e-6)
+    assert not (wandb_env / f"wandb-{first.run_id}.step").exists()  # finished: nothing left to resume
+    # A snapshot's run id names files here: anything but a W&B id is refused.
+    with pytest.raises(ValueError, match="no W&B run id"):
+        WandbLogger().load_state_dict({"run_id": "../../etc"})
