@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -164,7 +165,7 @@ class WandbLogger:
         check_writable(self.dir, "WandbLogger")
         alphabet = string.ascii_lowercase + string.digits
         self.run_id = self._resume_id or "".join(secrets.choice(alphabet) for _ in range(8))
-        self._params = trainer.run_params()
+        self._params = _configuration(trainer)
         self._resumed_step = None
         self._sink = None  # opened at the first record: a snapshot restore may still change run_id
         self._points = PendingPoints()
@@ -478,6 +479,21 @@ class _RunWriter:
         run.log_artifact(artifact, aliases=record.get("aliases") or ["latest", f"step_{record['step']}"])
         if record["staged"]:
             path.unlink(missing_ok=True)  # add_file copied it into W&B's own staging area
+
+
+def _configuration(trainer: Any) -> dict[str, Any]:
+    """``trainer.run_params()`` with configuration only: a plugin without ``get_config`` keeps
+    the attributes its constructor takes, not its runtime state (``wait``, ``best``, ``losses``)."""
+    params = trainer.run_params()
+    configs = params.get("plugins") or {}
+    for name, plugin in getattr(trainer.bus, "plugins", {}).items():
+        if name in configs and not callable(getattr(plugin, "get_config", None)):
+            try:
+                accepted = inspect.signature(type(plugin)).parameters
+            except (TypeError, ValueError):  # no signature to read: keep what run_params gave
+                continue
+            configs[name] = {k: v for k, v in configs[name].items() if k in accepted}
+    return params
 
 
 class _InThread:

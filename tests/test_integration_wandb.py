@@ -16,7 +16,7 @@ import corebus
 import corebus.cli
 from corebus import ConfigError, MissingExtraError, PluginError, hookimpl, read_spool
 from corebus.integrations.wandb import WandbLogger
-from corebus.plugins import BackupAndRestore, ModelCheckpoint
+from corebus.plugins import BackupAndRestore, EarlyStopping, ModelCheckpoint
 from corebus.testing import RecordingPlugin, make_trainer, tiny_data, tiny_model
 
 from wandb_reader import read_run, run_files
@@ -53,11 +53,13 @@ def crossed(steps, n, spe):
 
 
 class Notifier:
-    """Stands in for a plugin whose config holds a secret (run params must redact it)."""
+    """Stands in for a plugin whose config holds a secret (run params must redact it), and
+    runtime state (which is no configuration)."""
 
-    def __init__(self):
-        self.webhook_url = "https://hooks.example.com/T000/B000/secret"
-        self.channel = "#training"
+    def __init__(self, webhook_url="https://hooks.example.com/T000/B000/secret", channel="#training"):
+        self.webhook_url = webhook_url
+        self.channel = channel
+        self.wait, self.best, self.sent = 0, None, []
 
 
 class StopWith:
@@ -93,7 +95,7 @@ def test_engine_fit_logs_every_metric_at_its_step_config_summary_and_exit_code(w
     x, y = tiny_data(N)
     logger = WandbLogger(log_every_n_steps=2, name="engine-run", tags=["tiny"])
     recorder = RecordingPlugin(read_logs=True)
-    trainer = make_trainer([logger, recorder, Notifier()], steps_per_execution=3)
+    trainer = make_trainer([logger, recorder, Notifier(), EarlyStopping("loss", patience=5)], steps_per_execution=3)
     start = time.perf_counter()
     history = trainer.fit(x, y, batch_size=BATCH, epochs=2, validation_data=(x[:32], y[:32]), shuffle=False, verbose=0)
     assert time.perf_counter() - start < 30
@@ -128,7 +130,10 @@ def test_engine_fit_logs_every_metric_at_its_step_config_summary_and_exit_code(w
     assert run.config["optimizer"]["default"]["name"] == trainer.optimizer.get_config()["name"]
     assert run.config["optimizer"]["default"]["learning_rate"] == pytest.approx(trainer.lr.value)
     plugins = run.config["plugins"]
-    assert plugins["Notifier"] == {"webhook_url": "***", "channel": "#training"}
+    assert plugins["Notifier"] == {"webhook_url": "***", "channel": "#training"}  # no wait, best, sent
+    early_stopping = next(c for n, c in plugins.items() if n.startswith("EarlyStopping"))
+    assert early_stopping["monitor"] == "loss" and early_stopping["patience"] == 5
+    assert not {"wait", "best", "stopped_epoch"} & set(early_stopping)
     wandb_config = next(c for c in plugins.values() if c.get("log_every_n_steps") == 2)
     assert wandb_config["mode"] == "offline" and wandb_config["project"] == "corebus"
     assert "secret" not in str(run.config)
