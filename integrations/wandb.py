@@ -67,6 +67,12 @@ class WandbLogger:
       ``summary["corebus/status"]`` = ``FINISHED`` / ``FAILED`` / ``KILLED``. Inside
       ``model.fit`` Keras has no exception hook: the status is only set by ``on_train_end``.
 
+    System metrics (CPU, memory, disk, network, GPU where present) are W&B's own, on by default
+    as in W&B, sampled for the training process (``x_stats_pid``) even when the SDK runs in a
+    child. Switch them off with the environment variable ``WANDB__DISABLE_STATS=true`` (W&B's
+    setting ``x_disable_stats``); ``WANDB__STATS_SAMPLING_INTERVAL`` sets the seconds between
+    samples (15 by default).
+
     Every SDK call, ``wandb.init`` included (0.5-1 s the first time in a process, as it
     starts the wandb-core service; 0.1-0.2 s after), is made for a :class:`corebus.LogSink`
     worker: a step never waits on W&B. With ``isolate_sdk`` (the default, except in

@@ -527,3 +527,20 @@ def test_a_resumed_run_continues_its_wandb_run_without_repeating_a_step(wandb_en
     # A snapshot's run id names files here: anything but a W&B id is refused.
     with pytest.raises(ValueError, match="no W&B run id"):
         WandbLogger().load_state_dict({"run_id": "../../etc"})
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_system_metrics_are_on_by_default_and_wandbs_setting_switches_them_off(wandb_env, monkeypatch, disabled):
+    for name in ("WANDB__DISABLE_STATS", "WANDB__DISABLE_MACHINE_INFO"):  # the suite's; not W&B's defaults
+        monkeypatch.delenv(name)
+    if disabled:
+        monkeypatch.setenv("WANDB__DISABLE_STATS", "true")
+    monkeypatch.setenv("WANDB__STATS_SAMPLING_INTERVAL", "0.2")
+    logger = WandbLogger(log_every_n_steps=None)
+    make_trainer([logger, SlowSteps(0.1)]).fit(*tiny_data(N), batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    run = only_run(wandb_env, logger.run_id)
+    assert run.exit_code == 0
+    if disabled:
+        assert run.stats == []
+    else:  # samples of this (the training) process, though the SDK lives in a child
+        assert run.stats and any(key.startswith("proc.memory") for sample in run.stats for key in sample)

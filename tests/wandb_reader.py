@@ -82,6 +82,7 @@ class WandbRun:
     summary: dict[str, Any] = field(default_factory=dict)
     artifacts: list[Any] = field(default_factory=list)
     alerts: list[Any] = field(default_factory=list)
+    stats: list[dict[str, Any]] = field(default_factory=list)  # system metrics samples
     environment: Any = None  # the environment records merged (program, python, host...)
     exit_code: int | None = None
     start_time: float | None = None  # when wandb.init began (time.time())
@@ -132,6 +133,8 @@ def _fold(path: str | Path) -> WandbRun:
             run.artifacts.append(record.artifact)
         elif kind == "alert":
             run.alerts.append(record.alert)
+        elif kind == "stats":
+            run.stats.append({_key(item): json.loads(item.value_json) for item in record.stats.item})
         elif kind == "environment":  # W&B writes it in parts
             if run.environment is None:
                 run.environment = type(record.environment)()
