@@ -23,12 +23,13 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, PluginError
 from .io import fsync_path
 
 log = logging.getLogger("corebus")
@@ -62,6 +63,34 @@ def _describe(variable: Any) -> list[Any]:
 
 class SnapshotError(ConfigError):
     """A snapshot that cannot be used: corrupt, truncated, or from another model."""
+
+
+_FILES = ("arrays.npz", "state.json")
+
+
+def _check_state(state: dict[str, Any], path: Path) -> None:
+    """The shape of a run state, checked before anything is restored from it."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise SnapshotError(f"snapshot {path / 'state.json'} is malformed: {what}")
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    for key in ("micro_step", "global_step", "epoch", "next_batch"):
+        need(integer(state.get(key)), f"{key!r} must be a non-negative integer, not {state.get(key)!r}")
+    layout = state.get("layout")
+    need(isinstance(layout, dict) and all(isinstance(v, list) for v in layout.values()),
+         "'layout' must map groups to lists of variables")
+    for group, saved in layout.items():
+        need(all(isinstance(e, list) and len(e) == 3 and isinstance(e[1], list) for e in saved),
+             f"layout of {group!r} must list [name, shape, dtype] entries")
+    rng = state.get("rng")
+    need(isinstance(rng, dict) and isinstance(rng.get("python"), list) and len(rng["python"]) == 3
+         and isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 4, "'rng' is not an RNG state")
+    for key in ("lr", "plugins"):
+        need(isinstance(state.get(key, {}), dict), f"{key!r} must be a mapping")
 
 
 class RunSnapshot:
@@ -143,40 +172,95 @@ class RunSnapshot:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RunSnapshot":
-        """Load one snapshot directory, verifying its manifest; errors name the bad file."""
+        """Load one snapshot directory, verifying its manifest; errors name the bad file.
+
+        A snapshot is data, never instructions: the manifest must list exactly the snapshot's
+        own files by plain names, each with a matching sha256, and the state must have the
+        expected shape. Anything else raises :class:`SnapshotError` (the snapshot is unusable).
+        """
         path = Path(path)
+        try:
+            return cls._load(path)
+        except SnapshotError:
+            raise
+        except Exception as exc:  # any other malformation (a bad zip, a wrong type) is unusable too
+            raise SnapshotError(f"snapshot {path} is malformed: {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def _load(cls, path: Path) -> "RunSnapshot":
         manifest_file = path / "manifest.json"
         try:
             manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-            files = manifest["files"]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             raise SnapshotError(f"snapshot {manifest_file} is missing or corrupt: {exc}") from exc
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or set(files) != set(_FILES):
+            raise SnapshotError(f"snapshot {manifest_file} is corrupt: its 'files' map must list exactly "
+                                f"{', '.join(_FILES)} (it lists {sorted(files) if isinstance(files, dict) else files!r})")
         for file, expected in files.items():
-            actual = _sha256(path / file) if (path / file).exists() else "missing"
+            actual = _sha256(path / file) if (path / file).is_file() else "missing"
             if actual != expected:
                 raise SnapshotError(f"snapshot file {path / file} is corrupt or truncated (checksum mismatch)")
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        if state.get("format") != FORMAT:
-            raise SnapshotError(f"snapshot {path} has format {state.get('format')!r}; this corebus reads {FORMAT}")
+        try:
+            state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise SnapshotError(f"snapshot {path / 'state.json'} is corrupt: {exc}") from exc
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise SnapshotError(f"snapshot {path} has format {found!r}; this corebus reads {FORMAT}")
+        _check_state(state, path)
         with np.load(path / "arrays.npz", allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
+        expected_arrays = {f"{group}/{i}" for group, saved in state["layout"].items() for i in range(len(saved))}
+        missing = sorted((expected_arrays | {"rng/numpy"}) - set(arrays))
+        if missing:
+            raise SnapshotError(f"snapshot {path / 'arrays.npz'} lacks arrays its state lists: {', '.join(missing[:5])}")
         return cls(arrays, state, path)
 
     @classmethod
     def latest(cls, directory: str | os.PathLike) -> "RunSnapshot | None":
         """The newest valid snapshot in ``directory`` (a corrupt newer one is reported and
         skipped); ``None`` if there is none; an error if every snapshot there is corrupt."""
+        for snapshot in cls._usable(directory):
+            return snapshot
+        return None
+
+    @classmethod
+    def restore_latest(cls, directory: str | os.PathLike, trainer: Any) -> "RunSnapshot | None":
+        """Restore the newest snapshot of ``directory`` that loads *and* restores (a plugin may
+        refuse its state, e.g. a path outside its own directory); ``None`` if there is none."""
+        for snapshot in cls._usable(directory, restore=trainer):
+            return snapshot
+        return None
+
+    @classmethod
+    def _usable(cls, directory: str | os.PathLike, restore: Any = None) -> Iterator["RunSnapshot"]:
         candidates = sorted(Path(directory).glob(f"{PREFIX}*"), reverse=True)
         errors = []
         for candidate in candidates:
             try:
-                return cls.load(candidate)
+                snapshot = cls.load(candidate)
+                if restore is not None:
+                    snapshot.restore(restore)
             except SnapshotError as exc:
                 log.warning("skipping unusable snapshot: %s", exc)
                 errors.append(str(exc))
+                continue
+            yield snapshot
+            return
         if errors:
             raise SnapshotError("no usable snapshot in " + str(directory) + ": " + "; ".join(errors))
-        return None
+
+    @staticmethod
+    def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
+        """Remove the temporary directories of writes that never finished (their writer died).
+
+        Call it only while holding the directory's :class:`corebus.RunLock`: no live writer then."""
+        removed = []
+        for tmp in Path(directory).glob(f".tmp-{PREFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        return removed
 
     # ------------------------------------------------------------------ restore
 
@@ -209,4 +293,9 @@ class RunSnapshot:
         random.setstate((version, tuple(internal), gauss))
         kind, pos, has_gauss, cached = rng["numpy"]
         np.random.set_state((kind, self.arrays["rng/numpy"], pos, has_gauss, cached))
-        trainer._load_run_state(self.state)
+        try:
+            trainer._load_run_state(self.state)
+        except (ConfigError, PluginError):
+            raise
+        except Exception as exc:  # a plugin refused its state (a path outside its directory, a wrong type)
+            raise SnapshotError(f"{where} holds a run state this run refuses: {type(exc).__name__}: {exc}") from exc

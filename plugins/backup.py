@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from corebus import BackgroundWorker, Cadence, ConfigError, RunLock, RunSnapshot, check_writable, hookimpl
+from corebus import BackgroundWorker, Cadence, ConfigError, Preempted, RunLock, RunSnapshot, check_writable, hookimpl
 
 log = logging.getLogger("corebus")
 
@@ -64,11 +64,15 @@ class BackupAndRestore:
         check_writable(self.backup_dir, "BackupAndRestore")
         if trainer.is_chief:  # the chief writes; other workers of a multi-worker run only read
             self._lock.acquire()
+            # Holding the lock, no live writer is left: a temporary snapshot here is a dead one's.
+            for tmp in RunSnapshot.remove_leftovers(self.backup_dir):
+                log.warning("BackupAndRestore: removed %s, left by a snapshot write that never finished", tmp)
         if self._cadence is not None and not trainer.supports_mid_epoch_resume:
             log.warning("BackupAndRestore: model.fit resumes per epoch; snapshots at epoch ends only")
-        snapshot = RunSnapshot.latest(self.backup_dir)
+        # The newest snapshot that loads and restores; a malformed or refused one is named in a
+        # warning and the one before it is taken.
+        snapshot = RunSnapshot.restore_latest(self.backup_dir, trainer)
         if snapshot is not None:
-            snapshot.restore(trainer)
             self.restored_step = trainer.global_step
             log.info("BackupAndRestore: resumed from %s at step %d", snapshot.path, trainer.global_step)
             epochs = (getattr(trainer, "params", None) or {}).get("epochs")
@@ -121,8 +125,15 @@ class BackupAndRestore:
                 self.backup_dir.rmdir()
         return result
 
-    @hookimpl
-    def on_exception(self) -> None:
+    @hookimpl(tryfirst=True)
+    def on_exception(self, trainer: Any, exception: BaseException) -> None:
+        try:
+            if isinstance(exception, Preempted):  # stopped at a step boundary: commit that step
+                self.snapshot_now(trainer)
+        finally:
+            self._end_after_exception()
+
+    def _end_after_exception(self) -> None:
         try:
             self._close()  # keep the snapshots: they are what the next start resumes from
         finally:

@@ -156,6 +156,7 @@ class ModelCheckpoint:
     @hookimpl
     def on_train_begin(self, trainer):
         self._lock.acquire()
+        self._remove_leftovers()
         self._epoch = int(trainer.params.get("initial_epoch", trainer.epoch) or 0)
         if self._monitor is not None:
             try:
@@ -377,10 +378,48 @@ class ModelCheckpoint:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state["best"]
-        self._top_k = [(str(p), float(v)) for p, v in state["top_k"]]
-        self._epoch = int(state["epoch"])
-        self._last_saved = dict(state.get("last_saved") or {})
+        # A snapshot is data, never instructions: every path in it must lie in this checkpoint's
+        # own directory (a file falling out of the top k is deleted), else the state is refused.
+        best, top_k, epoch = state["best"], state["top_k"], state["epoch"]
+        if best is not None and not _number(best):
+            raise ValueError(f"ModelCheckpoint: the snapshot's best value {best!r} is not a number")
+        if not isinstance(top_k, list) or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and _number(e[1]) for e in top_k):
+            raise ValueError("ModelCheckpoint: the snapshot's top-k list is not a list of [path, value] pairs")
+        last_saved = dict(state.get("last_saved") or {})
+        for path in [p for p, _ in top_k] + ([last_saved["path"]] if last_saved.get("path") else []):
+            self._check_own(path)
+        if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+            raise ValueError(f"ModelCheckpoint: the snapshot's epoch {epoch!r} is not an epoch index")
+        self.best = best
+        self._top_k = [(str(p), float(v)) for p, v in top_k]
+        self._epoch = int(epoch)
+        self._last_saved = last_saved
+
+    def _check_own(self, path: Any) -> None:
+        own = self._directory.resolve()
+        if not isinstance(path, str) or not Path(path).resolve().is_relative_to(own):
+            raise ValueError(f"ModelCheckpoint: the snapshot names {path!r}, outside this checkpoint's "
+                             f"directory {str(own)!r}")
+        if Path(self.filepath).parent == Path(".") and Path(path).parent != Path("."):
+            raise ValueError(f"ModelCheckpoint: the snapshot names {path!r}, not a file of this checkpoint")
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of writes that never finished (the writer died): removed at the start,
+        while this run holds the directory."""
+        directory = self._directory
+        suffix = ".weights.h5" if self.save_weights_only else Path(self.filepath).suffix
+        in_cwd = Path(self.filepath).parent == Path(".")
+        pattern, prefix = f".*.tmp{suffix}", f".{Path(self.filepath).name[: -len(suffix)]}."
+        for tmp in directory.glob(pattern) if in_cwd else directory.rglob(pattern):
+            # in the working directory, only this checkpoint's own temporary files
+            if tmp.is_file() and (not in_cwd or tmp.name.startswith(prefix)):
+                tmp.unlink(missing_ok=True)
+                log.warning("ModelCheckpoint: removed %s, left by a save that never finished", tmp)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _positive_int(value: Any) -> bool:

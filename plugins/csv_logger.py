@@ -162,6 +162,9 @@ class CSVLogger:
         offset = state.get("offset")
         if offset is not None and (not isinstance(offset, int) or isinstance(offset, bool) or offset < 0):
             raise ValueError(f"CSVLogger: the snapshot's file offset {offset!r} is not a byte count")
+        keys = state.get("keys")
+        if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise ValueError(f"CSVLogger: the snapshot's column names {keys!r} are not a list of names")
         self._resume = {"keys": state.get("keys"), "last_epoch": state.get("last_epoch"), "offset": offset}
         self.keys = self._resume["keys"]
         self._last_epoch = self._resume["last_epoch"]

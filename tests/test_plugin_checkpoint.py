@@ -369,9 +369,12 @@ def test_resumed_run_continues_from_state_dict(tmp_path, tiny_data):
     for name in files(tmp_path / "straight"):
         assert_same_arrays(keras.saving.load_model(tmp_path / "resumed" / name).get_weights(),
                            keras.saving.load_model(tmp_path / "straight" / name).get_weights(), rtol=1e-6, atol=1e-7)
-    restored = ModelCheckpoint(tmp_path / "x" / "{epoch}.keras", save_top_k=2)
+    restored = ModelCheckpoint(tmp_path / "resumed" / "{epoch}.keras", save_top_k=2)
     restored.load_state_dict(second[1].state_dict())
     assert restored.state_dict() == second[1].state_dict()
+    # a state naming files of another directory is refused: its top-k files would be deleted
+    with pytest.raises(ValueError, match="outside this checkpoint's directory"):
+        ModelCheckpoint(tmp_path / "x" / "{epoch}.keras", save_top_k=2).load_state_dict(second[1].state_dict())
 
 
 class Subclassed(keras.Model):
