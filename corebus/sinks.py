@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -421,11 +422,30 @@ def register_secret(value: str) -> None:
         _SECRETS.add(value)
 
 
+# Credentials a URL can carry: the password of user:password@, a token in the query string
+# (?token=, &api_key=, &sig=...), and the secret path of Slack / Discord style webhooks.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@:]*):[^\s/@]*@")
+_QUERY_SECRET = re.compile(
+    r"(?i)(?P<head>[?&;][\w.\-]*(?:token|key|secret|password|passwd|pwd|sig|signature|auth|credential)[\w.\-]*=)"
+    r"[^&#\s'\"]+")
+_WEBHOOK_PATH = re.compile(r"(?P<head>/services/|/api/webhooks/\d+/)[\w\-/]+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every registered secret (a ``${VAR}`` value of a run config), URL password,
+    URL query token and webhook path secret replaced by ``***``; the rest is kept readable."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+    text = _QUERY_SECRET.sub(r"\g<head>***", text)
+    return _WEBHOOK_PATH.sub(r"\g<head>***", text)
+
+
 def redact(config: Any, secret_words: tuple[str, ...] = ("url", "token", "key", "secret", "password", "webhook")) -> Any:
-    """Replace values whose key names a secret, or that hold a registered secret, with
-    ``"***"`` (recursively)."""
-    if isinstance(config, str) and any(secret in config for secret in _SECRETS):
-        return "***"
+    """Replace values whose key names a secret with ``"***"``, and the secrets inside any other
+    string (see :func:`redact_text`), recursively; a plain string is redacted the same way."""
+    if isinstance(config, str):
+        return redact_text(config)
     if isinstance(config, dict):
         return {
             k: "***" if any(w in str(k).lower() for w in secret_words) and v not in (None, "") else redact(v, secret_words)
