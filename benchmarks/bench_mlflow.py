@@ -6,8 +6,6 @@
 (c) the same with the default ``log_every_n_steps=10``
 (a2) (a) again, between (b) and (c): a control, whose ratio to (a) is the noise floor of the
     machine the benchmark runs on (it read 0.978 and 1.046 in two 20-30-round runs here)
-(b2) (b) with MLflow's client in a child process (``isolate_sdk=True``) instead of on the
-    sink's worker thread, where it shares the interpreter lock with training
 
 Digits MLP 64-256-256-10, batch 64, Adam, ``--epochs`` (29 steps each); ``--repeats`` rounds,
 variants in alternating order (abc, cba, ...), ratios are medians of the per-round ratios to (a). Three rates:
@@ -58,7 +56,6 @@ from corebus.integrations import MLflowLogger  # noqa: E402
 
 NONE, EVERY_STEP, EVERY_10 = "(a) no loggers", "(b) MLflowLogger, every step", "(c) MLflowLogger, every 10"
 CONTROL = "(a2) no loggers, again (control)"  # (a) again, next to (b) in every round
-ISOLATED = "(b2) (b), client in a child process"
 
 
 class LoopClock:
@@ -144,15 +141,15 @@ def main(argv=None):
     server = MlflowServer(root, workers=None, niceness=args.server_nice, cpus=server_cpus)
     server.start()
     try:
-        def logger(every, isolate_sdk=None):
+        def logger(every):
             return MLflowLogger(tracking_uri=server.uri, experiment_name="bench", log_every_n_steps=every,
-                                dir=root / "spool", isolate_sdk=isolate_sdk)
+                                dir=root / "spool")
 
         run(x, y, 2, [])  # warm-up: tracing, the store's first writes, MLflow's lazy imports
         run(x, y, 2, [logger(1)])
         # CONTROL's ratio to (a) is what this machine's noise alone reads
         variants = {NONE: lambda: [], EVERY_STEP: lambda: [logger(1)], CONTROL: lambda: [],
-                    EVERY_10: lambda: [logger(10)], ISOLATED: lambda: [logger(1, isolate_sdk=True)]}
+                    EVERY_10: lambda: [logger(10)]}
         if args.decompose:
             variants.update({"(d) on_log every step, doing nothing": lambda: [OnLogEveryStep()],
                              "(e) every step's record taken in bulk and read": lambda: [HoldAndRead()]})
@@ -205,8 +202,6 @@ def main(argv=None):
             ratio = statistics.median(per_round(name, i))
             record("mlflow", f"every {every} step{'s' if every > 1 else ''} to {server_kind} / none, {what}",
                    ratio, ">= 0.97" if every == 1 else ">= 0.95")
-    record("mlflow", f"every step to {server_kind}, MLflow's client in a child process / none, steady state",
-           statistics.median(per_round(ISOLATED, 0)))
     record("mlflow", f"control: no loggers / no loggers (the noise floor), steady state, beside {server_kind}",
            statistics.median(per_round(CONTROL, 0)))
     record("mlflow", f"every step to {server_kind} / mean of the two no-logger runs beside it, steady state",

@@ -17,11 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink,
-                     PendingPoints, Spool, check_writable, hookimpl, read_spool, replay_spool, require_module)
+from corebus import (LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, PendingPoints, Spool, check_writable,
+                     hookimpl, read_spool, replay_spool, require_module)
 
-from .mlflow_writer import (MAX_TAG, _Writer, clean_key, flatten, local_artifact_location, mlflow_env,
-                            redact_uri_secrets, safe_uri)
+from .mlflow_writer import MAX_TAG, _Writer, clean_key, flatten, local_artifact_location, mlflow_env, safe_uri
 
 log = logging.getLogger("corebus")
 
@@ -54,7 +53,6 @@ class MLflowLogger:
     :param shutdown_timeout: seconds ``fit`` waits at the end for delivery; the rest stays
         in the spool.
     :param tags: run tags.
-    :param isolate_sdk: run MLflow's client in a child process (default: no).
 
     Naming: batch metrics under their Keras names (``loss``) at the global optimizer step (the
     learning rate per epoch only: MLflow stores every point); epoch metrics as
@@ -113,7 +111,6 @@ class MLflowLogger:
         log_model: bool = False,
         shutdown_timeout: float = 30.0,
         tags: dict[str, Any] | None = None,
-        isolate_sdk: bool | None = None,
         log_checkpoints: str | bool = "kept",
         artifact_location: str | None = None,
     ):
@@ -151,8 +148,6 @@ class MLflowLogger:
         self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
         self._writer = _Writer(self.tracking_uri, self.experiment_name, run_name,
                                artifact_location=self.artifact_location)
-        self.isolate_sdk = bool(isolate_sdk)
-        self._backend: BackendProcess | InProcessBackend | None = None  # where self._writer's sends run
         self._key: str | None = None
         self._restored = False
         self._phase = "idle"  # -> "begun" (on_train_begin) -> "open" (sink running) -> "idle"
@@ -175,7 +170,7 @@ class MLflowLogger:
                 "run_name": self.run_name, "log_every_n_steps": self.log_every_n_steps, "dir": self.dir,
                 "log_model": self.log_model, "log_checkpoints": self.log_checkpoints,
                 "artifact_location": self.artifact_location and safe_uri(self.artifact_location),
-                "shutdown_timeout": self.shutdown_timeout, "tags": self.tags, "isolate_sdk": self.isolate_sdk}
+                "shutdown_timeout": self.shutdown_timeout, "tags": self.tags}
 
     # ---------------------------------------------------------------- hooks (training thread)
 
@@ -280,10 +275,7 @@ class MLflowLogger:
             self._key = self._key or uuid.uuid4().hex
             spool = Spool(Path(self.dir) / f"mlflow-{self._key}.spool.jsonl",
                           {"plugin": "mlflow", "config": self._writer.config()})
-            self._backend = (BackendProcess(_Writer, self.tracking_uri, self.experiment_name, self.run_name,
-                                            artifact_location=self.artifact_location)
-                             if self.isolate_sdk else InProcessBackend(self._writer))
-            self.sink = LogSink(f"mlflow-{self._key[:8]}", self._send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
+            self.sink = LogSink(f"mlflow-{self._key[:8]}", self._writer.send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
                                 shutdown_timeout=self.shutdown_timeout)
             mlflow_env(self.tracking_uri, +1)
             self._phase = "open"
@@ -292,16 +284,6 @@ class MLflowLogger:
             while self._early_alerts:
                 self.sink.put({**self._early_alerts.pop(0), "run": self._key})
         return self._phase == "open"
-
-    def _send(self, records: list[dict[str, Any]]) -> None:
-        """The sink's send; the run ids known here go along and come back (a child has its own)."""
-        try:
-            self._writer.run_ids.update(self._backend.call("send", records, dict(self._writer.run_ids)))
-        except Exception as exc:  # a child's errors come back as text: no password in them either
-            message = redact_uri_secrets(str(exc), self.tracking_uri)
-            if message == str(exc):
-                raise
-            raise RuntimeError(message) from None
 
     def _put(self, kind: str, **fields: Any) -> None:
         if kind != "metrics" and self._points:  # keep the order: metrics logged before come first
@@ -357,8 +339,6 @@ class MLflowLogger:
         try:
             self.sink.close(self.shutdown_timeout)
         finally:
-            self._backend.close()
-            self._backend = None
             mlflow_env(self.tracking_uri, -1)
             staged = Path(self.dir) / f"mlflow-{self._key}-artifacts"
             if staged.is_dir() and not any(staged.iterdir()):

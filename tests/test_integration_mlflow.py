@@ -189,29 +189,24 @@ class Outage:
         self.last = time.perf_counter()  # the stop itself is the test's doing, not a stall
 
 
-@pytest.mark.parametrize("isolate_sdk", [None, True, False])
-def test_the_client_to_a_server_runs_here_unless_isolated(server, tmp_path, monkeypatch, isolate_sdk):
-    """MLflow's client works on the sink's thread by default; ``isolate_sdk=True`` moves it to
-    a child process, off the training process's interpreter lock, with the same results."""
+def test_mlflows_client_works_on_the_sinks_thread_never_the_training_thread(server, tmp_path, monkeypatch):
     from corebus.integrations.mlflow import _Writer
 
-    sent_from_here = []
+    threads = set()
     send = _Writer._send
 
     def spy(self, records):
-        sent_from_here.append(len(records))
+        threads.add(threading.current_thread().name)
         return send(self, records)
 
     monkeypatch.setattr(_Writer, "_send", spy)
     x, y = tiny_data(96)  # 12 steps per epoch
-    mlflow_logger = logger(server, tmp_path, log_every_n_steps=1, isolate_sdk=isolate_sdk)
+    mlflow_logger = logger(server, tmp_path, log_every_n_steps=1)
     make_trainer([mlflow_logger]).fit(x, y, batch_size=8, epochs=2, verbose=0)
     client = server.client()
     assert client.get_run(mlflow_logger.run_id).info.status == "FINISHED"
     assert steps_of(client, mlflow_logger.run_id, "loss") == list(range(1, 25))
-    isolated = bool(isolate_sdk)
-    assert bool(sent_from_here) is not isolated
-    assert client.get_run(mlflow_logger.run_id).data.params["plugins.MLflowLogger.isolate_sdk"] == str(isolated)
+    assert threads == {f"corebus-sink-mlflow-{mlflow_logger.state_dict()['run_key'][:8]}"}
 
 
 def test_a_dead_server_never_stalls_training_and_every_metric_lands_once(server, tmp_path):
