@@ -406,7 +406,7 @@ def test_a_local_store_crash_and_resume_continue_one_run_and_keep_artifacts_besi
     assert not list(elsewhere.iterdir())  # nothing in the working directory (no ./mlruns)
 
 
-def test_an_artifact_location_is_used_when_the_experiment_is_created(tmp_path, monkeypatch):
+def test_an_artifact_location_is_used_when_the_experiment_is_created(tmp_path, monkeypatch, caplog):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)
@@ -420,6 +420,12 @@ def test_an_artifact_location_is_used_when_the_experiment_is_created(tmp_path, m
     assert list((tmp_path / "elsewhere/artifacts").glob("*/artifacts/model/model.keras"))
     with pytest.raises(ConfigError, match="artifact_location"):
         MLflowLogger(tracking_uri=uri, dir=tmp_path / "mlflow", artifact_location="")
+    # MLflow fixes the location when an experiment is created: an existing one keeps its own, with a word
+    again = MLflowLogger(tracking_uri=uri, experiment_name="placed", dir=tmp_path / "mlflow",
+                         artifact_location=str(tmp_path / "other"))
+    with caplog.at_level("WARNING", logger="corebus"):
+        make_trainer([again]).fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert "already exists and keeps its artifact location" in caplog.text
 
 
 def test_more_points_than_one_request_holds_arrive_through_mlflows_client(server):
