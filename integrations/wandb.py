@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import string
 import threading
 import time
@@ -17,6 +16,8 @@ from typing import Any
 from corebus import (LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, Monitor, PendingPoints, Spool, atomic_path,
                      check_writable, hookimpl, read_spool, replay_spool, require_module)
 
+from .wandb_run import InThread, RunWriter
+
 try:  # the SDK in a child process; without it, the SDK runs on the sink's worker thread
     from corebus import BackendProcess
 except ImportError:  # pragma: no cover - depends on the core's version
@@ -25,7 +26,6 @@ except ImportError:  # pragma: no cover - depends on the core's version
 log = logging.getLogger("corebus")
 
 MODES = ("online", "offline", "disabled")
-LEVELS = {"info": "INFO", "warning": "WARN", "error": "ERROR"}
 CHECKPOINT_POLICIES = ("kept", "all", False)
 RUN_ID = re.compile(r"[a-z0-9]{1,64}")  # W&B's own ids; a snapshot's run id also names files here
 
@@ -149,7 +149,7 @@ class WandbLogger:
         self.isolate_sdk = (self.mode != "disabled" and BackendProcess is not None) if isolate_sdk is None \
             else bool(isolate_sdk)
         self._sink: LogSink | None = None
-        self._writer: Any = None  # the run's _RunWriter behind call()/close(), in a child or here
+        self._writer: Any = None  # the run's RunWriter behind call()/close(), in a child or here
         self._started = False
         self._points = PendingPoints()
         self._kept: dict[str, tuple[int, dict[str, Any]]] = {}  # path -> (step, metadata) announced this fit
@@ -324,7 +324,7 @@ class WandbLogger:
         header = {"plugin": "wandb", "config": {**self.get_config(), "run_id": self.run_id}}
         spool = Spool(Path(self.dir) / f"wandb-{self.run_id}.spool.jsonl", header)
         settings = self._writer_settings()
-        self._writer = BackendProcess(_RunWriter, **settings) if self.isolate_sdk else _InThread(_RunWriter(**settings))
+        self._writer = BackendProcess(RunWriter, **settings) if self.isolate_sdk else InThread(RunWriter(**settings))
         self._sink = LogSink("wandb", self._send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
                              shutdown_timeout=self.shutdown_timeout)
         self._sink.put({"type": "config", "values": self._params, "resumed_step": self._resumed_step})
@@ -406,85 +406,13 @@ class WandbLogger:
         run_id = config.pop("run_id")
         logger = cls(**config)
         logger.run_id = run_id
-        writer = _RunWriter(**{**logger._writer_settings(), "run_id": run_id})
+        writer = RunWriter(**{**logger._writer_settings(), "run_id": run_id})
         # One record per call: W&B calls are not idempotent, so a failure must leave exactly
         # the records after the last one delivered.
         sent = replay_spool(path, writer.send, what="WandbLogger", batch_size=1)
         if sent == len(records) and writer.run is not None:  # the run's status never came: it did not finish
             writer.send([{"type": "finish", "exit_code": 1, "status": "FAILED", "error": "no final status recorded"}])
         return sent
-
-
-class _RunWriter:
-    """Records -> W&B SDK calls for one run, on the sink's worker thread or in a child process
-    (:class:`corebus.BackendProcess`)."""
-
-    def __init__(self, project: str, entity: str | None, mode: str, dir: str, name: str | None,
-                 tags: list[str], run_id: str, stats_pid: int | None = None, program: str | None = None):
-        import wandb
-
-        self._wandb = wandb
-        process = {"x_stats_pid": stats_pid or os.getpid()}
-        if program:
-            process["program"] = program
-        self.settings = {"project": project, "entity": entity, "mode": mode, "dir": dir, "name": name,
-                         "tags": tags or None, "id": run_id, "settings": wandb.Settings(**process)}
-        self.run_id, self.mode, self.dir = run_id, mode, dir
-        self.run: Any = None
-        self._lock = threading.Lock()  # the start helper and the sink's worker may both open
-
-    def open(self) -> None:
-        """Start the run now (its runtime counts from here)."""
-        self._open()
-
-    def _open(self) -> Any:
-        with self._lock:
-            if self.run is None:
-                start = time.perf_counter()
-                self.run = self._wandb.init(**self.settings, resume="allow", reinit="create_new")
-                log.info("WandbLogger: wandb.init took %.2f s (run %s)", time.perf_counter() - start, self.run_id)
-            return self.run
-
-    def send(self, records: list[dict[str, Any]]) -> None:
-        for record in records:
-            run, kind = self._open(), record["type"]
-            if kind == "log":
-                run.log(record["values"], step=record["step"])
-            elif kind == "config":
-                run.config.update(record["values"], allow_val_change=True)
-                if record.get("resumed_step") is not None:
-                    run.summary["corebus/resumed_at_step"] = record["resumed_step"]
-            elif kind == "artifact":
-                self._send_artifact(run, record)
-            elif kind == "summary":
-                run.summary.update(record["values"])
-            elif kind == "alert":
-                alert = {k: record[k] for k in ("kind", "title", "text", "level", "step", "epoch", "time")}
-                run.summary["alerts"] = list(run.summary.get("alerts") or []) + [alert]
-                if self.mode == "online":
-                    run.alert(title=record["title"][:63], text=record["text"] or record["title"],
-                              level=LEVELS[record["level"]])
-            elif kind == "finish":
-                run.summary["corebus/status"] = record["status"]
-                if record.get("error"):
-                    run.summary["corebus/exception"] = record["error"]
-                run.finish(exit_code=record["exit_code"])
-                self.run = None
-                shutil.rmtree(Path(self.dir) / f"wandb-{self.run_id}.staging", ignore_errors=True)
-
-    def _send_artifact(self, run: Any, record: dict[str, Any]) -> None:
-        path = Path(record["path"])
-        if not path.exists():  # retrying cannot bring it back
-            log.warning("WandbLogger: checkpoint %s no longer exists; not uploaded", path)
-            return
-        artifact = self._wandb.Artifact(f"run_{self.run_id}_model", type="model", metadata=record["metadata"])
-        if path.is_dir():
-            artifact.add_dir(str(path))
-        else:
-            artifact.add_file(str(path), name=record["name"])
-        run.log_artifact(artifact, aliases=record.get("aliases") or ["latest", f"step_{record['step']}"])
-        if record["staged"]:
-            path.unlink(missing_ok=True)  # add_file copied it into W&B's own staging area
 
 
 def _configuration(trainer: Any) -> dict[str, Any]:
@@ -500,20 +428,6 @@ def _configuration(trainer: Any) -> dict[str, Any]:
                 continue
             configs[name] = {k: v for k, v in configs[name].items() if k in accepted}
     return params
-
-
-class _InThread:
-    """The writer's ``call``/``close`` interface in this process (the sink's worker thread
-    calls it), where a test can patch ``wandb``."""
-
-    def __init__(self, writer: _RunWriter):
-        self.writer = writer
-
-    def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.writer, method)(*args)
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Nothing to stop."""
 
 
 def _program() -> str | None:
