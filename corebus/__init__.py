@@ -13,7 +13,7 @@ from .alerts import Alert, AlertGate, AlertOutbox
 from .bus import PluginBus, hookimpl
 from .cadence import Cadence
 from .context import optimizer_names
-from .errors import ConfigError, CorebusError, MissingExtraError, PluginError, require_module
+from .errors import ConfigError, CorebusError, MissingExtraError, PluginError, Preempted, require_module
 from .io import BackgroundWorker, RunLock, atomic_path, check_writable, fsync_path
 from .logs import LazyLogs, LoggedStep
 from .monitor import Monitor
@@ -70,6 +70,7 @@ __all__ = [
     "MissingExtraError",
     "PluginBus",
     "PluginError",
+    "Preempted",
     "RunContext",
     "RunSnapshot",
     "SnapshotError",

@@ -41,3 +41,18 @@ def require_module(module: str, *, extra: str, what: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingExtraError(what, module, extra) from exc
+
+
+class Preempted(SystemExit):
+    """Training was asked to stop by a signal (SIGTERM, or an opt-in requeue signal) and
+    stopped at a step boundary, after a snapshot of that step: the process exits with
+    ``128 + signal`` (what a scheduler expects of a process its signal ended)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        import signal
+
+        return f"stopped by {signal.Signals(self.signum).name} at a step boundary"

@@ -194,6 +194,12 @@ class Trainer(RunContext):
     none of ``optimizer / loss / metrics / loss_weights / weighted_metrics`` is given); a model
     class that overrides ``train_step`` / ``test_step`` runs its own steps.
     :param profile: record host time per plugin per hook (``trainer.bus.profile_report()``).
+    :param stop_signals: signals that stop a fit gracefully at the next step boundary (never
+        inside an accumulation window): a snapshot of that step (with the ``backup`` plugin),
+        loggers closed as stopped, exit code ``128 + signal`` (:class:`corebus.Preempted`).
+        Add ``"SIGUSR1"`` for SLURM-style requeueing; ``()`` leaves signals alone.
+    :param stop_timeout: seconds the shutdown after such a signal may take before the process
+        exits anyway.
     """
 
     def __init__(
@@ -216,6 +222,8 @@ class Trainer(RunContext):
         weighted_metrics: Any = None,
         run_eagerly: bool | None = None,
         auto_scale_loss: bool = True,
+        stop_signals: Any = ("SIGTERM",),
+        stop_timeout: float = 60.0,
     ):
         super().__init__()
         if not isinstance(model, keras.Model):
@@ -242,6 +250,13 @@ class Trainer(RunContext):
         # two runs of one seeded script shuffle alike, as model.fit does.
         self.seed = int(seed) if seed is not None else random.randrange(2**31)
         self.profile = profile
+        from .stop_signals import signal_numbers
+
+        self._stop_signals = signal_numbers(stop_signals)
+        if not isinstance(stop_timeout, (int, float)) or stop_timeout <= 0:
+            raise ConfigError(f"stop_timeout={stop_timeout!r} must be a number of seconds > 0")
+        self._stop_timeout = float(stop_timeout)
+        self._stops: Any = None
         self._user_train_step = train_step
         self._user_test_step = test_step
         # keras.io's "customizing what happens in fit": the model class's own steps run
@@ -383,7 +398,8 @@ class Trainer(RunContext):
             raise ConfigError(
                 f"{type(self.model).__name__} overrides train_step, which applies its gradients itself: gradient "
                 "plugins cannot reach them. Pass the step as Trainer(train_step=...) calling "
-                "trainer.apply_gradients(...), or compile the model with corebus.wrap_optimizer(...)")
+                "trainer.apply_gradients(...), or train it with model.fit and corebus.KerasCallback (which "
+                "wraps the model's optimizer)")
         # Gradient hooks are compiled into the step: a different set of them needs a new trace.
         self._gradient_signature = tuple(
             id(impl.plugin)
@@ -619,6 +635,9 @@ class Trainer(RunContext):
                     last_call = (packed, begin + n, layout)
             if self.stop_training:
                 break
+            stops = self._stops
+            if stops.received is not None and self.micro_step % self._accumulation == 0:
+                raise stops.stop()
         if packed is None:
             return None
         # The last call's own source where its views were made: they share one fetch.
@@ -812,6 +831,13 @@ class Trainer(RunContext):
         self.stop_training = False
         self._start_steps(int(self._step_counter.numpy()))
         epoch_logs: dict[str, float] | None = None
+        from .stop_signals import StopSignals
+
+        with StopSignals(self._stop_signals, self._stop_timeout) as self._stops:
+            return self._fit_epochs(data, val_data, epochs, initial_epoch, validation_freq)
+
+    def _fit_epochs(self, data: Any, val_data: Any, epochs: int, initial_epoch: int, validation_freq: Any) -> Any:
+        epoch_logs: dict[str, float] | None = None
         try:
             self._train_begin()
             # Keras's BackupAndRestore says where to start through model._initial_epoch.
@@ -823,6 +849,9 @@ class Trainer(RunContext):
             for epoch in range(start_epoch, epochs):
                 if self.stop_training:  # the snapshot was taken after a plugin stopped the run
                     break
+                if self._stops.received is not None and epoch > start_epoch:
+                    self._at_epoch_end = True  # a snapshot now resumes at this epoch's start
+                    raise self._stops.stop()
                 if skip:
                     # Mid-epoch resume: metrics were restored and on_epoch_begin already ran
                     # before the interruption (repeating it could apply a per-epoch change twice).
