@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -17,6 +18,8 @@ from .context import RunContext, _takes_batch_records, lr_owner
 from .data import ArrayData, DatasetData, make_data, split_validation
 from .errors import ConfigError
 from .logs import LazyLogs, LoggedStep, _Packed
+
+log = logging.getLogger("corebus")
 
 TrainStep = Callable[["Trainer", Any], Mapping[str, Any]]
 
@@ -142,6 +145,21 @@ def _verbosity(verbose: Any, data: Any = None) -> int:
     if verbose not in (0, 1, 2):
         raise ConfigError(f"verbose={verbose!r}: use 'auto', 0 (silent), 1 (progress bar) or 2 (a line per epoch)")
     return int(verbose)
+
+
+def _build_error(model: keras.Model, data: Any, exc: Exception) -> str:
+    """Say what did not fit when Keras could not build the model on the first batch."""
+    text = str(exc)
+    if "shape" in text.lower() or "incompatible" in text.lower():
+        try:
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(data.first_batch())
+            got = [tuple(t.shape) for t in keras.tree.flatten(x)]
+        except Exception:  # the batch itself is what failed: say what Keras said
+            got = "?"
+        expected = [tuple(i.shape) for i in getattr(model, "inputs", None) or []] or "(not declared)"
+        return (f"the input does not fit the model: batches of x have shape {got}, the model takes {expected}. "
+                f"Check x's feature dimensions (Keras said: {text.splitlines()[0]})")
+    return f"the loss, metrics or optimizer do not fit this model and data: {text}"
 
 
 def _overrides_step(model: keras.Model, name: str) -> bool:
@@ -568,7 +586,7 @@ class Trainer(RunContext):
             try:
                 self.model._symbolic_build(data_batch=data.first_batch())
             except (ValueError, TypeError) as exc:
-                raise ConfigError(f"bad optimizer/loss/metrics for this model and data: {exc}") from exc
+                raise ConfigError(_build_error(self.model, data, exc)) from exc
             if not self.model.optimizer.built:
                 self.model.optimizer.build(self.model.trainable_variables)
             self.gradient_pipeline.prepare(self.model.optimizer, self.model.trainable_variables)
@@ -830,7 +848,7 @@ class Trainer(RunContext):
         data.reset()  # after the build's look at a batch, as Keras's fit resets its epoch iterator
         self.stop_training = False
         self._start_steps(int(self._step_counter.numpy()))
-        epoch_logs: dict[str, float] | None = None
+        self.loss_not_finite = None
         from .stop_signals import StopSignals
 
         with StopSignals(self._stop_signals, self._stop_timeout) as self._stops:
@@ -867,6 +885,7 @@ class Trainer(RunContext):
                     raise ConfigError("the first epoch got no batches: the training data is empty")
                 skip = 0
                 epoch_logs = self._metrics_or(last)
+                self._watch_loss(epoch, epoch_logs)
                 if val_data is not None and _should_validate(epoch, validation_freq):
                     val_logs = self._evaluate_data(val_data)
                     epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
@@ -886,6 +905,20 @@ class Trainer(RunContext):
             if hasattr(self.model, "_initial_epoch"):
                 self.model._initial_epoch = None
         return self.history
+
+    #: (epoch, first step, last step) of the epoch whose loss was first NaN/inf, else None
+    loss_not_finite: tuple[int, int, int] | None = None
+
+    def _watch_loss(self, epoch: int, logs: Mapping[str, Any]) -> None:
+        """One warning when the loss stops being finite (a run that goes on after NaN is not
+        silently "finished"); ``trainer.loss_not_finite`` tells the report and loggers."""
+        loss = logs.get("loss")
+        if self.loss_not_finite is not None or not isinstance(loss, float) or np.isfinite(loss):
+            return
+        self.loss_not_finite = (epoch, self._counter_at_epoch_start + 1, self.micro_step)
+        log.warning("the loss is %s at the end of epoch %d (it turned non-finite between steps %d and %d); "
+                    "training goes on: add the terminate_on_nan plugin (or keras.callbacks.TerminateOnNaN) "
+                    "to stop at the first such step", loss, epoch + 1, *self.loss_not_finite[1:])
 
     def _check_targets(self, x: Any, y: Any, data: Any) -> None:
         """``fit(x)`` without targets, for a compiled loss that needs them: say so before training."""
