@@ -159,7 +159,7 @@ def _build_error(model: keras.Model, data: Any, exc: Exception) -> str:
         expected = [tuple(i.shape) for i in getattr(model, "inputs", None) or []] or "(not declared)"
         return (f"the input does not fit the model: batches of x have shape {got}, the model takes {expected}. "
                 f"Check x's feature dimensions (Keras said: {text.splitlines()[0]})")
-    return f"the loss, metrics or optimizer do not fit this model and data: {text}"
+    return f"bad optimizer/loss/metrics for this model and data: {text}"
 
 
 def _overrides_step(model: keras.Model, name: str) -> bool:
@@ -387,7 +387,7 @@ class Trainer(RunContext):
                                jit_compile=False if self._jit_compile_arg == "auto" and self.run_eagerly
                                else self._jit_compile_arg, **self._compile_args)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"bad compile arguments (optimizer / loss / metrics / loss_weights): {exc}") from exc
+            raise ConfigError(f"bad optimizer/loss/metrics (or other compile arguments): {exc}") from exc
 
     def _make_bus(self, extra: list[str], callbacks: Any = None) -> PluginBus:
         named = list(self._plugins)
