@@ -748,17 +748,19 @@ class Trainer(RunContext):
         return out
 
     def _reset_metrics(self) -> None:
-        if self._reset_fn is None:
-            # a custom step's own metrics (Trainer(metrics=...)) start every epoch afresh too
-            metrics = list(self.model.metrics) + list(getattr(self, "metrics", None) or [])
+        # a custom step's own metrics (Trainer(metrics=...)) start every epoch afresh too; the
+        # compiled reset follows the metrics' variables (compile metrics build in the first step)
+        metrics = list(self.model.metrics) + list(getattr(self, "metrics", None) or [])
+        key = tuple((id(m), len(m.variables)) for m in metrics)
+        if self._reset_fn is None or self._reset_fn[0] != key:
 
             def reset():
                 for metric in metrics:
                     metric.reset_state()
                 return tf.constant(0)
 
-            self._reset_fn = tf.function(reset)
-        self._reset_fn()
+            self._reset_fn = (key, tf.function(reset))
+        self._reset_fn[1]()
 
     def _evaluate_data(self, data: ArrayData | DatasetData) -> dict[str, float]:
         data.reset()

@@ -527,3 +527,34 @@ def test_mlflow_keras_callback_runs_inside_trainer_fit(tmp_path):
     client = mlflow.MlflowClient()
     points = client.get_metric_history(run.info.run_id, "loss")
     assert [p.value for p in sorted(points, key=lambda p: p.step)] == pytest.approx(history.history["loss"])
+
+
+def test_a_custom_train_step_with_compile_arguments_uses_them_and_matches_model_fit():
+    """keras.io's pattern written as a corebus step: the loss and metrics given to the Trainer
+    reach the step through model.compute_loss / compute_metrics, reset every epoch."""
+
+    def step(trainer, data):
+        x, y = data
+        model = trainer.model
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+        model._loss_tracker.update_state(loss, sample_weight=tf.shape(x)[0])
+        grads = tape.gradient(loss, model.trainable_variables)
+        trainer.apply_gradients(grads, model.trainable_variables)
+        return model.compute_metrics(x, y, y_pred)
+
+    def bare(seed=0):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                 keras.layers.Dense(3, activation="softmax")])
+
+    ref = bare()
+    ref.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    ref_h = ref.fit(X, Y, epochs=3, batch_size=16, shuffle=False, verbose=0)
+    ours = bare()
+    h = corebus.Trainer(ours, optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy",
+                        metrics=["accuracy"], train_step=step).fit(X, Y, epochs=3, batch_size=16, shuffle=False,
+                                                                   verbose=0)
+    assert_same_history(ref_h, h)  # per-epoch means: the metrics were reset at every epoch
+    assert_same_weights(ref, ours)
