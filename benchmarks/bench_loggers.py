@@ -5,13 +5,16 @@ of ``--repeats``:
 (a) ``Trainer.fit`` with no loggers
 (b) with TensorBoard + MLflow (local sqlite store) + W&B (offline), each logging batch metrics
     every ``--every`` steps (10, the loggers' default) and epoch metrics every epoch
+(c) with ``--isolation``: (b) with MLflow's client on its sink's thread in this process
+    (``isolate_sdk=False``) where (b) runs it in a child process (``isolate_sdk=True``): whether
+    the child is worth its machinery (a 5 % steps/s bar)
 
 The rate is measured from the first step after every logger has delivered its first batch
 (its backend is up) and the first third of the epochs, to the last step (a clock plugin), so it
 shows what the loggers cost per step, not their one-off start-up (MLflow's import and sqlite
-store creation, about 3 s of CPU on its sink's thread, and W&B's service, about 1 s,
-competing with the first epochs for the cores: reported separately, in seconds) or their
-bounded shutdown. Run: ``python benchmarks/bench_loggers.py [--every 1]``.
+store creation, about 3 s of CPU, and W&B's service, about 1 s, competing with the first
+epochs for the cores: reported separately, in seconds) or their bounded shutdown. Run:
+``python benchmarks/bench_loggers.py [--every 1] [--isolation]``.
 """
 
 from __future__ import annotations
@@ -72,19 +75,20 @@ def delivered(plugins):
     return all(sink is not None and sink.stats["sent"] > 0 for sink in sinks)
 
 
-def loggers(directory, every=10):
+def loggers(directory, every=10, mlflow_isolated=None):
     from corebus.integrations import MLflowLogger, TensorBoardLogger, WandbLogger
 
+    mlflow_options = {} if mlflow_isolated is None else {"isolate_sdk": mlflow_isolated}
     return [
         TensorBoardLogger(log_dir=os.path.join(directory, "tb"), update_freq=every),
         MLflowLogger(tracking_uri=f"sqlite:///{directory}/mlflow.db", dir=os.path.join(directory, "mlflow"),
-                     log_every_n_steps=every),
+                     log_every_n_steps=every, **mlflow_options),
         WandbLogger(mode="offline", dir=directory, log_every_n_steps=every),
     ]
 
 
-def run(x, y, epochs, with_loggers, every=10):
-    sinks = loggers(tempfile.mkdtemp(prefix="corebus-bench-"), every) if with_loggers else []
+def run(x, y, epochs, with_loggers, every=10, mlflow_isolated=None):
+    sinks = loggers(tempfile.mkdtemp(prefix="corebus-bench-"), every, mlflow_isolated) if with_loggers else []
     clock = StepClock(warmup_epochs=epochs // 3, ready=lambda: delivered(sinks))
     trainer = corebus.Trainer(digits_mlp(), optimizer="adam", loss="sparse_categorical_crossentropy",
                               metrics=["accuracy"], plugins=[clock] + sinks, seed=0)
@@ -99,9 +103,14 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--every", type=int, default=10, help="batch metrics every N steps (default 10)")
+    parser.add_argument("--isolation", action="store_true",
+                        help="add (c): MLflow's client in this process, (b) having it in a child process")
     args = parser.parse_args(argv)
     x, y = load_data()
-    variants = {"a_no_loggers": dict(with_loggers=False), "b_three_loggers": dict(with_loggers=True)}
+    variants = {"a_no_loggers": dict(with_loggers=False),
+                "b_three_loggers": dict(with_loggers=True, mlflow_isolated=True if args.isolation else None)}
+    if args.isolation:
+        variants["c_mlflow_in_process"] = dict(with_loggers=True, mlflow_isolated=False)
     samples = {name: [] for name in variants}
     start_up = []
     for repeat in range(args.repeats):
@@ -117,6 +126,10 @@ def main(argv=None):
     pairs = [b / a for a, b in zip(samples["a_no_loggers"], samples["b_three_loggers"])]
     print(f"loggers / none = {median['b_three_loggers'] / median['a_no_loggers']:.3f}   "
           f"(median pair {statistics.median(pairs):.3f}; each repeat's pair: {' '.join(f'{r:.3f}' for r in pairs)})")
+    if args.isolation:
+        child = [b / c for b, c in zip(samples["b_three_loggers"], samples["c_mlflow_in_process"])]
+        print(f"MLflow client in a child / in this process = {statistics.median(child):.3f}   "
+              f"(each repeat: {' '.join(f'{r:.3f}' for r in child)})")
     print(f"loggers up (first batch delivered by all three) after {statistics.median(start_up):.1f} s of training "
           f"(runs: {' '.join(f'{v:.1f}' for v in start_up)})")
     record("loggers", f"TensorBoard + MLflow + W&B every {args.every} steps / no loggers",

@@ -17,10 +17,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from corebus import (LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, PendingPoints, Spool, check_writable,
-                     hookimpl, read_spool, replay_spool, require_module)
+from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink,
+                     PendingPoints, Spool, check_writable, hookimpl, read_spool, replay_spool, require_module)
 
-from .mlflow_writer import MAX_TAG, _Writer, clean_key, flatten, local_artifact_location, mlflow_env, safe_uri
+from .mlflow_writer import (MAX_TAG, _Writer, clean_key, flatten, is_server, local_artifact_location, mlflow_env,
+                            redact_uri_secrets, safe_uri)
 
 log = logging.getLogger("corebus")
 
@@ -53,6 +54,14 @@ class MLflowLogger:
     :param shutdown_timeout: seconds ``fit`` waits at the end for delivery; the rest stays
         in the spool.
     :param tags: run tags.
+    :param isolate_sdk: run MLflow's client in a child process (:class:`corebus.BackendProcess`,
+        at lower CPU priority) instead of on the sink's thread. Default: yes for a local store
+        (sqlite, files) with batch metrics every step, no otherwise. A local store's client does
+        the storage work itself in Python (~0.4 ms of CPU per point in SQLAlchemy) and holds the
+        interpreter lock the training loop needs: with TensorBoard + MLflow + W&B logging every
+        step (``benchmarks/bench_loggers.py --every 1 --isolation``) the child gave 1.12-1.24x
+        the steps/s in each of 3 pairs; every 10 steps it gave no steady gain (0.73-2.27x) and
+        costs a second interpreter (2-3 s of CPU to import MLflow again).
 
     Naming: batch metrics under their Keras names (``loss``) at the global optimizer step (the
     learning rate per epoch only: MLflow stores every point); epoch metrics as
@@ -71,7 +80,8 @@ class MLflowLogger:
     a checkpoint rotated away before the upload still arrives. Metric points are handed to the
     sink every ``corebus.LOGGER_FLUSH_SECONDS`` (2 s), so a dashboard trails training by up to
     a few seconds. Everything is sent with ``MlflowClient`` (``log_batch``, which splits into
-    MLflow's per-request limits) on the sink's worker thread: every backend MLflow supports works.
+    MLflow's per-request limits) on the sink's worker thread (or in its child, ``isolate_sdk``):
+    every backend MLflow supports works.
 
     Alerts (``on_alert``, e.g. from ``stall_alert``) become run tags: ``corebus.alert.<kind>``
     holds the latest of each kind with its text, ``corebus.alerts`` one line per alert.
@@ -111,6 +121,7 @@ class MLflowLogger:
         log_model: bool = False,
         shutdown_timeout: float = 30.0,
         tags: dict[str, Any] | None = None,
+        isolate_sdk: bool | None = None,
         log_checkpoints: str | bool = "kept",
         artifact_location: str | None = None,
     ):
@@ -148,6 +159,9 @@ class MLflowLogger:
         self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
         self._writer = _Writer(self.tracking_uri, self.experiment_name, run_name,
                                artifact_location=self.artifact_location)
+        self.isolate_sdk = (not is_server(self.tracking_uri) and log_every_n_steps == 1) if isolate_sdk is None \
+            else bool(isolate_sdk)
+        self._backend: BackendProcess | InProcessBackend | None = None  # where self._writer's sends run
         self._key: str | None = None
         self._restored = False
         self._phase = "idle"  # -> "begun" (on_train_begin) -> "open" (sink running) -> "idle"
@@ -170,7 +184,7 @@ class MLflowLogger:
                 "run_name": self.run_name, "log_every_n_steps": self.log_every_n_steps, "dir": self.dir,
                 "log_model": self.log_model, "log_checkpoints": self.log_checkpoints,
                 "artifact_location": self.artifact_location and safe_uri(self.artifact_location),
-                "shutdown_timeout": self.shutdown_timeout, "tags": self.tags}
+                "shutdown_timeout": self.shutdown_timeout, "tags": self.tags, "isolate_sdk": self.isolate_sdk}
 
     # ---------------------------------------------------------------- hooks (training thread)
 
@@ -275,7 +289,10 @@ class MLflowLogger:
             self._key = self._key or uuid.uuid4().hex
             spool = Spool(Path(self.dir) / f"mlflow-{self._key}.spool.jsonl",
                           {"plugin": "mlflow", "config": self._writer.config()})
-            self.sink = LogSink(f"mlflow-{self._key[:8]}", self._writer.send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
+            self._backend = (BackendProcess(_Writer, self.tracking_uri, self.experiment_name, self.run_name,
+                                            artifact_location=self.artifact_location)
+                             if self.isolate_sdk else InProcessBackend(self._writer))
+            self.sink = LogSink(f"mlflow-{self._key[:8]}", self._send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
                                 shutdown_timeout=self.shutdown_timeout)
             mlflow_env(self.tracking_uri, +1)
             self._phase = "open"
@@ -284,6 +301,16 @@ class MLflowLogger:
             while self._early_alerts:
                 self.sink.put({**self._early_alerts.pop(0), "run": self._key})
         return self._phase == "open"
+
+    def _send(self, records: list[dict[str, Any]]) -> None:
+        """The sink's send; the run ids known here go along and come back (a child has its own)."""
+        try:
+            self._writer.run_ids.update(self._backend.call("send", records, dict(self._writer.run_ids)))
+        except Exception as exc:  # a child's errors come back as text: no password in them either
+            message = redact_uri_secrets(str(exc), self.tracking_uri)
+            if message == str(exc):
+                raise
+            raise RuntimeError(message) from None
 
     def _put(self, kind: str, **fields: Any) -> None:
         if kind != "metrics" and self._points:  # keep the order: metrics logged before come first
@@ -339,6 +366,8 @@ class MLflowLogger:
         try:
             self.sink.close(self.shutdown_timeout)
         finally:
+            self._backend.close()
+            self._backend = None
             mlflow_env(self.tracking_uri, -1)
             staged = Path(self.dir) / f"mlflow-{self._key}-artifacts"
             if staged.is_dir() and not any(staged.iterdir()):

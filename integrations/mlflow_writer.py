@@ -1,7 +1,8 @@
 """The MLflow logger's records turned into ``MlflowClient`` calls, and the small rules both
 halves share (MLflow's key limits, secret-free URIs, short HTTP settings).
 
-The writer runs on the logger's sink thread and in ``corebus sync``. Everything goes through MLflow's own client, so every tracking backend MLflow
+The writer runs on the logger's sink thread (or in its child process, ``isolate_sdk``) and in
+``corebus sync``. Everything goes through MLflow's own client, so every tracking backend MLflow
 supports works: file and sqlite stores, servers with auth or TLS, hosted servers.
 """
 
@@ -60,8 +61,10 @@ class _Writer:
         return {"tracking_uri": _without_credentials(self.tracking_uri), "experiment_name": self.experiment_name,
                 "run_name": self.run_name, "artifact_location": self.artifact_location}
 
-    def send(self, records: list[dict[str, Any]]) -> None:
-        """Deliver ``records`` (all or nothing, as the sink retries the whole batch)."""
+    def send(self, records: list[dict[str, Any]], run_ids: dict[str, str] | None = None) -> dict[str, str]:
+        """Deliver ``records``; returns the run ids by run key (``run_ids``: those known already,
+        e.g. a resumed run's, when this writer lives in another process)."""
+        self.run_ids.update(run_ids or {})
         try:
             self._send(records)
         except Exception as exc:
@@ -75,6 +78,7 @@ class _Writer:
                 error.retry_after = getattr(exc, "retry_after", None)
                 raise error from None
             raise
+        return dict(self.run_ids)
 
     def _send(self, records: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric, RunTag

@@ -209,6 +209,28 @@ def test_mlflows_client_works_on_the_sinks_thread_never_the_training_thread(serv
     assert threads == {f"corebus-sink-mlflow-{mlflow_logger.state_dict()['run_key'][:8]}"}
 
 
+def test_an_isolated_client_writes_from_a_child_process_with_the_same_results(server, tmp_path, monkeypatch):
+    """``isolate_sdk=True`` moves MLflow's client into a child process (off the training
+    process's interpreter lock); the default does so only for a local store logging every step,
+    where bench_loggers measured it worth it."""
+    from corebus.integrations.mlflow import _Writer
+
+    def not_here(self, records):
+        raise AssertionError("MLflow's client ran in the training process")
+
+    monkeypatch.setattr(_Writer, "_send", not_here)
+    x, y = tiny_data(96)
+    mlflow_logger = logger(server, tmp_path, log_every_n_steps=1, isolate_sdk=True)
+    make_trainer([mlflow_logger]).fit(x, y, batch_size=8, epochs=2, verbose=0)
+    client = server.client()
+    assert client.get_run(mlflow_logger.run_id).info.status == "FINISHED"
+    assert steps_of(client, mlflow_logger.run_id, "loss") == list(range(1, 25))
+    local = f"sqlite:///{tmp_path}/mlflow.db"
+    assert MLflowLogger(tracking_uri=local, dir=tmp_path, log_every_n_steps=1).isolate_sdk
+    assert not MLflowLogger(tracking_uri=local, dir=tmp_path, log_every_n_steps=10).isolate_sdk
+    assert not MLflowLogger(tracking_uri=server.uri, dir=tmp_path, log_every_n_steps=1).isolate_sdk
+
+
 def test_a_dead_server_never_stalls_training_and_every_metric_lands_once(server, tmp_path):
     x, y = tiny_data(640)  # 80 steps per epoch
     outage = Outage(server, stop_at=10, restart_at=40)
