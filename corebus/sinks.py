@@ -282,12 +282,15 @@ class LogSink:
         leftover = self._drain_queue()
         self._spool(leftover)
         remaining = self._pending()
-        if remaining:
-            where = f"spooled in {self.spool.path}" if self.spool else "lost (no spool configured)"
+        if remaining and self.spool is not None:
             log.warning(
-                "%s: %d records could not be delivered within %.0f s and are %s; replay them with: corebus sync %s",
-                self.name, remaining, timeout, where, self.spool.path.parent if self.spool else "<run-dir>",
+                "%s: %d records could not be delivered within %.0f s and are spooled in %s; "
+                "replay them with: corebus sync %s",
+                self.name, remaining, timeout, self.spool.path, self.spool.path.parent,
             )
+        elif remaining:  # without a spool nothing can replay them: say only that
+            log.warning("%s: %d records could not be delivered within %.0f s and are lost (this sink has no spool)",
+                        self.name, remaining, timeout)
         log.info("%s sink: %s", self.name, self.describe_stats())
         return remaining == 0
 
