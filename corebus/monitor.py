@@ -79,10 +79,6 @@ class Monitor:
     def minimize(self) -> bool:
         return self.op is operator.lt
 
-    @property
-    def worst(self) -> float:
-        return float("inf") if self.minimize else float("-inf")
-
     def is_improvement(self, value: float, reference: float | None) -> bool:
         """Keras's rule: better than ``reference`` by more than ``min_delta``."""
         if reference is None:
@@ -100,11 +96,12 @@ class Monitor:
         """The monitored value in ``logs``; a missing metric warns once (errors if strict)."""
         if logs is not None and self.monitor in logs:
             return float(logs[self.monitor])
-        available = ", ".join(sorted(logs or {})) or "(none)"
-        message = (
-            f"{self.owner}: monitor={self.monitor!r} is not in the logs; available metrics: "
-            f"{available}"
-        )
+        keys = sorted(logs or {})
+        message = f"{self.owner}: monitor={self.monitor!r} is not in the logs"
+        close = difflib.get_close_matches(self.monitor, keys, n=1, cutoff=0.6)
+        if close:
+            message += f" (did you mean monitor={close[0]!r}?)"
+        message += f"; available metrics: {', '.join(keys) or '(none)'}"
         if self.strict:
             raise ConfigError(message)
         if not self._warned:

@@ -8,6 +8,7 @@ writing, and an ``on_checkpoint_saved`` event so loggers can upload each file.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -57,7 +58,10 @@ class ModelCheckpoint:
     crossed) where Keras resets a batch counter, which drifts under ``steps_per_execution``;
     a full model to ``*.weights.h5`` is refused rather than written as legacy HDF5. When the
     monitored metric is missing, ``save_best_only`` saves anyway (as Keras does), but
-    ``save_top_k`` skips the save, since it cannot rank it.
+    ``save_top_k`` skips the save, since it cannot rank it. A ``filepath`` placeholder naming a
+    key the logs do not have (``{val_acc}`` for ``val_accuracy``) is a ``ConfigError`` listing the
+    available keys and the close match, at the first epoch end (first batch with ``save_freq=N``)
+    where Keras raises a bare ``KeyError``.
 
     After each file is in place, ``on_checkpoint_saved`` fires with its final path, the step it
     holds and ``metadata = {"kind": "model" | "weights", "monitor", "value", "epoch" (0-based),
@@ -103,6 +107,7 @@ class ModelCheckpoint:
         self._worker: BackgroundWorker | None = None
         self._shadow: tuple[str, Any, list] | None = None
         self._done: deque = deque()  # completed writes, announced on the training thread
+        self._placeholders_checked = False
         # Fail before training, not at the first save: Keras would only fail there.
         check_writable(self._directory, "ModelCheckpoint")
         # One run owns the checkpoint directory (the file itself when no directory is given).
@@ -122,6 +127,8 @@ class ModelCheckpoint:
             fields = {name for _, name, _, _ in string.Formatter().parse(path) if name is not None}
         except ValueError as exc:
             raise ConfigError(f"{where}: bad placeholder: {exc}") from exc
+        if "" in fields or any(name.isdigit() for name in fields):
+            raise ConfigError(f"{where}: every placeholder needs a name, such as {{epoch}} or {{val_loss:.4f}}")
         if self.save_freq != "epoch" and not _positive_int(self.save_freq):
             raise ConfigError(
                 f"ModelCheckpoint: save_freq={self.save_freq!r}; use 'epoch' or a positive number of steps"
@@ -177,6 +184,10 @@ class ModelCheckpoint:
     def on_train_batch_end(self, trainer, batch, logs):
         if self._done:
             self._announce(trainer)
+        if self._cadence is not None and not self._placeholders_checked:
+            # Step saves format with batch logs: a missing key is an error at the first batch
+            # (reading the names fetches nothing), not at the first save, maybe epochs later.
+            self._check_placeholders(list(logs or ()), batch=True)
         if self._cadence is not None and self._cadence.due_now(trainer):
             self._save(trainer, self._epoch, batch, logs)
 
@@ -258,13 +269,27 @@ class ModelCheckpoint:
         values = {**fields, "epoch": epoch + 1, "step": step}
         if batch is not None:
             values.setdefault("batch", batch + 1)
-        try:
-            return self.filepath.format(**values)
-        except KeyError as exc:
-            raise KeyError(
-                f'Failed to format this callback filepath: "{self.filepath}". Reason: {exc}; '
-                f"available: {', '.join(sorted(values))}"
-            ) from exc
+        self._check_placeholders(list(fields), batch=batch is not None)
+        return self.filepath.format(**values)
+
+    def _check_placeholders(self, keys: list[str], batch: bool) -> None:
+        """A placeholder naming a key the logs do not have is a :class:`ConfigError` listing the
+        available keys and the close match (Keras raises a bare ``KeyError`` deep in ``fit``)."""
+        available = sorted({*keys, "epoch", "step", *(("batch",) if batch else ())})
+        names = {_field_root(name) for _, name, _, _ in string.Formatter().parse(self.filepath) if name}
+        missing = sorted(names.difference(available))
+        self._placeholders_checked = True
+        if not missing:
+            return
+        name = missing[0]
+        message = (f"ModelCheckpoint(filepath={self.filepath!r}): the placeholder {{{name}}} names a key "
+                   f"the {'batch' if batch else 'epoch'} logs do not have")
+        close = difflib.get_close_matches(name, available, n=1, cutoff=0.6)
+        if close:
+            message += f"; did you mean {{{close[0]}}}?"
+        if batch and name.startswith("val_"):
+            message += " (validation metrics exist only at epoch ends: use save_freq='epoch')"
+        raise ConfigError(f"{message} Available keys: {', '.join(available)}")
 
     def _say(self, message: str) -> None:
         if self.verbose > 0:
@@ -416,6 +441,11 @@ class ModelCheckpoint:
             if tmp.is_file() and (not in_cwd or tmp.name.startswith(prefix)):
                 tmp.unlink(missing_ok=True)
                 log.warning("ModelCheckpoint: removed %s, left by a save that never finished", tmp)
+
+
+def _field_root(name: str) -> str:
+    """``val_loss`` of ``val_loss``, ``val_loss.real`` or ``val_loss[0]``."""
+    return name.split(".", 1)[0].split("[", 1)[0]
 
 
 def _number(value: Any) -> bool:

@@ -306,6 +306,68 @@ def test_bad_input_is_a_config_error(tmp_path, kwargs, message):
         ModelCheckpoint(**kwargs)
 
 
+class Epochs:
+    """Counts the epochs that began (how far training got before an error)."""
+
+    def __init__(self):
+        self.begun = 0
+
+    @hookimpl
+    def on_epoch_begin(self):
+        self.begun += 1
+
+
+@pytest.mark.parametrize("via", ["engine", "model_fit"])
+def test_a_filepath_placeholder_the_logs_lack_is_a_clear_error_at_the_first_epoch_end(tmp_path, tiny_data, via):
+    epochs = Epochs()
+    with pytest.raises(ConfigError) as info:
+        run([ModelCheckpoint(tmp_path / "{epoch:02d}-{val_acc:.3f}.keras", monitor="val_loss"), epochs],
+            *tiny_data, via=via)
+    message = str(info.value)
+    assert "the placeholder {val_acc} names a key the epoch logs do not have" in message
+    assert "did you mean {val_accuracy}?" in message
+    assert message.endswith("Available keys: accuracy, epoch, loss, step, val_accuracy, val_loss")
+    assert epochs.begun == 1 and not list(tmp_path.glob("*.keras"))  # stopped at the first epoch end
+    # Keras, on the same run, fails there too but only with a bare KeyError naming the key.
+    callback = keras.callbacks.ModelCheckpoint(str(tmp_path / "{epoch:02d}-{val_acc:.3f}.keras"))
+    with pytest.raises(KeyError, match="val_acc"):
+        compiled_model().fit(*tiny_data, callbacks=[callback], **FIT)
+
+
+def test_a_step_save_placeholder_the_batch_logs_lack_fails_at_the_first_batch(tmp_path, tiny_data):
+    epochs = Epochs()
+    saver = ModelCheckpoint(tmp_path / "{step}-{val_loss:.3f}.keras", save_freq=100)
+    with pytest.raises(ConfigError, match=r"the placeholder \{val_loss\} names a key the batch logs do not have; "
+                                          r"did you mean \{loss\}\? \(validation metrics exist only at epoch ends: "
+                                          r"use save_freq='epoch'\) Available keys: accuracy, batch, epoch, loss, step$"):
+        run([saver, epochs], *tiny_data)
+    assert epochs.begun == 1 and not list(tmp_path.glob("*.keras"))  # long before the first save (step 100)
+
+
+def test_an_unnamed_placeholder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="every placeholder needs a name"):
+        ModelCheckpoint(tmp_path / "{}-{epoch}.keras")
+
+
+@pytest.mark.parametrize("via", ["engine", "model_fit"])
+def test_a_missing_monitor_warns_and_saves_as_keras_does(tmp_path, tiny_data, via, caplog):
+    """Keras's ModelCheckpoint(save_best_only=True) with a monitor the logs lack warns and saves
+    every epoch (with mode='auto' Keras cannot even start: it cannot infer the direction of a
+    metric it does not know); so does ours, naming the close match, on the same run."""
+    keras_dir, ours_dir = tmp_path / "keras", tmp_path / "ours"
+    callback = keras.callbacks.ModelCheckpoint(str(keras_dir / "{epoch:02d}.keras"), monitor="val_acc",
+                                               mode="max", save_best_only=True)
+    with pytest.warns(UserWarning, match="Can save best model only with val_acc available"):
+        compiled_model().fit(*tiny_data, callbacks=[callback], **FIT)
+
+    with caplog.at_level("WARNING", logger="corebus"):
+        run([ModelCheckpoint(ours_dir / "{epoch:02d}.keras", monitor="val_acc", mode="max", save_best_only=True)],
+            *tiny_data, via=via)
+    assert files(ours_dir) == files(keras_dir) == [f"{e:02d}.keras" for e in range(1, FIT["epochs"] + 1)]
+    (warning,) = [r.getMessage() for r in caplog.records if "val_acc" in r.getMessage()]  # once, not per epoch
+    assert "monitor='val_acc' is not in the logs (did you mean monitor='val_accuracy'?)" in warning
+
+
 def test_unwritable_directory_fails_before_any_step(tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot write to"):
