@@ -49,7 +49,8 @@ from mlflow_server import MlflowServer  # noqa: E402
 
 import corebus  # noqa: E402
 from results import record  # noqa: E402
-from corebus import Cadence, PendingPoints, hookimpl  # noqa: E402
+from corebus import Cadence, hookimpl  # noqa: E402
+from corebus.kit import PendingPoints  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
 from corebus.integrations import MLflowLogger  # noqa: E402
 

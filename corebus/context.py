@@ -121,10 +121,6 @@ def _model_summary(context: Any) -> dict[str, Any]:
 
 
 class RunContext:
-    #: Whether a run snapshot taken mid-epoch can be resumed at that exact batch (the engine
-    #: can; ``model.fit`` restarts epochs from their first batch).
-    supports_mid_epoch_resume = True
-
     """The run state plugins read and write.
 
     Attributes plugins use:
@@ -138,6 +134,10 @@ class RunContext:
       ``num_replicas`` (under ``tf.distribute``; a plugin declaring ``runs_on = "chief"`` is
       only registered on the chief).
     """
+
+    #: Whether a run snapshot taken mid-epoch can be resumed at that exact batch (the engine
+    #: can; ``model.fit`` restarts epochs from their first batch).
+    supports_mid_epoch_resume = True
 
     def __init__(self) -> None:
         self.bus: PluginBus = PluginBus()

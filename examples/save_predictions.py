@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 import corebus  # noqa: E402
 from corebus import Cadence, hookimpl  # noqa: E402
+from corebus.kit import atomic_path, check_writable  # noqa: E402
 from corebus.demo import digits_mlp, load_digits_split  # noqa: E402
 
 
@@ -39,7 +40,7 @@ class SavePredictions:
         self.every = int(every)
         self.cadence = Cadence.every_n(self.every)
         self.directory = Path(directory)
-        corebus.check_writable(self.directory, "SavePredictions")  # fail before training, not at epoch N
+        check_writable(self.directory, "SavePredictions")  # fail before training, not at epoch N
         self.saved: list[str] = []
 
     @hookimpl
@@ -49,7 +50,7 @@ class SavePredictions:
             return
         predictions = trainer.model.predict(self.x, batch_size=self.batch_size, verbose=0)
         path = self.directory / f"epoch{epoch + 1:03d}.npz"
-        with corebus.atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, predictions=predictions, labels=np.asarray(self.y) if self.y is not None else np.array([]),
                          epoch=epoch + 1, step=trainer.global_step)

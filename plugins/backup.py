@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from corebus import BackgroundWorker, Cadence, ConfigError, Preempted, RunLock, RunSnapshot, check_writable, hookimpl
+from corebus import Cadence, ConfigError, Preempted, hookimpl
+from corebus.kit import BackgroundWorker, RunLock, RunSnapshot, check_writable
 
 log = logging.getLogger("corebus")
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from corebus import ConfigError, RunLock, atomic_path, check_writable, hookimpl
+from corebus import ConfigError, hookimpl
+from corebus.kit import RunLock, atomic_path, check_writable
 
 log = logging.getLogger("corebus")
 

@@ -7,7 +7,8 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
-from corebus import ConfigError, hookimpl, optimizer_names
+from corebus import ConfigError, hookimpl
+from corebus.kit import optimizer_names
 
 
 class GradientAccumulation:

@@ -9,7 +9,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from corebus import ConfigError, hookimpl, optimizer_names
+from corebus import ConfigError, hookimpl
+from corebus.kit import optimizer_names
 
 
 def _dense(gradient: Any) -> Any:

@@ -9,7 +9,8 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from corebus import ConfigError, hookimpl, optimizer_names
+from corebus import ConfigError, hookimpl
+from corebus.kit import optimizer_names
 from corebus.plugins.schedules import CyclicalLR, LinearWarmup, StepDecay, StepFunction
 
 _schedules = keras.optimizers.schedules

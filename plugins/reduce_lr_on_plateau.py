@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from corebus import ConfigError, Monitor, hookimpl, optimizer_names
+from corebus import ConfigError, Monitor, hookimpl
+from corebus.kit import optimizer_names
 
 
 class ReduceLROnPlateau:

@@ -10,7 +10,8 @@ import time
 import traceback
 from typing import Any
 
-from corebus import AlertGate, Cadence, ConfigError, Monitor, hookimpl
+from corebus import Cadence, ConfigError, Monitor, hookimpl
+from corebus.kit import AlertGate
 
 log = logging.getLogger("corebus")
 _now = time.monotonic

@@ -17,8 +17,9 @@ import pytest
 
 BENCHMARKS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"))
 # The modules users import (README, docs/): the package, the built-in plugins and integrations,
-# the demo model and data, and the pytest helpers for plugin authors.
-PUBLIC_MODULES = {"corebus", "corebus.plugins", "corebus.integrations", "corebus.demo", "corebus.testing"}
+# the demo model and data, the plugin author's kit, and the pytest helpers for plugin authors.
+PUBLIC_MODULES = {"corebus", "corebus.kit", "corebus.plugins", "corebus.integrations", "corebus.demo",
+                  "corebus.testing"}
 
 
 def _private(name: str) -> bool:
@@ -100,3 +101,9 @@ corebus.Trainer(None).fit()
 def test_benchmark_uses_only_public_api(script):
     found = violations(script.read_text())
     assert found == [], f"{script.name} uses corebus internals:\n" + "\n".join(found)
+
+
+def test_the_plugin_authors_kit_is_public():
+    assert violations("from corebus.kit import PendingPoints, LogSink\nimport corebus.kit\ncorebus.kit.Spool\n") == []
+    found = "\n".join(violations("from corebus import PendingPoints\nfrom corebus.kit import lr_owner\n"))
+    assert "from corebus import PendingPoints (not public)" in found and "import lr_owner (not public)" in found

@@ -311,7 +311,8 @@ def test_plugin_package_installs_lists_and_passes_its_tests(tmp_path):
 
 RECIPES = ["keras_fit_callbacks", "save_predictions", "lr_schedules", "custom_loop", "gradients",
            "adam_hyperparameters", "compare_optimizers"]
-PUBLIC_MODULES = {"corebus", "corebus.plugins", "corebus.integrations", "corebus.testing", "corebus.demo"}
+PUBLIC_MODULES = {"corebus", "corebus.kit", "corebus.plugins", "corebus.integrations", "corebus.testing",
+                  "corebus.demo"}
 
 
 @pytest.mark.parametrize("path", [EXAMPLES / f"{name}.py" for name in RECIPES]
@@ -327,6 +328,8 @@ def test_recipes_use_only_the_public_api(path):
             assert node.module in PUBLIC_MODULES, f"{path.name} imports {node.module}"
             if node.module == "corebus":
                 assert {a.name for a in node.names} <= set(corebus.__all__), path.name
+            if node.module == "corebus.kit":
+                assert {a.name for a in node.names} <= set(corebus.kit.__all__), path.name
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 assert not alias.name.startswith("corebus") or alias.name in PUBLIC_MODULES, alias.name

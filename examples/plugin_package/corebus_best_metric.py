@@ -20,6 +20,7 @@ from typing import Any
 
 import corebus
 from corebus import hookimpl
+from corebus.kit import atomic_path, check_writable
 
 __version__ = "0.1.0"
 
@@ -42,7 +43,7 @@ class BestMetric:
         if mode not in ("min", "max"):
             raise corebus.ConfigError(f"BestMetric: mode={mode!r}; use 'min', 'max' or 'auto'")
         self.monitor, self.mode, self.path = monitor, mode, Path(path)
-        corebus.check_writable(self.path.parent, "BestMetric")  # fail before training, not at epoch 1
+        check_writable(self.path.parent, "BestMetric")  # fail before training, not at epoch 1
         self._reset()
         self._resumed = False
 
@@ -86,7 +87,7 @@ class BestMetric:
                 "epochs_seen": self.epochs_seen, "finished": finished}
 
     def _write(self, finished: bool) -> None:
-        with corebus.atomic_path(self.path) as tmp:
+        with atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps(self.summary(finished), indent=2) + "\n")
 
     def state_dict(self) -> dict[str, Any]:

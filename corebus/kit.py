@@ -1,0 +1,97 @@
+"""The plugin author's kit: the helpers corebus's own plugins and integrations are built from.
+
+``corebus`` itself exports what a user writes a run with (``Trainer``, ``KerasCallback``,
+``hookimpl``, ``Cadence``, ``Monitor``, the errors). A plugin that does more than react to
+hooks takes its building blocks from here, the same ones the built-ins use:
+
+- **Files**: :func:`atomic_path` (write to a temp file, fsync, rename), :func:`fsync_path`,
+  :func:`check_writable` (fail before training, not at the first write), :class:`RunLock` (one
+  run owns a directory), :class:`BackgroundWorker` (one writer thread, bounded, joined at the end).
+- **Loggers**: :class:`LogSink` (a bounded queue and a worker thread with retries and a spool,
+  so a slow backend never blocks a step), :class:`Spool` / :func:`read_spool` /
+  :func:`replay_spool`, :class:`RetryLater`, :class:`PendingPoints` (read many steps' lazy logs
+  at once), :data:`LOGGER_FLUSH_SECONDS`, :class:`LoggedStep` and :class:`LazyLogs` (what
+  ``on_log_steps`` / ``on_log`` hand over), :func:`redact` (secrets out of anything printed),
+  :class:`BackendProcess` / :class:`InProcessBackend` / :class:`BackendError` (an SDK client in
+  a child process).
+- **Alerts**: :class:`Alert`, :class:`AlertGate`, :class:`AlertOutbox` (a notifier's queue).
+- **State**: :class:`RunSnapshot`, :class:`SnapshotError`.
+- **Parameters**: :func:`optimizer_names` (a plugin's ``optimizers=`` argument),
+  :func:`require_module` (an optional SDK, with the ``pip install "corebus[extra]"`` hint).
+- **Bus and reports**: :class:`PluginBus` (a bus without a trainer, for tests),
+  :func:`write_report` / :func:`render_report` / :func:`compare_reports` (the run report).
+
+Names here are public API: they keep their signatures across minor versions. The same names
+stay importable from ``corebus`` for older plugins, but new code imports them from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .alerts import Alert, AlertGate, AlertOutbox
+from .backend_process import BackendError, BackendProcess, InProcessBackend
+from .bus import PluginBus
+from .context import optimizer_names
+from .errors import require_module
+from .io import BackgroundWorker, RunLock, atomic_path, check_writable, fsync_path
+from .logs import LazyLogs, LoggedStep
+from .sinks import LOGGER_FLUSH_SECONDS, LogSink, PendingPoints, RetryLater, Spool, read_spool, redact, replay_spool
+from .snapshot import RunSnapshot, SnapshotError
+
+# Imported on first use: the report module draws with matplotlib, the LR and gradient modules
+# import TensorFlow.
+_LAZY = {
+    "write_report": "corebus.report",
+    "render_report": "corebus.report",
+    "compare_reports": "corebus.report",
+    "ScaledSchedule": "corebus.lr",
+    "GradientPipelineOptimizer": "corebus.gradients",
+}
+
+__all__ = [
+    "Alert",
+    "AlertGate",
+    "AlertOutbox",
+    "BackendError",
+    "BackendProcess",
+    "BackgroundWorker",
+    "GradientPipelineOptimizer",
+    "InProcessBackend",
+    "LOGGER_FLUSH_SECONDS",
+    "LazyLogs",
+    "LogSink",
+    "LoggedStep",
+    "PendingPoints",
+    "PluginBus",
+    "RetryLater",
+    "RunLock",
+    "RunSnapshot",
+    "ScaledSchedule",
+    "SnapshotError",
+    "Spool",
+    "atomic_path",
+    "check_writable",
+    "compare_reports",
+    "fsync_path",
+    "optimizer_names",
+    "read_spool",
+    "redact",
+    "render_report",
+    "replay_spool",
+    "require_module",
+    "write_report",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'corebus.kit' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .gradients import GradientPipelineOptimizer
+    from .lr import ScaledSchedule
+    from .report import compare_reports, render_report, write_report
