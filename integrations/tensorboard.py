@@ -61,6 +61,8 @@ class TensorBoardLogger:
     disables) runs the TensorFlow profiler over global steps ``a``..``b`` into ``train/``; the
     profiler starts and stops between compiled calls, so with ``steps_per_execution > 1`` the
     window is rounded out to whole calls (``profiled_steps`` says which steps it covered).
+    ``hparams=True`` writes the run params and the final / best metrics as an HParams dashboard
+    session at the end (see ``corebus.integrations.tensorboard_hparams``).
     Keras's ``write_images`` and embeddings are not supported. Batch values are each step's
     own values (the loss of that batch), not Keras's running means, where the engine can
     measure them (``on_log``); inside ``model.fit`` they are Keras's running means.
@@ -90,6 +92,7 @@ class TensorBoardLogger:
         shutdown_timeout: float = 30.0,
         write_gradients: bool = True,
         write_grad_norm: bool = False,
+        hparams: bool = False,
     ):
         require_module("tensorboard", extra="tensorboard", what="TensorBoardLogger")
         update_freq = 1 if update_freq == "batch" else update_freq
@@ -130,13 +133,14 @@ class TensorBoardLogger:
         self._profiler = "idle"  # -> "running" -> "done" (or "done" when it could not start)
         self._call_steps = 1
         self._warned_no_gradients = False
+        self.hparams = bool(hparams)
 
     def get_config(self) -> dict[str, Any]:
         return {"log_dir": os.path.abspath(self.log_dir), "histogram_freq": self.histogram_freq,
                 "write_graph": self.write_graph, "write_steps_per_second": self.write_steps_per_second,
                 "update_freq": self.update_freq, "profile_batch": list(self.profile_batch or (0, 0)),
                 "shutdown_timeout": self.shutdown_timeout, "write_gradients": self.write_gradients,
-                "write_grad_norm": self.write_grad_norm}
+                "write_grad_norm": self.write_grad_norm, "hparams": self.hparams}
 
     # ---------------------------------------------------------------- hooks
 
@@ -313,6 +317,9 @@ class TensorBoardLogger:
         self._put(_text("run_status", trainer.global_step, status))
         self._training = False
         self._close()
+        if self.hparams:  # the HParams dashboard session, written last (tensorboard_hparams.py)
+            from .tensorboard_hparams import write_hparams
+            write_hparams(self.log_dir, trainer)
 
     def _close(self) -> None:
         if self._sink is not None:
