@@ -61,10 +61,10 @@ class LRSchedule:
     driven through ``trainer.lr_for(name)`` with its own copy of the schedule
     (``initial_learning_rate`` defaulting to that optimizer's LR). ``None`` (the default)
     means every optimizer of the run: the one optimizer of an ordinary run, and *all* of a
-    multi-optimizer custom step. Unknown names fail at train begin, before any step. With
-    named optimizers the epoch logs get ``learning_rate/<name>`` per optimizer (the
-    ``"default"`` optimizer keeps ``learning_rate``). Two ``lr_schedule`` plugins on different
-    optimizers do not conflict.
+    multi-optimizer custom step. Unknown names fail at train begin, before any step. The
+    epoch logs get the rate under ``trainer.learning_rate_key(name)``, the engine's key:
+    ``learning_rate`` in a run with one optimizer, ``learning_rate/<name>`` per optimizer in a
+    run with several. Two ``lr_schedule`` plugins on different optimizers do not conflict.
     """
 
     controls = {"lr.schedule"}  # per instance: narrowed to the named optimizers
@@ -243,7 +243,7 @@ class LRSchedule:
     @hookimpl(tryfirst=True)
     def on_epoch_end(self, trainer, logs):
         for target in self._targets(trainer):
-            logs[lr_log_key(target)] = trainer.lr_for(target).value
+            logs[trainer.learning_rate_key(target)] = trainer.lr_for(target).value
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps_per_epoch": self.steps_per_epoch}
@@ -254,12 +254,6 @@ class LRSchedule:
         steps = state.get("steps_per_epoch")
         self._restored_steps = {str(k): int(v) for k, v in steps.items()} if isinstance(steps, dict) else (
             None if steps is None else int(steps))
-
-def lr_log_key(optimizer_name: str) -> str:
-    """The epoch-log key of an optimizer's learning rate: Keras's ``learning_rate`` for the
-    default optimizer, ``learning_rate/<name>`` for a named one (as ``grad_norm/<name>``)."""
-    return "learning_rate" if optimizer_name == "default" else f"learning_rate/{optimizer_name}"
-
 
 def _print_msg(message: str) -> None:
     # Where Keras's callbacks send their messages: stdout, or absl logging after

@@ -49,8 +49,9 @@ class ReduceLROnPlateau:
         patience / cooldown count decide for all of them; each named optimizer's LR
         (``trainer.lr_for(name)``) is then reduced on its own, with ``min_lr`` applied to each,
         so an optimizer already at ``min_lr`` stays there while the others go down. Unknown
-        names fail at train begin, before any step. With named optimizers the epoch logs get
-        ``learning_rate/<name>`` per optimizer (the ``"default"`` one keeps ``learning_rate``).
+        names fail at train begin, before any step. The epoch logs get each rate under
+        ``trainer.learning_rate_key(name)``: ``learning_rate`` in a run with one optimizer,
+        ``learning_rate/<name>`` per optimizer in a run with several.
 
     Differences from Keras: bad values (``factor >= 1`` or negative, negative ``patience``,
     ``cooldown`` or ``min_lr``, unknown ``mode``) raise :class:`corebus.ConfigError` at
@@ -133,7 +134,7 @@ class ReduceLROnPlateau:
     @hookimpl
     def on_epoch_end(self, trainer, epoch, logs):
         for name in self._targets(trainer):
-            logs[_lr_log_key(name)] = trainer.lr_for(name).value
+            logs[trainer.learning_rate_key(name)] = trainer.lr_for(name).value
         current = self._monitor.current(logs, trainer)
         if current is None:
             return
@@ -206,7 +207,3 @@ def _print_msg(message: str) -> None:
 
     io_utils.print_msg(message)
 
-
-def _lr_log_key(optimizer_name: str) -> str:
-    # The same keys as LRSchedule's (not imported from there: this module needs no Keras).
-    return "learning_rate" if optimizer_name == "default" else f"learning_rate/{optimizer_name}"
