@@ -380,6 +380,7 @@ def test_one_element_vector_is_its_value_as_in_keras():
 
 
 def test_verbose_messages_go_where_keras_sends_them(capsys, caplog):
+    caplog.set_level(logging.INFO)  # Keras logs them at INFO once interactive logging is off
     kwargs = dict(patience=0, verbose=1, restore_best_weights=True)
     try:
         for interactive in (True, False):
