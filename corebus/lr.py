@@ -81,6 +81,13 @@ class LearningRateController:
         return self._schedule_owner
 
     @property
+    def installed_schedule(self) -> "ScaledSchedule | None":
+        """The schedule the optimizer runs now (``None`` while its LR is a constant): a plugin
+        that installed one compares it with ``is`` to see whether it is still in place."""
+        current = self.optimizer._learning_rate
+        return current if isinstance(current, ScaledSchedule) else None
+
+    @property
     def value(self) -> float:
         """The effective learning rate at the optimizer's current step."""
         # Evaluated eagerly, like Keras: a compiled read can differ in the last float32 bit.

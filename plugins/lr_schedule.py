@@ -164,10 +164,10 @@ class LRSchedule:
         name = self._own_name(trainer)
         # A later fit on the same optimizer: the compiled step already evaluates this schedule,
         # and installing a new one would leave it reading the old multiplier variable.
-        # (lr_for(t).optimizer: the optimizer owning the LR, the inner one of a loss scaler.)
+        # (lr_for(t) is the LR of the optimizer owning it, the inner one of a loss scaler.)
         targets = [t for t in self._targets(trainer)
                    if self._installed.get(t) is None
-                   or trainer.lr_for(t).optimizer._learning_rate is not self._installed[t]]
+                   or trainer.lr_for(t).installed_schedule is not self._installed[t]]
         if not targets:
             return
         if self.per == "epoch":
@@ -196,7 +196,7 @@ class LRSchedule:
                 lr.set_schedule(schedule, owner=name)
             except RuntimeError:
                 raise self._conflict(name, lr.schedule_owner) from None
-            self._installed[target] = lr.optimizer._learning_rate
+            self._installed[target] = lr.installed_schedule
             installed = True
         # model.fit may reuse a step traced before the schedule existed: retrace it.
         if installed and getattr(trainer.model, "train_function", None) is not None:

@@ -74,3 +74,17 @@ def test_plugins_and_engine_key_the_learning_rate_alike(plugin, names):
     # One value per key: what the plugin wrote is what the loggers get.
     for key in expected:
         assert [v[key] for v in records.values] == history[key]
+
+
+def test_installed_schedule_is_the_public_view_of_the_optimizers_schedule():
+    """What LRSchedule compares to see whether its schedule is still in place (it read the
+    optimizer's private ``_learning_rate`` before)."""
+    trainer = corebus.Trainer(tiny_model(), optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    lr = trainer.lr
+    assert lr.installed_schedule is None
+    lr.set_schedule(keras.optimizers.schedules.ExponentialDecay(0.1, 5, 0.5), owner="test")
+    installed = lr.installed_schedule
+    assert isinstance(installed, corebus.kit.ScaledSchedule)
+    assert trainer.optimizer.learning_rate is not None and lr.installed_schedule is installed
+    lr.set_schedule(keras.optimizers.schedules.ExponentialDecay(0.1, 5, 0.9), owner="test")
+    assert lr.installed_schedule is not installed

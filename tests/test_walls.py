@@ -63,3 +63,17 @@ def test_the_wall_check_flags_internals_and_passes_the_kit(tmp_path):
     found = "\n".join(wall_violations(source, "plugins"))
     for expected in ("(corebus.sinks)", "_LAZY is not public API", "lr_owner is not in corebus.kit"):
         assert expected in found, found
+
+
+# Keras attributes that are not Keras's API: a plugin reaching them breaks on a Keras release.
+# The LR goes through trainer.lr / trainer.lr_for(name) (value, set, multiplier, installed_schedule).
+PRIVATE_KERAS = {"_learning_rate"}
+
+
+def test_plugins_reach_no_private_keras_attribute():
+    for room in ("plugins", "integrations"):
+        for path in (ROOT / room).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Attribute):
+                    assert node.attr not in PRIVATE_KERAS, (
+                        f"{path.name}:{node.lineno} reads .{node.attr}; use trainer.lr / trainer.lr_for(name)")
