@@ -543,18 +543,25 @@ class Trainer(RunContext):
         return run
 
     def _agree_to_stop(self) -> None:
-        """Stop every worker if any worker's plugins decided to stop (a collective: all call it)."""
+        """Stop every worker if any worker's plugins decided to stop, or any got a stop signal
+        (a collective at the epoch end: all workers call it, so they stop at one agreed step)."""
         if self.num_workers <= 1:
             return
         if getattr(self, "_any_fn", None) is None:
             strategy = self.strategy
 
-            def any_worker(flag):
-                votes = strategy.run(lambda: tf.identity(flag))
-                return strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)  # votes to stop
+            def any_worker(flags):
+                votes = strategy.run(lambda: tf.identity(flags))
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)  # votes per flag
 
             self._any_fn = tf.function(any_worker)
-        self.stop_training = bool(self._any_fn(tf.constant(1.0 if self.stop_training else 0.0)).numpy() > 0)
+        signalled = self._stops.received
+        votes = self._any_fn(tf.constant([1.0 if self.stop_training else 0.0, float(signalled or 0)])).numpy()
+        self.stop_training = bool(votes[0] > 0)
+        if votes[1] > 0 and signalled is None:  # another worker was signalled: stop with it
+            import signal
+
+            self._stops.received = int(signal.SIGTERM)
 
     def _train_function(self, steps: int, data: ArrayData | DatasetData) -> Callable:
         # The LR (a variable or a schedule) is read inside the compiled step: a schedule
@@ -654,7 +661,9 @@ class Trainer(RunContext):
             if self.stop_training:
                 break
             stops = self._stops
-            if stops.received is not None and self.micro_step % self._accumulation == 0:
+            # Several workers agree on the stop at the epoch end instead (_agree_to_stop): a
+            # step boundary chosen by one worker alone would leave the others in a collective.
+            if stops.received is not None and self.num_workers <= 1 and self.micro_step % self._accumulation == 0:
                 raise stops.stop()
         if packed is None:
             return None
@@ -817,6 +826,7 @@ class Trainer(RunContext):
         _check_validation_freq(validation_freq)
         if validation_split and validation_data is None:
             (x, y, sample_weight), validation_data = split_validation(x, y, sample_weight, validation_split)
+        self.fit_inputs = {"x": x, "y": y, "validation_data": validation_data}  # what loggers record (mlflow.data)
         data = make_data(
             x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=self.seed, steps=steps_per_epoch,
             strategy=self.strategy, class_weight=class_weight,

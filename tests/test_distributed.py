@@ -108,6 +108,16 @@ def test_a_stop_decided_on_one_worker_stops_every_worker(tmp_path):
         np.testing.assert_array_equal(ours, theirs)
 
 
+def test_sigterm_on_one_worker_stops_every_worker_at_one_agreed_step(tmp_path):
+    ports = free_ports(2)
+    workers = [launch(tmp_path, "multiworker", "--signal-rank", "1", "--signal-epoch", "1", rank=rank, ports=ports)
+               for rank in (0, 1)]
+    for worker in workers:
+        finish(worker, expect=128 + signal.SIGTERM)  # the signalled worker and the other alike
+    stopped = [json.loads((tmp_path / f"rank{rank}-stopped.json").read_text()) for rank in (0, 1)]
+    assert stopped[0] == stopped[1] == {"exception": "Preempted", "global_step": 16, "epochs": [0, 1]}
+
+
 def test_mirrored_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     uninterrupted = launch(whole, "mirrored", "--backup")

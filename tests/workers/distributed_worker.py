@@ -30,6 +30,8 @@ parser.add_argument("--epochs", type=int, default=6)
 parser.add_argument("--kill-at-step", type=int, default=None)
 parser.add_argument("--backup", action="store_true")
 parser.add_argument("--es-min-delta", type=float, default=1e-3)
+parser.add_argument("--signal-rank", type=int, default=None)
+parser.add_argument("--signal-epoch", type=int, default=None)
 args = parser.parse_args()
 
 if args.mode == "multiworker":
@@ -79,6 +81,20 @@ class StopOnOneWorker:
             trainer.stop_training = True
 
 
+class SignalOnOneWorker:
+    """SIGTERM to one worker's own process at an epoch end; every worker records how it ended."""
+
+    @hookimpl
+    def on_epoch_end(self, trainer, epoch):
+        if trainer.rank == args.signal_rank and epoch == args.signal_epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    @hookimpl
+    def on_exception(self, trainer, exception):
+        (out / f"rank{args.rank}-stopped.json").write_text(json.dumps({
+            "exception": type(exception).__name__, "global_step": trainer.global_step, "epochs": seen.epochs}))
+
+
 class KillAt:
     @hookimpl(trylast=True)
     def on_train_batch_end(self, trainer):
@@ -102,6 +118,7 @@ seen = Seen()
 plugins = [
     seen,
     StopOnOneWorker(),
+    SignalOnOneWorker(),
     {"name": "gradient_clipping", "global_norm": 5.0},
     {"name": "early_stopping", "monitor": "val_loss", "patience": 1, "min_delta": args.es_min_delta},
     {"name": "checkpoint", "filepath": str(out / "ckpt" / "ep{epoch:02d}.weights.h5"), "save_weights_only": True,
