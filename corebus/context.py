@@ -17,6 +17,7 @@ from . import sinks
 from .alerts import Alert
 from .bus import PluginBus
 from .logs import LazyLogs, LoggedStep
+from .optimizer_chain import lr_owner
 
 log = logging.getLogger("corebus")
 
@@ -24,14 +25,6 @@ log = logging.getLogger("corebus")
 #: What a plugin may ask the gradient pipeline for (``gradient_taps = {...}``); see
 #: :class:`corebus.gradients.GradientPipeline`.
 GRADIENT_TAPS = ("norm", "values")
-
-
-def lr_owner(optimizer: Any) -> Any:
-    """The optimizer that owns the learning rate under wrappers (Keras's LossScaleOptimizer,
-    corebus's GradientPipelineOptimizer both keep the real one as ``inner_optimizer``)."""
-    while getattr(optimizer, "inner_optimizer", None) is not None:
-        optimizer = optimizer.inner_optimizer
-    return optimizer
 
 
 def optimizer_names(value: Any, owner: str) -> list[str] | None:

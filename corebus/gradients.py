@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import keras
 import tensorflow as tf
 
+from .optimizer_chain import lr_owner
+
 
 class PipelineOwner(Protocol):
     """What the pipeline needs from the run it serves (:class:`corebus.RunContext` is one):
@@ -236,7 +238,7 @@ class GradientPipelineOptimizer(keras.optimizers.Optimizer):
     def inner_optimizer(self) -> Any:
         """The optimizer inside Keras's wrappers (what owns the learning rate; the pipeline
         itself applies through :attr:`wrapped`, e.g. a ``LossScaleOptimizer``)."""
-        return getattr(self._inner, "inner_optimizer", self._inner)
+        return lr_owner(self._inner)
 
     @property
     def wrapped(self) -> Any:

@@ -17,6 +17,7 @@ from .context import RunContext
 from .errors import ConfigError, CorebusError
 from .gradients import GradientPipelineOptimizer, unwrap, wrap_optimizer
 from .logs import LazyLogs
+from .optimizer_chain import optimizer_chain
 
 #: Hooks compiled into the step through the gradient pipeline.
 GRADIENT_HOOKS = ("transform_gradients", "gradient_accumulation_steps")
@@ -95,9 +96,8 @@ class KerasCallback(keras.callbacks.Callback):
         self._pipelined = None
         if optimizer is None or not needed:
             return
-        nested = getattr(optimizer, "inner_optimizer", None)
-        while nested is not None and not isinstance(nested, GradientPipelineOptimizer):
-            nested = getattr(nested, "inner_optimizer", None)
+        # a GradientPipelineOptimizer inside the user's wrappers (a LossScaleOptimizer's inner one)
+        nested = next((o for o in list(optimizer_chain(optimizer))[1:] if isinstance(o, GradientPipelineOptimizer)), None)
         if nested is not None and nested._context is not self.context:
             raise ConfigError(
                 f"the model's optimizer ({type(optimizer).__name__}) holds a GradientPipelineOptimizer of another "

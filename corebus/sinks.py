@@ -237,6 +237,10 @@ class LogSink:
         self._inflight: list[Record] | None = None
         self._abandoned = False
         self._inflight_lock = threading.Lock()
+        # Records handed over / settled (delivered or spooled to disk): flush() waits for them.
+        self._accepted = 0
+        self._settled = 0
+        self._settled_changed = threading.Condition()
         self.stats = {"queued": 0, "sent": 0, "retries": 0, "failures": 0, "spooled": 0, "overflow": 0,
                       "send_seconds": 0.0, "sends": 0, "max_queue_depth": 0}
         self._thread = threading.Thread(target=self._run, name=f"corebus-sink-{name}", daemon=True)
@@ -247,16 +251,41 @@ class LogSink:
     def put(self, record: Record) -> None:
         """Hand a record over; never blocks and never drops (overflow goes to the spool)."""
         self.stats["queued"] += 1
+        self._accepted += 1
         try:
             self._queue.put_nowait(record)
         except queue.Full:
             self.stats["overflow"] += 1
             self._spool([record])
+            self._settle(1)
         depth = self._queue.qsize()
         if depth > self.stats["max_queue_depth"]:
             self.stats["max_queue_depth"] = depth
         if depth >= self.batch_size:  # a full batch goes now; otherwise it waits for the interval
             self._wake.set()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record put so far is delivered or in the spool on disk (a failing
+        backend's records are spooled, not waited for), at most ``timeout`` seconds (default:
+        ``shutdown_timeout``). For a run snapshot: what a logger was given before it is not
+        lost with the process. Returns ``False`` when the time ran out first."""
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        target = self._accepted
+        self._wake.set()  # no waiting for the interval now
+        with self._settled_changed:
+            while self._settled < target and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.set()
+                self._settled_changed.wait(min(left, 0.05))
+        return self._settled >= target
+
+    def _settle(self, count: int) -> None:
+        with self._settled_changed:
+            self._settled += count
+            self._settled_changed.notify_all()
 
     def close(self, timeout: float | None = None) -> bool:
         """Deliver what can be delivered within ``timeout`` seconds; spool the rest.
@@ -373,7 +402,9 @@ class LogSink:
                 if stopping:
                     return
                 # While backing off, new records go to the spool so memory stays bounded.
-                self._spool(self._drain_queue())
+                drained = self._drain_queue()
+                self._spool(drained)
+                self._settle(len(drained))
                 time.sleep(min(0.05, self._retry_at - time.monotonic()) if self._retry_at > time.monotonic() else 0)
                 continue
             if self._pending() and not self._replay_spool():
@@ -396,6 +427,7 @@ class LogSink:
                     return
                 if not delivered:
                     self._spool(batch)
+            self._settle(len(batch))
 
 
 class RetryLater(Exception):

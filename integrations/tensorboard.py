@@ -128,6 +128,7 @@ class TensorBoardLogger:
         self._files: _EventFiles | None = None
         self._training = False
         self._pending: list[dict[str, Any]] = []
+        self._resumed = False
         self._points = PendingPoints()
         self._graph_pending = False
         self._profiler = "idle"  # -> "running" -> "done" (or "done" when it could not start)
@@ -161,6 +162,7 @@ class TensorBoardLogger:
         # (BackupAndRestore) may still point log_dir at the run being resumed.
         self._points = PendingPoints()
         self._pending = [_text("run_params", 0, "```\n" + json.dumps(trainer.run_params(), indent=2) + "\n```")]
+        self._resumed = False  # until a snapshot restore (load_state_dict, later in on_train_begin)
 
     @hookimpl
     def on_epoch_begin(self, trainer, epoch):
@@ -230,16 +232,26 @@ class TensorBoardLogger:
 
     @hookimpl
     def on_exception(self, trainer, exception):
-        if isinstance(exception, KeyboardInterrupt):
+        if isinstance(exception, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, a stop signal (corebus.Preempted)
             self._finish(trainer, "KILLED")
         else:
             self._finish(trainer, f"FAILED ({type(exception).__name__}: {exception})")
 
     def state_dict(self) -> dict[str, Any]:
+        # Taken for a run snapshot: the points of the steps it holds are written first (or
+        # spooled), so a kill after the snapshot loses none of them.
+        if self._sink is not None:
+            if self._points:
+                self._hand_over_points()
+            if not self._sink.flush(self.shutdown_timeout):
+                log.warning("TensorBoardLogger: points not written within %.0f s of a snapshot; a kill now "
+                            "may lose them", self.shutdown_timeout)
         return {"log_dir": self.log_dir}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log_dir = state["log_dir"]
+        # The interrupted process may have written steps after its snapshot: not twice.
+        self._resumed = True
 
     # ---------------------------------------------------------------- delivery
 
@@ -267,7 +279,7 @@ class TensorBoardLogger:
         if self._points:  # keep the order: batch points logged before come first
             self._hand_over_points()
         if self._sink is None:
-            self._files = _EventFiles(self.log_dir)
+            self._files = _EventFiles(self.log_dir, skip_written=self._resumed)
             spool = Spool(Path(self.log_dir) / SPOOL_NAME, {"plugin": "tensorboard", "config": self.get_config()})
             self._sink = LogSink("tensorboard", self._files.write, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
                                  shutdown_timeout=self.shutdown_timeout)
@@ -360,9 +372,12 @@ class _EventFiles:
 
     _serial = itertools.count()  # two writers opened in the same second get different files
 
-    def __init__(self, log_dir: str | os.PathLike):
+    def __init__(self, log_dir: str | os.PathLike, skip_written: bool = False):
+        """``skip_written``: for a resumed run, values already in the event files (same run,
+        tag and step: written by the interrupted process after its snapshot) are not written again."""
         self.log_dir = os.fspath(log_dir)
         self._writers: dict[str, Any] = {}
+        self._written = _written(self.log_dir) if skip_written else None
 
     def write(self, records: list[dict[str, Any]]) -> None:
         from tensorboard.compat.proto import event_pb2
@@ -371,12 +386,21 @@ class _EventFiles:
         for run in sorted({record["run"] for record in records}):
             if run not in self._writers:
                 self._writers[run] = self._open(os.path.join(self.log_dir, run))
+        written = self._written
         for record in records:
-            event = event_pb2.Event(wall_time=time.time(), step=int(record.get("step", 0)))
+            step = int(record.get("step", 0))
+            event = event_pb2.Event(wall_time=time.time(), step=step)
             if record["type"] == "graph":
+                if written is not None and (record["run"], _GRAPH, step) in written:
+                    continue
                 event.graph_def = base64.b64decode(record["graph_def"])
             else:
-                event.summary.value.extend(_summary_values(record))
+                values = _summary_values(record)
+                if written is not None:
+                    values = [v for v in values if (record["run"], v.tag, step) not in written]
+                    if not values:
+                        continue
+                event.summary.value.extend(values)
             self._writers[record["run"]].write(event.SerializeToString())
         for writer in self._writers.values():
             writer.flush()
@@ -398,6 +422,25 @@ class _EventFiles:
         writer = tf.io.TFRecordWriter(os.path.join(directory, name))
         writer.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
         return writer
+
+
+_GRAPH = "\0graph"  # the op graph event has no tag
+
+
+def _written(log_dir: str) -> set[tuple[str, str, int]]:
+    """``(run, tag, step)`` of every value in the event files under ``log_dir`` (a torn last
+    record of a killed writer ends its file's reading)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    written = set()
+    for path in sorted(Path(log_dir).glob("*/events.out.tfevents.*")):
+        run = path.parent.name
+        for event in EventFileLoader(str(path)).Load():
+            if event.HasField("graph_def"):
+                written.add((run, _GRAPH, event.step))
+            for value in event.summary.value:
+                written.add((run, value.tag, event.step))
+    return written
 
 
 def _summary_values(record: dict[str, Any]) -> list[Any]:

@@ -249,6 +249,14 @@ class WandbLogger:
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "best": self._best}
 
+        # Taken for a run snapshot: the points of the steps it holds reach W&B (or the spool)
+        # first, so a kill after the snapshot loses none of them.
+        if self._sink is not None:
+            if self._points:
+                self._hand_over_points()
+            if not self._sink.flush(self.shutdown_timeout):
+                log.warning("WandbLogger: points not delivered within %.0f s of a snapshot; a kill now may lose them",
+                            self.shutdown_timeout)
     def load_state_dict(self, state: dict[str, Any]) -> None:
         run_id, best = state.get("run_id"), state.get("best")
         if run_id is not None and not (isinstance(run_id, str) and RUN_ID.fullmatch(run_id)):

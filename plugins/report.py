@@ -118,6 +118,29 @@ class RunReport:
         with self._lock:
             self._epochs.append(record)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What was recorded so far, kept in a run snapshot: a resumed run's report holds the
+        whole run (each point once), not only the part after the resume."""
+        with self._lock:
+            return {"started": self._started, "first_step": self._first_step, "epochs": list(self._epochs),
+                    "batches": {"every": self._batches["every"], "step": list(self._batches["step"]),
+                                "values": {k: list(v) for k, v in self._batches["values"].items()}},
+                    "reductions": list(self._reductions), "checkpoints": list(self._checkpoints),
+                    "alerts": list(self._alerts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        batches = state["batches"]
+        lists = [state[k] for k in ("epochs", "reductions", "checkpoints", "alerts")] + [batches["step"]]
+        if not all(isinstance(v, list) for v in lists) or not isinstance(batches["values"], dict) or not all(
+                isinstance(v, list) and len(v) == len(batches["step"]) for v in batches["values"].values()):
+            raise ValueError("RunReport: the snapshot's report state is malformed")
+        with self._lock:
+            self._started, self._first_step = float(state["started"]), int(state["first_step"])
+            self._epochs, self._reductions = list(state["epochs"]), list(state["reductions"])
+            self._checkpoints, self._alerts = list(state["checkpoints"]), list(state["alerts"])
+            self._batches = {"every": self.log_every_n_steps, "step": list(batches["step"]),
+                             "values": {k: list(v) for k, v in batches["values"].items()}}
+
     def _add_batch(self, step: int, values: dict[str, float]) -> None:
         batches, columns = self._batches, self._batches["values"]
         for key in values:
@@ -154,7 +177,8 @@ class RunReport:
         try:
             return (yield)
         finally:
-            status = "killed" if isinstance(exception, KeyboardInterrupt) else "failed"
+            # Ctrl-C, or a stop signal answered at a step boundary (corebus.Preempted, a SystemExit)
+            status = "killed" if isinstance(exception, (KeyboardInterrupt, SystemExit)) else "failed"
             self._safely_write(trainer, status, f"{type(exception).__name__}: {exception}")
 
     def _safely_write(self, trainer: Any, status: str, error: str | None) -> None:
