@@ -324,7 +324,11 @@ class RunContext:
         self._advance(steps_done)
         on_batch_end = self._callers.get("on_train_batch_end")
         if on_batch_end is not None:
-            on_batch_end(trainer=self, batch=batch, logs=logs)
+            self._unlogged_step = (held_values, log_values)  # a snapshot in the hook logs them first
+            try:
+                on_batch_end(trainer=self, batch=batch, logs=logs)
+            finally:
+                (held_values, log_values), self._unlogged_step = self._unlogged_step, None
         if held_values is not None:
             self._hold_step_log(held_values)
         if log_values is not None:
@@ -383,11 +387,36 @@ class RunContext:
     def _epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         self._hand_over_step_logs()  # a logger's batch points come before the epoch's
         self._at_epoch_end = True
+        self._epoch_record = logs  # logged here, or earlier by a snapshot of the epoch end
         try:
             self._emit("on_epoch_end", epoch=epoch, logs=logs)
+        except BaseException:
+            self._epoch_record = None
+            raise
         finally:
             self._at_epoch_end = False
-        if self._callers.get("on_log") is not None:
+        self._log_epoch_record()
+
+    def _log_before_snapshot(self) -> None:
+        """The records of the steps a snapshot holds reach the loggers before their
+        ``state_dict()`` is taken (the step ending now, the held steps, the epoch ending now):
+        a logger that makes what it got durable there logs each point once across a kill."""
+        unlogged = getattr(self, "_unlogged_step", None)
+        if unlogged is not None:
+            self._unlogged_step = (None, None)
+            held, values = unlogged
+            if held is not None:
+                self._hold_step_log(held)
+            if values is not None:
+                self._batch_on_log(trainer=self, kind="batch", step=self.global_step, logs=values)
+        if self._held_steps:
+            self._hand_over_step_logs()
+        if self._at_epoch_end:
+            self._log_epoch_record()
+
+    def _log_epoch_record(self) -> None:
+        logs, self._epoch_record = getattr(self, "_epoch_record", None), None
+        if logs is not None and self._callers.get("on_log") is not None:
             record = dict(logs)
             for name in self.optimizers:
                 key = self.learning_rate_key(name)
@@ -494,6 +523,7 @@ class RunContext:
 
     def _run_state(self) -> dict[str, Any]:
         """The JSON part of a run snapshot: position, LR controllers, plugin states."""
+        self._log_before_snapshot()
         epoch, next_batch = (self.epoch + 1, 0) if self._at_epoch_end else (self.epoch, self.batch + 1)
         return {
             "micro_step": self.micro_step,
