@@ -50,7 +50,7 @@ from typing import Annotated, Any, Literal
 from annotated_types import Ge, Interval
 
 from .errors import ConfigError, MissingExtraError
-from .sinks import register_secret
+from .sinks import redact_text, register_secret
 from .typecheck import check_call, closest, did_you_mean, hint_text, matches, type_hints
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -325,8 +325,11 @@ def describe_config(config: RunConfig) -> str:
     lines = [f"run config {config.path} (run directory {config.run_dir})"]
     for section, values in config.sections.items():
         if values:
-            lines.append(f"  [{section}] " + ", ".join(f"{k}={_hide(repr(v), config.secrets)}" for k, v in values.items()))
+            lines.append(f"  [{section}] " + ", ".join(f"{k}={redact_text(_hide(repr(v), config.secrets))}"
+                                                       for k, v in values.items()))
     for template in config.templates:
-        params = ", ".join(f"{k}={v!r}" for k, v in template.items() if k != "name")
+        # ``${VAR}`` is kept as written; a secret written literally (a URL password, a token
+        # in a webhook's query) is hidden as everywhere else.
+        params = ", ".join(f"{k}={redact_text(repr(v))}" for k, v in template.items() if k != "name")
         lines.append(f"  plugin {template['name']}({params})")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import Any
 
 from corebus import (LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, Monitor, PendingPoints, Spool, atomic_path,
                      check_writable, hookimpl, read_spool, replay_spool, require_module)
+from corebus.kit import redact
 
 from .wandb_run import InThread, RunWriter
 
@@ -122,7 +123,8 @@ class WandbLogger:
         # Absolute: `corebus sync` may replay the spool from another working directory.
         self.dir = os.path.abspath(dir or os.environ.get("WANDB_DIR") or "corebus-runs")
         self.name = name
-        self.tags = list(tags or [])
+        # A tag is printed and stored by W&B: a secret in it (a ${VAR} value, a URL password) shows as ***.
+        self.tags = [redact(str(tag)) for tag in tags or []]
         self.log_every_n_steps = log_every_n_steps
         self.log_checkpoints = "kept" if log_checkpoints is True else log_checkpoints
         if self.log_checkpoints not in CHECKPOINT_POLICIES:
