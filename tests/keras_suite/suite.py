@@ -75,3 +75,33 @@ def four(make_keras: Callable[[], Any], make_plugin: Callable[[], Any], **kwargs
 def same_weights(a: Run, b: Run, rtol: float = 1e-4) -> None:
     for left, right in zip(a.weights(), b.weights(), strict=True):
         np.testing.assert_allclose(left, right, rtol=rtol, atol=1e-6)
+
+
+ALL_WAYS = ("keras", *WAYS)
+
+
+def fit_with(way: str, model: Any, x: Any, y: Any = None, *, callbacks: Any = (), plugins: Any = (),
+             extra: Any = (), **fit: Any) -> Any:
+    """One ``fit`` of ``model`` ``way``: the keras ways get ``callbacks`` (Keras callbacks), the
+    adapter and the engine get ``plugins`` (corebus plugins); ``extra`` Keras callbacks (spies,
+    interrupters) go to every way, after the others."""
+    fit = {"verbose": 0, "shuffle": False, **fit}
+    if way == "keras":
+        return model.fit(x, y, callbacks=[*callbacks, *extra], **fit)
+    if way == "keras_in_trainer":
+        return corebus.Trainer(model).fit(x, y, callbacks=[*callbacks, *extra], **fit)
+    if way == "adapter":
+        return model.fit(x, y, callbacks=[corebus.KerasCallback(list(plugins)), *extra], **fit)
+    if way == "engine":
+        return corebus.Trainer(model, plugins=list(plugins)).fit(x, y, callbacks=list(extra) or None, **fit)
+    raise ValueError(way)
+
+
+def files_in(directory: Any) -> list[str]:
+    """The files a run left in ``directory`` (relative paths), without corebus's run-lock files."""
+    from pathlib import Path
+
+    root = Path(directory)
+    if not root.exists():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
