@@ -1,0 +1,175 @@
+"""ray_train against a real local Ray cluster (ray.init(num_cpus=2) on 127.0.0.1): two Ray Train
+workers run corebus.Trainer under MultiWorkerMirroredStrategy (Ray sets TF_CONFIG). Metrics and
+checkpoints reach Ray's Result; a checkpoint restores the run; a run resumed from a finished
+Result, and a run whose worker was killed with SIGKILL mid-epoch (Ray restarts the worker group),
+end bit-identical to an uninterrupted run. An uninterrupted 3-epoch run is the oracle."""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason='the ray extra: pip install "corebus[ray]"')
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+import corebus  # noqa: E402
+import corebus.plugins  # noqa: E402
+from corebus import hookimpl  # noqa: E402
+from corebus.registry import instantiate  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+
+
+class KillOnce:
+    """SIGKILL this worker process once, at a global step, on one rank (a marker file makes it once)."""
+
+    def __init__(self, rank, step, marker):
+        self.rank, self.step, self.marker = rank, step, Path(marker)
+
+    @hookimpl(trylast=True)
+    def on_train_batch_end(self, trainer):
+        import ray.train
+
+        if (ray.train.get_context().get_world_rank() == self.rank and trainer.global_step >= self.step
+                and not self.marker.exists()):
+            self.marker.write_text(str(trainer.global_step))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop(config):
+    """One Ray Train worker: a small seeded MLP, 8 steps of 12 rows per epoch, 2 validation steps."""
+    import keras
+    import tensorflow as tf
+
+    from corebus.testing import tiny_data
+
+    tf.config.experimental.enable_op_determinism()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # a seeded global generator, as the test process has one: snapshots of both list the same variables
+    tf.random.set_global_generator(tf.random.Generator.from_seed(0))
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(3, activation="softmax")])
+        optimizer = keras.optimizers.Adam(0.01)  # Keras's TF optimizer keeps the strategy it was made under
+    plugins = ["ray_train", {"name": "early_stopping", "monitor": "val_loss", "patience": 50, "min_delta": 1.0}]
+    if config.get("kill"):
+        plugins.append(KillOnce(*config["kill"]))
+    trainer = corebus.Trainer(model, optimizer, "sparse_categorical_crossentropy", ["accuracy"],
+                              plugins=plugins, strategy=strategy, seed=0)
+    x, y = tiny_data(120)
+    trainer.fit(x, y, batch_size=12, epochs=config["epochs"], validation_split=0.2, verbose=0, shuffle=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the loop and its plugin travel by value: the workers do not have tests/ on their path
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+def fit(storage, name, epochs, kill=None, resume=None, max_failures=0):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    trainer = TensorflowTrainer(
+        train_loop, train_loop_config={"epochs": epochs, "kill": kill},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+        resume_from_checkpoint=resume)
+    return trainer.fit()
+
+
+def weights(result):
+    from corebus.integrations.ray import load_snapshot
+
+    snapshot = load_snapshot(result.checkpoint)
+    return snapshot, [snapshot.arrays[k] for k in sorted(snapshot.arrays) if k.startswith(("model/", "optimizer."))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("ray"), "uninterrupted", EPOCHS)
+
+
+def test_result_holds_last_epoch_logs_and_a_run_snapshot(uninterrupted):
+    metrics = uninterrupted.metrics
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["epoch"] == EPOCHS - 1 and metrics["step"] == EPOCHS * 8
+    assert metrics["learning_rate"] == pytest.approx(0.01)
+    snapshot, _ = weights(uninterrupted)
+    assert snapshot.state["global_step"] == EPOCHS * 8 and snapshot.state["epoch"] == EPOCHS
+    # every plugin's state travels: early stopping's counters of the last epoch
+    assert snapshot.state["plugins"]["early_stopping"]["wait"] == EPOCHS - 1
+
+
+def test_resume_from_checkpoint_of_a_finished_result_continues_exactly(uninterrupted, tmp_path):
+    first = fit(tmp_path, "first", EPOCHS - 1)
+    assert first.metrics["step"] == (EPOCHS - 1) * 8
+    resumed = fit(tmp_path, "resumed", EPOCHS, resume=first.checkpoint)
+    assert resumed.metrics["step"] == EPOCHS * 8 and resumed.metrics["epoch"] == EPOCHS - 1
+    for got, want in zip(weights(resumed)[1], weights(uninterrupted)[1], strict=True):
+        np.testing.assert_array_equal(got, want)  # bit-identical
+    assert resumed.metrics["loss"] == uninterrupted.metrics["loss"]
+
+
+def test_a_worker_killed_mid_epoch_is_restarted_and_resumes_exactly(uninterrupted, tmp_path):
+    marker = tmp_path / "killed"
+    # step 12 lies in the second epoch (steps 9-16): the group resumes from the first epoch's checkpoint
+    result = fit(tmp_path, "killed", EPOCHS, kill=(1, 12, str(marker)), max_failures=1)
+    assert marker.read_text() == "12", "the worker was not killed"
+    assert result.error is None and result.metrics["step"] == EPOCHS * 8
+    for got, want in zip(weights(result)[1], weights(uninterrupted)[1], strict=True):
+        np.testing.assert_array_equal(got, want)  # bit-identical
+    assert result.metrics["val_loss"] == uninterrupted.metrics["val_loss"]
+
+
+def test_the_checkpoint_restores_into_a_run_outside_ray(uninterrupted, tmp_path):
+    """Copied to a folder, the checkpoint is a backup_dir: the run ends restored, training nothing."""
+    import keras
+
+    snapshot, _ = weights(uninterrupted)
+    backup_dir = uninterrupted.checkpoint.to_directory(str(tmp_path / "backup"))
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3, activation="softmax")])
+    stopper = corebus.plugins.EarlyStopping(monitor="val_loss", patience=50, min_delta=1.0)
+    trainer = corebus.Trainer(model, keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy", ["accuracy"],
+                              plugins=[stopper, {"name": "backup", "backup_dir": backup_dir,
+                                                 "delete_checkpoint": False}], seed=0)
+    from corebus.testing import tiny_data
+
+    x, y = tiny_data(120)
+    trainer.fit(x, y, batch_size=12, epochs=EPOCHS, validation_split=0.2, verbose=0)
+    assert trainer.global_step == EPOCHS * 8
+    for i, variable in enumerate(model.weights):
+        np.testing.assert_array_equal(variable.numpy(), snapshot.arrays[f"model/{i}"])
+    assert int(trainer.optimizer.iterations.numpy()) == EPOCHS * 8
+    assert stopper.wait == EPOCHS - 1
+
+
+def test_ray_train_outside_a_ray_worker_is_an_error_before_training():
+    from corebus.testing import tiny_data, tiny_model
+
+    trainer = corebus.Trainer(tiny_model(), "adam", "sparse_categorical_crossentropy", plugins=["ray_train"])
+    x, y = tiny_data()
+    with pytest.raises(corebus.ConfigError, match="only runs inside a Ray Train worker loop"):
+        trainer.fit(x, y, epochs=1, verbose=0)
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("params, match", [({"checkpoint_every": 0}, "checkpoint_every=0"),
+                                           ({"metrics": 3}, "metrics=3"),
+                                           ({"report_every_n_steps": -1}, "report_every_n_steps=-1")])
+def test_bad_params_are_named(params, match):
+    with pytest.raises(corebus.ConfigError, match=match):
+        instantiate("ray_train", params)
