@@ -17,8 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink,
+from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink, Monitor,
                      PendingPoints, Spool, check_writable, hookimpl, read_spool, replay_spool, require_module)
+
+from .mlflow_model import LOG_MODEL, dataset_records, fit_inputs, input_example, save_example
 
 from .mlflow_writer import (MAX_TAG, _Writer, clean_key, flatten, is_server, local_artifact_location, mlflow_env,
                             redact_uri_secrets, safe_uri)
@@ -42,7 +44,20 @@ class MLflowLogger:
     :param log_every_n_steps: log batch metrics each time the global step crosses a multiple
         of N (exact under ``steps_per_execution``); ``None`` logs epoch metrics only.
     :param dir: where the spool and the files waiting for upload live.
-    :param log_model: at the end of training upload the model as ``model/model.keras``.
+    :param log_model: log an MLflow Model of the run (Keras flavor, signature and input example
+        from the training rows), as ``mlflow.keras.autolog`` does: ``True`` / ``"last"`` the final
+        weights (what autolog logs), ``"best"`` the weights of the checkpoint plugin's best file
+        by its monitor. Logged by the sink after training; a model that cannot be logged is a
+        warning and a ``corebus.log_model_error`` tag, the run keeps training's status.
+    :param registered_model_name: also register the model as a new version of this Model
+        Registry model, tagged ``run_id``, ``weights``, ``monitor``, ``best_value``, ``best_epoch``.
+    :param system_metrics: MLflow's own system-metrics monitor on the run (``system/cpu_...``,
+        memory, disk, network, GPU where present): ``True`` at MLflow's sampling interval
+        (10 s, ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``), a number of seconds, or ``False``.
+        Default: MLflow's own switch, ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``.
+    :param log_datasets: record the training and validation inputs on the run with ``mlflow.data``
+        (contexts ``train`` / ``eval``: name, digest, schema, rows), as autolog does. Only
+        ``Trainer.fit`` shows the data; inside ``model.fit`` it is a warning.
     :param log_checkpoints: ``"kept"`` (default): upload every checkpoint announced by
         ``on_checkpoint_saved`` and remove from the run the ones the checkpoint plugin deleted
         since (its ``save_top_k``), so the run holds what the disk holds; ``"all"``: upload
@@ -124,6 +139,9 @@ class MLflowLogger:
         isolate_sdk: bool | None = None,
         log_checkpoints: str | bool = "kept",
         artifact_location: str | None = None,
+        registered_model_name: str | None = None,
+        system_metrics: bool | float | None = None,
+        log_datasets: bool = False,
     ):
         mlflow = require_module("mlflow", extra="mlflow", what="MLflowLogger")
         if log_every_n_steps is not None and (
@@ -149,7 +167,28 @@ class MLflowLogger:
         self.log_every_n_steps = log_every_n_steps
         self.dir = os.path.abspath(os.fspath(dir))
         check_writable(self.dir, "MLflowLogger")
-        self.log_model = bool(log_model)
+        if not (isinstance(log_model, bool) or log_model in LOG_MODEL):
+            raise ConfigError(f'MLflowLogger: log_model={log_model!r}; use True / "last" (final weights), '
+                              '"best" (the checkpoint plugin\'s best) or False')
+        if registered_model_name is not None and (not isinstance(registered_model_name, str)
+                                                  or not registered_model_name.strip()):
+            raise ConfigError(f"MLflowLogger: registered_model_name={registered_model_name!r}; use a name or None")
+        if registered_model_name and not log_model:
+            raise ConfigError("MLflowLogger: registered_model_name needs log_model=True, 'last' or 'best'")
+        if system_metrics is None:
+            from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+            system_metrics = bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get())
+        if not isinstance(system_metrics, (bool, int, float)) or system_metrics is not True and \
+                system_metrics is not False and system_metrics <= 0:
+            raise ConfigError(f"MLflowLogger: system_metrics={system_metrics!r}; use True, False or a "
+                              "sampling interval in seconds")
+        if psutil_missing(system_metrics):
+            raise ConfigError('MLflowLogger: system_metrics needs psutil; pip install "corebus[mlflow]"')
+        self.log_model = "last" if log_model is True else log_model
+        self.registered_model_name = registered_model_name
+        self.system_metrics = system_metrics
+        self.log_datasets = bool(log_datasets)
         self.log_checkpoints = log_checkpoints
         self.artifact_location = (_absolute_location(os.fspath(artifact_location)) if artifact_location is not None
                                   else local_artifact_location(self.tracking_uri, self.experiment_name))
@@ -173,6 +212,9 @@ class MLflowLogger:
         self._staged = 0
         self._uploaded: set[str] = set()  # checkpoint files uploaded and not yet seen deleted ("kept")
         self._early_alerts: list[dict[str, Any]] = []
+        self._example: Any = None  # the training rows the model's signature comes from
+        self._datasets: list[dict[str, Any]] = []
+        self._best: dict[str, Any] | None = None  # the best checkpoint seen (log_model="best")
 
     @property
     def run_id(self) -> str | None:
@@ -183,6 +225,8 @@ class MLflowLogger:
         return {"tracking_uri": safe_uri(self.tracking_uri), "experiment_name": self.experiment_name,
                 "run_name": self.run_name, "log_every_n_steps": self.log_every_n_steps, "dir": self.dir,
                 "log_model": self.log_model, "log_checkpoints": self.log_checkpoints,
+                "registered_model_name": self.registered_model_name, "system_metrics": self.system_metrics,
+                "log_datasets": self.log_datasets,
                 "artifact_location": self.artifact_location and safe_uri(self.artifact_location),
                 "shutdown_timeout": self.shutdown_timeout, "tags": self.tags, "isolate_sdk": self.isolate_sdk}
 
@@ -198,6 +242,7 @@ class MLflowLogger:
             self._uploaded = set()
         self._params = run_params(trainer)
         self._points = PendingPoints()
+        self._inputs(trainer)
         # The run is opened at the first event, not here: a snapshot restored later in
         # on_train_begin (BackupAndRestore) may still hand us the interrupted run to continue.
         self._phase = "begun"
@@ -237,8 +282,12 @@ class MLflowLogger:
             self._early_alerts.append(record)
 
     @hookimpl
-    def on_checkpoint_saved(self, filepath):
-        if self.log_checkpoints is False or not self._ready():
+    def on_checkpoint_saved(self, trainer, filepath, metadata):
+        if not self._ready():
+            return
+        if self.log_model == "best":
+            self._track_best(trainer, filepath, metadata or {})
+        if self.log_checkpoints is False:
             return
         self._forget_deleted()
         self._put("artifact", path=str(self._stage(filepath)), artifact_path="checkpoints")
@@ -253,9 +302,7 @@ class MLflowLogger:
             return
         if self.log_model:
             try:
-                path = self._stage(None, "model.keras")
-                trainer.model.save(str(path))
-                self._put("artifact", path=str(path), artifact_path="model")
+                self._put_model(trainer)
             except Exception as exc:  # e.g. a subclassed model Keras cannot serialise
                 log.warning("MLflowLogger: could not save the final model (%s: %s)", type(exc).__name__, exc)
         self._finish("FINISHED")
@@ -296,8 +343,11 @@ class MLflowLogger:
                                 shutdown_timeout=self.shutdown_timeout)
             mlflow_env(self.tracking_uri, +1)
             self._phase = "open"
-            self._put("start", ts=_now_ms(), run_name=self.run_name, tags=self.tags, resumed=resumed)
+            self._put("start", ts=_now_ms(), run_name=self.run_name, tags=self.tags, resumed=resumed,
+                      system_metrics=self.system_metrics)
             self._put("params", params=flatten(self._params))
+            if self._datasets:
+                self._put("datasets", datasets=self._datasets)
             while self._early_alerts:
                 self.sink.put({**self._early_alerts.pop(0), "run": self._key})
         return self._phase == "open"
@@ -332,6 +382,61 @@ class MLflowLogger:
                 key = self._names[name] = clean_key(name)
             out[key] = number
         return out
+
+    def _inputs(self, trainer: Any) -> None:
+        """A few training rows (signature, input example) and the dataset records, taken once
+        before the first step."""
+        self._example, self._datasets, self._best = None, [], None
+        inputs = fit_inputs(trainer)
+        if inputs is None:
+            if self.log_datasets:
+                log.warning("MLflowLogger: log_datasets needs the data, which Keras does not show callbacks "
+                            "inside model.fit; use corebus.Trainer(...).fit to record them")
+            return
+        if self.log_model:
+            self._example = input_example(inputs.get("x"))
+        if self.log_datasets:
+            try:
+                self._datasets = dataset_records(inputs)
+            except Exception as exc:  # never a reason to stop training
+                log.warning("MLflowLogger: could not describe the datasets (%s: %s)", type(exc).__name__, exc)
+
+    def _track_best(self, trainer: Any, filepath: str, metadata: dict[str, Any]) -> None:
+        """Keep a link to the best ranked checkpoint (by the checkpoint plugin's own monitor and
+        mode): ``save_top_k`` may delete it from disk before the end of training."""
+        value, name = metadata.get("value"), metadata.get("monitor")
+        if value is None or not name or metadata.get("last"):
+            return
+        mode = next((getattr(p, "mode", "auto") for p in trainer.bus.plugins.values()
+                     if getattr(p, "monitor", None) == name and hasattr(p, "mode")), "auto")
+        monitor = Monitor(name, mode if isinstance(mode, str) else "auto", owner="MLflowLogger")
+        if self._best is not None:
+            monitor.resolve(trainer.model)
+            if not monitor.better(value, self._best["value"]):
+                return
+            shutil.rmtree(Path(self._best["path"]).parent, ignore_errors=True)
+        self._best = {"path": str(self._stage(filepath)), "kind": metadata.get("kind", "model"), "value": value,
+                      "monitor": name, "epoch": metadata.get("epoch")}
+
+    def _put_model(self, trainer: Any) -> None:
+        """The final model as a ``.keras`` file (training thread, at the end); the sink turns it
+        into an MLflow Model (with the best checkpoint's weights for ``"best"``)."""
+        path = self._stage(None, "model.keras")
+        trainer.model.save(str(path))
+        example = None
+        if self._example is not None:
+            example = path.parent / "example.npz"
+            save_example(self._example, example)
+        best = self._best
+        if self.log_model == "best" and best is None:
+            log.warning("MLflowLogger: log_model='best' but no checkpoint with a monitored value was announced "
+                        "(add a ModelCheckpoint with a monitor); logging the last weights")
+        self._put("model", key=uuid.uuid4().hex, path=str(path), example=example and str(example),
+                  best=best and {"path": best["path"], "kind": best["kind"]},
+                  weights="best" if best else "last", monitor=best and best["monitor"],
+                  best_value=best and best["value"], best_epoch=best and best["epoch"],
+                  registered_model_name=self.registered_model_name, step=trainer.global_step)
+        self._best = None
 
     def _forget_deleted(self) -> None:
         """Checkpoints uploaded earlier whose file the checkpoint plugin has deleted since
@@ -467,6 +572,14 @@ def _absolute_location(location: str) -> str:
     if "://" in location or location.startswith(("/", "file:")):
         return location
     return Path(location).resolve().as_uri()
+
+
+def psutil_missing(system_metrics: Any) -> bool:
+    if system_metrics is False:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("psutil") is None
 
 
 def _now_ms() -> int:

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from .mlflow_model import log_datasets, log_model, start_system_metrics
+
 log = logging.getLogger("corebus")
 
 RUN_KEY_TAG = "corebus.run_key"  # names the run across retries, resumes and `corebus sync`
@@ -55,6 +57,8 @@ class _Writer:
         self._history: dict[tuple[str, str], set[int]] = {}
         self._client: Any = None
         self._experiment_id: str | None = None
+        self._monitors: dict[str, Any] = {}  # MLflow's system-metrics samplers by run key
+        self._models: dict[str, str] = {}  # model records' progress (mlflow_model.log_model)
 
     def config(self) -> dict[str, Any]:
         """What ``corebus sync`` needs to rebuild this writer (no credentials)."""
@@ -100,9 +104,25 @@ class _Writer:
             if kind == "metrics":
                 pending_run = (run_key, run_id)
                 pending += [Metric(k, v, ts, step) for step, ts, values in record["points"] for k, v in values.items()]
-            elif kind == "start" and record.get("resumed"):
-                self._verify_runs.add(run_key)
-                client.update_run(run_id, status="RUNNING")
+            elif kind == "start":
+                if record.get("resumed"):
+                    self._verify_runs.add(run_key)
+                    client.update_run(run_id, status="RUNNING")
+                # not for `corebus sync` (verify): the run it replays is long over
+                if record.get("system_metrics") not in (None, False) and not self._verify_all \
+                        and run_key not in self._monitors:
+                    interval = None if record["system_metrics"] is True else float(record["system_metrics"])
+                    self._monitors[run_key] = start_system_metrics(run_id, self.tracking_uri, interval,
+                                                                   bool(record.get("resumed")))
+            elif kind == "datasets":
+                log_datasets(client, run_id, record)
+            elif kind == "model":
+                staged = [Path(p) for p in (record["path"], record.get("example"), (record.get("best") or {}).get("path"))
+                          if p]
+                if not all(p.exists() for p in staged):  # logged and removed by a run that died before popping
+                    continue
+                log_model(client, self._experiment(client), run_id, record, self._models)
+                uploaded += staged
             elif kind == "params":
                 self._log_params(client, run_id, record["params"])
             elif kind == "tags":
@@ -121,6 +141,8 @@ class _Writer:
             elif kind == "alert":
                 self._log_alert(client, run_id, record)
             elif kind == "status":
+                if run_key in self._monitors:  # its last samples first, while the run is RUNNING
+                    self._monitors.pop(run_key).finish()
                 client.set_terminated(run_id, record["status"], end_time=record["ts"])
         if pending:
             self._log_metrics(client, *pending_run, pending)

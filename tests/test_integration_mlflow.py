@@ -10,13 +10,14 @@ import time
 import keras
 import numpy as np
 import pytest
-from mlflow_server import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 
 import corebus
 from corebus import ConfigError, KerasCallback, MissingExtraError, PluginError, hookimpl
 from corebus.integrations import MLflowLogger
 from corebus.plugins import BackupAndRestore, ModelCheckpoint
 from corebus.testing import make_trainer, tiny_data, tiny_model
+
+from mlflow_server import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 
 SECRET = "https://hooks.example.com/services/T000/B000/very-secret"
 HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
@@ -155,8 +156,13 @@ def test_every_metric_param_and_artifact_reaches_the_server(server, tmp_path, mo
     assert os.listdir(tmp_path / "ckpt") == ["ep02.weights.h5"]  # ep01 was rotated away locally
     assert [os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
         "ep02.weights.h5"]
-    # The final model, loadable and equal to the trained one.
-    local = client.download_artifacts(run.info.run_id, "model/model.keras", str(tmp_path / "download"))
+    # The final model, an MLflow Model of the run (its LoggedModel), loadable and equal to the trained one.
+    import mlflow
+
+    (output,) = run.outputs.model_outputs
+    local = mlflow.artifacts.download_artifacts(
+        client.get_logged_model(output.model_id).artifact_location + "/data/model.keras",
+        dst_path=str(tmp_path / "download"), tracking_uri=server.uri)
     restored = keras.models.load_model(local)
     for a, b in zip(restored.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -421,10 +427,11 @@ def test_a_local_store_crash_and_resume_continue_one_run_and_keep_artifacts_besi
     assert steps_of(client, run.info.run_id, "loss") == list(range(1, 37))
     assert run.data.params["fit.epochs"] == "3"
     assert not list((tmp_path / "mlflow").glob("*.spool.jsonl"))  # everything delivered
-    # the final model is an artifact of the run, stored beside the store
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.keras"]
+    # the final model is an MLflow Model of the run (one LoggedModel), stored beside the store
+    (output,) = run.outputs.model_outputs
+    assert client.get_logged_model(output.model_id).artifact_location.startswith((store / "mlartifacts").as_uri())
     assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri())
-    assert list(store.glob("mlartifacts/corebus-tests/*/artifacts/model/model.keras"))
+    assert list(store.glob("mlartifacts/corebus-tests/models/*/artifacts/data/model.keras"))
     assert not list(elsewhere.iterdir())  # nothing in the working directory (no ./mlruns)
 
 
@@ -439,7 +446,7 @@ def test_an_artifact_location_is_used_when_the_experiment_is_created(tmp_path, m
     make_trainer([mlflow_logger]).fit(x, y, batch_size=8, epochs=1, verbose=0)
     client = MlflowClient(tracking_uri=uri)
     assert client.get_experiment_by_name("placed").artifact_location == (tmp_path / "elsewhere/artifacts").as_uri()
-    assert list((tmp_path / "elsewhere/artifacts").glob("*/artifacts/model/model.keras"))
+    assert list((tmp_path / "elsewhere/artifacts").glob("models/*/artifacts/data/model.keras"))
     with pytest.raises(ConfigError, match="artifact_location"):
         MLflowLogger(tracking_uri=uri, dir=tmp_path / "mlflow", artifact_location="")
     # MLflow fixes the location when an experiment is created: an existing one keeps its own, with a word

@@ -1,0 +1,211 @@
+"""MLflowLogger's MLflow Model, datasets and system metrics, through MLflow's own APIs.
+
+Training-thread side (cheap): a few rows of the training inputs for the signature and input
+example, and ``mlflow.data`` dataset records (name, digest, schema, profile) as JSON-ready dicts.
+Writer side (sink thread, or ``corebus sync``): the model is loaded from the staged ``.keras``
+file, given the best checkpoint's weights when asked, saved with ``mlflow.keras.save_model``
+(the Keras 3 flavor ``mlflow.keras.autolog`` uses) and logged as an MLflow 3 LoggedModel of the
+run, optionally registered. Everything goes through one ``MlflowClient`` with the logger's
+tracking URI: MLflow's fluent ``log_model`` would use the process-global tracking URI and run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("corebus")
+
+EXAMPLE_ROWS = 5  # rows of the training inputs kept as the model's input example
+LOG_MODEL = (True, False, "best", "last")
+
+
+def fit_inputs(trainer: Any) -> dict[str, Any] | None:
+    """What the trainer trains on (``Trainer.fit`` sets it); ``None`` inside ``model.fit``,
+    where Keras shows callbacks no data."""
+    inputs = getattr(trainer, "fit_inputs", None)
+    return inputs if isinstance(inputs, dict) else None
+
+
+def input_example(x: Any) -> dict[str, Any] | Any | None:
+    """The first rows of ``x`` (an array, a dict of arrays, or a ``tf.data.Dataset`` of batches)
+    as numpy; ``None`` for other inputs (a generator would be consumed by a look)."""
+    import numpy as np
+
+    try:
+        import tensorflow as tf
+
+        if isinstance(x, tf.data.Dataset):
+            element = next(iter(x.take(1)))
+            x = element[0] if isinstance(element, (tuple, list)) else element
+        if isinstance(x, dict):
+            return {str(k): np.asarray(v)[:EXAMPLE_ROWS] for k, v in x.items()}
+        if hasattr(x, "shape") and hasattr(x, "__getitem__"):
+            return np.asarray(x[:EXAMPLE_ROWS])
+    except Exception as exc:  # an input the example cannot be cut from: the model's spec is used
+        log.warning("MLflowLogger: no input example from the training data (%s: %s)", type(exc).__name__, exc)
+    return None
+
+
+def save_example(example: Any, path: Path) -> None:
+    import numpy as np
+
+    np.savez(path, **(example if isinstance(example, dict) else {"": example}))
+
+
+def load_example(path: str) -> Any:
+    import numpy as np
+
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    return arrays[""] if list(arrays) == [""] else arrays
+
+
+def dataset_records(inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """``mlflow.data`` datasets of the training and validation inputs, as ``mlflow.keras.autolog``
+    builds them (contexts ``train`` / ``eval``), reduced to their JSON-ready entity fields."""
+    import numpy as np
+    import tensorflow as tf
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.data.tensorflow_dataset import from_tensorflow
+    from mlflow.tracking.context import registry
+
+    source = CodeDatasetSource(tags=registry.resolve_tags())
+    val = inputs.get("validation_data")
+    if isinstance(val, (tuple, list)):
+        val = (val[0], val[1] if len(val) > 1 else None)
+    out = []
+    for context, data in (("train", (inputs.get("x"), inputs.get("y"))), ("eval", val)):
+        if data is None:
+            continue
+        features, targets = data if isinstance(data, tuple) else (data, None)
+        if isinstance(features, tf.data.Dataset):
+            dataset = from_tensorflow(features=features, source=source, name=context)
+        elif isinstance(features, (np.ndarray, dict)) or hasattr(features, "__array__"):
+            if not isinstance(features, dict):
+                features = np.asarray(features)
+            targets = None if targets is None or isinstance(targets, dict) else np.asarray(targets)
+            dataset = from_numpy(features=features, targets=targets, source=source, name=context)
+        else:
+            log.warning("MLflowLogger: log_datasets records arrays and tf.data datasets; the %s input is a %s",
+                        context, type(features).__name__)
+            continue
+        entity = dataset._to_mlflow_entity()
+        out.append({"context": context, "name": entity.name, "digest": entity.digest,
+                    "source_type": entity.source_type, "source": entity.source, "schema": entity.schema,
+                    "profile": entity.profile})
+    return out
+
+
+def log_datasets(client: Any, run_id: str, record: dict[str, Any]) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [DatasetInput(Dataset(**{k: v for k, v in d.items() if k != "context"}),
+                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in record["datasets"]]
+    client.log_inputs(run_id, datasets=inputs)  # the store skips an input the run already has
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, interval: float | None, resumed: bool) -> Any:
+    """MLflow's own sampler (CPU, memory, disk, network, GPU where present) on its own thread,
+    logging ``system/...`` metrics to the run; it stops when the run stops RUNNING."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    kwargs = {} if interval is None else {"sampling_interval": interval}
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=tracking_uri, **kwargs)
+    monitor.start()
+    return monitor
+
+
+def prepare_model(record: dict[str, Any], target: str, mlflow_model: Any) -> None:
+    """Build the model to log (final weights, or the best checkpoint's) and save it as an MLflow
+    Model under ``target`` with a signature from the training rows and an input example."""
+    import keras
+    import mlflow.keras
+    from mlflow.keras.utils import get_model_signature
+    from mlflow.models import infer_signature
+
+    model = keras.saving.load_model(record["path"], compile=False)
+    best = record.get("best")
+    if best:
+        if best["kind"] == "weights":
+            model.load_weights(best["path"])
+        else:
+            model = keras.saving.load_model(best["path"], compile=False)
+    example = load_example(record["example"]) if record.get("example") else None
+    signature = None
+    if example is not None:
+        try:
+            signature = infer_signature(example, model.predict(example, verbose=0))
+        except Exception as exc:  # e.g. outputs MLflow cannot describe: the model's spec below
+            log.warning("MLflowLogger: signature from the training rows failed (%s); using the model's inputs", exc)
+            example = None
+    if signature is None:
+        signature = get_model_signature(model)  # what mlflow.keras.autolog records
+    # Pinned requirements, not MLflow's inference (a subprocess importing TensorFlow again).
+    mlflow.keras.save_model(model, target, mlflow_model=mlflow_model, signature=signature, input_example=example,
+                            pip_requirements=mlflow.keras.get_default_pip_requirements())
+
+
+def log_model(client: Any, experiment_id: str, run_id: str, record: dict[str, Any], done: dict[str, str]) -> None:
+    """``record`` -> an MLflow LoggedModel of the run (what ``mlflow.keras.log_model`` makes),
+    registered as a new version of ``record["registered_model_name"]`` when given.
+
+    A model that cannot be built or saved (e.g. a custom layer Keras cannot load back) is a
+    warning and a ``corebus.log_model_error`` run tag, not a retried record: the run still
+    finishes with training's own status. Network and disk errors (``OSError``) are retried.
+    """
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, RunTag
+    from mlflow.models import Model
+
+    key = record["key"]
+    try:
+        # Steps remembered in ``done``: a retried batch (OSError) goes on where it failed.
+        if key not in done:
+            done[key] = client.create_logged_model(experiment_id, name="model", source_run_id=run_id,
+                                                   tags={"corebus.weights": record["weights"]}).model_id
+        model_id = done[key]
+        if key + "/logged" not in done:
+            logged = client.get_logged_model(model_id)
+            with tempfile.TemporaryDirectory() as tmp:
+                target = os.path.join(tmp, "model")
+                os.makedirs(target)
+                prepare_model(record, target, Model(artifact_path=logged.artifact_location, model_uuid=model_id,
+                                                    run_id=run_id, model_id=model_id))
+                client.log_model_artifacts(model_id, target)
+            client.log_outputs(run_id, [LoggedModelOutput(model_id, step=record.get("step") or 0)])
+            client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+            done[key + "/logged"] = model_id
+        name = record.get("registered_model_name")
+        if name and key + "/registered" not in done:
+            _register(client, name, client.get_logged_model(model_id), run_id, record)
+            done[key + "/registered"] = name
+    except OSError:
+        raise
+    except Exception as exc:
+        log.warning("MLflowLogger: could not log the model of run %s (%s: %s); the run keeps its status",
+                    run_id, type(exc).__name__, exc)
+        client.log_batch(run_id, tags=[RunTag("corebus.log_model_error", f"{type(exc).__name__}: {exc}"[:8000])],
+                         synchronous=True)
+
+
+def _register(client: Any, name: str, logged: Any, run_id: str, record: dict[str, Any]) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    tags = {"run_id": run_id, "weights": record["weights"]}
+    for field in ("monitor", "best_value", "best_epoch"):
+        if record.get(field) is not None:
+            tags[field] = str(record[field])
+    # The storage location itself, not "models:/<id>": a local store's registry resolves that
+    # through MLflow's process-global tracking URI, which need not be this logger's.
+    client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tags,
+                                model_id=logged.model_id)
