@@ -14,7 +14,7 @@ Inside a Ray Train worker loop (``ray.train.tensorflow.TensorflowTrainer``, Ray 
 
 ``result.metrics`` holds the last epoch's logs; ``result.checkpoint`` holds a corebus run
 snapshot (model, optimizer, LR state, every plugin's state, data position, RNG). A worker group
-that Ray restarts after a failure, or a new ``TensorflowTrainer(resume_from_checkpoint=...)``,
+that Ray restarts after a failure, or a new run given ``resume_from=result.checkpoint``,
 continues from it at the exact next step.
 """
 
@@ -71,6 +71,10 @@ class RayTrainReport:
         takes it: ``None`` (every epoch log), a key, a list of keys, or ``{reported_name: key}``.
         With ``None`` each optimizer's current ``learning_rate`` is added when the logs lack it;
         ``epoch`` (0-based) and ``step`` (global optimizer step) are always added.
+    :param resume_from: a ``ray.train.Checkpoint`` (or its path) to start from when Ray has none
+        for this run: Ray Train V2 removed ``TensorflowTrainer(resume_from_checkpoint=)`` and
+        passes it through ``train_loop_config`` instead. A checkpoint of the run itself (after Ray
+        restarted the worker group) takes precedence.
     :param report_every_n_steps: also report the train batch logs each time the global step
         crosses a multiple of N (metrics only, as Ray's callback does with
         ``report_metrics_on="train_batch_end"``); ``None``: epochs only.
@@ -88,7 +92,7 @@ class RayTrainReport:
     runs_after = ("history", "report")
 
     def __init__(self, checkpoint_every: int | None = 1, metrics: str | list[str] | dict[str, str] | None = None,
-                 report_every_n_steps: int | None = None):
+                 report_every_n_steps: int | None = None, resume_from: Any = None):
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
                                              or checkpoint_every < 1):
             raise ConfigError(f"ray_train: checkpoint_every={checkpoint_every!r}; use a positive number of epochs, "
@@ -101,7 +105,15 @@ class RayTrainReport:
                 isinstance(k, str) and isinstance(v, str) for k, v in metrics.items()))):
             raise ConfigError(f"ray_train: metrics={metrics!r}; use None, a log key, a list of keys or "
                               "{reported_name: key}")
-        _ray_train()  # a missing [ray] extra is an error when the run is configured
+        train = _ray_train()  # a missing [ray] extra is an error when the run is configured
+        if isinstance(resume_from, (str, Path)):
+            if not Path(resume_from).is_dir():
+                raise ConfigError(f"ray_train: resume_from={str(resume_from)!r} is not a checkpoint directory")
+            resume_from = train.Checkpoint.from_directory(str(resume_from))
+        elif resume_from is not None and not isinstance(resume_from, train.Checkpoint):
+            raise ConfigError(f"ray_train: resume_from must be a ray.train.Checkpoint or its path, "
+                              f"not {type(resume_from).__name__}")
+        self.resume_from = resume_from
         self.checkpoint_every = checkpoint_every
         self.metrics = metrics
         self.report_every_n_steps = report_every_n_steps
@@ -131,6 +143,7 @@ class RayTrainReport:
                     f"ray_train and {name!r} both restore the run on start: under Ray Train the run resumes from "
                     f"Ray's checkpoints (checkpoint_every=); remove {name!r}")
         self.world_rank = int(context.get_world_rank())
+        checkpoint = checkpoint or self.resume_from
         if checkpoint is None:
             return
         with checkpoint.as_directory() as directory:

@@ -16,7 +16,6 @@ ray = pytest.importorskip("ray", reason='the ray extra: pip install "corebus[ray
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 import corebus  # noqa: E402
-import corebus.plugins  # noqa: E402
 from corebus import hookimpl  # noqa: E402
 from corebus.registry import instantiate  # noqa: E402
 
@@ -57,7 +56,7 @@ def train_loop(config):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
                                   keras.layers.Dense(3, activation="softmax")])
         optimizer = keras.optimizers.Adam(0.01)  # Keras's TF optimizer keeps the strategy it was made under
-    plugins = ["ray_train", {"name": "early_stopping", "monitor": "val_loss", "patience": 50, "min_delta": 1.0}]
+    plugins = [{"name": "ray_train", "resume_from": config.get("resume")}, {"name": "early_stopping", "monitor": "val_loss", "patience": 50, "min_delta": 1.0}]
     if config.get("kill"):
         plugins.append(KillOnce(*config["kill"]))
     trainer = corebus.Trainer(model, optimizer, "sparse_categorical_crossentropy", ["accuracy"],
@@ -80,11 +79,10 @@ def fit(storage, name, epochs, kill=None, resume=None, max_failures=0):
     from ray.train.tensorflow import TensorflowTrainer
 
     trainer = TensorflowTrainer(
-        train_loop, train_loop_config={"epochs": epochs, "kill": kill},
+        train_loop, train_loop_config={"epochs": epochs, "kill": kill, "resume": resume},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=max_failures)),
-        resume_from_checkpoint=resume)
+                             failure_config=FailureConfig(max_failures=max_failures)))
     return trainer.fit()
 
 
@@ -112,7 +110,7 @@ def test_result_holds_last_epoch_logs_and_a_run_snapshot(uninterrupted):
     assert snapshot.state["plugins"]["early_stopping"]["wait"] == EPOCHS - 1
 
 
-def test_resume_from_checkpoint_of_a_finished_result_continues_exactly(uninterrupted, tmp_path):
+def test_resume_from_a_finished_result_continues_exactly(uninterrupted, tmp_path):
     first = fit(tmp_path, "first", EPOCHS - 1)
     assert first.metrics["step"] == (EPOCHS - 1) * 8
     resumed = fit(tmp_path, "resumed", EPOCHS, resume=first.checkpoint)
@@ -123,7 +121,7 @@ def test_resume_from_checkpoint_of_a_finished_result_continues_exactly(uninterru
 
 
 def test_a_worker_killed_mid_epoch_is_restarted_and_resumes_exactly(uninterrupted, tmp_path):
-    marker = tmp_path / "killed"
+    marker = tmp_path / "kill-marker.txt"
     # step 12 lies in the second epoch (steps 9-16): the group resumes from the first epoch's checkpoint
     result = fit(tmp_path, "killed", EPOCHS, kill=(1, 12, str(marker)), max_failures=1)
     assert marker.read_text() == "12", "the worker was not killed"
@@ -142,9 +140,9 @@ def test_the_checkpoint_restores_into_a_run_outside_ray(uninterrupted, tmp_path)
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
                               keras.layers.Dense(3, activation="softmax")])
-    stopper = corebus.plugins.EarlyStopping(monitor="val_loss", patience=50, min_delta=1.0)
     trainer = corebus.Trainer(model, keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy", ["accuracy"],
-                              plugins=[stopper, {"name": "backup", "backup_dir": backup_dir,
+                              plugins=[{"name": "early_stopping", "monitor": "val_loss", "patience": 50, "min_delta": 1.0},
+                                       {"name": "backup", "backup_dir": backup_dir,
                                                  "delete_checkpoint": False}], seed=0)
     from corebus.testing import tiny_data
 
@@ -154,7 +152,7 @@ def test_the_checkpoint_restores_into_a_run_outside_ray(uninterrupted, tmp_path)
     for i, variable in enumerate(model.weights):
         np.testing.assert_array_equal(variable.numpy(), snapshot.arrays[f"model/{i}"])
     assert int(trainer.optimizer.iterations.numpy()) == EPOCHS * 8
-    assert stopper.wait == EPOCHS - 1
+    assert trainer.bus.plugins["early_stopping"].wait == EPOCHS - 1
 
 
 def test_ray_train_outside_a_ray_worker_is_an_error_before_training():
@@ -168,8 +166,9 @@ def test_ray_train_outside_a_ray_worker_is_an_error_before_training():
 
 
 @pytest.mark.parametrize("params, match", [({"checkpoint_every": 0}, "checkpoint_every=0"),
-                                           ({"metrics": 3}, "metrics=3"),
-                                           ({"report_every_n_steps": -1}, "report_every_n_steps=-1")])
+                                           ({"metrics": 3}, "metrics = 3"),
+                                           ({"report_every_n_steps": -1}, "report_every_n_steps=-1"),
+                                           ({"resume_from": "/nonexistent"}, "not a checkpoint directory")])
 def test_bad_params_are_named(params, match):
     with pytest.raises(corebus.ConfigError, match=match):
         instantiate("ray_train", params)
