@@ -8,7 +8,6 @@ under ``dir`` (``corebus sync <dir>`` replays them later). Nothing global of MLf
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import shutil
@@ -20,10 +19,10 @@ from typing import Any
 from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink, Monitor,
                      PendingPoints, Spool, check_writable, hookimpl, read_spool, replay_spool, require_module)
 
-from .mlflow_model import LOG_MODEL, dataset_records, fit_inputs, input_example, save_example
+from .mlflow_model import check_model_options, dataset_records, fit_inputs, input_example, save_example
 
 from .mlflow_writer import (MAX_TAG, _Writer, clean_key, flatten, is_server, local_artifact_location, mlflow_env,
-                            redact_uri_secrets, safe_uri)
+                            redact_uri_secrets, run_params, safe_uri)
 
 log = logging.getLogger("corebus")
 
@@ -167,24 +166,7 @@ class MLflowLogger:
         self.log_every_n_steps = log_every_n_steps
         self.dir = os.path.abspath(os.fspath(dir))
         check_writable(self.dir, "MLflowLogger")
-        if not (isinstance(log_model, bool) or log_model in LOG_MODEL):
-            raise ConfigError(f'MLflowLogger: log_model={log_model!r}; use True / "last" (final weights), '
-                              '"best" (the checkpoint plugin\'s best) or False')
-        if registered_model_name is not None and (not isinstance(registered_model_name, str)
-                                                  or not registered_model_name.strip()):
-            raise ConfigError(f"MLflowLogger: registered_model_name={registered_model_name!r}; use a name or None")
-        if registered_model_name and not log_model:
-            raise ConfigError("MLflowLogger: registered_model_name needs log_model=True, 'last' or 'best'")
-        if system_metrics is None:
-            from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
-
-            system_metrics = bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get())
-        if not isinstance(system_metrics, (bool, int, float)) or system_metrics is not True and \
-                system_metrics is not False and system_metrics <= 0:
-            raise ConfigError(f"MLflowLogger: system_metrics={system_metrics!r}; use True, False or a "
-                              "sampling interval in seconds")
-        if psutil_missing(system_metrics):
-            raise ConfigError('MLflowLogger: system_metrics needs psutil; pip install "corebus[mlflow]"')
+        system_metrics = check_model_options(log_model, registered_model_name, system_metrics)
         self.log_model = "last" if log_model is True else log_model
         self.registered_model_name = registered_model_name
         self.system_metrics = system_metrics
@@ -499,87 +481,12 @@ class MLflowLogger:
         return sent
 
 
-# ---------------------------------------------------------------- run params
-
-
-def run_params(trainer: Any) -> dict[str, Any]:
-    """The run's configuration: ``trainer.run_params()`` without plugins' running state, plus
-    the model's loss, metrics and parameter counts."""
-    params = trainer.run_params()
-    plugins = params.get("plugins") or {}
-    for name, plugin in trainer.bus.plugins.items():
-        if name in plugins and not callable(getattr(plugin, "get_config", None)):
-            # without get_config the core takes every public attribute, counters included
-            # (wait, best, losses): keep those named like a constructor parameter
-            accepted = _init_parameters(type(plugin))
-            plugins[name] = {k: v for k, v in plugins[name].items() if k in accepted}
-    params["model"] = _model_params(trainer)
-    return params
-
-
-def _init_parameters(cls: type) -> set[str]:
-    try:
-        signature = inspect.signature(cls.__init__)
-    except (TypeError, ValueError):
-        return set()
-    return {name for name, p in signature.parameters.items()
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"}
-
-
-def _model_params(trainer: Any) -> dict[str, Any]:
-    model = trainer.model
-    config: dict[str, Any] = {}
-    if getattr(model, "compiled", False):
-        try:
-            config = model.get_compile_config() or {}
-        except Exception:  # a compile argument Keras cannot serialise: fall back below
-            config = {}
-    loss = config.get("loss") or getattr(trainer, "loss", None) or getattr(model, "loss", None)
-    metrics = config.get("metrics") or getattr(trainer, "metrics", None)
-    out: dict[str, Any] = {"loss": _name_of(loss), "metrics": _name_of(metrics or [])}
-    weights = list(getattr(model, "weights", None) or ())
-    if weights:
-        trainable = sum(_size(v) for v in model.trainable_weights)
-        total = sum(_size(v) for v in weights)
-        out.update(total_params=total, trainable_params=trainable, non_trainable_params=total - trainable)
-    return out
-
-
-def _size(variable: Any) -> int:
-    count = 1
-    for dim in variable.shape:
-        count *= int(dim)
-    return count
-
-
-def _name_of(value: Any) -> Any:
-    """A loss or metric as a user named it: ``"mse"``, a class name, a function name."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_name_of(v) for v in value]
-    if isinstance(value, dict):
-        if "class_name" in value:  # a serialised Keras object
-            return value.get("config", {}).get("name") if isinstance(value.get("config"), dict) \
-                and value["class_name"] == "function" else value["class_name"]
-        return {str(k): _name_of(v) for k, v in value.items()}
-    return getattr(value, "name", None) or getattr(value, "__name__", None) or type(value).__name__
-
-
 def _absolute_location(location: str) -> str:
     """A plain relative path made absolute: the experiment must not depend on the directory a
     process happened to start in."""
     if "://" in location or location.startswith(("/", "file:")):
         return location
     return Path(location).resolve().as_uri()
-
-
-def psutil_missing(system_metrics: Any) -> bool:
-    if system_metrics is False:
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("psutil") is None
 
 
 def _now_ms() -> int:

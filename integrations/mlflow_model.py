@@ -23,6 +23,34 @@ EXAMPLE_ROWS = 5  # rows of the training inputs kept as the model's input exampl
 LOG_MODEL = (True, False, "best", "last")
 
 
+def check_model_options(log_model: Any, registered_model_name: Any, system_metrics: Any) -> bool | float:
+    """One clear error before training for a bad option; returns ``system_metrics`` resolved
+    (``None``: MLflow's own switch, ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``)."""
+    import importlib.util
+
+    from corebus import ConfigError
+
+    if not (isinstance(log_model, bool) or log_model in LOG_MODEL):
+        raise ConfigError(f'MLflowLogger: log_model={log_model!r}; use True / "last" (final weights), '
+                          '"best" (the checkpoint plugin\'s best) or False')
+    if registered_model_name is not None and (not isinstance(registered_model_name, str)
+                                              or not registered_model_name.strip()):
+        raise ConfigError(f"MLflowLogger: registered_model_name={registered_model_name!r}; use a name or None")
+    if registered_model_name and not log_model:
+        raise ConfigError("MLflowLogger: registered_model_name needs log_model=True, 'last' or 'best'")
+    if system_metrics is None:
+        from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+        system_metrics = bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get())
+    if not isinstance(system_metrics, (bool, int, float)) or (not isinstance(system_metrics, bool)
+                                                              and system_metrics <= 0):
+        raise ConfigError(f"MLflowLogger: system_metrics={system_metrics!r}; use True, False or a "
+                          "sampling interval in seconds")
+    if system_metrics is not False and importlib.util.find_spec("psutil") is None:
+        raise ConfigError('MLflowLogger: system_metrics needs psutil; pip install "corebus[mlflow]"')
+    return system_metrics
+
+
 def fit_inputs(trainer: Any) -> dict[str, Any] | None:
     """What the trainer trains on (``Trainer.fit`` sets it); ``None`` inside ``model.fit``,
     where Keras shows callbacks no data."""

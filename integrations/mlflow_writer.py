@@ -9,6 +9,7 @@ supports works: file and sqlite stores, servers with auth or TLS, hosted servers
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -339,3 +340,70 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
             text = text[: MAX_PARAM - 3] + "..."
         flat.setdefault(clean_key(f"{prefix}{name}"), text)
     return flat
+
+
+# ---------------------------------------------------------------- run params
+
+
+def run_params(trainer: Any) -> dict[str, Any]:
+    """The run's configuration: ``trainer.run_params()`` without plugins' running state, plus
+    the model's loss, metrics and parameter counts."""
+    params = trainer.run_params()
+    plugins = params.get("plugins") or {}
+    for name, plugin in trainer.bus.plugins.items():
+        if name in plugins and not callable(getattr(plugin, "get_config", None)):
+            # without get_config the core takes every public attribute, counters included
+            # (wait, best, losses): keep those named like a constructor parameter
+            accepted = _init_parameters(type(plugin))
+            plugins[name] = {k: v for k, v in plugins[name].items() if k in accepted}
+    params["model"] = _model_params(trainer)
+    return params
+
+
+def _init_parameters(cls: type) -> set[str]:
+    try:
+        signature = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return set()
+    return {name for name, p in signature.parameters.items()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"}
+
+
+def _model_params(trainer: Any) -> dict[str, Any]:
+    model = trainer.model
+    config: dict[str, Any] = {}
+    if getattr(model, "compiled", False):
+        try:
+            config = model.get_compile_config() or {}
+        except Exception:  # a compile argument Keras cannot serialise: fall back below
+            config = {}
+    loss = config.get("loss") or getattr(trainer, "loss", None) or getattr(model, "loss", None)
+    metrics = config.get("metrics") or getattr(trainer, "metrics", None)
+    out: dict[str, Any] = {"loss": _name_of(loss), "metrics": _name_of(metrics or [])}
+    weights = list(getattr(model, "weights", None) or ())
+    if weights:
+        trainable = sum(_size(v) for v in model.trainable_weights)
+        total = sum(_size(v) for v in weights)
+        out.update(total_params=total, trainable_params=trainable, non_trainable_params=total - trainable)
+    return out
+
+
+def _size(variable: Any) -> int:
+    count = 1
+    for dim in variable.shape:
+        count *= int(dim)
+    return count
+
+
+def _name_of(value: Any) -> Any:
+    """A loss or metric as a user named it: ``"mse"``, a class name, a function name."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_name_of(v) for v in value]
+    if isinstance(value, dict):
+        if "class_name" in value:  # a serialised Keras object
+            return value.get("config", {}).get("name") if isinstance(value.get("config"), dict) \
+                and value["class_name"] == "function" else value["class_name"]
+        return {str(k): _name_of(v) for k, v in value.items()}
+    return getattr(value, "name", None) or getattr(value, "__name__", None) or type(value).__name__

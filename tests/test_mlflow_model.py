@@ -37,13 +37,15 @@ def logger(store, tmp_path, **kwargs):
 
 class Pause:
     """Time for MLflow's system-metrics sampler to take a few samples once the sink has opened
-    the run (its first delivery may come after a short fit: a new sqlite store takes seconds)."""
+    the run (at the first epoch record; the first delivery to a new sqlite store takes seconds)."""
 
     def __init__(self, mlflow_logger):
         self.mlflow_logger = mlflow_logger
 
     @hookimpl
-    def on_epoch_end(self):
+    def on_epoch_begin(self, epoch):
+        if epoch == 0:
+            return
         deadline = time.monotonic() + 60
         while self.mlflow_logger.run_id is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -189,3 +191,17 @@ def test_datasets_of_a_tf_data_input_and_the_model_fit_warning(store, tmp_path, 
         model.fit(x, y, epochs=1, verbose=0, callbacks=[KerasCallback([inside])])
     assert "log_datasets needs the data" in caplog.text
     assert not client_of(store).get_run(inside.run_id).inputs.dataset_inputs
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"log_model": "best_only"}, "log_model='best_only'"),
+    ({"registered_model_name": "x"}, "registered_model_name needs log_model"),
+    ({"log_model": True, "registered_model_name": " "}, "registered_model_name=' '"),
+    ({"system_metrics": -1}, "system_metrics=-1"),
+    ({"system_metrics": "on"}, "system_metrics='on'"),
+])
+def test_bad_model_options_fail_before_training(tmp_path, kwargs, match):
+    from corebus import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        MLflowLogger(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", dir=tmp_path / "mlflow", **kwargs)
