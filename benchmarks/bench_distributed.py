@@ -32,11 +32,11 @@ import keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_engine import load_data  # noqa: E402
-
 import corebus  # noqa: E402
-from results import record  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
+
+from bench_engine import load_data  # noqa: E402
+from results import record  # noqa: E402
 
 GLOBAL_BATCH = 128
 

@@ -24,12 +24,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import corebus  # noqa: E402
 from corebus import hookimpl  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
+
 from results import record  # noqa: E402
 
 BATCH = 64

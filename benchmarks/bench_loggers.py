@@ -31,12 +31,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_engine import BATCH, load_data  # noqa: E402
-from results import record  # noqa: E402
-
 import corebus  # noqa: E402
 from corebus import hookimpl  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
+
+from bench_engine import BATCH, load_data  # noqa: E402
+from results import record  # noqa: E402
 
 
 class StepClock:

@@ -43,17 +43,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench_engine import BATCH, load_data  # noqa: E402
 from bench_loggers import StepClock, delivered  # noqa: E402
-from mlflow_server import MlflowServer  # noqa: E402
 
 import corebus  # noqa: E402
-from results import record  # noqa: E402
 from corebus import Cadence, hookimpl  # noqa: E402
-from corebus.kit import PendingPoints  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
 from corebus.integrations import MLflowLogger  # noqa: E402
+from corebus.kit import PendingPoints  # noqa: E402
 
+from bench_engine import BATCH, load_data  # noqa: E402
+from mlflow_server import MlflowServer  # noqa: E402
+from results import record  # noqa: E402
 
 NONE, EVERY_STEP, EVERY_10 = "(a) no loggers", "(b) MLflowLogger, every step", "(c) MLflowLogger, every 10"
 CONTROL = "(a2) no loggers, again (control)"  # (a) again, next to (b) in every round
@@ -97,8 +97,8 @@ class HoldAndRead:
 
     @hookimpl
     def on_log_steps(self, records):
-        for record in self.batch_log_cadence.picks(records):
-            self.points.add(record.step, record.logs, record.time)
+        for step in self.batch_log_cadence.picks(records):
+            self.points.add(step.step, step.logs, step.time)
         self.read += len(self.points.take())
 
 
@@ -115,7 +115,8 @@ def run(x, y, epochs, plugins):
     trainer.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0)
     end = time.perf_counter()
     steps = trainer.global_step
-    return steps, (steady.rate() if steady.first is not None else None, steps / (clock.loop_end - start), steps / (end - start))
+    steady_rate = steady.rate() if steady.first is not None else None
+    return steps, (steady_rate, steps / (clock.loop_end - start), steps / (end - start))
 
 
 def main(argv=None):
@@ -171,7 +172,8 @@ def main(argv=None):
                     stats = plugin.sink.stats
                     assert stats["sent"] == stats["queued"] and not stats["spooled"], stats  # all delivered live
                     if name == EVERY_STEP:
-                        sends.append((stats["sends"] * variant_rates[1] / steps, stats["send_seconds"] / stats["sends"]))
+                        sends.append((stats["sends"] * variant_rates[1] / steps,
+                                      stats["send_seconds"] / stats["sends"]))
                 elif isinstance(plugin, HoldAndRead):
                     assert plugin.read >= steps, plugin.read  # every step's values were read
     finally:

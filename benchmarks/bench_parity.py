@@ -35,8 +35,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 import corebus  # noqa: E402
-from bench_engine import BATCH, load_data, raw_loop  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
+
+from bench_engine import BATCH, load_data, raw_loop  # noqa: E402
 from results import record  # noqa: E402
 
 PATIENCE = 10_000  # never stop, never reduce: every variant trains the same number of steps

@@ -30,14 +30,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_engine import BATCH, load_data  # noqa: E402
-
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import corebus  # noqa: E402
-from results import record  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
+
+from bench_engine import BATCH, load_data  # noqa: E402
+from results import record  # noqa: E402
 
 PATIENCE = 10_000  # never stop: every variant trains the same number of steps
 
@@ -86,8 +86,14 @@ def raw_loop(x, y, epochs):
 
 
 def corebus_stack(directory, steps_total, null):
-    from corebus.plugins import (EarlyStopping, GradientClipping, LRSchedule, ModelCheckpoint,
-                                 ProgressBar, ReduceLROnPlateau)
+    from corebus.plugins import (
+        EarlyStopping,
+        GradientClipping,
+        LRSchedule,
+        ModelCheckpoint,
+        ProgressBar,
+        ReduceLROnPlateau,
+    )
 
     return [
         LRSchedule("cosine", initial_learning_rate=1e-3, decay_steps=steps_total),

@@ -27,8 +27,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import corebus  # noqa: E402
-from results import record  # noqa: E402
 from corebus.plugins import BackupAndRestore  # noqa: E402
+
+from results import record  # noqa: E402
 
 
 def big_model():

@@ -28,14 +28,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from bench_engine import BATCH, load_data, measure, trainer_fit  # noqa: E402
-from webhook_receiver import Receiver  # noqa: E402
-
 import corebus  # noqa: E402
-from results import record  # noqa: E402
 from corebus import hookimpl  # noqa: E402
 from corebus.demo import digits_mlp  # noqa: E402
 from corebus.plugins import AlertWebhook, StallAlert  # noqa: E402
+
+from bench_engine import BATCH, load_data, measure, trainer_fit  # noqa: E402
+from results import record  # noqa: E402
+from webhook_receiver import Receiver  # noqa: E402
 
 VARIANTS = {
     "a_trainer": lambda x, y, e: trainer_fit(x, y, e),

@@ -344,7 +344,7 @@ def _matches(name: str, plugin: object, ref: str) -> bool:
 def _ordered(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:
     """List order, adjusted by ``runs_after`` / ``runs_before`` (stable topological sort)."""
     after: dict[int, set[int]] = {i: set() for i in range(len(pairs))}
-    for i, (name, plugin) in enumerate(pairs):
+    for i, (_name, plugin) in enumerate(pairs):
         for ref in getattr(plugin, "runs_after", ()) or ():
             after[i] |= {j for j, (n, p) in enumerate(pairs) if j != i and _matches(n, p, ref)}
         for ref in getattr(plugin, "runs_before", ()) or ():

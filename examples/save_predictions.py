@@ -9,7 +9,7 @@ the predicted class probabilities, the labels and the epoch, written atomically,
     python examples/save_predictions.py --epochs 10 --every 2
     python examples/save_predictions.py --epochs 10 --every 2 --keras     # inside model.fit
     python -c "import numpy as np; f = np.load('corebus-runs/save_predictions/predictions/epoch004.npz'); print(f['predictions'].shape)"
-"""
+"""  # noqa: E501 - a command to copy whole
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 
 import corebus  # noqa: E402
 from corebus import Cadence, hookimpl  # noqa: E402
-from corebus.kit import atomic_path, check_writable  # noqa: E402
 from corebus.demo import digits_mlp, load_digits_split  # noqa: E402
+from corebus.kit import atomic_path, check_writable  # noqa: E402
 
 
 class SavePredictions:

@@ -42,7 +42,8 @@ class BackupAndRestore:
     # and of two such wrappers the one registered later is outside, so backup commits last.
     runs_after = ("history", "report")
 
-    def __init__(self, backup_dir: str, save_freq: str | int = "epoch", delete_checkpoint: bool = True, background: bool = True):
+    def __init__(self, backup_dir: str, save_freq: str | int = "epoch", delete_checkpoint: bool = True,
+                 background: bool = True):
         if save_freq != "epoch" and (not isinstance(save_freq, int) or save_freq < 1):
             raise ConfigError(f"BackupAndRestore: save_freq={save_freq!r}; use 'epoch' or a positive number of steps")
         if not backup_dir:

@@ -243,7 +243,8 @@ class StallAlert:
         text = (f"No training step completed for {idle:.1f} s (limit {limit:g} s, in {phase}); last completed "
                 f"step {step}, epoch {trainer.epoch}.\nTraining thread "
                 f"({names.get(self._thread_id, '?')}), most recent call last:\n```\n{train_stack}```")
-        log.warning("StallAlert: no training step for %.1f s at step %d; every thread's stack:\n%s", idle, step, details)
+        log.warning("StallAlert: no training step for %.1f s at step %d; every thread's stack:\n%s",
+                    idle, step, details)
         trainer.alert("stall", f"Training stalled: no step for {idle:.0f} s", text, level="error", details=details)
 
     def _resolve(self, trainer: Any) -> None:
@@ -286,7 +287,8 @@ class StallAlert:
             self._alert_once(trainer, "nan_loss", "Non-finite loss", f"Loss is {loss} at {at}.", "error")
         elif self.divergence_threshold is not None and loss > self.divergence_threshold:
             self._alert_once(trainer, "divergence", "Loss diverging",
-                             f"Loss {loss:.4g} is above divergence_threshold={self.divergence_threshold:g} at {at}.", "error")
+                             f"Loss {loss:.4g} is above divergence_threshold={self.divergence_threshold:g} at {at}.",
+                             "error")
 
     def _check_plateau(self, trainer: Any, epoch: int, logs: Any) -> None:
         self._monitor.resolve(trainer.model)

@@ -8,12 +8,13 @@ import threading
 import time
 
 import pytest
-from webhook_receiver import Receiver
 
 from corebus import Alert, AlertGate, ConfigError, PluginBus, hookimpl
 from corebus.context import RunContext
 from corebus.plugins.alert_log import AlertLog
 from corebus.plugins.alert_webhook import AlertWebhook, truncate
+
+from webhook_receiver import Receiver
 
 STACK = "".join(f'  File "train.py", line {i}, in frame_{i}\n    step()\n' for i in range(300))
 

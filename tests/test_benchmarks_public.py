@@ -28,7 +28,8 @@ def _private(name: str) -> bool:
 
 def _public_names(module: str) -> set[str] | None:
     exported = getattr(importlib.import_module(module), "__all__", None)
-    submodules = {m.rsplit(".", 1)[1] for m in PUBLIC_MODULES if m.startswith(module + ".") and m.count(".") == module.count(".") + 1}
+    submodules = {m.rsplit(".", 1)[1] for m in PUBLIC_MODULES
+                  if m.startswith(module + ".") and m.count(".") == module.count(".") + 1}
     return None if exported is None else set(exported) | submodules
 
 

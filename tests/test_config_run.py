@@ -2,7 +2,6 @@
 echoed, the same run as the equivalent Python."""
 
 import json
-import logging
 import subprocess
 import sys
 

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import corebus
 from corebus import ConfigError, LazyLogs, PluginError, hookimpl
-from corebus.testing import RecordingPlugin, make_trainer, tiny_data, tiny_model
+from corebus.testing import RecordingPlugin, make_trainer, tiny_model
 
 
 def keras_fit(x, y, optimizer="sgd", steps_per_execution=1, callbacks=(), **fit_kwargs):
@@ -218,7 +218,7 @@ def test_gradient_pipeline_in_engine_and_model_fit(tiny_data):
         lambda: [ZeroGradients()], x, y, batch_size=16, epochs=2
     )
     initial = tiny_model().get_weights()
-    for plugins, model in ((engine, engine_history.model), (keras_plugins, None)):
+    for plugins, _model in ((engine, engine_history.model), (keras_plugins, None)):
         assert plugins[0].names and set(plugins[0].names) == {"default"}  # traced, not called per step
         assert len(plugins[0].names) <= 2
     for a, b in zip(engine_history.model.get_weights(), initial):

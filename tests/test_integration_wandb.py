@@ -373,8 +373,9 @@ def environment_of(root, run_id, wait=10.0):
 
 
 def test_the_sdk_runs_in_a_child_process_by_default(wandb_env, mocker, monkeypatch):
-    import __main__
     import wandb
+
+    import __main__
 
     for name in ("WANDB__DISABLE_META", "WANDB__DISABLE_MACHINE_INFO"):  # the environment record checked below
         monkeypatch.delenv(name)

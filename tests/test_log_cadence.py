@@ -1,7 +1,6 @@
 """Batch ``on_log`` calls follow the subscribers' declared ``batch_log_cadence``: skipped after
 train calls where no subscriber is due, in the engine and in ``model.fit``."""
 
-import keras
 import pytest
 
 import corebus

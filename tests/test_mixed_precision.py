@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import corebus
 from corebus import ConfigError, hookimpl
-from corebus.testing import make_trainer, tiny_data, tiny_model
+from corebus.testing import make_trainer, tiny_model
 
 FIT = dict(batch_size=16, epochs=4, verbose=0, shuffle=False)
 

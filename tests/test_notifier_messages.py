@@ -2,10 +2,10 @@
 
 import logging
 
-from webhook_receiver import Receiver
-
 from corebus import Alert
 from corebus.plugins.alert_webhook import AlertWebhook
+
+from webhook_receiver import Receiver
 
 
 def test_undelivered_alerts_of_a_notifier_without_spool_are_called_lost_not_replayable(caplog):

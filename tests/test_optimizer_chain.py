@@ -34,5 +34,6 @@ def test_no_other_module_walks_inner_optimizer_by_hand():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr":
                 args = node.args
-                assert not (len(args) > 1 and isinstance(args[1], ast.Constant) and args[1].value == "inner_optimizer"), (
+                walks = len(args) > 1 and isinstance(args[1], ast.Constant) and args[1].value == "inner_optimizer"
+                assert not walks, (
                     f"{path.name}:{node.lineno} walks inner_optimizer; use corebus.optimizer_chain")

@@ -9,7 +9,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from webhook_receiver import Receiver
 
 import corebus
 from corebus import ConfigError, hookimpl
@@ -17,6 +16,8 @@ from corebus.plugins.alert_webhook import AlertWebhook
 from corebus.plugins.stall_alert import StallAlert
 from corebus.plugins.terminate_on_nan import TerminateOnNaN
 from corebus.testing import make_trainer, tiny_data, tiny_model
+
+from webhook_receiver import Receiver
 
 FIT = dict(batch_size=8, shuffle=False, verbose=0)  # tiny_data: 96 samples, 12 steps per epoch
 TIMEOUT = 0.5

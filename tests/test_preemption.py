@@ -26,7 +26,6 @@ WORKER = Path(__file__).parent / "workers" / "preempt_worker.py"
 
 
 def run_worker(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    started = time.time()
     done = subprocess.run([sys.executable, str(WORKER), str(out), *args], capture_output=True, text=True, timeout=600)
     return done, time.time()
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from mlflow_server import free_port, mlflow_server  # noqa: F401  (module fixture: one server)
 from webhook_receiver import Receiver
 

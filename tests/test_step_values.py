@@ -7,7 +7,7 @@ import pytest
 
 import corebus
 from corebus import ConfigError, hookimpl
-from corebus.testing import RecordingPlugin, make_trainer, tiny_data, tiny_model
+from corebus.testing import RecordingPlugin, make_trainer, tiny_model
 from corebus.trainer import STEP_VALUE
 
 LR = 0.1

@@ -11,6 +11,7 @@ import pytest
 
 import corebus
 from corebus.testing import fit_both_ways
+
 from corebus_best_metric import BestMetric
 
 
