@@ -47,6 +47,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"corebus run: --set {item!r}: write section.key=value", file=sys.stderr)
             return 2
         overrides[key] = _parse_value(value)
+    if args.workers is not None or args.address:
+        from .ray_run import run_on_ray
+
+        try:
+            final = run_on_ray(args.config, overrides, args.workers or 1, args.address, args.print_plan)
+        except CorebusError as exc:
+            print(f"corebus run: {exc}", file=sys.stderr)
+            return 2
+        if final:
+            print("final epoch: " + "  ".join(f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float)))
+        return 0
     try:
         config = load_run_config(args.config, overrides)
         trainer, fit = config.build()
@@ -153,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config")
     run.add_argument("--print-plan", action="store_true", help="validate, print the hook plan, do not train")
     run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    run.add_argument("--workers", type=int, metavar="N", help="train on N Ray Train workers (pip install \"corebus[ray]\")")
+    run.add_argument("--address", metavar="ADDR", help="the Ray cluster to use (default: start a local one)")
     run.set_defaults(func=_cmd_run)
     sync = sub.add_parser("sync", help="replay undelivered logger records (spools) of a run directory")
     sync.add_argument("run_dir")

@@ -172,3 +172,71 @@ def test_ray_train_outside_a_ray_worker_is_an_error_before_training():
 def test_bad_params_are_named(params, match):
     with pytest.raises(corebus.ConfigError, match=match):
         instantiate("ray_train", params)
+
+
+CONFIG = """
+[run]
+name = "ray-run"
+dir = "{dir}"
+
+[model]
+factory = "corebus.testing:tiny_model"
+
+[data]
+factory = "corebus.testing:tiny_data"
+params = {{ n = 96 }}
+
+[trainer]
+optimizer = {{ name = "adam", learning_rate = 0.01 }}
+loss = "sparse_categorical_crossentropy"
+seed = 0
+
+[fit]
+epochs = 2
+batch_size = 12
+verbose = 0
+
+[[plugins]]
+name = "csv_logger"
+filename = "history.csv"
+"""
+
+
+def corebus_run(*args):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "corebus", "run", *args], capture_output=True, text=True, timeout=500)
+
+
+def test_corebus_run_print_plan_shows_the_scaling_config(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG.format(dir=tmp_path))
+    done = corebus_run(str(config), "--workers", "2", "--print-plan")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ScalingConfig(num_workers=2" in done.stdout and "a local Ray cluster" in done.stdout
+    assert "ray_train" in done.stdout and not (tmp_path / "ray-run" / "ray").exists()
+
+
+def test_corebus_run_unreachable_address_is_one_clear_error(tmp_path):
+    import socket
+
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG.format(dir=tmp_path))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = corebus_run(str(config), "--workers", "2", "--address", f"127.0.0.1:{port}")
+    assert done.returncode == 2 and "no Ray cluster answers there" in done.stderr and "ray start --head" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_corebus_run_workers_trains_the_config_on_ray(tmp_path):
+    """Its own local cluster (the command is a separate process); the CSV is written once, by the chief."""
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG.format(dir=tmp_path))
+    done = corebus_run(str(config), "--workers", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "final epoch:" in done.stdout and "val_loss" not in done.stdout
+    rows = (tmp_path / "ray-run" / "history.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch")  # header + 2 epochs, not 2 x 2
+    assert list((tmp_path / "ray-run" / "ray" / "ray-run").glob("checkpoint_*"))
