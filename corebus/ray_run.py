@@ -35,7 +35,8 @@ def _ray_overrides(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     return {**overrides, "run.dir": str(config.run_dir.parent.resolve())}
 
 
-def run_on_ray(path: str, overrides: dict[str, Any], workers: int, address: str | None, print_plan: bool) -> dict[str, Any]:
+def run_on_ray(path: str, overrides: dict[str, Any], workers: int, address: str | None,
+               print_plan: bool) -> dict[str, Any]:
     """Train the config on ``workers`` Ray Train workers; returns the last epoch's metrics."""
     from .config import describe_config, load_run_config
     from .registry import instantiate
@@ -64,8 +65,9 @@ def run_on_ray(path: str, overrides: dict[str, Any], workers: int, address: str 
         else:
             ray.init(num_cpus=workers, include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"--address {address}: no Ray cluster there ({type(exc).__name__}: {exc}); start one with "
-                          "`ray start --head` and pass its address, or leave --address out for a local cluster") from None
+        raise ConfigError(f"--address {address}: no Ray cluster there ({type(exc).__name__}: {exc}); start one "
+                          "with `ray start --head` and pass its address, or leave --address out for a local "
+                          "cluster") from None
     try:
         trainer = tensorflow_train.TensorflowTrainer(
             _worker_loop,
