@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import re
@@ -88,8 +89,11 @@ class WandbLogger:
     snapshot logs to the same run (``resume="allow"``); offline, W&B writes a new
     ``offline-run-*`` directory with the same id, which ``wandb sync`` appends to the run. Steps
     the interrupted process already delivered (after the snapshot was taken) are not logged
-    again: the last delivered step is noted in ``<dir>/wandb-<run id>.step`` after each
-    delivery. Only the chief logs under tf.distribute.
+    again: the last delivered step and the keys delivered at it are noted in
+    ``<dir>/wandb-<run id>.step`` after each delivery (a step's epoch record may not have gone
+    with its batch points). Points handed over before a snapshot are delivered (or spooled)
+    before the snapshot counts (``state_dict()``), so a kill loses none. Only the chief logs
+    under tf.distribute.
 
     :param project: W&B project (default ``$WANDB_PROJECT`` or ``"corebus"``).
     :param entity: W&B user or team (default: the account's).
@@ -158,6 +162,8 @@ class WandbLogger:
         self._best: dict[str, Any] | None = None  # {"monitor", "value", "epoch", "step"}
         self._monitors: dict[str, Monitor | None] = {}
         self._delivered_through: int | None = None  # a resumed run's steps already in W&B
+        self._delivered_keys: set[str] = set()  # the keys delivered at that last step
+        self._sent: tuple[int, set[str]] | None = None  # (last step sent, its keys) by this process
         self._model: Any = None
 
     def get_config(self) -> dict[str, Any]:
@@ -181,14 +187,17 @@ class WandbLogger:
         self._model = trainer.model
         if self._resume_id is None:
             self._best = self._delivered_through = None
+        self._sent = None
         self._started = True
 
     @hookimpl
     def on_state_restored(self, step: int) -> None:
         self._resumed_step = step
-        try:
-            self._delivered_through = int(self._step_file().read_text())
-        except (OSError, ValueError):  # nothing delivered yet (or another directory)
+        try:  # {"step": last step delivered, "keys": the keys delivered at that step}
+            noted = json.loads(self._step_file().read_text())
+            self._delivered_through, self._delivered_keys = int(noted["step"]), set(noted["keys"])
+            self._sent = (self._delivered_through, set(self._delivered_keys))
+        except (OSError, ValueError, TypeError, KeyError):  # nothing delivered yet (or another directory)
             self._delivered_through = None
 
     @hookimpl
@@ -249,8 +258,6 @@ class WandbLogger:
             self._end(1, "FAILED", f"{type(exception).__name__}: {exception}"[:1000])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "best": self._best}
-
         # Taken for a run snapshot: the points of the steps it holds reach W&B (or the spool)
         # first, so a kill after the snapshot loses none of them.
         if self._sink is not None:
@@ -259,6 +266,8 @@ class WandbLogger:
             if not self._sink.flush(self.shutdown_timeout):
                 log.warning("WandbLogger: points not delivered within %.0f s of a snapshot; a kill now may lose them",
                             self.shutdown_timeout)
+        return {"run_id": self.run_id, "best": self._best}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         run_id, best = state.get("run_id"), state.get("best")
         if run_id is not None and not (isinstance(run_id, str) and RUN_ID.fullmatch(run_id)):
@@ -323,7 +332,14 @@ class WandbLogger:
 
     def _put(self, record: dict[str, Any], points_first: bool = True) -> None:
         if record["type"] == "log" and self._delivered_through is not None and record["step"] <= self._delivered_through:
-            return  # the interrupted process delivered this step after the snapshot was taken
+            # The interrupted process delivered this step after the snapshot was taken; of the
+            # last step it delivered, only the keys it sent (its epoch record may not have gone).
+            if record["step"] < self._delivered_through:
+                return
+            values = {k: v for k, v in record["values"].items() if k not in self._delivered_keys}
+            if not any(not k.startswith("_") for k in values):
+                return
+            record = {**record, "values": values}
         if points_first and self._points:  # keep the order: points logged before go first (W&B steps only grow)
             self._hand_over_points()
         if self._sink is None:
@@ -399,10 +415,15 @@ class WandbLogger:
 
     def _send(self, records: list[dict[str, Any]]) -> None:
         self._writer.call("send", records)
-        steps = [r["step"] for r in records if r["type"] == "log"]
-        if steps and self.mode != "disabled":  # what a resumed process need not log again
+        logs = [r for r in records if r["type"] == "log"]
+        if logs and self.mode != "disabled":  # what a resumed process need not log again
+            last = max(r["step"] for r in logs)
+            keys = {k for r in logs if r["step"] == last for k in r["values"]}
+            if self._sent is not None and self._sent[0] == last:  # a step's batch and epoch records may go apart
+                keys |= self._sent[1]
+            self._sent = (last, keys)
             with atomic_path(self._step_file()) as tmp:
-                Path(tmp).write_text(str(max(steps)))
+                Path(tmp).write_text(json.dumps({"step": last, "keys": sorted(keys)}))
 
     def _step_file(self) -> Path:
         return Path(self.dir) / f"wandb-{self.run_id}.step"
