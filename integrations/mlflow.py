@@ -43,20 +43,15 @@ class MLflowLogger:
     :param log_every_n_steps: log batch metrics each time the global step crosses a multiple
         of N (exact under ``steps_per_execution``); ``None`` logs epoch metrics only.
     :param dir: where the spool and the files waiting for upload live.
-    :param log_model: log an MLflow Model of the run (Keras flavor, signature and input example
-        from the training rows), as ``mlflow.keras.autolog`` does: ``True`` / ``"last"`` the final
-        weights (what autolog logs), ``"best"`` the weights of the checkpoint plugin's best file
-        by its monitor. Logged by the sink after training; a model that cannot be logged is a
-        warning and a ``corebus.log_model_error`` tag, the run keeps training's status.
-    :param registered_model_name: also register the model as a new version of this Model
-        Registry model, tagged ``run_id``, ``weights``, ``monitor``, ``best_value``, ``best_epoch``.
-    :param system_metrics: MLflow's own system-metrics monitor on the run (``system/cpu_...``,
-        memory, disk, network, GPU where present): ``True`` at MLflow's sampling interval
-        (10 s, ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``), a number of seconds, or ``False``.
-        Default: MLflow's own switch, ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``.
-    :param log_datasets: record the training and validation inputs on the run with ``mlflow.data``
-        (contexts ``train`` / ``eval``: name, digest, schema, rows), as autolog does. Only
-        ``Trainer.fit`` shows the data; inside ``model.fit`` it is a warning.
+    :param log_model: an MLflow Model of the run (Keras flavor, signature and input example from
+        the training rows), as ``mlflow.keras.autolog`` logs: ``True`` / ``"last"`` the final
+        weights, ``"best"`` the checkpoint plugin's best file's (docs/logging.md, "MLflow").
+    :param registered_model_name: register it as a new Model Registry version (tags ``run_id``,
+        ``weights``, ``monitor``, ``best_value``, ``best_epoch``).
+    :param system_metrics: MLflow's own ``SystemMetricsMonitor`` on the run: ``True`` (every
+        10 s), seconds, or ``False``; default ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``.
+    :param log_datasets: the training / validation inputs as ``mlflow.data`` run inputs
+        (``Trainer.fit`` only: inside ``model.fit`` Keras shows callbacks no data).
     :param log_checkpoints: ``"kept"`` (default): upload every checkpoint announced by
         ``on_checkpoint_saved`` and remove from the run the ones the checkpoint plugin deleted
         since (its ``save_top_k``), so the run holds what the disk holds; ``"all"``: upload
@@ -75,7 +70,8 @@ class MLflowLogger:
         interpreter lock the training loop needs: with TensorBoard + MLflow + W&B logging every
         step (``benchmarks/bench_loggers.py --every 1 --isolation``) the child gave 1.12-1.24x
         the steps/s in each of 3 pairs; every 10 steps it gave no steady gain (0.73-2.27x) and
-        costs a second interpreter (2-3 s of CPU to import MLflow again).
+        costs a second interpreter (2-3 s of CPU to import MLflow again). ``log_model`` is
+        still logged in this process (the child would import TensorFlow for it).
 
     Naming: batch metrics under their Keras names (``loss``) at the global optimizer step (the
     learning rate per epoch only: MLflow stores every point); epoch metrics as
@@ -337,7 +333,21 @@ class MLflowLogger:
     def _send(self, records: list[dict[str, Any]]) -> None:
         """The sink's send; the run ids known here go along and come back (a child has its own)."""
         try:
-            self._writer.run_ids.update(self._backend.call("send", records, dict(self._writer.run_ids)))
+            if not self.isolate_sdk:
+                self._writer.run_ids.update(self._backend.call("send", records, dict(self._writer.run_ids)))
+                return
+            # The model is logged here: the child would import TensorFlow again (a minute at its
+            # low priority on a busy machine). Order is kept; every writer lands a record once.
+            segment: list[dict[str, Any]] = []
+            for record in records + [None]:
+                if record is not None and record["type"] != "model":
+                    segment.append(record)
+                    continue
+                if segment:
+                    self._writer.run_ids.update(self._backend.call("send", segment, dict(self._writer.run_ids)))
+                    segment = []
+                if record is not None:
+                    self._writer.send([record])
         except Exception as exc:  # a child's errors come back as text: no password in them either
             message = redact_uri_secrets(str(exc), self.tracking_uri)
             if message == str(exc):

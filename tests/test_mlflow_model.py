@@ -205,3 +205,17 @@ def test_bad_model_options_fail_before_training(tmp_path, kwargs, match):
 
     with pytest.raises(ConfigError, match=match):
         MLflowLogger(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", dir=tmp_path / "mlflow", **kwargs)
+
+
+def test_with_an_isolated_client_the_model_and_datasets_are_logged_from_the_child(store, tmp_path):
+    import mlflow
+
+    x, y = tiny_data(64)
+    mlflow_logger = logger(store, tmp_path, log_model=True, log_datasets=True, isolate_sdk=True)
+    trainer = make_trainer([mlflow_logger])
+    trainer.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    run = client_of(store).get_run(mlflow_logger.run_id)
+    assert [i.tags[0].value for i in run.inputs.dataset_inputs] == ["train"]
+    (output,) = run.outputs.model_outputs
+    loaded = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    np.testing.assert_allclose(loaded.predict(x), trainer.model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
