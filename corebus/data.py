@@ -131,7 +131,13 @@ class ArrayData:
         """The sample order of ``epoch`` (reproducible from the seed and the epoch)."""
         if not self.shuffle:
             return np.arange(self.num_samples, dtype=np.int64)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.shuffle == "batch":  # Keras's rule: batches keep their rows, shuffled within each
+            order = np.arange(self.num_samples, dtype=np.int64)
+            for start in range(0, self.num_samples, self.batch_size):
+                rng.shuffle(order[start:start + self.batch_size])
+            return order
+        return rng.permutation(self.num_samples)
 
     def epoch_done(self) -> None:
         pass
@@ -394,8 +400,9 @@ def split_validation(x: Any, y: Any, sample_weight: Any, validation_split: float
     """Keras semantics: the last ``validation_split`` fraction, taken before shuffling."""
     if not 0.0 < validation_split < 1.0:
         raise ConfigError(f"validation_split={validation_split!r} must be between 0 and 1")
-    if _is_dataset(x):
-        raise ConfigError("validation_split needs arrays; with a Dataset pass validation_data")
+    if _is_dataset(x) or not _array_like(x):
+        raise ConfigError(f"validation_split needs arrays, and x is {type(x).__name__}: pass validation_data=... "
+                          "instead (as model.fit requires)")
     x, y, sample_weight = _to_arrays(x), _to_arrays(y), _to_arrays(sample_weight)
     n = _num_samples(x, "x")
     split_at = int(math.floor(n * (1.0 - validation_split)))

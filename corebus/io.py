@@ -16,11 +16,13 @@ import datetime
 import json
 import logging
 import os
+import atexit
 import queue
 import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,14 @@ class BackgroundWorker:
         self._errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, name=f"corebus-{name}", daemon=True)
         self._thread.start()
+        # A process that ends on an uncaught error (model.fit has no exception hook) would kill
+        # the daemon thread mid-write: the interpreter's exit waits for the pending jobs first.
+        atexit.register(self._finish_at_exit)
+
+    def _finish_at_exit(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._jobs.unfinished_tasks and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _run(self) -> None:
         lower_thread_priority()
@@ -143,6 +153,7 @@ class BackgroundWorker:
         try:
             self.flush()
         finally:
+            atexit.unregister(self._finish_at_exit)
             self._jobs.put(None)
             self._thread.join(timeout=30)
 

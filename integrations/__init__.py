@@ -1,4 +1,4 @@
-"""MLOps sinks (TensorBoard, MLflow, W&B). Each imports its SDK only when enabled;
+"""MLOps sinks (TensorBoard, MLflow, W&B) and Ray Train reporting. Each imports its SDK only when enabled;
 ``corebus.integrations.<Class>`` imports lazily."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ _CLASSES = {
     "TensorBoardLogger": "tensorboard",
     "MLflowLogger": "mlflow",
     "WandbLogger": "wandb",
+    "RayTrainReport": "ray",
 }
 
 __all__ = sorted(_CLASSES)

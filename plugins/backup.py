@@ -163,7 +163,9 @@ class BackupAndRestore:
         snapshot = RunSnapshot.capture(trainer)
         self.snapshots_written += 1
         self._last_path = self.backup_dir / snapshot.directory_name
-        if not self.background:
+        # In model.fit (no exception hook: a process may die of an error right after this
+        # epoch end) the snapshot is on disk before training goes on, as Keras's own backup is.
+        if not self.background or not trainer.supports_mid_epoch_resume:
             snapshot.write(self.backup_dir)
             return
         if self._worker is None:

@@ -22,13 +22,17 @@ class History:
         self.params = dict(trainer.params)
         self.model = trainer.model
 
-    # trylast: record the logs after every other plugin had the chance to add to them
-    # (a plateau plugin adding "learning_rate", for instance), as Keras's History does.
-    @hookimpl(trylast=True)
+    # The innermost wrapper: the logs are recorded after every plugin had the chance to add to
+    # them (a plateau plugin adding "learning_rate"), as Keras's History does, and also when
+    # one of them raised: a snapshot of that epoch (backup, an outer wrapper) counts it as done.
+    @hookimpl(wrapper=True, trylast=True)
     def on_epoch_end(self, epoch, logs):
-        self.epoch.append(epoch)
-        for key, value in (logs or {}).items():
-            self.history.setdefault(key, []).append(value)
+        try:
+            return (yield)
+        finally:
+            self.epoch.append(epoch)
+            for key, value in (logs or {}).items():
+                self.history.setdefault(key, []).append(value)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "epoch": self.epoch}

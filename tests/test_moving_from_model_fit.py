@@ -1,5 +1,5 @@
 """Arguments of docs/moving-from-model-fit.md where the engine does not yet do what model.fit
-does (each a strict xfail naming the defect), checked against model.fit on the same data."""
+does, checked against model.fit on the same data."""
 
 import keras
 import numpy as np
@@ -38,16 +38,12 @@ def test_keras_shuffle_batch_keeps_batch_sized_chunks():
     assert seen == chunks * 2  # Keras (TF backend): each batch holds its chunk's rows, shuffled inside
 
 
-@pytest.mark.xfail(strict=True, reason="engine defect: shuffle='batch' is taken as shuffle=True (every row "
-                   "shuffled across batches) where model.fit shuffles within batch-sized chunks; nothing says so")
 def test_shuffle_batch_keeps_batch_sized_chunks_as_in_model_fit():
     ours, _ = recorded_batches(lambda m: corebus.Trainer(m).fit, "batch")
     theirs, _ = recorded_batches(lambda m: m.fit, "batch")
     assert ours == theirs
 
 
-@pytest.mark.xfail(strict=True, reason="engine defect: validation_split with a generator raises 'x must be arrays "
-                   "with a batch dimension, got ndarray', which names neither validation_split nor the fix")
 def test_validation_split_with_a_generator_names_the_fix():
     x, y = tiny_data(n=64)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])

@@ -125,9 +125,6 @@ def test_a_run_interrupted_at_an_epoch_end_resumes_after_the_last_whole_epoch(tm
         assert results[way][1].epoch == [2, 3, 4], way
 
 
-@pytest.mark.xfail(strict=True, reason="engine defect: the snapshot taken when a callback raises in on_epoch_end "
-                   "counts the epoch as done, but History (trylast) had not recorded it: the resumed History "
-                   "lacks that epoch ([0, 2, 3, 4])")
 def test_the_engines_resumed_history_holds_every_epoch_of_the_run(tmp_path):
     # The engine's History is restored with the snapshot: after a resume it holds the whole run.
     _, history, _ = interrupted_and_resumed("engine", tmp_path / "subdir", Interrupt(at_epoch=2), 6)
@@ -242,11 +239,7 @@ def keras_rerun(tmp_path_factory):
 
 
 @pytest.mark.parametrize("way", [
-    pytest.param("adapter", marks=pytest.mark.xfail(strict=True, reason=(
-        "adapter defect: model.fit raises with the last epoch's snapshot still being written on the backup "
-        "plugin's daemon thread (background=True; Keras gives callbacks no exception hook), so a process that "
-        "dies of the error loses it and the rerun repeats that epoch"))),
-    "engine"])
+    "adapter", "engine"])
 def test_a_process_killed_by_the_error_resumes_where_keras_does(tmp_path, way, keras_rerun):
     trained, model = killed_by_the_error(way, tmp_path / "subdir")
     assert keras_rerun[0] == [2, 3, 4]  # Keras's backup of the second epoch is on disk
