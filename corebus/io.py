@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import json
 import logging
 import os
-import atexit
 import queue
 import shutil
 import socket
