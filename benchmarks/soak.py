@@ -50,7 +50,10 @@ def main() -> int:
     lock = threading.Lock()
     totals = {"runs": 0, "kills": 0, "kills_by_kind": Counter(), "identical_weights": 0, "failed_runs": [],
               "loggers": {name: {"missing": 0, "duplicated": 0, "differing": 0, "runs_exact": 0} for name in LOGGERS},
-              "mlflow_runs_not_one_finished": 0, "wandb_runs_not_one_id": 0}
+              "mlflow_runs_not_one_finished": 0, "wandb_runs_not_one_id": 0,
+              # killed before their first snapshot was complete: the rerun starts afresh, and what
+              # the dead attempt logged stays (docs/failure-and-recovery.md); counted apart
+              "restarted_from_scratch": 0, "restarted_duplicated": Counter()}
     counter = iter(range(10**9))
 
     def soak_worker() -> None:
@@ -72,7 +75,9 @@ def main() -> int:
                     totals["failed_runs"].append({"run": run_out.name, "error": f"{type(exc).__name__}: {exc}"[-2000:]})
                 continue
             exact = True
+            restarted = any(p.get("restored_step") is None for p in run["processes"][1:])
             with lock:
+                totals["restarted_from_scratch"] += restarted
                 totals["runs"] += 1
                 totals["kills"] += len(run["kills"])
                 totals["kills_by_kind"].update(where.split(":")[0] for where in run["kills"])
@@ -80,6 +85,9 @@ def main() -> int:
                 exact &= bool(check["identical_weights"])
                 for name in LOGGERS:
                     result, into = check[name], totals["loggers"][name]
+                    if restarted:  # the dead attempt's points, logged again by the fresh start
+                        totals["restarted_duplicated"][name] += result["duplicated"]
+                        result = dict(result, duplicated=0)
                     into["missing"] += result["missing"]
                     into["duplicated"] += result["duplicated"]
                     into["differing"] += len(result["differing"])
@@ -107,6 +115,9 @@ def main() -> int:
     for name, result in totals["loggers"].items():
         print(f"  {name:12s} points missing {result['missing']:6d}, duplicated {result['duplicated']:6d}, "
               f"other value {result['differing']:4d}; runs exact {result['runs_exact']}/{totals['runs']}")
+    print(f"  runs restarted from scratch (killed before their first snapshot was complete): "
+          f"{totals['restarted_from_scratch']}, their dead attempts' points logged again (not counted above): "
+          f"{dict(totals['restarted_duplicated'])}")
     print(f"  MLflow stores not one FINISHED run: {totals['mlflow_runs_not_one_finished']}; "
           f"W&B runs not one id: {totals['wandb_runs_not_one_id']}")
     print(f"totals: {out / 'totals.json'}")
