@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink, Monitor,
-                     PendingPoints, Spool, check_writable, hookimpl, read_spool, replay_spool, require_module)
+                     PendingPoints, Spool, check_writable, hookimpl, read_spool, redact, replay_spool, require_module)
 
 from .mlflow_model import check_model_options, dataset_records, fit_inputs, input_example, save_example
 
@@ -171,7 +171,8 @@ class MLflowLogger:
         self.artifact_location = (_absolute_location(os.fspath(artifact_location)) if artifact_location is not None
                                   else local_artifact_location(self.tracking_uri, self.experiment_name))
         self.shutdown_timeout = float(shutdown_timeout)
-        self.tags = {clean_key(k): str(v)[:MAX_TAG] for k, v in (tags or {}).items()}
+        # a tag may carry a ${VAR} secret or a credential URL: tags are shown to everyone
+        self.tags = {clean_key(k): redact(str(v))[:MAX_TAG] for k, v in (tags or {}).items()}
         self.sink: LogSink | None = None
         self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
         self._writer = _Writer(self.tracking_uri, self.experiment_name, run_name,

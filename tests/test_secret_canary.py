@@ -173,7 +173,5 @@ def test_no_url_password_or_token_in_the_mlflow_store(canary_run):
     assert (found[PASSWORD], found[TOKEN]) == ([], [])
 
 
-@pytest.mark.xfail(strict=True, reason="integrations/mlflow.py logs MLflowLogger(tags=...) values unredacted: a "
-                                       "${VAR} value in a tag reaches the tracking server (its engineer is editing it)")
 def test_no_var_value_in_the_mlflow_store(canary_run):
     assert hits(canary_run["server"].root)[VAR_VALUE] == []
