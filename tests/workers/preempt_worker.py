@@ -35,6 +35,9 @@ class SignalAt:
     @hookimpl(trylast=True)
     def on_train_batch_end(self, trainer):
         self.steps_seen.append(trainer.micro_step)
+        if self.step is not None and trainer.micro_step == self.step and self.signum == signal.SIGKILL:
+            with open(self.out / "process.jsonl", "a") as handle:  # nothing after SIGKILL runs
+                handle.write(json.dumps({"pid": os.getpid(), "steps_seen": self.steps_seen}) + "\n")
         if self.step is not None and trainer.micro_step == self.step:
             (self.out / "signal_sent").write_text(json.dumps({"at": time.time(), "micro_step": trainer.micro_step}))
             os.kill(os.getpid(), self.signum)
@@ -44,7 +47,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--signal-at-step", type=int)
-    parser.add_argument("--signal", default="SIGTERM")
+    parser.add_argument("--signal", default="SIGTERM", help="SIGKILL: killed there, as by the OOM killer")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--wide", action="store_true", help="a ~50 MB state (model and Adam slots)")
     args = parser.parse_args()
