@@ -336,7 +336,7 @@ class WandbLogger:
             # last step it delivered, only the keys it sent (its epoch record may not have gone).
             if record["step"] < self._delivered_through:
                 return
-            values = {k: v for k, v in record["values"].items() if k not in self._delivered_keys}
+            values = {k: v for k, v in record["values"].items() if k.startswith("_") or k not in self._delivered_keys}
             if not any(not k.startswith("_") for k in values):
                 return
             record = {**record, "values": values}

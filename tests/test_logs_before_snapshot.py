@@ -141,3 +141,27 @@ def test_a_run_stopped_by_a_signal_is_killed_not_failed(tmp_path):
              for event in EventFileLoader(str(path)).Load() for value in event.summary.value
              if value.tag == "run_status"]
     assert texts == ["KILLED"]
+
+
+def test_a_resumed_wandb_run_still_logs_what_its_last_delivered_step_lacked(tmp_path):
+    """The interrupted process delivered step 12's batch points (a snapshot flushed them) but
+    not the epoch record of step 12: the resumed run skips what went, not the whole step."""
+    from corebus.integrations import WandbLogger
+
+    class Recorder:  # the sink's place: what the logger hands over
+        def __init__(self):
+            self.records = []
+
+        def put(self, record):
+            self.records.append(record)
+
+    logger = WandbLogger(mode="offline", dir=str(tmp_path))
+    logger.run_id = "abc123"
+    (tmp_path / "wandb-abc123.step").write_text(json.dumps({"step": 12, "keys": ["_timestamp", "batch/loss"]}))
+    logger.on_state_restored(step=10)
+    logger._sink = sink = Recorder()
+    for step, values in ((11, {"batch/loss": 1.0}), (12, {"batch/loss": 1.0, "_timestamp": 5.0}),
+                         (12, {"epoch/loss": 0.5, "epoch/epoch": 0, "_timestamp": 6.0}), (13, {"batch/loss": 0.9})):
+        logger._put({"type": "log", "step": step, "values": values})
+    assert [(r["step"], sorted(r["values"])) for r in sink.records] == [
+        (12, ["_timestamp", "epoch/epoch", "epoch/loss"]), (13, ["batch/loss"])]
