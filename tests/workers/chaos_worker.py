@@ -96,7 +96,7 @@ def kill_during_write(k: int, killer: Killer) -> None:
     real_savez = np.savez
     calls = {"n": 0}
 
-    def savez(file, **arrays):
+    def savez(file, *args, **arrays):
         calls["n"] += 1
         if calls["n"] == k:
             with open(file, "wb") as handle:  # half a file, then the process dies
@@ -104,7 +104,7 @@ def kill_during_write(k: int, killer: Killer) -> None:
                 handle.flush()
                 os.fsync(handle.fileno())
             killer.die()
-        return real_savez(file, **arrays)
+        return real_savez(file, *args, **arrays)
 
     np.savez = savez
 
