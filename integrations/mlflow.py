@@ -295,6 +295,12 @@ class MLflowLogger:
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
+        # A snapshot counts as complete only when the points up to its step are delivered or
+        # spooled: hand over what is held and wait for the sink (bounded), as TensorBoard does.
+        if self._phase == "open" and self.sink is not None:
+            if self._points:
+                self._put("metrics")
+            self.sink.flush(self.shutdown_timeout)
         return {"run_key": self._key, "run_id": self.run_id, "checkpoints": sorted(self._uploaded)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -103,7 +103,7 @@ def test_hparams_inside_model_fit_come_from_keras_history(tmp_path):
     history = model.fit(x, y, callbacks=[corebus.KerasCallback([logger])], **FIT).history
     _, sessions = dashboard(tmp_path)
     hparams, metrics = sessions["fit"]
-    assert hparams["optimizer.default.name"] == "adam"
+    assert hparams["optimizer.default.name"].startswith("adam")  # Keras numbers names within a process (adam_51)
     assert hparams["optimizer.default.learning_rate"] == pytest.approx(0.01)
     assert_metrics(metrics, history)
 

@@ -72,8 +72,6 @@ def test_each_point_is_logged_exactly_once(runs, chain, logger):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="MLflowLogger.state_dict() does not flush its points before a snapshot: "
-                                       "the points held in the killed process are lost (docs/failure-and-recovery.md)")
 @pytest.mark.parametrize("chain", list(CHAINS))
 def test_each_mlflow_point_is_logged_exactly_once_in_one_finished_run(runs, chain):
     check = runs[chain]["check"]
