@@ -121,6 +121,8 @@ class RunReport:
     def state_dict(self) -> dict[str, Any]:
         """What was recorded so far, kept in a run snapshot: a resumed run's report holds the
         whole run (each point once), not only the part after the resume."""
+        if not hasattr(self, "_started"):  # nothing recorded yet (before on_train_begin)
+            return {}
         with self._lock:
             return {"started": self._started, "first_step": self._first_step, "epochs": list(self._epochs),
                     "batches": {"every": self._batches["every"], "step": list(self._batches["step"]),
@@ -129,6 +131,8 @@ class RunReport:
                     "alerts": list(self._alerts)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:  # saved before anything was recorded
+            return
         batches = state["batches"]
         lists = [state[k] for k in ("epochs", "reductions", "checkpoints", "alerts")] + [batches["step"]]
         if not all(isinstance(v, list) for v in lists) or not isinstance(batches["values"], dict) or not all(

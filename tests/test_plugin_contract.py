@@ -49,7 +49,6 @@ REFUSES_OUTSIDE = {"ray_train": "only runs inside a Ray Train worker loop"}
 # Gaps this contract found in files under edit elsewhere when it was written: strict xfails,
 # listed in every run's summary (-ra), that fail as soon as the gap is closed, so the row goes.
 KNOWN_GAPS = {
-    ("state", "report"): "RunReport.state_dict() before on_train_begin raises AttributeError (_started)",
 }
 
 
