@@ -9,7 +9,6 @@ supports works: file and sqlite stores, servers with auth or TLS, hosted servers
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -346,27 +345,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def run_params(trainer: Any) -> dict[str, Any]:
-    """The run's configuration: ``trainer.run_params()`` without plugins' running state, plus
-    the model's loss, metrics and parameter counts."""
+    """The run's configuration (``trainer.run_params()``, configuration only), with the model's
+    loss and metrics named as the user named them (serialised Keras objects by class name)."""
     params = trainer.run_params()
-    plugins = params.get("plugins") or {}
-    for name, plugin in trainer.bus.plugins.items():
-        if name in plugins and not callable(getattr(plugin, "get_config", None)):
-            # without get_config the core takes every public attribute, counters included
-            # (wait, best, losses): keep those named like a constructor parameter
-            accepted = _init_parameters(type(plugin))
-            plugins[name] = {k: v for k, v in plugins[name].items() if k in accepted}
-    params["model"] = _model_params(trainer)
+    params["model"] = {**params.get("model", {}), **_model_params(trainer)}
     return params
-
-
-def _init_parameters(cls: type) -> set[str]:
-    try:
-        signature = inspect.signature(cls.__init__)
-    except (TypeError, ValueError):
-        return set()
-    return {name for name, p in signature.parameters.items()
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"}
 
 
 def _model_params(trainer: Any) -> dict[str, Any]:
