@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -179,7 +178,7 @@ class WandbLogger:
         check_writable(self.dir, "WandbLogger")
         alphabet = string.ascii_lowercase + string.digits
         self.run_id = self._resume_id or "".join(secrets.choice(alphabet) for _ in range(8))
-        self._params = _configuration(trainer)
+        self._params = trainer.run_params()  # configuration only (RunContext.run_params)
         self._resumed_step = None
         self._sink = None  # opened at the first record: a snapshot restore may still change run_id
         self._points = PendingPoints()
@@ -444,22 +443,6 @@ class WandbLogger:
         if sent == len(records) and writer.run is not None:  # the run's status never came: it did not finish
             writer.send([{"type": "finish", "exit_code": 1, "status": "FAILED", "error": "no final status recorded"}])
         return sent
-
-
-def _configuration(trainer: Any) -> dict[str, Any]:
-    """``trainer.run_params()`` with configuration only: a plugin without ``get_config`` keeps
-    the attributes its constructor takes, not its runtime state (``wait``, ``best``, ``losses``)."""
-    params = trainer.run_params()
-    configs = params.get("plugins") or {}
-    for name, plugin in getattr(trainer.bus, "plugins", {}).items():
-        if name in configs and not callable(getattr(plugin, "get_config", None)):
-            try:
-                accepted = inspect.signature(type(plugin)).parameters
-            except (TypeError, ValueError):  # no signature to read: keep what run_params gave
-                continue
-            configs[name] = {k: v for k, v in configs[name].items() if k in accepted}
-    return params
-
 
 def _program() -> str | None:
     """The training program as W&B names it in the training process (``WANDB_PROGRAM``, which
