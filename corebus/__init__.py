@@ -12,21 +12,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import kit
-from .bus import hookimpl
-from .cadence import Cadence
-from .errors import ConfigError, CorebusError, MissingExtraError, PluginError, Preempted
-from .monitor import Monitor
-from .registry import installed_plugins, load_plugin_config
+from corebus import kit
+from corebus.bus.bus import hookimpl
+from corebus.bus.cadence import Cadence
+from corebus.bus.monitor import Monitor
+from corebus.bus.registry import installed_plugins, load_plugin_config
+from corebus.errors import ConfigError, CorebusError, MissingExtraError, PluginError, Preempted
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Trainer": "corebus.trainer",
-    "RunContext": "corebus.context",
+    "Trainer": "corebus.engine.trainer",
+    "RunContext": "corebus.engine.context",
     "KerasCallback": "corebus.keras_adapter",
-    "wrap_optimizer": "corebus.gradients",
-    "LearningRateController": "corebus.lr",
+    "wrap_optimizer": "corebus.engine.gradients",
+    "LearningRateController": "corebus.engine.lr",
 }
 
 # The user API: what a run is written with. A plugin's building blocks (sinks, spools, atomic
@@ -62,8 +62,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .context import RunContext
-    from .gradients import wrap_optimizer
-    from .keras_adapter import KerasCallback
-    from .lr import LearningRateController
-    from .trainer import Trainer
+    from corebus.engine.context import RunContext
+    from corebus.engine.gradients import wrap_optimizer
+    from corebus.engine.lr import LearningRateController
+    from corebus.engine.trainer import Trainer
+    from corebus.keras_adapter import KerasCallback

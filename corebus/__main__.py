@@ -1,3 +1,3 @@
-from corebus.cli import main
+from corebus.app.cli import main
 
 raise SystemExit(main())

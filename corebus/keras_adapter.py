@@ -11,13 +11,13 @@ from typing import Any
 
 import keras
 
-from . import registry
-from .bus import PluginBus
-from .context import RunContext
-from .errors import ConfigError, CorebusError
-from .gradients import GradientPipelineOptimizer, unwrap, wrap_optimizer
-from .logs import LazyLogs
-from .optimizer_chain import optimizer_chain
+from corebus.bus import registry
+from corebus.bus.bus import PluginBus
+from corebus.bus.logs import LazyLogs
+from corebus.engine.context import RunContext
+from corebus.engine.gradients import GradientPipelineOptimizer, unwrap, wrap_optimizer
+from corebus.engine.optimizer_chain import optimizer_chain
+from corebus.errors import ConfigError, CorebusError
 
 #: Hooks compiled into the step through the gradient pipeline.
 GRADIENT_HOOKS = ("transform_gradients", "gradient_accumulation_steps")

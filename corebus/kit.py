@@ -30,24 +30,33 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .alerts import Alert, AlertGate, AlertOutbox
-from .backend_process import BackendError, BackendProcess, InProcessBackend
-from .bus import PluginBus
-from .context import optimizer_names
-from .errors import require_module
-from .io import BackgroundWorker, RunLock, atomic_path, check_writable, fsync_path
-from .logs import LazyLogs, LoggedStep
-from .sinks import LOGGER_FLUSH_SECONDS, LogSink, PendingPoints, RetryLater, Spool, read_spool, redact, replay_spool
-from .snapshot import RunSnapshot, SnapshotError
+from corebus.bus.bus import PluginBus
+from corebus.bus.logs import LazyLogs, LoggedStep
+from corebus.delivery.alerts import Alert, AlertGate, AlertOutbox
+from corebus.delivery.backend_process import BackendError, BackendProcess, InProcessBackend
+from corebus.delivery.io import BackgroundWorker, RunLock, atomic_path, check_writable, fsync_path
+from corebus.delivery.sinks import (
+    LOGGER_FLUSH_SECONDS,
+    LogSink,
+    PendingPoints,
+    RetryLater,
+    Spool,
+    read_spool,
+    redact,
+    replay_spool,
+)
+from corebus.delivery.snapshot import RunSnapshot, SnapshotError
+from corebus.engine.context import optimizer_names
+from corebus.errors import require_module
 
 # Imported on first use: the report module draws with matplotlib, the LR and gradient modules
 # import TensorFlow.
 _LAZY = {
-    "write_report": "corebus.report",
-    "render_report": "corebus.report",
-    "compare_reports": "corebus.report",
-    "ScaledSchedule": "corebus.lr",
-    "GradientPipelineOptimizer": "corebus.gradients",
+    "write_report": "corebus.app.report",
+    "render_report": "corebus.app.report",
+    "compare_reports": "corebus.app.report",
+    "ScaledSchedule": "corebus.engine.lr",
+    "GradientPipelineOptimizer": "corebus.engine.gradients",
 }
 
 __all__ = [
@@ -92,6 +101,6 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .gradients import GradientPipelineOptimizer
-    from .lr import ScaledSchedule
-    from .report import compare_reports, render_report, write_report
+    from corebus.app.report import compare_reports, render_report, write_report
+    from corebus.engine.gradients import GradientPipelineOptimizer
+    from corebus.engine.lr import ScaledSchedule

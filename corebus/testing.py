@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .bus import hookimpl
+from corebus.bus.bus import hookimpl
 
 
 def tiny_data(n: int = 96, features: int = 4, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +140,7 @@ class RecordingPlugin:
 
 def make_trainer(plugins: Sequence[Any] = (), model: Any = None, **kwargs: Any) -> Any:
     """A :class:`corebus.Trainer` on :func:`tiny_model` with SGD and accuracy, unless overridden."""
-    from .trainer import Trainer
+    from corebus.engine.trainer import Trainer
 
     kwargs.setdefault("optimizer", "sgd")
     kwargs.setdefault("loss", "sparse_categorical_crossentropy")
@@ -162,7 +162,7 @@ def fit_both_ways(
     Same seed, same model, no shuffling. Returns ``((engine_plugins, history),
     (keras_plugins, history))`` so a test can compare what the plugins saw.
     """
-    from .keras_adapter import KerasCallback
+    from corebus.keras_adapter import KerasCallback
 
     fit_kwargs.setdefault("verbose", 0)
     fit_kwargs.setdefault("shuffle", False)

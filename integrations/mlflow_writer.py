@@ -187,18 +187,18 @@ class _Writer:
         return self._experiment_id
 
     def _log_alert(self, client: Any, run_id: str, record: dict[str, Any]) -> None:
-        """Tags: ``corebus.alert.<kind>`` (the latest of that kind) and ``corebus.alerts`` (one
+        """Tags: ``corebus.alert.<kind>`` (the latest of that kind) and ``corebus.delivery.alerts`` (one
         line per alert, newest last, cut to MLflow's tag length from the oldest end)."""
         from mlflow.entities import RunTag
 
         line = f"step {record['step']}: [{record['level']}] {record['title']}"
-        history = client.get_run(run_id).data.tags.get("corebus.alerts", "")
+        history = client.get_run(run_id).data.tags.get("corebus.delivery.alerts", "")
         if line in history.splitlines():  # a retried batch: already recorded
             return
         lines = (history + "\n" + line).strip("\n")[-MAX_TAG:]
         detail = (line + ("\n" + record["text"] if record.get("text") else ""))[:MAX_TAG]
         client.log_batch(run_id, tags=[RunTag(clean_key(f"corebus.alert.{record['kind']}"), detail),
-                                       RunTag("corebus.alerts", lines)], synchronous=True)
+                                       RunTag("corebus.delivery.alerts", lines)], synchronous=True)
 
     def _log_params(self, client: Any, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param

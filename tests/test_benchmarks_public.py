@@ -82,20 +82,20 @@ def violations(source: str) -> list[str]:
 def test_the_check_catches_private_use():
     source = """
 import corebus
-import corebus.sinks
+import corebus.delivery.sinks
 from corebus import Trainer, _LAZY
 from corebus.integrations.mlflow import _direct_target
 from corebus.plugins import EarlyStopping
-corebus.sinks.LOGGER_FLUSH_SECONDS = 4
-corebus.trainer.Trainer
+corebus.delivery.sinks.LOGGER_FLUSH_SECONDS = 4
+corebus.engine.trainer.Trainer
 EarlyStopping._check(None)
 corebus.Trainer(None).fit()
 """
     found = "\n".join(violations(source))
-    for expected in ("import corebus.sinks", "import _LAZY", "from corebus.integrations.mlflow",
-                     "corebus.sinks.LOGGER_FLUSH_SECONDS", "corebus.trainer.Trainer", "EarlyStopping._check"):
+    for expected in ("import corebus.delivery.sinks", "import _LAZY", "from corebus.integrations.mlflow",
+                     "corebus.delivery.sinks.LOGGER_FLUSH_SECONDS", "corebus.engine.trainer.Trainer", "EarlyStopping._check"):
         assert expected in found, f"not flagged: {expected}\n{found}"
-    assert "corebus.Trainer" not in found.replace("corebus.trainer.Trainer", "")
+    assert "corebus.Trainer" not in found.replace("corebus.engine.trainer.Trainer", "")
 
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from corebus import ConfigError, LazyLogs, PluginBus, PluginError, hookimpl, installed_plugins
-from corebus.registry import resolve_all
+from corebus.bus.registry import resolve_all
 
 
 class Calls:
@@ -225,7 +225,7 @@ def test_lazy_logs_fetch_once_and_names_are_free():
 def test_a_derived_view_computes_from_both_calls_once_and_to_dict_matches_reads():
     import numpy as np
 
-    from corebus.logs import _Packed
+    from corebus.bus.logs import _Packed
 
     # running means after 64 rows (earlier call) and after 128 rows (this call)
     earlier = _Packed(np.array([0.5, 0.5], np.float32))

@@ -12,7 +12,7 @@ def run(*args, timeout=300, cwd=None):
 def test_plugins_listing_does_not_import_tensorflow():
     code = (
         "import sys, json, io, contextlib\n"
-        "from corebus.cli import main\n"
+        "from corebus.app.cli import main\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out): main(['plugins', '--json'])\n"
         "assert 'tensorflow' not in sys.modules, 'listing imported tensorflow'\n"

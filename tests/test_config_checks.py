@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from corebus import ConfigError
-from corebus.cli import main as cli_main
-from corebus.config import load_run_config
+from corebus.app.cli import main as cli_main
+from corebus.app.config import load_run_config
 
 BASE = """
 [model]
@@ -132,7 +132,7 @@ def test_factory_modules_beside_the_config_and_in_the_current_folder_import_with
 
 
 def test_a_plugin_mapping_in_python_is_type_checked_too():
-    from corebus.registry import resolve_all
+    from corebus.bus.registry import resolve_all
 
     with pytest.raises(ConfigError, match=r"restore_best_weights = 'false': expected bool"):
         resolve_all([{"name": "early_stopping", "restore_best_weights": "false"}])

@@ -9,8 +9,8 @@ import pytest
 
 import corebus
 from corebus import ConfigError
-from corebus.cli import main as cli_main
-from corebus.config import load_run_config
+from corebus.app.cli import main as cli_main
+from corebus.app.config import load_run_config
 
 SECRET = "https://hooks.slack.com/services/T000/B000/run-config-secret"
 

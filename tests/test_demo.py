@@ -15,7 +15,7 @@ def test_a_demo_without_the_extras_names_every_missing_one_and_the_one_pip_comma
     # the packages are hidden, not uninstalled: an import of a module set to None in sys.modules fails
     code = ("import sys\n"
             "for name in ('mlflow', 'wandb', 'matplotlib'): sys.modules[name] = None\n"
-            "from corebus.cli import main\n"
+            "from corebus.app.cli import main\n"
             "code = main(['demo', '--epochs', '1'])\n"
             "assert 'tensorflow' not in sys.modules, 'the check comes before anything heavy'\n"
             "sys.exit(code)\n")

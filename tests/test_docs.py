@@ -1,7 +1,7 @@
 """docs/writing-a-plugin.md documents every hook with the hookspec's own signature.
 
 The guide's hooks reference lists each hook as a bullet "- `name(arg, arg, ...)`: when it
-fires". This test parses those bullets and compares them with ``corebus.hookspecs``: a hook
+fires". This test parses those bullets and compares them with ``corebus.bus.hookspecs``: a hook
 added to ``__all__`` but not to the guide, or a signature changed in one place only, fails.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from corebus import hookspecs
+from corebus.bus import hookspecs
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "writing-a-plugin.md"
 ENTRY = re.compile(r"^- `(\w+)\(([^)]*)\)`:", re.M)

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 import corebus
-from corebus.registry import installed_plugins, resolve_all
+from corebus.bus.registry import installed_plugins, resolve_all
 
 PYPROJECT = """
 [build-system]

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from corebus import hookspecs
+from corebus.bus import hookspecs
 
 PINNED = {
     "on_train_begin": "(trainer, logs)",

@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 import corebus  # noqa: E402
 from corebus import hookimpl  # noqa: E402
-from corebus.registry import instantiate  # noqa: E402
+from corebus.bus.registry import instantiate  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

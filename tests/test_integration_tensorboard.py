@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import corebus
 from corebus import ConfigError, LazyLogs, MissingExtraError, hookimpl, read_spool
-from corebus.cli import main as cli_main
+from corebus.app.cli import main as cli_main
 from corebus.integrations import TensorBoardLogger
 from corebus.plugins import GradientAccumulation
 from corebus.testing import make_trainer, tiny_data, tiny_model

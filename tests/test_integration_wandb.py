@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import corebus
-import corebus.cli
+import corebus.app.cli
 from corebus import ConfigError, MissingExtraError, PluginError, hookimpl, read_spool
 from corebus.integrations.wandb import WandbLogger
 from corebus.plugins import BackupAndRestore, EarlyStopping, ModelCheckpoint
@@ -292,7 +292,7 @@ def test_undeliverable_records_are_spooled_and_corebus_sync_replays_them(wandb_e
     assert [r["step"] for r in records if r["type"] == "log"] == [4, 8, 12, 12, 16, 20, 24, 24]
 
     (wandb_env / "wandb").unlink()  # the backend is back
-    assert corebus.cli.main(["sync", str(wandb_env)]) == 0
+    assert corebus.app.cli.main(["sync", str(wandb_env)]) == 0
     assert f"replayed {len(records)} of {len(records)} records through wandb" in capsys.readouterr().out
     run = only_run(wandb_env, logger.run_id)
     assert sorted(run.metric("batch/loss")) == [4, 8, 12, 16, 20, 24]

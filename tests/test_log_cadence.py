@@ -110,14 +110,14 @@ def test_loggers_get_batch_records_in_bulk_at_the_interval_and_before_each_epoch
         kind, mode, tiny_data, tmp_path, monkeypatch):  # noqa: F811
     # Within the interval the engine holds the records; the first goes at once (the backend
     # starts early), the rest before the epoch's on_log. Each hand-over reaches the sink whole.
-    monkeypatch.setattr("corebus.sinks.LOGGER_FLUSH_SECONDS", 60.0)
+    monkeypatch.setattr("corebus.delivery.sinks.LOGGER_FLUSH_SECONDS", 60.0)
     spy = HandOffSpy(_logger(kind, tmp_path / "held"))
     _train(mode, [spy.logger, spy], 1, tiny_data)
     assert spy.deliveries == [[4], [8, 12]]  # steps 4, 8 and 12; epoch 0 ends at step 6
     assert spy.held == [0, 0]
 
     # Once the interval has passed, a record goes at its own step (here 0 s: every one).
-    monkeypatch.setattr("corebus.sinks.LOGGER_FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr("corebus.delivery.sinks.LOGGER_FLUSH_SECONDS", 0.0)
     spy = HandOffSpy(_logger(kind, tmp_path / "at_once"))
     _train(mode, [spy.logger, spy], 1, tiny_data)
     assert spy.deliveries == [[4], [8], [12]] and spy.held == [0, 0, 0]
@@ -166,7 +166,7 @@ def test_bulk_records_hold_what_on_log_would_have_had(tiny_data, mode, steps_per
 
 
 def test_bulk_records_are_handed_over_when_training_fails(tiny_data, monkeypatch):  # noqa: F811
-    monkeypatch.setattr("corebus.sinks.LOGGER_FLUSH_SECONDS", 60.0)
+    monkeypatch.setattr("corebus.delivery.sinks.LOGGER_FLUSH_SECONDS", 60.0)
 
     class FailAtStep5:
         @hookimpl
@@ -187,8 +187,8 @@ def test_bulk_records_are_handed_over_when_training_fails(tiny_data, monkeypatch
 
 
 def test_bulk_records_are_bounded(tiny_data, monkeypatch):  # noqa: F811
-    monkeypatch.setattr("corebus.sinks.LOGGER_FLUSH_SECONDS", 60.0)
-    monkeypatch.setattr("corebus.context.HELD_STEPS_MAX", 2)
+    monkeypatch.setattr("corebus.delivery.sinks.LOGGER_FLUSH_SECONDS", 60.0)
+    monkeypatch.setattr("corebus.engine.context.HELD_STEPS_MAX", 2)
     spy = StepsSpy()
     _train("engine", [spy], 1, tiny_data)
     assert [event[1] for event in spy.events if event[0] == "steps"] == [[1], [2, 3], [4, 5], [6], [7, 8], [9, 10],

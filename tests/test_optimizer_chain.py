@@ -1,4 +1,4 @@
-"""One walk through optimizer wrappers (corebus.optimizer_chain), used by the engine's LR
+"""One walk through optimizer wrappers (corebus.engine.optimizer_chain), used by the engine's LR
 owner, the gradient pipeline's wrapper and the Keras adapter alike."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import keras
 
-from corebus.gradients import GradientPipelineOptimizer
-from corebus.optimizer_chain import lr_owner, optimizer_chain
+from corebus.engine.gradients import GradientPipelineOptimizer
+from corebus.engine.optimizer_chain import lr_owner, optimizer_chain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,4 +36,4 @@ def test_no_other_module_walks_inner_optimizer_by_hand():
                 args = node.args
                 walks = len(args) > 1 and isinstance(args[1], ast.Constant) and args[1].value == "inner_optimizer"
                 assert not walks, (
-                    f"{path.name}:{node.lineno} walks inner_optimizer; use corebus.optimizer_chain")
+                    f"{path.name}:{node.lineno} walks inner_optimizer; use corebus.engine.optimizer_chain")

@@ -139,7 +139,7 @@ def test_a_signal_inside_an_accumulation_window_stops_at_its_end(runs):
 
 
 def test_the_handler_only_records_and_a_second_signal_raises_at_once():
-    from corebus.stop_signals import StopSignals
+    from corebus.engine.stop_signals import StopSignals
 
     previous = signal.getsignal(signal.SIGUSR2)
     with StopSignals((signal.SIGUSR2,), timeout=5.0) as stops:

@@ -3,7 +3,7 @@
 import pytest
 
 from corebus import redact
-from corebus.sinks import _SECRETS, redact_text, register_secret
+from corebus.delivery.sinks import _SECRETS, redact_text, register_secret
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -33,7 +33,7 @@ def test_text_without_secrets_is_unchanged(text):
 
 
 def test_a_registered_secret_is_redacted_inside_any_string(monkeypatch):
-    monkeypatch.setattr("corebus.sinks._SECRETS", set(_SECRETS))
+    monkeypatch.setattr("corebus.delivery.sinks._SECRETS", set(_SECRETS))
     register_secret("tok-9f8e7d")
     config = {"tracking_uri": "http://u:pw@h", "notes": ["sent with tok-9f8e7d twice: tok-9f8e7d"],
               "url": "https://h/x", "n": 3}

@@ -10,13 +10,13 @@ import pytest
 
 import corebus
 from corebus import ConfigError, MissingExtraError, hookimpl
-from corebus.cli import main
+from corebus.app.cli import main
+from corebus.bus.registry import resolve_all
 from corebus.plugins.checkpoint import ModelCheckpoint
 from corebus.plugins.early_stopping import EarlyStopping
 from corebus.plugins.lr_schedule import LRSchedule
 from corebus.plugins.reduce_lr_on_plateau import ReduceLROnPlateau
 from corebus.plugins.report import RunReport
-from corebus.registry import resolve_all
 from corebus.testing import make_trainer, tiny_data, tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -241,7 +241,7 @@ def test_report_is_written_after_every_other_plugins_train_end_and_counts_kept_c
     assert "<title>nightly-7 - corebus run report</title>" in html
     assert f"{len(saved)} saved, 3 kept" in html
     # the timeline labels kept files only, one each: no pile of overlapping names
-    from corebus.report import timeline_labels
+    from corebus.app.report import timeline_labels
 
     labels = [name for _, name in timeline_labels(report["checkpoints"])]
     assert sorted(labels) == sorted(p.rsplit("/", 1)[-1] for p in on_disk)
@@ -255,7 +255,7 @@ def test_explicit_name_wins_and_epochs_read_from_one(tmp_path):
     report = _read(tmp_path / "r")
     assert report["run"]["name"] == "baseline"
     assert [e["epoch"] for e in report["epochs"]] == [0, 1]  # JSON: Keras's indices, as History.epoch
-    from corebus.report import _summary
+    from corebus.app.report import _summary
 
     rows = dict(_summary(report))
     assert rows["early stopping"] == "stopped at epoch 2" and rows["best epoch"].startswith("1 (loss")
@@ -264,7 +264,7 @@ def test_explicit_name_wins_and_epochs_read_from_one(tmp_path):
 
 
 def test_step_overlay_lies_beneath_the_epoch_curves_and_fades_when_dense():
-    from corebus.report import _draw_curves
+    from corebus.app.report import _draw_curves
 
     steps = list(range(1, 2001))
     report = {"run": {"first_step": 0}, "epochs": [{"epoch": e, "step": 400 * (e + 1), "logs": {"loss": 1.0 / (e + 1)}}

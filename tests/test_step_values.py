@@ -7,8 +7,8 @@ import pytest
 
 import corebus
 from corebus import ConfigError, hookimpl
+from corebus.engine.trainer import STEP_VALUE
 from corebus.testing import RecordingPlugin, make_trainer, tiny_model
-from corebus.trainer import STEP_VALUE
 
 LR = 0.1
 

@@ -1,4 +1,8 @@
-"""The walls between the three rooms (DESIGN.md), checked on the source with ast."""
+"""The walls between the rooms (DESIGN.md), checked on the source with ast.
+
+Inside ``corebus/`` the rooms are ``bus`` (hooks, registry, cadence), ``engine`` (the trainer),
+``delivery`` (sinks, snapshots, alerts) and ``app`` (CLI, config runs, report); outside it,
+``plugins`` and ``integrations`` use only the public API."""
 
 import ast
 from pathlib import Path
@@ -27,6 +31,52 @@ def test_core_does_not_import_plugins_or_integrations():
             assert not module.startswith(("corebus.plugins", "corebus.integrations", "plugins", "integrations")), (
                 f"{path.name} imports {module}: the core finds plugins only through entry points"
             )
+
+
+# What each room of the core may import from the others: the bus is the floor, delivery sits on
+# it, the engine uses both, the app uses everything. Nothing in the core imports the app except
+# the CLI's own entry (``__main__``).
+ROOM_MAY_IMPORT = {
+    "bus": {"bus"},
+    "delivery": {"bus", "delivery"},
+    "engine": {"bus", "delivery", "engine"},
+    "app": {"bus", "delivery", "engine", "app"},
+}
+ROOMS = tuple(ROOM_MAY_IMPORT)
+
+
+def room_violations(path: Path, room: str) -> list[str]:
+    found = []
+    for module, _ in imports(path):
+        parts = module.split(".")
+        if parts[0] == "corebus" and len(parts) > 1 and parts[1] in ROOMS and parts[1] not in ROOM_MAY_IMPORT[room]:
+            found.append(f"{room}/{path.name} imports {module}: the {room} room may import only "
+                         f"{sorted(ROOM_MAY_IMPORT[room])}")
+        if module.startswith("."):
+            found.append(f"{room}/{path.name}: relative import {module}; spell the room (corebus.{room}...)")
+    return found
+
+
+def test_each_room_of_the_core_imports_only_the_rooms_below_it():
+    for room in ROOMS:
+        assert (ROOT / "corebus" / room / "__init__.py").read_text().startswith('"""'), f"{room} needs its docstring"
+        for path in (ROOT / "corebus" / room).glob("*.py"):
+            assert room_violations(path, room) == []
+
+
+def test_the_engines_other_faces_import_no_app_module():
+    # The adapter runs the engine's plugins inside model.fit; like the engine it needs no CLI,
+    # config run or report. (The facades ``corebus`` and ``corebus.kit`` re-export from every room.)
+    for name in ("keras_adapter.py", "testing.py", "errors.py"):
+        for module, _ in imports(ROOT / "corebus" / name):
+            assert not module.startswith("corebus.app"), f"{name} imports {module}"
+
+
+def test_the_room_check_flags_an_engine_import_from_the_bus(tmp_path):
+    source = tmp_path / "bus_module.py"
+    source.write_text("from corebus.engine.trainer import Trainer\nfrom corebus.bus.cadence import Cadence\n")
+    found = room_violations(source, "bus")
+    assert len(found) == 1 and "corebus.engine.trainer" in found[0]
 
 
 def wall_violations(path: Path, room: str) -> list[str]:
@@ -59,9 +109,9 @@ def test_the_wall_check_flags_internals_and_passes_the_kit(tmp_path):
     source.write_text("from corebus.kit import LogSink, atomic_path\n"
                       "from corebus import hookimpl, Spool\n")  # Spool: a kit name, old spelling
     assert wall_violations(source, "plugins") == []
-    source.write_text("from corebus.sinks import Spool\nfrom corebus import _LAZY\nfrom corebus.kit import lr_owner\n")
+    source.write_text("from corebus.delivery.sinks import Spool\nfrom corebus import _LAZY\nfrom corebus.kit import lr_owner\n")
     found = "\n".join(wall_violations(source, "plugins"))
-    for expected in ("(corebus.sinks)", "_LAZY is not public API", "lr_owner is not in corebus.kit"):
+    for expected in ("(corebus.delivery.sinks)", "_LAZY is not public API", "lr_owner is not in corebus.kit"):
         assert expected in found, found
 
 

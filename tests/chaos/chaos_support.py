@@ -120,7 +120,7 @@ def read_all(out: Path) -> dict[str, Any]:
 
 
 def is_batch_accuracy(logger: str, series: str) -> bool:
-    """A step's own accuracy: derived from two running means (corebus/trainer.py ``_step_logs``),
+    """A step's own accuracy: derived from two running means (corebus/engine/trainer.py ``_step_logs``),
     so the first step a resumed process trains has no step before it and logs the running mean."""
     return series in {"tensorboard": ("train/batch_accuracy",), "mlflow": ("accuracy",),
                       "wandb": ("batch/accuracy",), "report": ("batch/accuracy",)}.get(logger, ())

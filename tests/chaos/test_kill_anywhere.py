@@ -9,7 +9,7 @@ logger the points read back from disk (CSV rows, raw TensorBoard events, MLflow'
 metrics, the W&B ``.wandb`` files, ``report.json``): 0 missing, 0 duplicated, same values.
 
 One difference is expected and allowed: a step's own accuracy is derived from two running
-means (``corebus/trainer.py`` ``_step_logs``), so the first step a resumed process trains has
+means (``corebus/engine/trainer.py`` ``_step_logs``), so the first step a resumed process trains has
 no step before it and logs the running mean (docs/failure-and-recovery.md).
 ``benchmarks/soak.py`` runs hundreds of such kills.
 """

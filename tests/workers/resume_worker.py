@@ -121,7 +121,7 @@ def plugins(args):
     for name, params in (("early_stopping", {"patience": 2, "min_delta": 0.01, "restore_best_weights": True}),
                          ("reduce_lr_on_plateau", {"patience": 1, "factor": 0.5, "min_delta": 0.01}),
                          ("lr_schedule", {"schedule": "exponential", "decay_steps": 10, "decay_rate": 0.9})):
-        chosen.append(corebus.registry.resolve(dict(name=name, **params)))
+        chosen.append(corebus.bus.registry.resolve(dict(name=name, **params)))
     return chosen
 
 

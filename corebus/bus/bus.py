@@ -26,9 +26,9 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import ConfigError, PluginError
-from .registry import plugin_name
+from corebus.bus import hookspecs
+from corebus.bus.registry import plugin_name
+from corebus.errors import ConfigError, PluginError
 
 log = logging.getLogger("corebus")
 trace_log = logging.getLogger("corebus.trace")
@@ -323,7 +323,7 @@ def _unknown_hooks_message(name: str, callers: Iterable[Any]) -> str:
         close = difflib.get_close_matches(caller.name, hookspecs.__all__, n=1)
         parts.append(f"{caller.name}" + (f" (did you mean {close[0]}?)" if close else ""))
     return (f"plugin {name!r}: @hookimpl method {', '.join(parts)} is no corebus hook, so it would never be "
-            f"called; rename it to a hook of corebus.hookspecs, or mark it @hookimpl(optionalhook=True)")
+            f"called; rename it to a hook of corebus.bus.hookspecs, or mark it @hookimpl(optionalhook=True)")
 
 
 def _unique_names(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .logs import LazyLogs, read_all
+from corebus.bus.logs import LazyLogs, read_all
 
 log = logging.getLogger("corebus")
 
@@ -393,7 +393,7 @@ class LogSink:
         return True
 
     def _run(self) -> None:
-        from .io import lower_thread_priority
+        from corebus.delivery.io import lower_thread_priority
 
         lower_thread_priority()
         while True:

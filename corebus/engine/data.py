@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .errors import ConfigError
+from corebus.errors import ConfigError
 
 
 def _is_dataset(x: Any) -> bool:

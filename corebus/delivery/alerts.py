@@ -172,7 +172,7 @@ class AlertOutbox:
 
     def __init__(self, name: str, deliver: Any, min_level: str = "info", owner: str = "notifier",
                  **sink_options: Any):
-        from .errors import ConfigError
+        from corebus.errors import ConfigError
 
         if min_level not in LEVELS:
             raise ConfigError(f"{owner}: min_level={min_level!r}; use one of {', '.join(LEVELS)}")
@@ -183,7 +183,7 @@ class AlertOutbox:
         self._lock = threading.Lock()
 
     def open(self) -> None:
-        from .sinks import LogSink
+        from corebus.delivery.sinks import LogSink
 
         with self._lock:  # the watchdog thread may deliver the first alert
             if self._sink is None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import ConfigError, MissingExtraError
-from .typecheck import closest, hint_text, matches, type_hints
+from corebus.bus.typecheck import closest, hint_text, matches, type_hints
+from corebus.errors import ConfigError, MissingExtraError
 
 ENTRY_POINT_GROUP = "corebus.plugins"
 
@@ -77,7 +77,7 @@ def installed_plugins() -> list[PluginInfo]:
 
 
 def _hooks_from_source(module: str, attr: str | None) -> list[str]:
-    from . import hookspecs
+    from corebus.bus import hookspecs
 
     try:
         spec = importlib.util.find_spec(module)

@@ -12,12 +12,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import registry
-from .bus import PluginBus
-from .context import RunContext, _takes_batch_records, lr_owner
-from .data import ArrayData, DatasetData, make_data, split_validation
-from .errors import ConfigError
-from .logs import LazyLogs, LoggedStep, _Packed
+from corebus.bus import registry
+from corebus.bus.bus import PluginBus
+from corebus.bus.logs import LazyLogs, LoggedStep, _Packed
+from corebus.engine.context import RunContext, _takes_batch_records, lr_owner
+from corebus.engine.data import ArrayData, DatasetData, make_data, split_validation
+from corebus.errors import ConfigError
 
 log = logging.getLogger("corebus")
 
@@ -268,7 +268,7 @@ class Trainer(RunContext):
         # two runs of one seeded script shuffle alike, as model.fit does.
         self.seed = int(seed) if seed is not None else random.randrange(2**31)
         self.profile = profile
-        from .stop_signals import signal_numbers
+        from corebus.engine.stop_signals import signal_numbers
 
         self._stop_signals = signal_numbers(stop_signals)
         if not isinstance(stop_timeout, (int, float)) or stop_timeout <= 0:
@@ -392,7 +392,7 @@ class Trainer(RunContext):
     def _make_bus(self, extra: list[str], callbacks: Any = None) -> PluginBus:
         named = list(self._plugins)
         if callbacks:
-            from .keras_callbacks import KerasCallbacks
+            from corebus.engine.keras_callbacks import KerasCallbacks
 
             named.append(("keras_callbacks", KerasCallbacks.of(callbacks, self.model)))
         for name in extra:
@@ -818,7 +818,7 @@ class Trainer(RunContext):
     ) -> Any:
         """Train like ``model.fit``, with its arguments in its order; returns a Keras-like
         ``History``. ``callbacks`` are ``keras.callbacks.Callback`` objects, run with Keras's
-        contract beside the plugins (:mod:`corebus.keras_callbacks`)."""
+        contract beside the plugins (:mod:`corebus.engine.keras_callbacks`)."""
         if not isinstance(epochs, int) or epochs < 0:
             raise ConfigError(f"epochs={epochs!r} must be a non-negative integer")
         if not isinstance(initial_epoch, int) or initial_epoch < 0:
@@ -861,7 +861,7 @@ class Trainer(RunContext):
         self.stop_training = False
         self._start_steps(int(self._step_counter.numpy()))
         self.loss_not_finite = None
-        from .stop_signals import StopSignals
+        from corebus.engine.stop_signals import StopSignals
 
         with StopSignals(self._stop_signals, self._stop_timeout) as self._stops:
             return self._fit_epochs(data, val_data, epochs, initial_epoch, validation_freq)

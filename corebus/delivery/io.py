@@ -91,7 +91,7 @@ def lower_thread_priority(niceness: int = 10) -> None:
 
 def check_writable(directory: str | os.PathLike, owner: str) -> None:
     """Fail before training if ``directory`` cannot be created or written."""
-    from .errors import ConfigError
+    from corebus.errors import ConfigError
 
     directory = Path(directory)
     try:
@@ -202,7 +202,7 @@ class RunLock:
         """Take the lock, or raise :class:`corebus.ConfigError` naming the run that holds it."""
         import filelock
 
-        from .errors import ConfigError
+        from corebus.errors import ConfigError
 
         if self.held:
             return

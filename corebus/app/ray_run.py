@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, require_module
+from corebus.errors import ConfigError, require_module
 
 WHAT = "corebus run --workers"
 
@@ -38,8 +38,8 @@ def _ray_overrides(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
 def run_on_ray(path: str, overrides: dict[str, Any], workers: int, address: str | None,
                print_plan: bool) -> dict[str, Any]:
     """Train the config on ``workers`` Ray Train workers; returns the last epoch's metrics."""
-    from .config import describe_config, load_run_config
-    from .registry import instantiate
+    from corebus.app.config import describe_config, load_run_config
+    from corebus.bus.registry import instantiate
 
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give a number of workers >= 1")
@@ -99,8 +99,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    from .config import load_run_config
-    from .registry import instantiate
+    from corebus.app.config import load_run_config
+    from corebus.bus.registry import instantiate
 
     # First: the strategy configures TensorFlow's collectives, which must precede any TF op
     # (checking the config resolves Keras identifiers, which starts TensorFlow).

@@ -49,9 +49,9 @@ from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Interval
 
-from .errors import ConfigError, MissingExtraError
-from .sinks import redact_text, register_secret
-from .typecheck import check_call, closest, did_you_mean, hint_text, matches, type_hints
+from corebus.bus.typecheck import check_call, closest, did_you_mean, hint_text, matches, type_hints
+from corebus.delivery.sinks import redact_text, register_secret
+from corebus.errors import ConfigError, MissingExtraError
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -113,7 +113,7 @@ class RunConfig:
 
     def build(self) -> tuple[Any, dict[str, Any]]:
         """``(trainer, fit kwargs)``: the model and data factories run here."""
-        from .trainer import Trainer
+        from corebus.engine.trainer import Trainer
 
         model = self.factory("model")(**self.sections["model"].get("params", {}))
         trainer_args = dict(self.sections.get("trainer", {}))
@@ -129,7 +129,7 @@ class RunConfig:
 
 def load_run_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Parse and validate a run config; ``overrides`` maps ``"fit.epochs"`` style keys to values."""
-    from .registry import load_config_file, specs_from
+    from corebus.bus.registry import load_config_file, specs_from
 
     path = Path(path)
     data = load_config_file(path)
@@ -167,7 +167,7 @@ def load_run_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None
 
 
 def _plugin(path: Path, i: int, spec: dict[str, Any], run_dir: Path, secrets: Mapping[str, str]) -> tuple[str, Any]:
-    from .registry import instantiate, load_plugin_class
+    from corebus.bus.registry import instantiate, load_plugin_class
 
     where = f"{path}: plugins[{i}] ({spec['name']})"
     try:

@@ -14,8 +14,8 @@ from typing import Any
 
 import keras
 
-from .bus import hookimpl
-from .errors import ConfigError
+from corebus.bus.bus import hookimpl
+from corebus.errors import ConfigError
 
 #: Keras callbacks that write ``model.optimizer.learning_rate`` themselves: corebus's LR
 #: plugins own the same value, so a run may have one writer or the other.

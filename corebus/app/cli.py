@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .registry import installed_plugins
+    from corebus.bus.registry import installed_plugins
 
     infos = installed_plugins()
     if args.json:
@@ -24,8 +24,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .errors import ConfigError
+    from corebus.demo import run_demo
+    from corebus.errors import ConfigError
 
     try:
         run_demo(epochs=args.epochs, batch_size=args.batch_size, verbose=args.verbose, root=args.root)
@@ -37,8 +37,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """Train from a run config; every error in it is reported before anything runs."""
-    from .config import describe_config, load_run_config
-    from .errors import CorebusError
+    from corebus.app.config import describe_config, load_run_config
+    from corebus.errors import CorebusError
 
     overrides = {}
     for item in args.set or []:
@@ -48,7 +48,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 2
         overrides[key] = _parse_value(value)
     if args.workers is not None or args.address:
-        from .ray_run import run_on_ray
+        from corebus.app.ray_run import run_on_ray
 
         try:
             final = run_on_ray(args.config, overrides, args.workers or 1, args.address, args.print_plan)
@@ -90,8 +90,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     """Replay every spool under a run directory through the plugin that wrote it."""
     from pathlib import Path
 
-    from .registry import load_plugin_class
-    from .sinks import SPOOL_SUFFIX, read_spool
+    from corebus.bus.registry import load_plugin_class
+    from corebus.delivery.sinks import SPOOL_SUFFIX, read_spool
 
     spools = sorted(Path(args.run_dir).rglob(f"*{SPOOL_SUFFIX}"))
     if not spools:
@@ -119,8 +119,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     """Re-render a run report (PNGs + HTML) from its report.json; no TensorFlow needed."""
-    from .errors import ConfigError
-    from .report import load_report, render_report
+    from corebus.app.report import load_report, render_report
+    from corebus.errors import ConfigError
 
     try:
         report, path = load_report(args.path)
@@ -134,8 +134,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     """Overlay several runs' reports in one PNG + HTML (e.g. one run per optimizer)."""
-    from .errors import ConfigError
-    from .report import compare_reports
+    from corebus.app.report import compare_reports
+    from corebus.errors import ConfigError
 
     try:
         written = compare_reports(args.runs, args.out, metric=args.metric)

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, PluginError
-from .io import fsync_path
+from corebus.delivery.io import fsync_path
+from corebus.errors import ConfigError, PluginError
 
 log = logging.getLogger("corebus")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from corebus.errors import ConfigError
 
 log = logging.getLogger("corebus")
 

@@ -15,13 +15,13 @@ from typing import Any, Protocol
 import keras
 import tensorflow as tf
 
-from .optimizer_chain import lr_owner
+from corebus.engine.optimizer_chain import lr_owner
 
 
 class PipelineOwner(Protocol):
     """What the pipeline needs from the run it serves (:class:`corebus.RunContext` is one):
     the plugins' gradient hooks, called with the run as ``trainer``, and the requested taps
-    (``corebus.context.GRADIENT_TAPS``)."""
+    (``corebus.engine.context.GRADIENT_TAPS``)."""
 
     gradient_taps: frozenset[str]
 

@@ -13,23 +13,23 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from . import sinks
-from .alerts import Alert
-from .bus import PluginBus
-from .logs import LazyLogs, LoggedStep
-from .optimizer_chain import lr_owner
+from corebus.bus.bus import PluginBus
+from corebus.bus.logs import LazyLogs, LoggedStep
+from corebus.delivery import sinks
+from corebus.delivery.alerts import Alert
+from corebus.engine.optimizer_chain import lr_owner
 
 log = logging.getLogger("corebus")
 
 
 #: What a plugin may ask the gradient pipeline for (``gradient_taps = {...}``); see
-#: :class:`corebus.gradients.GradientPipeline`.
+#: :class:`corebus.engine.gradients.GradientPipeline`.
 GRADIENT_TAPS = ("norm", "values")
 
 
 def optimizer_names(value: Any, owner: str) -> list[str] | None:
     """Validate a plugin's ``optimizers=`` argument: ``None`` (all), a name, or a list of names."""
-    from .errors import ConfigError
+    from corebus.errors import ConfigError
 
     names = [value] if isinstance(value, str) else (None if value is None else list(value))
     if names is not None and (not names or not all(isinstance(n, str) and n for n in names)):
@@ -171,17 +171,17 @@ class RunContext:
 
     @property
     def lr(self) -> Any:
-        """The :class:`corebus.lr.LearningRateController` of the default optimizer."""
+        """The :class:`corebus.engine.lr.LearningRateController` of the default optimizer."""
         owner = lr_owner(self.optimizer)
         if self._lr is None or self._lr.optimizer is not owner:
-            from .lr import LearningRateController
+            from corebus.engine.lr import LearningRateController
 
             self._lr = LearningRateController(owner)
         return self._lr
 
     def check_optimizer_names(self, names: list[str] | None, owner: str) -> None:
         """Fail before training when a plugin names an optimizer this run does not have."""
-        from .errors import ConfigError
+        from corebus.errors import ConfigError
 
         unknown = sorted(set(names or ()) - set(self.optimizers))
         if unknown:
@@ -196,7 +196,7 @@ class RunContext:
         optimizer = lr_owner(self.optimizers[optimizer_name])
         handle = self._lr_by_name.get(optimizer_name)
         if handle is None or handle.optimizer is not optimizer:
-            from .lr import LearningRateController
+            from corebus.engine.lr import LearningRateController
 
             handle = self._lr_by_name[optimizer_name] = LearningRateController(optimizer)
         return handle
@@ -219,7 +219,7 @@ class RunContext:
         alerts within the cooldown of their kind are held back). Returns the alert sent, or
         ``None`` when it was held back.
         """
-        from .alerts import AlertGate
+        from corebus.delivery.alerts import AlertGate
 
         run = getattr(self, "run_name", None) or getattr(self.model, "name", None) or ""
         alert = Alert(
@@ -233,7 +233,7 @@ class RunContext:
     def _use_bus(self, bus: PluginBus, compiled_for: PluginBus | None = None) -> None:
         """Dispatch through ``bus``; gradient taps follow ``compiled_for`` (default ``bus``): under
         tf.distribute the chief's plugins decide what every worker's step computes."""
-        from .errors import ConfigError
+        from corebus.errors import ConfigError
 
         taps = {}
         for name, plugin in (compiled_for or bus).plugins.items():
@@ -268,7 +268,7 @@ class RunContext:
     @property
     def gradient_pipeline(self) -> Any:
         if self._pipeline is None:
-            from .gradients import GradientPipeline
+            from corebus.engine.gradients import GradientPipeline
 
             self._pipeline = GradientPipeline(self)
         return self._pipeline
@@ -486,7 +486,7 @@ class RunContext:
         model's loss, metrics and parameter counts, as ``mlflow.tensorflow.autolog`` logs
         them), JSON-safe, with secret-looking values redacted. A plugin's running state
         (``wait``, ``best``...) is not configuration and stays out."""
-        from .sinks import redact
+        from corebus.delivery.sinks import redact
 
         def jsonable(value: Any) -> Any:
             return json.loads(json.dumps(value, default=str))
@@ -508,7 +508,7 @@ class RunContext:
 
     def _state_variables(self) -> dict[str, list[Any]]:
         """Every variable a run snapshot must hold, in a stable order, by group."""
-        from .lr import ScaledSchedule
+        from corebus.engine.lr import ScaledSchedule
 
         groups: dict[str, list[Any]] = {"model": list(self.model.variables)}
         for name in sorted(self.optimizers):

@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import Any
 
-from .errors import ConfigError, Preempted
+from corebus.errors import ConfigError, Preempted
 
 
 def signal_numbers(names: Any) -> tuple[int, ...]:

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .io import atomic_path
+from corebus.delivery.io import atomic_path
+from corebus.errors import ConfigError
 
 REPORT_JSON = "report.json"
 FORMAT = "corebus-report"

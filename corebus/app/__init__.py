@@ -1,0 +1,1 @@
+"""The application: the command line, config runs, Ray runs and the run report."""

@@ -1,0 +1,1 @@
+"""Delivery off the training thread: log sinks and spools, background writers, run snapshots and alerts."""
