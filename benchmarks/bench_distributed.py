@@ -26,7 +26,8 @@ import tensorflow as tf  # noqa: E402
 
 # Two logical devices must exist before anything touches TensorFlow's runtime.
 tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
 
 import keras  # noqa: E402
 
@@ -83,8 +84,9 @@ def trainer_fit(strategy, x, y, epochs):
             model = digits_mlp()
     else:
         model = digits_mlp()
-    trainer = corebus.Trainer(model, optimizer="adam", loss="sparse_categorical_crossentropy",
-                              metrics=["accuracy"], strategy=strategy, seed=0)
+    trainer = corebus.Trainer(
+        model, optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"], strategy=strategy, seed=0
+    )
     trainer.fit(x, y, batch_size=GLOBAL_BATCH, epochs=epochs, verbose=0)
     return trainer.global_step
 
@@ -104,20 +106,26 @@ def main(argv=None):
     rates = {name: [] for name in variants}
     for repeat in range(args.repeats):
         names = list(variants)
-        for name in names[repeat % 3:] + names[:repeat % 3]:  # rotate: the machine drifts
+        for name in names[repeat % 3 :] + names[: repeat % 3]:  # rotate: the machine drifts
             variants[name](1)  # warm-up: tracing is not steady-state speed
             start = time.perf_counter()
             steps = variants[name](args.epochs)
             rates[name].append(steps / (time.perf_counter() - start))
     base = rates["(a) raw strategy loop"]
-    print(f"MirroredStrategy, 2 logical CPU devices, global batch {GLOBAL_BATCH}, {steps} steps per run, "
-          f"{args.repeats} rounds")
+    print(
+        f"MirroredStrategy, 2 logical CPU devices, global batch {GLOBAL_BATCH}, {steps} steps per run, "
+        f"{args.repeats} rounds"
+    )
     print(f"{'variant':<30}{'steps/s':>10}{'/ (a)':>8}")
     for name, runs in rates.items():
         ratio = statistics.median(r / b for r, b in zip(runs, base))
         print(f"{name:<30}{statistics.median(runs):>10.0f}{ratio:>8.3f}")
-    record("distributed", "Trainer(strategy=MirroredStrategy) / raw strategy loop",
-           statistics.median(r / b for r, b in zip(rates["(b) Trainer(strategy=...)"], base)), ">= 0.95")
+    record(
+        "distributed",
+        "Trainer(strategy=MirroredStrategy) / raw strategy loop",
+        statistics.median(r / b for r, b in zip(rates["(b) Trainer(strategy=...)"], base)),
+        ">= 0.95",
+    )
     return 0
 
 

@@ -91,8 +91,12 @@ def raw_loop(x, y, epochs):
 
 def trainer_fit(x, y, epochs, plugins=()):
     trainer = corebus.Trainer(
-        digits_mlp(), optimizer="adam", loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"], plugins=list(plugins), seed=0,
+        digits_mlp(),
+        optimizer="adam",
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        plugins=list(plugins),
+        seed=0,
     )
     trainer.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0)
     return trainer.global_step

@@ -81,8 +81,12 @@ def loggers(directory, every=10, mlflow_isolated=None):
     mlflow_options = {} if mlflow_isolated is None else {"isolate_sdk": mlflow_isolated}
     return [
         TensorBoardLogger(log_dir=os.path.join(directory, "tb"), update_freq=every),
-        MLflowLogger(tracking_uri=f"sqlite:///{directory}/mlflow.db", dir=os.path.join(directory, "mlflow"),
-                     log_every_n_steps=every, **mlflow_options),
+        MLflowLogger(
+            tracking_uri=f"sqlite:///{directory}/mlflow.db",
+            dir=os.path.join(directory, "mlflow"),
+            log_every_n_steps=every,
+            **mlflow_options,
+        ),
         WandbLogger(mode="offline", dir=directory, log_every_n_steps=every),
     ]
 
@@ -90,8 +94,14 @@ def loggers(directory, every=10, mlflow_isolated=None):
 def run(x, y, epochs, with_loggers, every=10, mlflow_isolated=None):
     sinks = loggers(tempfile.mkdtemp(prefix="corebus-bench-"), every, mlflow_isolated) if with_loggers else []
     clock = StepClock(warmup_epochs=epochs // 3, ready=lambda: delivered(sinks))
-    trainer = corebus.Trainer(digits_mlp(), optimizer="adam", loss="sparse_categorical_crossentropy",
-                              metrics=["accuracy"], plugins=[clock] + sinks, seed=0)
+    trainer = corebus.Trainer(
+        digits_mlp(),
+        optimizer="adam",
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        plugins=[clock] + sinks,
+        seed=0,
+    )
     trainer.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0)
     if clock.first is None:
         raise RuntimeError("the loggers were not up before the last epoch: run more --epochs")
@@ -103,12 +113,17 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--every", type=int, default=10, help="batch metrics every N steps (default 10)")
-    parser.add_argument("--isolation", action="store_true",
-                        help="add (c): MLflow's client in this process, (b) having it in a child process")
+    parser.add_argument(
+        "--isolation",
+        action="store_true",
+        help="add (c): MLflow's client in this process, (b) having it in a child process",
+    )
     args = parser.parse_args(argv)
     x, y = load_data()
-    variants = {"a_no_loggers": dict(with_loggers=False),
-                "b_three_loggers": dict(with_loggers=True, mlflow_isolated=True if args.isolation else None)}
+    variants = {
+        "a_no_loggers": dict(with_loggers=False),
+        "b_three_loggers": dict(with_loggers=True, mlflow_isolated=True if args.isolation else None),
+    }
     if args.isolation:
         variants["c_mlflow_in_process"] = dict(with_loggers=True, mlflow_isolated=False)
     samples = {name: [] for name in variants}
@@ -124,18 +139,32 @@ def main(argv=None):
     for name, value in median.items():
         print(f"{name:<18}{value:>8.0f} steps/s   runs: {' '.join(f'{v:.0f}' for v in samples[name])}")
     pairs = [b / a for a, b in zip(samples["a_no_loggers"], samples["b_three_loggers"])]
-    print(f"loggers / none = {median['b_three_loggers'] / median['a_no_loggers']:.3f}   "
-          f"(median pair {statistics.median(pairs):.3f}; each repeat's pair: {' '.join(f'{r:.3f}' for r in pairs)})")
+    print(
+        f"loggers / none = {median['b_three_loggers'] / median['a_no_loggers']:.3f}   "
+        f"(median pair {statistics.median(pairs):.3f}; each repeat's pair: {' '.join(f'{r:.3f}' for r in pairs)})"
+    )
     if args.isolation:
         child = [b / c for b, c in zip(samples["b_three_loggers"], samples["c_mlflow_in_process"])]
-        print(f"MLflow client in a child / in this process = {statistics.median(child):.3f}   "
-              f"(each repeat: {' '.join(f'{r:.3f}' for r in child)})")
-    print(f"loggers up (first batch delivered by all three) after {statistics.median(start_up):.1f} s of training "
-          f"(runs: {' '.join(f'{v:.1f}' for v in start_up)})")
-    record("loggers", f"TensorBoard + MLflow + W&B every {args.every} steps / no loggers",
-           median["b_three_loggers"] / median["a_no_loggers"], ">= 0.95")
-    record("loggers", "seconds of training until all three loggers delivered their first batch",
-           statistics.median(start_up), unit="s")
+        print(
+            f"MLflow client in a child / in this process = {statistics.median(child):.3f}   "
+            f"(each repeat: {' '.join(f'{r:.3f}' for r in child)})"
+        )
+    print(
+        f"loggers up (first batch delivered by all three) after {statistics.median(start_up):.1f} s of training "
+        f"(runs: {' '.join(f'{v:.1f}' for v in start_up)})"
+    )
+    record(
+        "loggers",
+        f"TensorBoard + MLflow + W&B every {args.every} steps / no loggers",
+        median["b_three_loggers"] / median["a_no_loggers"],
+        ">= 0.95",
+    )
+    record(
+        "loggers",
+        "seconds of training until all three loggers delivered their first batch",
+        statistics.median(start_up),
+        unit="s",
+    )
     return 0
 
 

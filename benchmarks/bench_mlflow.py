@@ -109,8 +109,14 @@ def run(x, y, epochs, plugins):
     server) and the first third of the epochs, to the last step; as in ``bench_loggers``.
     """
     clock, steady = LoopClock(), StepClock(warmup_epochs=epochs // 3, ready=lambda: delivered(plugins))
-    trainer = corebus.Trainer(digits_mlp(), optimizer="adam", loss="sparse_categorical_crossentropy",
-                              metrics=["accuracy"], plugins=[clock, steady, *plugins], seed=0)
+    trainer = corebus.Trainer(
+        digits_mlp(),
+        optimizer="adam",
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        plugins=[clock, steady, *plugins],
+        seed=0,
+    )
     start = time.perf_counter()
     trainer.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0)
     end = time.perf_counter()
@@ -123,14 +129,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--server-nice", type=int, default=0,
-                        help="run the server at this niceness (19: its CPU comes only from what training "
-                             "leaves, as a remote server's would not be taken from it at all)")
-    parser.add_argument("--server-own-core", action="store_true",
-                        help="run the server on the last CPU and training on the others, as a server on "
-                             "another machine: the ratio is then the client's own cost")
-    parser.add_argument("--decompose", action="store_true",
-                        help="add variants (d)-(e) that split the every-step cost (module docstring)")
+    parser.add_argument(
+        "--server-nice",
+        type=int,
+        default=0,
+        help="run the server at this niceness (19: its CPU comes only from what training "
+        "leaves, as a remote server's would not be taken from it at all)",
+    )
+    parser.add_argument(
+        "--server-own-core",
+        action="store_true",
+        help="run the server on the last CPU and training on the others, as a server on "
+        "another machine: the ratio is then the client's own cost",
+    )
+    parser.add_argument(
+        "--decompose",
+        action="store_true",
+        help="add variants (d)-(e) that split the every-step cost (module docstring)",
+    )
     args = parser.parse_args(argv)
     server_cpus = None
     if args.server_own_core:
@@ -143,18 +159,28 @@ def main(argv=None):
     server = MlflowServer(root, workers=None, niceness=args.server_nice, cpus=server_cpus)
     server.start()
     try:
+
         def logger(every):
-            return MLflowLogger(tracking_uri=server.uri, experiment_name="bench", log_every_n_steps=every,
-                                dir=root / "spool")
+            return MLflowLogger(
+                tracking_uri=server.uri, experiment_name="bench", log_every_n_steps=every, dir=root / "spool"
+            )
 
         run(x, y, 2, [])  # warm-up: tracing, the store's first writes, MLflow's lazy imports
         run(x, y, 2, [logger(1)])
         # CONTROL's ratio to (a) is what this machine's noise alone reads
-        variants = {NONE: lambda: [], EVERY_STEP: lambda: [logger(1)], CONTROL: lambda: [],
-                    EVERY_10: lambda: [logger(10)]}
+        variants = {
+            NONE: lambda: [],
+            EVERY_STEP: lambda: [logger(1)],
+            CONTROL: lambda: [],
+            EVERY_10: lambda: [logger(10)],
+        }
         if args.decompose:
-            variants.update({"(d) on_log every step, doing nothing": lambda: [OnLogEveryStep()],
-                             "(e) every step's record taken in bulk and read": lambda: [HoldAndRead()]})
+            variants.update(
+                {
+                    "(d) on_log every step, doing nothing": lambda: [OnLogEveryStep()],
+                    "(e) every step's record taken in bulk and read": lambda: [HoldAndRead()],
+                }
+            )
         rates = {name: [] for name in variants}
         sends = []
         for repeat in range(args.repeats):
@@ -172,14 +198,17 @@ def main(argv=None):
                     stats = plugin.sink.stats
                     assert stats["sent"] == stats["queued"] and not stats["spooled"], stats  # all delivered live
                     if name == EVERY_STEP:
-                        sends.append((stats["sends"] * variant_rates[1] / steps,
-                                      stats["send_seconds"] / stats["sends"]))
+                        sends.append(
+                            (stats["sends"] * variant_rates[1] / steps, stats["send_seconds"] / stats["sends"])
+                        )
                 elif isinstance(plugin, HoldAndRead):
                     assert plugin.read >= steps, plugin.read  # every step's values were read
     finally:
         server.stop()
-    print(f"{steps} steps per run, {args.repeats} rounds; every step: {statistics.median(s for s, _ in sends):.1f} "
-          f"MLflow sends/s, {statistics.median(t for _, t in sends) * 1e3:.0f} ms each")
+    print(
+        f"{steps} steps per run, {args.repeats} rounds; every step: {statistics.median(s for s, _ in sends):.1f} "
+        f"MLflow sends/s, {statistics.median(t for _, t in sends) * 1e3:.0f} ms each"
+    )
     base = rates[NONE]
 
     def per_round(name, i):
@@ -187,28 +216,48 @@ def main(argv=None):
 
     def bracketed(i):
         # (a) and (a2) sit on either side of (b) in every round (a b a2 c, c a2 b a)
-        return statistics.median(2 * b[i] / (a[i] + a2[i]) for b, a, a2 in zip(
-            rates[EVERY_STEP], base, rates[CONTROL]))
+        return statistics.median(2 * b[i] / (a[i] + a2[i]) for b, a, a2 in zip(rates[EVERY_STEP], base, rates[CONTROL]))
 
-    for i, what in enumerate(("steady state (the run exists, after 1/3 of the epochs)", "whole loop (+ run creation)",
-                              "whole fit (+ final drain)")):
+    for i, what in enumerate(
+        (
+            "steady state (the run exists, after 1/3 of the epochs)",
+            "whole loop (+ run creation)",
+            "whole fit (+ final drain)",
+        )
+    ):
         print(f"\n{what:<56}{'steps/s':>10}{'/ (a)':>8}   each round / (a)")
         for name, runs in rates.items():
             pairs = per_round(name, i)
-            print(f"  {name:<54}{statistics.median(r[i] for r in runs):>10.0f}{statistics.median(pairs):>8.3f}   "
-                  + " ".join(f"{p:.3f}" for p in pairs))
+            print(
+                f"  {name:<54}{statistics.median(r[i] for r in runs):>10.0f}{statistics.median(pairs):>8.3f}   "
+                + " ".join(f"{p:.3f}" for p in pairs)
+            )
         print(f"  (b) / mean of (a) and (a2) in its round: {bracketed(i):.3f}")
-    server_kind = ("a default-worker server" + (f" at nice {args.server_nice}" if args.server_nice else "")
-                   + (" on its own core" if args.server_own_core else ""))
+    server_kind = (
+        "a default-worker server"
+        + (f" at nice {args.server_nice}" if args.server_nice else "")
+        + (" on its own core" if args.server_own_core else "")
+    )
     for i, what in ((0, "steady state"), (1, "whole loop")):
         for name, every in ((EVERY_STEP, 1), (EVERY_10, 10)):
             ratio = statistics.median(per_round(name, i))
-            record("mlflow", f"every {every} step{'s' if every > 1 else ''} to {server_kind} / none, {what}",
-                   ratio, ">= 0.97" if every == 1 else ">= 0.95")
-    record("mlflow", f"control: no loggers / no loggers (the noise floor), steady state, beside {server_kind}",
-           statistics.median(per_round(CONTROL, 0)))
-    record("mlflow", f"every step to {server_kind} / mean of the two no-logger runs beside it, steady state",
-           bracketed(0), ">= 0.97")
+            record(
+                "mlflow",
+                f"every {every} step{'s' if every > 1 else ''} to {server_kind} / none, {what}",
+                ratio,
+                ">= 0.97" if every == 1 else ">= 0.95",
+            )
+    record(
+        "mlflow",
+        f"control: no loggers / no loggers (the noise floor), steady state, beside {server_kind}",
+        statistics.median(per_round(CONTROL, 0)),
+    )
+    record(
+        "mlflow",
+        f"every step to {server_kind} / mean of the two no-logger runs beside it, steady state",
+        bracketed(0),
+        ">= 0.97",
+    )
     return 0
 
 

@@ -47,8 +47,9 @@ def keras_callbacks(directory: str) -> list:
     return [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", patience=PATIENCE),
-        keras.callbacks.ModelCheckpoint(os.path.join(directory, "best.weights.h5"), monitor="val_loss",
-                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(directory, "best.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
+        ),
         keras.callbacks.CSVLogger(os.path.join(directory, "history.csv")),
         keras.callbacks.TensorBoard(log_dir=os.path.join(directory, "tb"), update_freq=100),
     ]
@@ -91,8 +92,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     if "callbacks" not in inspect.signature(corebus.Trainer.fit).parameters:
-        print("bench_parity: corebus.Trainer.fit takes no callbacks= in this version, so Keras callbacks "
-              "cannot run in the engine and there is nothing to compare", file=sys.stderr)
+        print(
+            "bench_parity: corebus.Trainer.fit takes no callbacks= in this version, so Keras callbacks "
+            "cannot run in the engine and there is nothing to compare",
+            file=sys.stderr,
+        )
         return 2
     x, y = load_data()
     samples = {name: [] for name in VARIANTS}
@@ -114,8 +118,12 @@ def main(argv=None) -> int:
         print(f"{name:<40}{median[name]:>9.0f}   " + " ".join(f"{v:.0f}" for v in values))
     print("(d)/(c) each round: " + " ".join(f"{dd / cc:.3f}" for cc, dd in zip(c, d)))
     print("(b)/(a) each round: " + " ".join(f"{bb / aa:.3f}" for aa, bb in zip(a, b)))
-    record("parity", "Trainer(model).fit(callbacks=[5 Keras callbacks]) / model.fit with the same callbacks",
-           moved, ">= 1.3")
+    record(
+        "parity",
+        "Trainer(model).fit(callbacks=[5 Keras callbacks]) / model.fit with the same callbacks",
+        moved,
+        ">= 1.3",
+    )
     record("parity", "Trainer(model).fit() / raw tf.function loop", bare, ">= 0.98")
     return 0
 

@@ -100,15 +100,26 @@ def corebus_stack(directory, steps_total, null):
         ReduceLROnPlateau(monitor="val_loss", patience=PATIENCE),
         GradientClipping(global_norm=1.0),
         EarlyStopping(monitor="val_loss", patience=PATIENCE),
-        ModelCheckpoint(os.path.join(directory, "best.weights.h5"), monitor="val_loss",
-                        save_best_only=True, save_weights_only=True, background=True),
+        ModelCheckpoint(
+            os.path.join(directory, "best.weights.h5"),
+            monitor="val_loss",
+            save_best_only=True,
+            save_weights_only=True,
+            background=True,
+        ),
         ProgressBar(stream=null),
     ]
 
 
 def trainer_fit(x, y, epochs, plugins):
-    trainer = corebus.Trainer(digits_mlp(), optimizer="adam", loss="sparse_categorical_crossentropy",
-                              metrics=["accuracy"], plugins=plugins, seed=0)
+    trainer = corebus.Trainer(
+        digits_mlp(),
+        optimizer="adam",
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        plugins=plugins,
+        seed=0,
+    )
     trainer.fit(x, y, batch_size=BATCH, epochs=epochs, validation_split=0.1, verbose=1 if plugins else 0)
     return trainer.global_step
 
@@ -121,14 +132,18 @@ def keras_fit(x, y, epochs, directory, null):
         return float(keras.optimizers.schedules.CosineDecay(1e-3, total)(epoch * steps_per_epoch))
 
     model = digits_mlp()
-    model.compile(optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=1.0),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=1.0),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     callbacks = [
         keras.callbacks.LearningRateScheduler(cosine),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", patience=PATIENCE),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE),
-        keras.callbacks.ModelCheckpoint(os.path.join(directory, "best.weights.h5"), monitor="val_loss",
-                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(directory, "best.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
+        ),
     ]
     with contextlib.redirect_stdout(null):
         model.fit(x, y, batch_size=BATCH, epochs=epochs, validation_split=0.1, verbose=1, callbacks=callbacks)
@@ -162,11 +177,17 @@ def main(argv=None):
     print(f"{'variant':<30}{'steps/s':>10}{'/ (a)':>8}")
     for name, value in median.items():
         print(f"{name:<30}{value:>10.0f}{value / raw:>8.3f}")
-    print(f"stack/raw = {median['b_trainer_stack'] / raw:.3f}   "
-          f"stack/model.fit+callbacks = {median['b_trainer_stack'] / median['d_model_fit_keras_callbacks']:.3f}")
+    print(
+        f"stack/raw = {median['b_trainer_stack'] / raw:.3f}   "
+        f"stack/model.fit+callbacks = {median['b_trainer_stack'] / median['d_model_fit_keras_callbacks']:.3f}"
+    )
     record("plugins", "full stack / raw loop doing the same work", median["b_trainer_stack"] / raw, ">= 0.95")
-    record("plugins", "full stack / model.fit + Keras callbacks",
-           median["b_trainer_stack"] / median["d_model_fit_keras_callbacks"], ">= 1.15")
+    record(
+        "plugins",
+        "full stack / model.fit + Keras callbacks",
+        median["b_trainer_stack"] / median["d_model_fit_keras_callbacks"],
+        ">= 1.15",
+    )
     return 0
 
 

@@ -34,17 +34,21 @@ from results import record  # noqa: E402
 
 def big_model():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([
-        keras.Input((512,)),
-        keras.layers.Dense(2048, activation="relu"),
-        keras.layers.Dense(2048, activation="relu"),
-        keras.layers.Dense(2048, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((512,)),
+            keras.layers.Dense(2048, activation="relu"),
+            keras.layers.Dense(2048, activation="relu"),
+            keras.layers.Dense(2048, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
 
 
 def run(x, y, steps, plugins):
-    trainer = corebus.Trainer(big_model(), optimizer="adam", loss="sparse_categorical_crossentropy", plugins=plugins, seed=0)
+    trainer = corebus.Trainer(
+        big_model(), optimizer="adam", loss="sparse_categorical_crossentropy", plugins=plugins, seed=0
+    )
     trainer.fit(x[:64], y[:64], batch_size=64, epochs=1, verbose=0)  # trace outside the timing
     start = time.perf_counter()
     trainer.fit(x, y, batch_size=64, epochs=2, verbose=0, initial_epoch=1)
@@ -65,9 +69,11 @@ def main(argv=None):
     for _ in range(args.repeats):
         for name in results:
             directory = tempfile.mkdtemp(prefix="corebus-bench-")
-            plugins = [] if name == "a_no_backup" else [
-                BackupAndRestore(directory, save_freq=args.save_freq, background=name == "b_background")
-            ]
+            plugins = (
+                []
+                if name == "a_no_backup"
+                else [BackupAndRestore(directory, save_freq=args.save_freq, background=name == "b_background")]
+            )
             speed, _ = run(x, y, args.steps, plugins)
             results[name].append(speed)
             shutil.rmtree(directory, ignore_errors=True)
@@ -76,10 +82,18 @@ def main(argv=None):
     print(f"model: {params / 1e6:.1f}M parameters; snapshot every {args.save_freq} steps; {args.steps} steps per run")
     for name, value in median.items():
         print(f"{name:<16}{value:>8.1f} steps/s   step-time inflation {base / value - 1:+.1%}")
-    record("snapshot", "step-time inflation, background snapshot every 50 steps", base / median["b_background"] - 1,
-           unit="fraction")
-    record("snapshot", "step-time inflation, blocking snapshot every 50 steps", base / median["c_blocking"] - 1,
-           unit="fraction")
+    record(
+        "snapshot",
+        "step-time inflation, background snapshot every 50 steps",
+        base / median["b_background"] - 1,
+        unit="fraction",
+    )
+    record(
+        "snapshot",
+        "step-time inflation, blocking snapshot every 50 steps",
+        base / median["c_blocking"] - 1,
+        unit="fraction",
+    )
     return 0
 
 

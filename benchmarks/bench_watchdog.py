@@ -41,7 +41,8 @@ VARIANTS = {
     "a_trainer": lambda x, y, e: trainer_fit(x, y, e),
     "b_stall_alert_defaults": lambda x, y, e: trainer_fit(x, y, e, [StallAlert()]),
     "c_watchdog_only": lambda x, y, e: trainer_fit(
-        x, y, e, [StallAlert(check_every=None, throughput_drop=None, divergence_factor=None)]),
+        x, y, e, [StallAlert(check_every=None, throughput_drop=None, divergence_factor=None)]
+    ),
 }
 
 
@@ -59,9 +60,14 @@ class BlockAt:
 def alert_latency(x, y, timeout: float) -> float:
     with Receiver() as receiver:
         block = BlockAt(50, timeout + 2.0)
-        plugins = [StallAlert(timeout=timeout, first_step_timeout=60), AlertWebhook(url=receiver.url, min_interval=0), block]
-        trainer = corebus.Trainer(digits_mlp(), optimizer="adam", loss="sparse_categorical_crossentropy",
-                                  plugins=plugins, seed=0)
+        plugins = [
+            StallAlert(timeout=timeout, first_step_timeout=60),
+            AlertWebhook(url=receiver.url, min_interval=0),
+            block,
+        ]
+        trainer = corebus.Trainer(
+            digits_mlp(), optimizer="adam", loss="sparse_categorical_crossentropy", plugins=plugins, seed=0
+        )
         trainer.fit(x, y, batch_size=BATCH, epochs=3, verbose=0)
         stall = next(r for r in receiver.requests if r["json"]["text"].startswith("\U0001f6a8 *Training stalled"))
         return stall["time"] - block.started
@@ -88,15 +94,24 @@ def main(argv=None):
         print(f"{name:<26}{median[name]:>10.0f}{ratios[name]:>8.3f}")
     logging.getLogger("corebus").setLevel(logging.ERROR)  # the stall's stack dumps are not results
     latencies = [alert_latency(x, y, args.timeout) for _ in range(args.latency_runs)]
-    print(f"stall alert latency, timeout {args.timeout:g} s (block start -> POST received): "
-          f"median {statistics.median(latencies):.3f} s, max {max(latencies):.3f} s "
-          f"({', '.join(f'{v:.3f}' for v in latencies)})")
+    print(
+        f"stall alert latency, timeout {args.timeout:g} s (block start -> POST received): "
+        f"median {statistics.median(latencies):.3f} s, max {max(latencies):.3f} s "
+        f"({', '.join(f'{v:.3f}' for v in latencies)})"
+    )
     record("watchdog", "StallAlert / none", ratios[list(VARIANTS)[1]], ">= 0.99")
-    record("watchdog", f"stall alert latency beyond timeout={args.timeout:g} s (median)",
-           statistics.median(latencies) - args.timeout, "<= 1.0", unit="s")
+    record(
+        "watchdog",
+        f"stall alert latency beyond timeout={args.timeout:g} s (median)",
+        statistics.median(latencies) - args.timeout,
+        "<= 1.0",
+        unit="s",
+    )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"steps_per_s": median, "samples": samples, "ratios": ratios, "latency_s": latencies}, fh, indent=2)
+            json.dump(
+                {"steps_per_s": median, "samples": samples, "ratios": ratios, "latency_s": latencies}, fh, indent=2
+            )
     return 0
 
 

@@ -16,7 +16,7 @@ def met(value: float, target: str) -> str:
     """``"met"`` / ``"NOT met"`` for a target ``">= x"`` or ``"<= x"``; ``""`` without one."""
     for sign, holds in ((">=", value.__ge__), ("<=", value.__le__)):
         if target.startswith(sign):
-            return "met" if holds(float(target[len(sign):])) else "NOT met"
+            return "met" if holds(float(target[len(sign) :])) else "NOT met"
     return ""
 
 
@@ -37,5 +37,9 @@ def record(benchmark: str, measure: str, value: float, target: str = "", unit: s
     if not path:
         return
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"benchmark": benchmark, "measure": measure, "value": float(value),
-                                 "target": target, "unit": unit}) + "\n")
+        handle.write(
+            json.dumps(
+                {"benchmark": benchmark, "measure": measure, "value": float(value), "target": target, "unit": unit}
+            )
+            + "\n"
+        )

@@ -68,8 +68,13 @@ def main(argv=None) -> int:
             continue
         print(f"\n== {script}", flush=True)
         begin = time.perf_counter()
-        run = subprocess.run([sys.executable, str(HERE / script), *(quick if args.quick else full)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        run = subprocess.run(
+            [sys.executable, str(HERE / script), *(quick if args.quick else full)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         lines = [line for line in run.stdout.splitlines() if line.strip()]
         if run.returncode:
             failed.append(script)
@@ -78,10 +83,15 @@ def main(argv=None) -> int:
         outputs.append((script, time.perf_counter() - begin, lines))
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     table = ["| benchmark | measure | value | target | met |", "|---|---|---|---|---|"]
-    table += [f"| {r['benchmark']} | {r['measure']} | {show(r['value'], r['unit'])} | {r['target']} | "
-              f"{met(r['value'], r['target'])} |" for r in rows]
-    header = (f"{time.strftime('%Y-%m-%d', time.gmtime(started))}, `python benchmarks/run_all.py"
-              f"{' --quick' if args.quick else ''}`, {(time.time() - started) / 60:.0f} min; {machine()}")
+    table += [
+        f"| {r['benchmark']} | {r['measure']} | {show(r['value'], r['unit'])} | {r['target']} | "
+        f"{met(r['value'], r['target'])} |"
+        for r in rows
+    ]
+    header = (
+        f"{time.strftime('%Y-%m-%d', time.gmtime(started))}, `python benchmarks/run_all.py"
+        f"{' --quick' if args.quick else ''}`, {(time.time() - started) / 60:.0f} min; {machine()}"
+    )
     print(f"\n{header}\n\n" + "\n".join(table))
     if failed:
         print(f"\nfailed: {', '.join(failed)}")

@@ -48,12 +48,20 @@ def main() -> int:
     reference = read_all(reference_out)
 
     lock = threading.Lock()
-    totals = {"runs": 0, "kills": 0, "kills_by_kind": Counter(), "identical_weights": 0, "failed_runs": [],
-              "loggers": {name: {"missing": 0, "duplicated": 0, "differing": 0, "runs_exact": 0} for name in LOGGERS},
-              "mlflow_runs_not_one_finished": 0, "wandb_runs_not_one_id": 0,
-              # killed before their first snapshot was complete: the rerun starts afresh, and what
-              # the dead attempt logged stays (docs/failure-and-recovery.md); counted apart
-              "restarted_from_scratch": 0, "restarted_duplicated": Counter()}
+    totals = {
+        "runs": 0,
+        "kills": 0,
+        "kills_by_kind": Counter(),
+        "identical_weights": 0,
+        "failed_runs": [],
+        "loggers": {name: {"missing": 0, "duplicated": 0, "differing": 0, "runs_exact": 0} for name in LOGGERS},
+        "mlflow_runs_not_one_finished": 0,
+        "wandb_runs_not_one_id": 0,
+        # killed before their first snapshot was complete: the rerun starts afresh, and what
+        # the dead attempt logged stays (docs/failure-and-recovery.md); counted apart
+        "restarted_from_scratch": 0,
+        "restarted_duplicated": Counter(),
+    }
     counter = iter(range(10**9))
 
     def soak_worker() -> None:
@@ -96,8 +104,12 @@ def main() -> int:
                     exact &= clean
                 totals["mlflow_runs_not_one_finished"] += check["mlflow_statuses"] != ["FINISHED"]
                 totals["wandb_runs_not_one_id"] += check["wandb_run_ids"] != 1
-                print(f"{run_out.name}: kills {run['kills']} weights {'same' if check['identical_weights'] else 'DIFFER'} "
-                      + " ".join(f"{n} -{check[n]['missing']}/+{check[n]['duplicated']}" for n in LOGGERS), flush=True)
+                print(
+                    f"{run_out.name}: kills {run['kills']} "
+                    f"weights {'same' if check['identical_weights'] else 'DIFFER'} "
+                    + " ".join(f"{n} -{check[n]['missing']}/+{check[n]['duplicated']}" for n in LOGGERS),
+                    flush=True,
+                )
             (run_out / "check.json").write_text(json.dumps({"kills": run["kills"], "check": check}, default=str))
             if exact and not args.keep:
                 shutil.rmtree(run_out, ignore_errors=True)
@@ -109,17 +121,27 @@ def main() -> int:
     totals["seconds"] = round(time.time() - started)
     totals["out"] = str(out)
     (out / "totals.json").write_text(json.dumps(totals, indent=2, default=str))
-    print(f"\nruns {totals['runs']}, kills {totals['kills']} (during snapshot writes {totals['kills_during_snapshot_writes']}; "
-          f"by kind {dict(totals['kills_by_kind'])}), runs with identical weights {totals['identical_weights']}/{totals['runs']}, "
-          f"failed runs {len(totals['failed_runs'])}, {totals['seconds']} s")
+    print(
+        f"\nruns {totals['runs']}, kills {totals['kills']} "
+        f"(during snapshot writes {totals['kills_during_snapshot_writes']}; "
+        f"by kind {dict(totals['kills_by_kind'])}), "
+        f"runs with identical weights {totals['identical_weights']}/{totals['runs']}, "
+        f"failed runs {len(totals['failed_runs'])}, {totals['seconds']} s"
+    )
     for name, result in totals["loggers"].items():
-        print(f"  {name:12s} points missing {result['missing']:6d}, duplicated {result['duplicated']:6d}, "
-              f"other value {result['differing']:4d}; runs exact {result['runs_exact']}/{totals['runs']}")
-    print(f"  runs restarted from scratch (killed before their first snapshot was complete): "
-          f"{totals['restarted_from_scratch']}, their dead attempts' points logged again (not counted above): "
-          f"{dict(totals['restarted_duplicated'])}")
-    print(f"  MLflow stores not one FINISHED run: {totals['mlflow_runs_not_one_finished']}; "
-          f"W&B runs not one id: {totals['wandb_runs_not_one_id']}")
+        print(
+            f"  {name:12s} points missing {result['missing']:6d}, duplicated {result['duplicated']:6d}, "
+            f"other value {result['differing']:4d}; runs exact {result['runs_exact']}/{totals['runs']}"
+        )
+    print(
+        f"  runs restarted from scratch (killed before their first snapshot was complete): "
+        f"{totals['restarted_from_scratch']}, their dead attempts' points logged again (not counted above): "
+        f"{dict(totals['restarted_duplicated'])}"
+    )
+    print(
+        f"  MLflow stores not one FINISHED run: {totals['mlflow_runs_not_one_finished']}; "
+        f"W&B runs not one id: {totals['wandb_runs_not_one_id']}"
+    )
     print(f"totals: {out / 'totals.json'}")
     return 0 if not totals["failed_runs"] else 1
 

@@ -37,7 +37,8 @@ def check_demo_extras() -> None:
     if missing:
         raise ConfigError(
             f"the demo's plugin stack needs the optional extras {', '.join(missing)}, which are not installed. "
-            f'Install them with: pip install "corebus[{",".join(missing)}]"   (or "corebus[all]")')
+            f'Install them with: pip install "corebus[{",".join(missing)}]"   (or "corebus[all]")'
+        )
 
 
 class TestEvaluation:
@@ -51,13 +52,19 @@ class TestEvaluation:
 
     @hookimpl
     def on_train_end(self, trainer) -> None:
-        self.results = {k: float(v) for k, v in trainer.model.evaluate(self.x, self.y, verbose=0, return_dict=True).items()}
+        self.results = {
+            k: float(v) for k, v in trainer.model.evaluate(self.x, self.y, verbose=0, return_dict=True).items()
+        }
         # the report keeps epochs: this record is no epoch of its own
         reports = [p for p in trainer.bus.plugins.values() if type(p).__name__ == "RunReport"]
         log = trainer.bus.caller_without("on_log", reports)
         if log is not None:
-            log(trainer=trainer, kind="epoch", step=trainer.global_step,
-                logs={f"test_{k}": v for k, v in self.results.items()})
+            log(
+                trainer=trainer,
+                kind="epoch",
+                step=trainer.global_step,
+                logs={f"test_{k}": v for k, v in self.results.items()},
+            )
 
 
 class PhaseClock:
@@ -145,8 +152,14 @@ def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int, test: TestEva
     """
     updates = max(1, steps_per_epoch // ACCUMULATE)
     return [
-        {"name": "lr_schedule", "schedule": "cosine", "initial_learning_rate": 2e-3,
-         "decay_steps": updates * epochs, "alpha": 0.05, "warmup_steps": updates},
+        {
+            "name": "lr_schedule",
+            "schedule": "cosine",
+            "initial_learning_rate": 2e-3,
+            "decay_steps": updates * epochs,
+            "alpha": 0.05,
+            "warmup_steps": updates,
+        },
         {"name": "reduce_lr_on_plateau", "monitor": "val_loss", "factor": 0.5, "patience": 2},
         {"name": "gradient_clipping", "global_norm": 1.0},
         {"name": "gradient_accumulation", "steps": ACCUMULATE},
@@ -155,13 +168,24 @@ def demo_plugins(run_dir: Path, steps_per_epoch: int, epochs: int, test: TestEva
         {"name": "terminate_on_nan", "check_every": 10},
         {"name": "stall_alert", "timeout": 60},
         {"name": "alert_log"},
-        {"name": "checkpoint", "filepath": str(run_dir / "checkpoints" / "epoch{epoch:02d}-{val_loss:.4f}.weights.h5"),
-         "monitor": "val_loss", "save_weights_only": True, "save_top_k": 3, "save_last": True},
+        {
+            "name": "checkpoint",
+            "filepath": str(run_dir / "checkpoints" / "epoch{epoch:02d}-{val_loss:.4f}.weights.h5"),
+            "monitor": "val_loss",
+            "save_weights_only": True,
+            "save_top_k": 3,
+            "save_last": True,
+        },
         {"name": "csv_logger", "filename": str(run_dir / "history.csv")},
         {"name": "backup", "backup_dir": str(run_dir / "backup")},
         {"name": "tensorboard", "log_dir": str(run_dir / "tensorboard"), "update_freq": 10, "histogram_freq": 5},
-        {"name": "mlflow", "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}", "experiment_name": "corebus-demo",
-         "dir": str(run_dir / "mlflow"), "log_every_n_steps": 10},
+        {
+            "name": "mlflow",
+            "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}",
+            "experiment_name": "corebus-demo",
+            "dir": str(run_dir / "mlflow"),
+            "log_every_n_steps": 10,
+        },
         {"name": "wandb", "mode": "offline", "dir": str(run_dir), "project": "corebus-demo", "log_every_n_steps": 10},
         {"name": "report", "report_dir": str(run_dir / "report"), "log_every_n_steps": 5},
     ]
@@ -186,13 +210,13 @@ def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str
         seed=0,
         profile=True,
     )
-    print(f"corebus {corebus.__version__} demo: digits ({len(x_train)} train / {len(x_test)} test), "
-          f"MLP 64-256-256-10, {epochs} epochs\nrun directory: {run_dir}\n")
+    print(
+        f"corebus {corebus.__version__} demo: digits ({len(x_train)} train / {len(x_test)} test), "
+        f"MLP 64-256-256-10, {epochs} epochs\nrun directory: {run_dir}\n"
+    )
     print(trainer.describe(verbose=verbose))
     start = time.perf_counter()
-    history = trainer.fit(
-        x_train, y_train, batch_size=batch_size, epochs=epochs, validation_split=0.1, verbose=verbose
-    )
+    history = trainer.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, validation_split=0.1, verbose=verbose)
     seconds = time.perf_counter() - start
     profile = trainer.bus.profile_report()
     test = test_evaluation.results
@@ -206,7 +230,9 @@ def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str
     print(f"  MLflow:      mlflow ui --backend-store-uri sqlite:///{run_dir / 'mlflow.db'}")
     print(f"  W&B:         wandb sync {run_dir / 'wandb'}/offline-run-*   (offline run, upload when you like)")
     print(f"  report:      {run_dir / 'report' / 'report.html'}   (regenerate: corebus report {run_dir / 'report'})")
-    print("  alerts:      the corebus.delivery.alerts log above; route them to Slack with alert_webhook (docs/alerts.md)")
+    print(
+        "  alerts:      the corebus.delivery.alerts log above; route them to Slack with alert_webhook (docs/alerts.md)"
+    )
     print("  run again:   the same stack from a file: corebus run <config.toml> (docs/config-runs.md)")
     return {"history": history.history, "test": test, "seconds": seconds, "run_dir": run_dir}
 
@@ -235,7 +261,9 @@ def _print_summary(history, trainer, time_lines: list[str], test: dict) -> None:
     print(line)
     stopper = history_plugins(trainer).get("early_stopping")
     if stopper is not None and stopper.best_epoch is not None:
-        print(f"early stopping: best epoch {stopper.best_epoch + 1} (val_loss {stopper.best:.4f}); "
-              f"stopped at epoch {stopper.stopped_epoch + 1 if stopper.stopped_epoch else '-'}")
+        print(
+            f"early stopping: best epoch {stopper.best_epoch + 1} (val_loss {stopper.best:.4f}); "
+            f"stopped at epoch {stopper.stopped_epoch + 1 if stopper.stopped_epoch else '-'}"
+        )
     print("\n".join(time_lines))
     print("test: " + "   ".join(f"{k}={v:.4f}" for k, v in test.items()))

@@ -97,11 +97,14 @@ class KerasCallback(keras.callbacks.Callback):
         if optimizer is None or not needed:
             return
         # a GradientPipelineOptimizer inside the user's wrappers (a LossScaleOptimizer's inner one)
-        nested = next((o for o in list(optimizer_chain(optimizer))[1:] if isinstance(o, GradientPipelineOptimizer)), None)
+        nested = next(
+            (o for o in list(optimizer_chain(optimizer))[1:] if isinstance(o, GradientPipelineOptimizer)), None
+        )
         if nested is not None and nested._context is not self.context:
             raise ConfigError(
                 f"the model's optimizer ({type(optimizer).__name__}) holds a GradientPipelineOptimizer of another "
-                "run: compile the model with a plain optimizer (KerasCallback wraps it during fit)")
+                "run: compile the model with a plain optimizer (KerasCallback wraps it during fit)"
+            )
         if nested is None:
             if not (isinstance(optimizer, GradientPipelineOptimizer) and optimizer._context is self.context):
                 self._own_optimizer = optimizer
@@ -121,7 +124,8 @@ class KerasCallback(keras.callbacks.Callback):
             self._remove_pipeline()
             raise CorebusError(
                 f"gradient plugins {wanted} / gradient_taps={set(taps) or '{}'} cannot run: the model's train_step "
-                "applied no gradients through model.optimizer (call self.optimizer.apply(grads, variables) in it)")
+                "applied no gradients through model.optimizer (call self.optimizer.apply(grads, variables) in it)"
+            )
 
     def _remove_pipeline(self) -> None:
         if self._own_optimizer is not None:

@@ -32,15 +32,34 @@ def train(learning_rate: float, beta_1: float, epsilon: float, data: tuple, args
     (x_train, y_train), (x_val, y_val) = data
     stopper = EarlyStopping(monitor="val_loss", patience=args.patience, restore_best_weights=True)
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate, beta_1=beta_1, epsilon=epsilon)
-    trainer = corebus.Trainer(digits_mlp(seed=args.seed), optimizer, "sparse_categorical_crossentropy",
-                              ["accuracy"], plugins=[stopper], seed=args.seed)
-    history = trainer.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-                          steps_per_epoch=args.steps_per_epoch, validation_data=(x_val, y_val), verbose=0).history
+    trainer = corebus.Trainer(
+        digits_mlp(seed=args.seed),
+        optimizer,
+        "sparse_categorical_crossentropy",
+        ["accuracy"],
+        plugins=[stopper],
+        seed=args.seed,
+    )
+    history = trainer.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        validation_data=(x_val, y_val),
+        verbose=0,
+    ).history
     best = stopper.best_epoch
-    return {"learning_rate": learning_rate, "beta_1": beta_1, "epsilon": epsilon,
-            "best_val_loss": history["val_loss"][best], "val_accuracy": history["val_accuracy"][best],
-            "best_epoch": best + 1, "epochs_run": len(history["val_loss"]),
-            "optimizer_config": trainer.optimizer.get_config()}
+    return {
+        "learning_rate": learning_rate,
+        "beta_1": beta_1,
+        "epsilon": epsilon,
+        "best_val_loss": history["val_loss"][best],
+        "val_accuracy": history["val_accuracy"][best],
+        "best_epoch": best + 1,
+        "epochs_run": len(history["val_loss"]),
+        "optimizer_config": trainer.optimizer.get_config(),
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -49,13 +68,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--beta-1", type=float, nargs="+", default=[0.9, 0.5])
     parser.add_argument("--epsilon", type=float, nargs="+", default=[1e-7, 1e-3])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--steps-per-epoch", type=int, default=None,
-                        help="batches per epoch (default: the whole training set once)")
+    parser.add_argument(
+        "--steps-per-epoch", type=int, default=None, help="batches per epoch (default: the whole training set once)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--patience", type=int, default=3, help="early stopping patience (epochs)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("corebus-runs") / "adam_hyperparameters",
-                        help="run directory (results.csv)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("corebus-runs") / "adam_hyperparameters", help="run directory (results.csv)"
+    )
     parser.add_argument("--verbose", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -64,8 +85,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for learning_rate, beta_1, epsilon in itertools.product(args.learning_rates, args.beta_1, args.epsilon):
         rows.append(train(learning_rate, beta_1, epsilon, data, args))
         if args.verbose:
-            print(f"lr={learning_rate:g} beta_1={beta_1:g} epsilon={epsilon:g}: "
-                  f"best val_loss {rows[-1]['best_val_loss']:.4f}", flush=True)
+            print(
+                f"lr={learning_rate:g} beta_1={beta_1:g} epsilon={epsilon:g}: "
+                f"best val_loss {rows[-1]['best_val_loss']:.4f}",
+                flush=True,
+            )
     rows.sort(key=lambda row: row["best_val_loss"])
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,9 @@ def plot(histories: dict[str, dict[str, list[float]]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--steps-per-epoch", type=int, default=None,
-                        help="batches per epoch (default: the whole training set once)")
+    parser.add_argument(
+        "--steps-per-epoch", type=int, default=None, help="batches per epoch (default: the whole training set once)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sgd-lr", type=float, default=0.05, help="learning rate of both SGD runs")
     parser.add_argument("--adaptive-lr", type=float, default=1e-3, help="learning rate of RMSprop, Adam, AdamW")
@@ -80,14 +81,32 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     for name, optimizer in optimizers(args.sgd_lr, args.adaptive_lr).items():
         if name not in args.optimizers:
             continue
-        mlflow = {"name": "mlflow", "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}", "experiment_name": EXPERIMENT,
-                  "run_name": name, "dir": str(run_dir / "mlflow"), "log_every_n_steps": None,
-                  "tags": {"optimizer": type(optimizer).__name__}}
-        trainer = corebus.Trainer(digits_mlp(seed=args.seed), optimizer, "sparse_categorical_crossentropy",
-                                  ["accuracy"], plugins=[mlflow], seed=args.seed)
-        histories[name] = trainer.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-                                      steps_per_epoch=args.steps_per_epoch, validation_data=(x_val, y_val),
-                                      verbose=0).history
+        mlflow = {
+            "name": "mlflow",
+            "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}",
+            "experiment_name": EXPERIMENT,
+            "run_name": name,
+            "dir": str(run_dir / "mlflow"),
+            "log_every_n_steps": None,
+            "tags": {"optimizer": type(optimizer).__name__},
+        }
+        trainer = corebus.Trainer(
+            digits_mlp(seed=args.seed),
+            optimizer,
+            "sparse_categorical_crossentropy",
+            ["accuracy"],
+            plugins=[mlflow],
+            seed=args.seed,
+        )
+        histories[name] = trainer.fit(
+            x_train,
+            y_train,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            validation_data=(x_val, y_val),
+            verbose=0,
+        ).history
         if args.verbose:
             print(f"{name}: val_loss {histories[name]['val_loss'][-1]:.4f}", flush=True)
 
@@ -96,8 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
         print(f"\n{'optimizer':<14}{'best val_loss':>14}{'epoch':>7}{'final val_loss':>16}{'final val_acc':>15}")
         for name, h in sorted(histories.items(), key=lambda item: min(item[1]["val_loss"])):
             best = min(range(len(h["val_loss"])), key=h["val_loss"].__getitem__)
-            print(f"{name:<14}{h['val_loss'][best]:>14.4f}{best + 1:>7}{h['val_loss'][-1]:>16.4f}"
-                  f"{h['val_accuracy'][-1]:>15.4f}")
+            print(
+                f"{name:<14}{h['val_loss'][best]:>14.4f}{best + 1:>7}{h['val_loss'][-1]:>16.4f}"
+                f"{h['val_accuracy'][-1]:>15.4f}"
+            )
         print(f"\nplot:   {run_dir / 'val_loss.png'}")
         print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{run_dir / 'mlflow.db'}")
     return histories

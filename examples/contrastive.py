@@ -52,12 +52,15 @@ class Siamese(keras.Model):
 
     def __init__(self, hidden: int = 64, embedding: int = 16):
         super().__init__()
-        self.encoder = keras.Sequential([
-            keras.Input((64,)),
-            keras.layers.Dense(hidden, activation="relu"),
-            keras.layers.Dense(hidden, activation="relu"),
-            keras.layers.Dense(embedding),
-        ], name="encoder")
+        self.encoder = keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(hidden, activation="relu"),
+                keras.layers.Dense(hidden, activation="relu"),
+                keras.layers.Dense(embedding),
+            ],
+            name="encoder",
+        )
         # Running means over the epoch (corebus resets a model's metrics at each epoch and
         # before validation, as Keras does).
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -88,8 +91,10 @@ def make_steps(model: Siamese, margin: float):
         # Mean distance of the same-digit pairs and of the different ones (weighted by the mask).
         model.same_distance.update_state(distance, sample_weight=same)
         model.different_distance.update_state(distance, sample_weight=1.0 - same)
-        return {m.name: m.result() for m in (model.loss_tracker, model.pair_accuracy,
-                                             model.same_distance, model.different_distance)}
+        return {
+            m.name: m.result()
+            for m in (model.loss_tracker, model.pair_accuracy, model.same_distance, model.different_distance)
+        }
 
     def train_step(trainer, data):
         pairs, same, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -112,14 +117,31 @@ def plugins(run_dir: Path, steps_per_epoch: int, patience: int, clip: float) -> 
     return [
         # norm=: each weight's gradient clipped on its own (Keras's clipnorm)
         {"name": "gradient_clipping", "norm": clip, "log_norm": True},
-        {"name": "lr_schedule", "schedule": "exponential", "initial_learning_rate": 2e-3,
-         "decay_steps": steps_per_epoch, "decay_rate": 0.85},
+        {
+            "name": "lr_schedule",
+            "schedule": "exponential",
+            "initial_learning_rate": 2e-3,
+            "decay_steps": steps_per_epoch,
+            "decay_rate": 0.85,
+        },
         {"name": "early_stopping", "monitor": "val_loss", "patience": patience, "restore_best_weights": True},
-        {"name": "checkpoint", "filepath": str(run_dir / "checkpoints" / "epoch{epoch:02d}-{val_loss:.4f}.weights.h5"),
-         "monitor": "val_loss", "save_weights_only": True, "save_top_k": 2, "save_last": True},
+        {
+            "name": "checkpoint",
+            "filepath": str(run_dir / "checkpoints" / "epoch{epoch:02d}-{val_loss:.4f}.weights.h5"),
+            "monitor": "val_loss",
+            "save_weights_only": True,
+            "save_top_k": 2,
+            "save_last": True,
+        },
         {"name": "tensorboard", "log_dir": str(run_dir / "tensorboard"), "update_freq": 10},
-        {"name": "mlflow", "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}", "experiment_name": "corebus-examples",
-         "run_name": "contrastive", "dir": str(run_dir / "mlflow"), "log_every_n_steps": 10},
+        {
+            "name": "mlflow",
+            "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}",
+            "experiment_name": "corebus-examples",
+            "run_name": "contrastive",
+            "dir": str(run_dir / "mlflow"),
+            "log_every_n_steps": 10,
+        },
     ]
 
 
@@ -128,8 +150,9 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
     the trainer, whose ``history``, ``bus.plugins`` and ``model`` tell how the run went."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--steps-per-epoch", type=int, default=None,
-                        help="batches per epoch (default: every training pair once)")
+    parser.add_argument(
+        "--steps-per-epoch", type=int, default=None, help="batches per epoch (default: every training pair once)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--margin", type=float, default=1.0)
     parser.add_argument("--hidden", type=int, default=64)
@@ -158,9 +181,15 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
         plugins=plugins(run_dir, steps, args.patience, args.clip),
         seed=args.seed,
     )
-    history = trainer.fit(train_pairs, train_same, batch_size=args.batch_size, epochs=args.epochs,
-                          steps_per_epoch=args.steps_per_epoch, validation_data=(val_pairs, val_same),
-                          verbose=args.verbose)
+    history = trainer.fit(
+        train_pairs,
+        train_same,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        validation_data=(val_pairs, val_same),
+        verbose=args.verbose,
+    )
     if args.verbose:
         last = {k: round(v[-1], 4) for k, v in history.history.items()}
         print(f"\nlast epoch: {last}\nrun directory: {run_dir}")

@@ -30,12 +30,14 @@ class Classifier(keras.Model):
 
     def __init__(self, hidden: int = 128):
         super().__init__()
-        self.body = keras.Sequential([
-            keras.Input((64,)),
-            keras.layers.Dense(hidden, activation="relu"),
-            keras.layers.Dropout(0.1),
-            keras.layers.Dense(10),
-        ])
+        self.body = keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(hidden, activation="relu"),
+                keras.layers.Dropout(0.1),
+                keras.layers.Dense(10),
+            ]
+        )
         # corebus resets a model's metrics at each epoch and before each validation pass.
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
@@ -101,12 +103,20 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
         ],
         seed=args.seed,
     )
-    history = trainer.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-                          validation_data=(x_val, y_val), verbose=args.verbose)
+    history = trainer.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        validation_data=(x_val, y_val),
+        verbose=args.verbose,
+    )
     if args.verbose:
         best = min(range(len(history.epoch)), key=lambda e: history.history["val_loss"][e])
-        print(f"best epoch {best + 1}: val_loss {history.history['val_loss'][best]:.4f}, "
-              f"val_accuracy {history.history['val_accuracy'][best]:.4f} (weights restored)")
+        print(
+            f"best epoch {best + 1}: val_loss {history.history['val_loss'][best]:.4f}, "
+            f"val_accuracy {history.history['val_accuracy'][best]:.4f} (weights restored)"
+        )
         print(f"epoch log: {args.out.resolve() / 'history.csv'}")
     return trainer
 

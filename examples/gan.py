@@ -49,18 +49,24 @@ class GAN(keras.Model):
     def __init__(self, noise_dim: int = 8, hidden: int = 64, seed: int = 0):
         super().__init__()
         self.noise_dim = noise_dim
-        self.generator = keras.Sequential([
-            keras.Input((noise_dim,)),
-            keras.layers.Dense(hidden, activation="relu"),
-            keras.layers.Dense(hidden, activation="relu"),
-            keras.layers.Dense(2),
-        ], name="generator")
-        self.discriminator = keras.Sequential([
-            keras.Input((2,)),
-            keras.layers.Dense(hidden, activation="relu"),
-            keras.layers.Dense(hidden, activation="relu"),
-            keras.layers.Dense(1),
-        ], name="discriminator")
+        self.generator = keras.Sequential(
+            [
+                keras.Input((noise_dim,)),
+                keras.layers.Dense(hidden, activation="relu"),
+                keras.layers.Dense(hidden, activation="relu"),
+                keras.layers.Dense(2),
+            ],
+            name="generator",
+        )
+        self.discriminator = keras.Sequential(
+            [
+                keras.Input((2,)),
+                keras.layers.Dense(hidden, activation="relu"),
+                keras.layers.Dense(hidden, activation="relu"),
+                keras.layers.Dense(1),
+            ],
+            name="discriminator",
+        )
         # A variable, so checkpoints and resumed runs carry the noise stream too.
         self.noise_seed = keras.random.SeedGenerator(seed)
         self.d_loss = keras.metrics.Mean(name="d_loss")
@@ -90,14 +96,18 @@ def make_train_step(gan: GAN):
             fake = generator(gan.noise(batch_size), training=True)
             d_loss = bce(ones, discriminator(real, training=True)) + bce(zeros, discriminator(fake, training=True))
         # apply_gradients runs the gradient pipeline of the named optimizer (here: clipping).
-        trainer.apply_gradients(tape.gradient(d_loss, discriminator.trainable_variables),
-                                discriminator.trainable_variables, optimizer="discriminator")
+        trainer.apply_gradients(
+            tape.gradient(d_loss, discriminator.trainable_variables),
+            discriminator.trainable_variables,
+            optimizer="discriminator",
+        )
 
         with tf.GradientTape() as tape:
             fake = generator(gan.noise(batch_size), training=True)
             g_loss = bce(ones, discriminator(fake, training=True))
-        trainer.apply_gradients(tape.gradient(g_loss, generator.trainable_variables),
-                                generator.trainable_variables, optimizer="generator")
+        trainer.apply_gradients(
+            tape.gradient(g_loss, generator.trainable_variables), generator.trainable_variables, optimizer="generator"
+        )
 
         # Sample quality, without a discriminator: how far each fake point is from its nearest
         # mode (real data: about STDDEV * 1.25), and the share of modes that got a fake point.
@@ -119,16 +129,39 @@ def plugins(run_dir: Path, total_steps: int, patience: int, clip: float) -> list
         # Only the discriminator is clipped: its gradients are the ones that spike.
         {"name": "gradient_clipping", "global_norm": clip, "optimizers": ["discriminator"], "log_norm": True},
         # Only the generator's LR decays; the discriminator keeps its constant LR.
-        {"name": "lr_schedule", "schedule": "cosine", "decay_steps": total_steps, "alpha": 0.1,
-         "optimizers": ["generator"]},
+        {
+            "name": "lr_schedule",
+            "schedule": "cosine",
+            "decay_steps": total_steps,
+            "alpha": 0.1,
+            "optimizers": ["generator"],
+        },
         # Losses of a GAN do not say when it is good; the distance to the modes does: lower is better.
-        {"name": "early_stopping", "monitor": "mode_distance", "mode": "min", "patience": patience,
-         "restore_best_weights": True},
-        {"name": "checkpoint", "filepath": str(run_dir / "checkpoints" / "epoch{epoch:02d}-{mode_distance:.3f}.weights.h5"),
-         "monitor": "mode_distance", "mode": "min", "save_weights_only": True, "save_top_k": 2, "save_last": True},
+        {
+            "name": "early_stopping",
+            "monitor": "mode_distance",
+            "mode": "min",
+            "patience": patience,
+            "restore_best_weights": True,
+        },
+        {
+            "name": "checkpoint",
+            "filepath": str(run_dir / "checkpoints" / "epoch{epoch:02d}-{mode_distance:.3f}.weights.h5"),
+            "monitor": "mode_distance",
+            "mode": "min",
+            "save_weights_only": True,
+            "save_top_k": 2,
+            "save_last": True,
+        },
         {"name": "tensorboard", "log_dir": str(run_dir / "tensorboard"), "update_freq": 10},
-        {"name": "mlflow", "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}", "experiment_name": "corebus-examples",
-         "run_name": "gan", "dir": str(run_dir / "mlflow"), "log_every_n_steps": 10},
+        {
+            "name": "mlflow",
+            "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}",
+            "experiment_name": "corebus-examples",
+            "run_name": "gan",
+            "dir": str(run_dir / "mlflow"),
+            "log_every_n_steps": 10,
+        },
     ]
 
 
@@ -137,12 +170,18 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
     the trainer, whose ``history``, ``bus.plugins`` and ``model`` tell how the run went."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--steps-per-epoch", type=int, default=50,
-                        help="batches per epoch (the data set is this many batches of fresh samples)")
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=50,
+        help="batches per epoch (the data set is this many batches of fresh samples)",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=64, help="units per hidden layer")
     parser.add_argument("--patience", type=int, default=8, help="early stopping patience (epochs)")
-    parser.add_argument("--clip", type=float, default=1.0, help="global norm the discriminator's gradients are clipped to")
+    parser.add_argument(
+        "--clip", type=float, default=1.0, help="global norm the discriminator's gradients are clipped to"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("corebus-runs") / "gan", help="run directory")
     parser.add_argument("--verbose", type=int, default=1)
@@ -157,8 +196,10 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
     gan(np.zeros((1, gan.noise_dim), "float32"))
     trainer = corebus.Trainer(
         gan,
-        optimizer={"discriminator": keras.optimizers.Adam(1e-3, beta_1=0.5),
-                   "generator": keras.optimizers.Adam(2e-3, beta_1=0.5)},
+        optimizer={
+            "discriminator": keras.optimizers.Adam(1e-3, beta_1=0.5),
+            "generator": keras.optimizers.Adam(2e-3, beta_1=0.5),
+        },
         train_step=make_train_step(gan),
         plugins=plugins(run_dir, args.epochs * args.steps_per_epoch, args.patience, args.clip),
         seed=args.seed,

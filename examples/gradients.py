@@ -57,14 +57,20 @@ class UpdateNorms:
 def clipping(args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> corebus.Trainer:
     updates = UpdateNorms()
     trainer = corebus.Trainer(
-        digits_mlp(seed=args.seed), keras.optimizers.SGD(args.learning_rate), "sparse_categorical_crossentropy",
-        plugins=[GradientClipping(global_norm=args.clip, log_norm=True), updates], seed=args.seed)
+        digits_mlp(seed=args.seed),
+        keras.optimizers.SGD(args.learning_rate),
+        "sparse_categorical_crossentropy",
+        plugins=[GradientClipping(global_norm=args.clip, log_norm=True), updates],
+        seed=args.seed,
+    )
     trainer.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0)
     if args.verbose:
-        print(f"clipping: global norm <= {args.clip}; last pre-clip gradient norm "
-              f"{trainer.bus.plugins['GradientClipping'].last_norm:.3f}; largest update "
-              f"{max(updates.norms):.5f} <= lr * clip = {args.learning_rate * args.clip:.5f} "
-              f"over {len(updates.norms)} updates")
+        print(
+            f"clipping: global norm <= {args.clip}; last pre-clip gradient norm "
+            f"{trainer.bus.plugins['GradientClipping'].last_norm:.3f}; largest update "
+            f"{max(updates.norms):.5f} <= lr * clip = {args.learning_rate * args.clip:.5f} "
+            f"over {len(updates.norms)} updates"
+        )
     return trainer
 
 
@@ -74,17 +80,24 @@ def accumulation(args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> tupl
     x, y = x[:n], y[:n]
     runs = []
     for plugins, batch_size in (([GradientAccumulation(steps=k)], batch), ([], k * batch)):
-        trainer = corebus.Trainer(digits_mlp(seed=args.seed), keras.optimizers.SGD(args.learning_rate),
-                                  "sparse_categorical_crossentropy", plugins=plugins, seed=args.seed)
+        trainer = corebus.Trainer(
+            digits_mlp(seed=args.seed),
+            keras.optimizers.SGD(args.learning_rate),
+            "sparse_categorical_crossentropy",
+            plugins=plugins,
+            seed=args.seed,
+        )
         trainer.fit(x, y, batch_size=batch_size, epochs=args.epochs, shuffle=False, verbose=0)
         runs.append(trainer)
     small, big = runs
     if args.verbose:
         difference = max(float(np.abs(a - b).max()) for a, b in zip(small.model.get_weights(), big.model.get_weights()))
-        print(f"accumulation: {args.epochs * n // batch} micro-batches of {batch} -> "
-              f"{int(small.optimizer.iterations.numpy())} updates (global_step {small.global_step}); "
-              f"batch {k * batch}: {int(big.optimizer.iterations.numpy())} updates; "
-              f"largest weight difference {difference:.2e}")
+        print(
+            f"accumulation: {args.epochs * n // batch} micro-batches of {batch} -> "
+            f"{int(small.optimizer.iterations.numpy())} updates (global_step {small.global_step}); "
+            f"batch {k * batch}: {int(big.optimizer.iterations.numpy())} updates; "
+            f"largest weight difference {difference:.2e}"
+        )
     return small, big
 
 
@@ -98,8 +111,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--accumulate", type=int, default=4, help="micro-batches per update")
     parser.add_argument("--samples", type=int, default=None, help="train on the first N samples only")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("corebus-runs") / "gradients",
-                        help="run directory (gradients.json: what each run measured)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("corebus-runs") / "gradients",
+        help="run directory (gradients.json: what each run measured)",
+    )
     parser.add_argument("--verbose", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -113,14 +130,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {}
     if "clipping" in results:
         trainer = results["clipping"]
-        summary["clipping"] = {"clip": args.clip, "learning_rate": args.learning_rate,
-                               "last_pre_clip_norm": trainer.bus.plugins["GradientClipping"].last_norm,
-                               "update_norms": trainer.bus.plugins["UpdateNorms"].norms}
+        summary["clipping"] = {
+            "clip": args.clip,
+            "learning_rate": args.learning_rate,
+            "last_pre_clip_norm": trainer.bus.plugins["GradientClipping"].last_norm,
+            "update_norms": trainer.bus.plugins["UpdateNorms"].norms,
+        }
     if "accumulation" in results:
         small, big = results["accumulation"]
-        summary["accumulation"] = {"steps": args.accumulate, "micro_batches": small.micro_step,
-                                   "updates": int(small.optimizer.iterations.numpy()),
-                                   "big_batch_updates": int(big.optimizer.iterations.numpy())}
+        summary["accumulation"] = {
+            "steps": args.accumulate,
+            "micro_batches": small.micro_step,
+            "updates": int(small.optimizer.iterations.numpy()),
+            "big_batch_updates": int(big.optimizer.iterations.numpy()),
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gradients.json").write_text(json.dumps(summary, indent=2))
     return results

@@ -34,18 +34,27 @@ from corebus.plugins import EarlyStopping, GradientClipping, ModelCheckpoint, Re
 
 
 def checkpoint(run_dir: Path, args: argparse.Namespace) -> list[Any]:
-    return [ModelCheckpoint(run_dir / "checkpoints" / "epoch{epoch:02d}-{val_loss:.4f}.weights.h5",
-                            monitor="val_loss", save_weights_only=True, save_top_k=2, save_last=True)]
+    return [
+        ModelCheckpoint(
+            run_dir / "checkpoints" / "epoch{epoch:02d}-{val_loss:.4f}.weights.h5",
+            monitor="val_loss",
+            save_weights_only=True,
+            save_top_k=2,
+            save_last=True,
+        )
+    ]
 
 
 def early_stopping(run_dir: Path, args: argparse.Namespace) -> list[Any]:
-    return [EarlyStopping(monitor="val_loss", patience=args.patience, min_delta=args.min_delta,
-                          restore_best_weights=True)]
+    return [
+        EarlyStopping(monitor="val_loss", patience=args.patience, min_delta=args.min_delta, restore_best_weights=True)
+    ]
 
 
 def plateau(run_dir: Path, args: argparse.Namespace) -> list[Any]:
-    return [ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=args.patience, min_delta=args.min_delta,
-                              min_lr=1e-5)]
+    return [
+        ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=args.patience, min_delta=args.min_delta, min_lr=1e-5)
+    ]
 
 
 def tensorboard(run_dir: Path, args: argparse.Namespace) -> list[Any]:
@@ -55,8 +64,13 @@ def tensorboard(run_dir: Path, args: argparse.Namespace) -> list[Any]:
 def combined(run_dir: Path, args: argparse.Namespace) -> list[Any]:
     # List order is call order: the plateau and early stopping see the epoch first, the
     # checkpoint then saves a state that already includes their decisions.
-    return [*plateau(run_dir, args), *early_stopping(run_dir, args), *checkpoint(run_dir, args),
-            *tensorboard(run_dir, args), GradientClipping(global_norm=1.0)]
+    return [
+        *plateau(run_dir, args),
+        *early_stopping(run_dir, args),
+        *checkpoint(run_dir, args),
+        *tensorboard(run_dir, args),
+        GradientClipping(global_norm=1.0),
+    ]
 
 
 RECIPES = {f.__name__: f for f in (checkpoint, early_stopping, plateau, tensorboard, combined)}
@@ -68,10 +82,20 @@ def run_recipe(name: str, args: argparse.Namespace, data: tuple) -> tuple[keras.
     run_dir = args.out.resolve() / name
     callback = corebus.KerasCallback(RECIPES[name](run_dir, args))
     model = digits_mlp(seed=args.seed)
-    model.compile(optimizer=callback.wrap_optimizer(keras.optimizers.Adam(args.learning_rate)),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    history = model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-                        validation_data=(x_val, y_val), callbacks=[callback], verbose=args.verbose)
+    model.compile(
+        optimizer=callback.wrap_optimizer(keras.optimizers.Adam(args.learning_rate)),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    history = model.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        validation_data=(x_val, y_val),
+        callbacks=[callback],
+        verbose=args.verbose,
+    )
     return model, history, callback
 
 
@@ -84,8 +108,12 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[keras.Model, Any, cor
     parser.add_argument("--patience", type=int, default=3, help="early stopping and plateau patience (epochs)")
     parser.add_argument("--min-delta", type=float, default=1e-3, help="smallest val_loss change that counts")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("corebus-runs") / "keras_fit_callbacks",
-                        help="run directory (one folder per recipe)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("corebus-runs") / "keras_fit_callbacks",
+        help="run directory (one folder per recipe)",
+    )
     parser.add_argument("--verbose", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -98,8 +126,10 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[keras.Model, Any, cor
         results[name] = model, history, callback = run_recipe(name, args, data)
         if args.verbose:
             h = history.history
-            print(f"{name}: {len(h['loss'])} epochs, best val_loss {min(h['val_loss']):.4f}, "
-                  f"final learning rate {float(model.optimizer.learning_rate):.2e}")
+            print(
+                f"{name}: {len(h['loss'])} epochs, best val_loss {min(h['val_loss']):.4f}, "
+                f"final learning rate {float(model.optimizer.learning_rate):.2e}"
+            )
     return results
 
 

@@ -96,9 +96,11 @@ def build(kind: type, seed: int, hidden: int) -> keras.Model:
     x = keras.layers.Dense(hidden, activation="relu")(inputs)
     model = kind(inputs, keras.layers.Dense(10)(x))  # logits
     if kind is CompiledStep:
-        model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
     else:
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
     return model
@@ -108,8 +110,9 @@ def train(kind: type, by: str, data, args) -> dict:
     """One model of ``kind`` trained ``by`` "corebus" or "fit"; its history, weights and evaluation."""
     (x_train, y_train), (x_val, y_val) = data
     model = build(kind, args.seed, args.hidden)
-    fit_args = dict(batch_size=args.batch_size, epochs=args.epochs, shuffle=False, validation_data=(x_val, y_val),
-                    verbose=0)
+    fit_args = dict(
+        batch_size=args.batch_size, epochs=args.epochs, shuffle=False, validation_data=(x_val, y_val), verbose=0
+    )
     if kind is CompiledStep:  # the guide's sample-weight case: odd digits count twice
         fit_args["sample_weight"] = np.where(y_train % 2 == 1, 2.0, 1.0).astype("float32")
     if by == "corebus":
@@ -136,14 +139,18 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for kind in (CompiledStep, OwnMetrics):
         runs = {by: train(kind, by, data, args) for by in ("corebus", "fit")}
-        difference = max(float(np.max(np.abs(a - b)))
-                         for a, b in zip(runs["corebus"]["weights"], runs["fit"]["weights"], strict=True))
+        difference = max(
+            float(np.max(np.abs(a - b)))
+            for a, b in zip(runs["corebus"]["weights"], runs["fit"]["weights"], strict=True)
+        )
         results[kind.__name__] = {**runs, "max_difference": difference}
         for by in ("corebus", "fit"):
             history = runs[by]["history"]
-            print(f"{kind.__name__:12s} {by:7s} val_accuracy by epoch: "
-                  f"{' '.join(f'{v:.4f}' for v in history['val_accuracy'])}; "
-                  f"evaluate: loss {runs[by]['evaluation']['loss']:.4f} accuracy {runs[by]['evaluation']['accuracy']:.4f}")
+            print(
+                f"{kind.__name__:12s} {by:7s} val_accuracy by epoch: "
+                f"{' '.join(f'{v:.4f}' for v in history['val_accuracy'])}; "
+                f"evaluate: loss {runs[by]['evaluation']['loss']:.4f} accuracy {runs[by]['evaluation']['accuracy']:.4f}"
+            )
         print(f"{kind.__name__:12s} largest weight difference, corebus vs model.fit: {difference:.2e}")
     return results
 

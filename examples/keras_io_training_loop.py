@@ -74,7 +74,7 @@ def train_by_hand(model, data, args) -> dict[str, list[float]]:
         val_acc.update_state(y, model(x, training=False))
 
     history: dict[str, list[float]] = {"accuracy": [], "val_accuracy": []}
-    for epoch in range(args.epochs):
+    for _epoch in range(args.epochs):
         for x, y in train_set:
             train_step(x, y)
         for x, y in val_set:
@@ -132,8 +132,15 @@ def train_with_corebus(data, args) -> tuple[keras.Model, dict[str, list[float]]]
     model = Digits(args.seed, args.hidden)
     train_step, test_step = corebus_steps(model)
     trainer = corebus.Trainer(model, optimizer=optimizer(args.lr), train_step=train_step, test_step=test_step)
-    history = trainer.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, shuffle=False,
-                          validation_data=(x_val, y_val), verbose=0)
+    history = trainer.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        shuffle=False,
+        validation_data=(x_val, y_val),
+        verbose=0,
+    )
     return model.net, history.history
 
 
@@ -141,8 +148,15 @@ def train_with_fit(data, args) -> tuple[keras.Model, dict[str, list[float]]]:
     (x_train, y_train), (x_val, y_val) = data
     model = make_model(args.seed, args.hidden)
     model.compile(optimizer=optimizer(args.lr), loss=loss_fn(), metrics=["accuracy"])  # adds model.losses itself
-    history = model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, shuffle=False,
-                        validation_data=(x_val, y_val), verbose=0)
+    history = model.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        shuffle=False,
+        validation_data=(x_val, y_val),
+        verbose=0,
+    )
     return model, history.history
 
 
@@ -168,14 +182,18 @@ def main(argv: list[str] | None = None) -> dict:
     ours, corebus_history = train_with_corebus(data, args)
     reference, fit_history = train_with_fit(data, args)
     results = {
-        "loop": loop_history, "corebus": corebus_history, "fit": fit_history,
+        "loop": loop_history,
+        "corebus": corebus_history,
+        "fit": fit_history,
         "weights": {"loop": by_hand.get_weights(), "corebus": ours.get_weights(), "fit": reference.get_weights()},
         "max_difference": {"loop": max_difference(by_hand, reference), "corebus": max_difference(ours, reference)},
     }
     for name in ("loop", "corebus", "fit"):
         print(f"{name:8s} val_accuracy by epoch: {' '.join(f'{v:.4f}' for v in results[name]['val_accuracy'])}")
-    print(f"largest weight difference from model.fit: loop {results['max_difference']['loop']:.2e}, "
-          f"corebus {results['max_difference']['corebus']:.2e}")
+    print(
+        f"largest weight difference from model.fit: loop {results['max_difference']['loop']:.2e}, "
+        f"corebus {results['max_difference']['corebus']:.2e}"
+    )
     return results
 
 

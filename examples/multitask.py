@@ -40,11 +40,14 @@ class TwoHeads(keras.Model):
 
     def __init__(self, hidden: int = 64):
         super().__init__()
-        self.trunk = keras.Sequential([
-            keras.Input((64,)),
-            keras.layers.Dense(hidden, activation="relu"),
-            keras.layers.Dense(hidden, activation="relu"),
-        ], name="trunk")
+        self.trunk = keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(hidden, activation="relu"),
+                keras.layers.Dense(hidden, activation="relu"),
+            ],
+            name="trunk",
+        )
         self.digit_head = keras.layers.Dense(10, name="digit")
         self.ink_head = keras.layers.Dense(1, name="ink")
         # Running means over the epoch (corebus resets a model's metrics at each epoch and
@@ -94,14 +97,32 @@ def plugins(run_dir: Path, total_steps: int, warmup_steps: int, patience: int, c
     """The plugin stack, by entry-point name, as a config file would list it."""
     return [
         {"name": "gradient_clipping", "global_norm": clip, "log_norm": True},
-        {"name": "lr_schedule", "schedule": "cosine", "initial_learning_rate": 3e-3, "decay_steps": total_steps,
-         "alpha": 0.05, "warmup_steps": warmup_steps},
+        {
+            "name": "lr_schedule",
+            "schedule": "cosine",
+            "initial_learning_rate": 3e-3,
+            "decay_steps": total_steps,
+            "alpha": 0.05,
+            "warmup_steps": warmup_steps,
+        },
         {"name": "early_stopping", "monitor": "val_loss", "patience": patience, "restore_best_weights": True},
-        {"name": "checkpoint", "filepath": str(run_dir / "checkpoints" / "epoch{epoch:02d}-{val_loss:.4f}.weights.h5"),
-         "monitor": "val_loss", "save_weights_only": True, "save_top_k": 2, "save_last": True},
+        {
+            "name": "checkpoint",
+            "filepath": str(run_dir / "checkpoints" / "epoch{epoch:02d}-{val_loss:.4f}.weights.h5"),
+            "monitor": "val_loss",
+            "save_weights_only": True,
+            "save_top_k": 2,
+            "save_last": True,
+        },
         {"name": "tensorboard", "log_dir": str(run_dir / "tensorboard"), "update_freq": 10},
-        {"name": "mlflow", "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}", "experiment_name": "corebus-examples",
-         "run_name": "multitask", "dir": str(run_dir / "mlflow"), "log_every_n_steps": 10},
+        {
+            "name": "mlflow",
+            "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}",
+            "experiment_name": "corebus-examples",
+            "run_name": "multitask",
+            "dir": str(run_dir / "mlflow"),
+            "log_every_n_steps": 10,
+        },
     ]
 
 
@@ -110,8 +131,9 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
     the trainer, whose ``history``, ``bus.plugins`` and ``model`` tell how the run went."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--steps-per-epoch", type=int, default=None,
-                        help="batches per epoch (default: the whole training set once)")
+    parser.add_argument(
+        "--steps-per-epoch", type=int, default=None, help="batches per epoch (default: the whole training set once)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--digit-weight", type=float, default=1.0, help="weight of the classification loss")
     parser.add_argument("--ink-weight", type=float, default=0.5, help="weight of the regression loss")
@@ -142,8 +164,15 @@ def main(argv: list[str] | None = None) -> corebus.Trainer:
         plugins=plugins(run_dir, args.epochs * steps, warmup_steps=steps, patience=args.patience, clip=args.clip),
         seed=args.seed,
     )
-    history = trainer.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-                          steps_per_epoch=args.steps_per_epoch, validation_data=(x_val, y_val), verbose=args.verbose)
+    history = trainer.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        validation_data=(x_val, y_val),
+        verbose=args.verbose,
+    )
     if args.verbose:
         last = {k: round(v[-1], 4) for k, v in history.history.items()}
         print(f"\nlast epoch: {last}\nrun directory: {run_dir}")

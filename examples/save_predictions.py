@@ -31,11 +31,12 @@ from corebus.kit import atomic_path, check_writable  # noqa: E402
 class SavePredictions:
     """Every ``every`` epochs, write ``model.predict(x)`` (and ``y``) to ``<directory>/epochNNN.npz``."""
 
-    runs_on = "chief"      # under tf.distribute: one writer
+    runs_on = "chief"  # under tf.distribute: one writer
     error_policy = "warn"  # a full disk should not end the run: warn and carry on
 
-    def __init__(self, x: Any, y: Any = None, every: int = 5, directory: str | os.PathLike = "predictions",
-                 batch_size: int = 256):
+    def __init__(
+        self, x: Any, y: Any = None, every: int = 5, directory: str | os.PathLike = "predictions", batch_size: int = 256
+    ):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.every = int(every)
         self.cadence = Cadence.every_n(self.every)
@@ -52,8 +53,13 @@ class SavePredictions:
         path = self.directory / f"epoch{epoch + 1:03d}.npz"
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, predictions=predictions, labels=np.asarray(self.y) if self.y is not None else np.array([]),
-                         epoch=epoch + 1, step=trainer.global_step)
+                np.savez(
+                    f,
+                    predictions=predictions,
+                    labels=np.asarray(self.y) if self.y is not None else np.array([]),
+                    epoch=epoch + 1,
+                    step=trainer.global_step,
+                )
         self.saved.append(path.name)
 
     # Saved with every run snapshot and restored on resume: the list of files written so far.
@@ -83,8 +89,9 @@ def main(argv: list[str] | None = None) -> tuple[SavePredictions, Any]:
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         history = model.fit(x_train, y_train, callbacks=[corebus.KerasCallback([saver])], **fit)
     else:
-        trainer = corebus.Trainer(model, "adam", "sparse_categorical_crossentropy", ["accuracy"],
-                                  plugins=[saver], seed=args.seed)
+        trainer = corebus.Trainer(
+            model, "adam", "sparse_categorical_crossentropy", ["accuracy"], plugins=[saver], seed=args.seed
+        )
         history = trainer.fit(x_train, y_train, **fit)
     if args.verbose:
         print(f"saved {', '.join(saver.saved)} under {saver.directory}")

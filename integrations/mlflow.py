@@ -16,13 +16,37 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from corebus import (LOGGER_FLUSH_SECONDS, BackendProcess, Cadence, ConfigError, InProcessBackend, LogSink, Monitor,
-                     PendingPoints, Spool, check_writable, hookimpl, read_spool, redact, replay_spool, require_module)
+from corebus import (
+    LOGGER_FLUSH_SECONDS,
+    BackendProcess,
+    Cadence,
+    ConfigError,
+    InProcessBackend,
+    LogSink,
+    Monitor,
+    PendingPoints,
+    Spool,
+    check_writable,
+    hookimpl,
+    read_spool,
+    redact,
+    replay_spool,
+    require_module,
+)
 
 from .mlflow_model import check_model_options, dataset_records, fit_inputs, input_example, save_example
-
-from .mlflow_writer import (MAX_TAG, _Writer, clean_key, flatten, is_server, local_artifact_location, mlflow_env,
-                            redact_uri_secrets, run_params, safe_uri)
+from .mlflow_writer import (
+    MAX_TAG,
+    _Writer,
+    clean_key,
+    flatten,
+    is_server,
+    local_artifact_location,
+    mlflow_env,
+    redact_uri_secrets,
+    run_params,
+    safe_uri,
+)
 
 log = logging.getLogger("corebus")
 
@@ -142,17 +166,26 @@ class MLflowLogger:
         if log_every_n_steps is not None and (
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
         ):
-            raise ConfigError(f"MLflowLogger: log_every_n_steps={log_every_n_steps!r}; use a positive integer, "
-                              "or None for epoch metrics only")
+            raise ConfigError(
+                f"MLflowLogger: log_every_n_steps={log_every_n_steps!r}; use a positive integer, "
+                "or None for epoch metrics only"
+            )
         if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
             raise ConfigError(f"MLflowLogger: shutdown_timeout={shutdown_timeout!r} must be a number of seconds >= 0")
-        if log_checkpoints is not False and (not isinstance(log_checkpoints, str) or log_checkpoints not in LOG_CHECKPOINTS):
-            raise ConfigError(f'MLflowLogger: log_checkpoints={log_checkpoints!r}; use "kept" (the files the '
-                              'checkpoint plugin keeps), "all" or False')
-        if artifact_location is not None and (not isinstance(artifact_location, (str, os.PathLike))
-                                              or not os.fspath(artifact_location)):
-            raise ConfigError(f"MLflowLogger: artifact_location={artifact_location!r}; use a path or URI "
-                              "(e.g. 's3://bucket/corebus'), or None")
+        if log_checkpoints is not False and (
+            not isinstance(log_checkpoints, str) or log_checkpoints not in LOG_CHECKPOINTS
+        ):
+            raise ConfigError(
+                f'MLflowLogger: log_checkpoints={log_checkpoints!r}; use "kept" (the files the '
+                'checkpoint plugin keeps), "all" or False'
+            )
+        if artifact_location is not None and (
+            not isinstance(artifact_location, (str, os.PathLike)) or not os.fspath(artifact_location)
+        ):
+            raise ConfigError(
+                f"MLflowLogger: artifact_location={artifact_location!r}; use a path or URI "
+                "(e.g. 's3://bucket/corebus'), or None"
+            )
         self.tracking_uri = str(tracking_uri or mlflow.get_tracking_uri())
         if self.tracking_uri.startswith("sqlite:///") and not self.tracking_uri[10:].startswith("/"):
             # absolute, so `corebus sync` run from another directory finds the same database
@@ -168,17 +201,22 @@ class MLflowLogger:
         self.system_metrics = system_metrics
         self.log_datasets = bool(log_datasets)
         self.log_checkpoints = log_checkpoints
-        self.artifact_location = (_absolute_location(os.fspath(artifact_location)) if artifact_location is not None
-                                  else local_artifact_location(self.tracking_uri, self.experiment_name))
+        self.artifact_location = (
+            _absolute_location(os.fspath(artifact_location))
+            if artifact_location is not None
+            else local_artifact_location(self.tracking_uri, self.experiment_name)
+        )
         self.shutdown_timeout = float(shutdown_timeout)
         # a tag may carry a ${VAR} secret or a credential URL: tags are shown to everyone
         self.tags = {clean_key(k): redact(str(v))[:MAX_TAG] for k, v in (tags or {}).items()}
         self.sink: LogSink | None = None
         self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
-        self._writer = _Writer(self.tracking_uri, self.experiment_name, run_name,
-                               artifact_location=self.artifact_location)
-        self.isolate_sdk = (not is_server(self.tracking_uri) and log_every_n_steps == 1) if isolate_sdk is None \
-            else bool(isolate_sdk)
+        self._writer = _Writer(
+            self.tracking_uri, self.experiment_name, run_name, artifact_location=self.artifact_location
+        )
+        self.isolate_sdk = (
+            (not is_server(self.tracking_uri) and log_every_n_steps == 1) if isolate_sdk is None else bool(isolate_sdk)
+        )
         self._backend: BackendProcess | InProcessBackend | None = None  # where self._writer's sends run
         self._key: str | None = None
         self._restored = False
@@ -201,13 +239,22 @@ class MLflowLogger:
         return self._writer.run_ids.get(self._key) if self._key else None
 
     def get_config(self) -> dict[str, Any]:
-        return {"tracking_uri": safe_uri(self.tracking_uri), "experiment_name": self.experiment_name,
-                "run_name": self.run_name, "log_every_n_steps": self.log_every_n_steps, "dir": self.dir,
-                "log_model": self.log_model, "log_checkpoints": self.log_checkpoints,
-                "registered_model_name": self.registered_model_name, "system_metrics": self.system_metrics,
-                "log_datasets": self.log_datasets,
-                "artifact_location": self.artifact_location and safe_uri(self.artifact_location),
-                "shutdown_timeout": self.shutdown_timeout, "tags": self.tags, "isolate_sdk": self.isolate_sdk}
+        return {
+            "tracking_uri": safe_uri(self.tracking_uri),
+            "experiment_name": self.experiment_name,
+            "run_name": self.run_name,
+            "log_every_n_steps": self.log_every_n_steps,
+            "dir": self.dir,
+            "log_model": self.log_model,
+            "log_checkpoints": self.log_checkpoints,
+            "registered_model_name": self.registered_model_name,
+            "system_metrics": self.system_metrics,
+            "log_datasets": self.log_datasets,
+            "artifact_location": self.artifact_location and safe_uri(self.artifact_location),
+            "shutdown_timeout": self.shutdown_timeout,
+            "tags": self.tags,
+            "isolate_sdk": self.isolate_sdk,
+        }
 
     # ---------------------------------------------------------------- hooks (training thread)
 
@@ -253,8 +300,16 @@ class MLflowLogger:
     def on_alert(self, alert):
         # May come from a watchdog thread while the training thread logs: hand the record to
         # the sink's queue directly (thread-safe), never through the point batching.
-        record = {"type": "alert", "run": self._key, "kind": alert.kind, "level": alert.level, "title": alert.title,
-                  "text": alert.text, "step": alert.step, "time": alert.time}
+        record = {
+            "type": "alert",
+            "run": self._key,
+            "kind": alert.kind,
+            "level": alert.level,
+            "title": alert.title,
+            "text": alert.text,
+            "step": alert.step,
+            "time": alert.time,
+        }
         if self._phase == "open":
             self.sink.put(record)
         elif self._phase == "begun":  # before the first step (a hung compilation): sent on open
@@ -319,17 +374,38 @@ class MLflowLogger:
         if self._phase == "begun":
             resumed, self._restored = self._restored, False
             self._key = self._key or uuid.uuid4().hex
-            spool = Spool(Path(self.dir) / f"mlflow-{self._key}.spool.jsonl",
-                          {"plugin": "mlflow", "config": self._writer.config()})
-            self._backend = (BackendProcess(_Writer, self.tracking_uri, self.experiment_name, self.run_name,
-                                            artifact_location=self.artifact_location)
-                             if self.isolate_sdk else InProcessBackend(self._writer))
-            self.sink = LogSink(f"mlflow-{self._key[:8]}", self._send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
-                                shutdown_timeout=self.shutdown_timeout)
+            spool = Spool(
+                Path(self.dir) / f"mlflow-{self._key}.spool.jsonl",
+                {"plugin": "mlflow", "config": self._writer.config()},
+            )
+            self._backend = (
+                BackendProcess(
+                    _Writer,
+                    self.tracking_uri,
+                    self.experiment_name,
+                    self.run_name,
+                    artifact_location=self.artifact_location,
+                )
+                if self.isolate_sdk
+                else InProcessBackend(self._writer)
+            )
+            self.sink = LogSink(
+                f"mlflow-{self._key[:8]}",
+                self._send,
+                spool=spool,
+                flush_interval=LOGGER_FLUSH_SECONDS,
+                shutdown_timeout=self.shutdown_timeout,
+            )
             mlflow_env(self.tracking_uri, +1)
             self._phase = "open"
-            self._put("start", ts=_now_ms(), run_name=self.run_name, tags=self.tags, resumed=resumed,
-                      system_metrics=self.system_metrics)
+            self._put(
+                "start",
+                ts=_now_ms(),
+                run_name=self.run_name,
+                tags=self.tags,
+                resumed=resumed,
+                system_metrics=self.system_metrics,
+            )
             self._put("params", params=flatten(self._params))
             if self._datasets:
                 self._put("datasets", datasets=self._datasets)
@@ -389,8 +465,10 @@ class MLflowLogger:
         inputs = fit_inputs(trainer)
         if inputs is None:
             if self.log_datasets:
-                log.warning("MLflowLogger: log_datasets needs the data, which Keras does not show callbacks "
-                            "inside model.fit; use corebus.Trainer(...).fit to record them")
+                log.warning(
+                    "MLflowLogger: log_datasets needs the data, which Keras does not show callbacks "
+                    "inside model.fit; use corebus.Trainer(...).fit to record them"
+                )
             return
         if self.log_model:
             self._example = input_example(inputs.get("x"))
@@ -406,16 +484,27 @@ class MLflowLogger:
         value, name = metadata.get("value"), metadata.get("monitor")
         if value is None or not name or metadata.get("last"):
             return
-        mode = next((getattr(p, "mode", "auto") for p in trainer.bus.plugins.values()
-                     if getattr(p, "monitor", None) == name and hasattr(p, "mode")), "auto")
+        mode = next(
+            (
+                getattr(p, "mode", "auto")
+                for p in trainer.bus.plugins.values()
+                if getattr(p, "monitor", None) == name and hasattr(p, "mode")
+            ),
+            "auto",
+        )
         monitor = Monitor(name, mode if isinstance(mode, str) else "auto", owner="MLflowLogger")
         if self._best is not None:
             monitor.resolve(trainer.model)
             if not monitor.better(value, self._best["value"]):
                 return
             shutil.rmtree(Path(self._best["path"]).parent, ignore_errors=True)
-        self._best = {"path": str(self._stage(filepath)), "kind": metadata.get("kind", "model"), "value": value,
-                      "monitor": name, "epoch": metadata.get("epoch")}
+        self._best = {
+            "path": str(self._stage(filepath)),
+            "kind": metadata.get("kind", "model"),
+            "value": value,
+            "monitor": name,
+            "epoch": metadata.get("epoch"),
+        }
 
     def _put_model(self, trainer: Any) -> None:
         """The final model as a ``.keras`` file (training thread, at the end); the sink turns it
@@ -428,13 +517,23 @@ class MLflowLogger:
             save_example(self._example, example)
         best = self._best
         if self.log_model == "best" and best is None:
-            log.warning("MLflowLogger: log_model='best' but no checkpoint with a monitored value was announced "
-                        "(add a ModelCheckpoint with a monitor); logging the last weights")
-        self._put("model", key=uuid.uuid4().hex, path=str(path), example=example and str(example),
-                  best=best and {"path": best["path"], "kind": best["kind"]},
-                  weights="best" if best else "last", monitor=best and best["monitor"],
-                  best_value=best and best["value"], best_epoch=best and best["epoch"],
-                  registered_model_name=self.registered_model_name, step=trainer.global_step)
+            log.warning(
+                "MLflowLogger: log_model='best' but no checkpoint with a monitored value was announced "
+                "(add a ModelCheckpoint with a monitor); logging the last weights"
+            )
+        self._put(
+            "model",
+            key=uuid.uuid4().hex,
+            path=str(path),
+            example=example and str(example),
+            best=best and {"path": best["path"], "kind": best["kind"]},
+            weights="best" if best else "last",
+            monitor=best and best["monitor"],
+            best_value=best and best["value"],
+            best_epoch=best and best["epoch"],
+            registered_model_name=self.registered_model_name,
+            step=trainer.global_step,
+        )
         self._best = None
 
     def _forget_deleted(self) -> None:
@@ -485,8 +584,13 @@ class MLflowLogger:
         require_module("mlflow", extra="mlflow", what="MLflowLogger")
         header, records = read_spool(path)
         config = header.get("config", {})
-        writer = _Writer(config["tracking_uri"], config["experiment_name"], config.get("run_name"), verify=True,
-                         artifact_location=config.get("artifact_location"))
+        writer = _Writer(
+            config["tracking_uri"],
+            config["experiment_name"],
+            config.get("run_name"),
+            verify=True,
+            artifact_location=config.get("artifact_location"),
+        )
         mlflow_env(writer.tracking_uri, +1)
         try:
             sent = replay_spool(path, writer.send, what="MLflowLogger")

@@ -31,10 +31,13 @@ def check_model_options(log_model: Any, registered_model_name: Any, system_metri
     from corebus import ConfigError
 
     if not (isinstance(log_model, bool) or log_model in LOG_MODEL):
-        raise ConfigError(f'MLflowLogger: log_model={log_model!r}; use True / "last" (final weights), '
-                          '"best" (the checkpoint plugin\'s best) or False')
-    if registered_model_name is not None and (not isinstance(registered_model_name, str)
-                                              or not registered_model_name.strip()):
+        raise ConfigError(
+            f'MLflowLogger: log_model={log_model!r}; use True / "last" (final weights), '
+            '"best" (the checkpoint plugin\'s best) or False'
+        )
+    if registered_model_name is not None and (
+        not isinstance(registered_model_name, str) or not registered_model_name.strip()
+    ):
         raise ConfigError(f"MLflowLogger: registered_model_name={registered_model_name!r}; use a name or None")
     if registered_model_name and not log_model:
         raise ConfigError("MLflowLogger: registered_model_name needs log_model=True, 'last' or 'best'")
@@ -42,10 +45,12 @@ def check_model_options(log_model: Any, registered_model_name: Any, system_metri
         from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 
         system_metrics = bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get())
-    if not isinstance(system_metrics, (bool, int, float)) or (not isinstance(system_metrics, bool)
-                                                              and system_metrics <= 0):
-        raise ConfigError(f"MLflowLogger: system_metrics={system_metrics!r}; use True, False or a "
-                          "sampling interval in seconds")
+    if not isinstance(system_metrics, (bool, int, float)) or (
+        not isinstance(system_metrics, bool) and system_metrics <= 0
+    ):
+        raise ConfigError(
+            f"MLflowLogger: system_metrics={system_metrics!r}; use True, False or a sampling interval in seconds"
+        )
     if system_metrics is not False and importlib.util.find_spec("psutil") is None:
         raise ConfigError('MLflowLogger: system_metrics needs psutil; pip install "corebus[mlflow]"')
     return system_metrics
@@ -119,13 +124,24 @@ def dataset_records(inputs: dict[str, Any]) -> list[dict[str, Any]]:
             targets = None if targets is None or isinstance(targets, dict) else np.asarray(targets)
             dataset = from_numpy(features=features, targets=targets, source=source, name=context)
         else:
-            log.warning("MLflowLogger: log_datasets records arrays and tf.data datasets; the %s input is a %s",
-                        context, type(features).__name__)
+            log.warning(
+                "MLflowLogger: log_datasets records arrays and tf.data datasets; the %s input is a %s",
+                context,
+                type(features).__name__,
+            )
             continue
         entity = dataset._to_mlflow_entity()
-        out.append({"context": context, "name": entity.name, "digest": entity.digest,
-                    "source_type": entity.source_type, "source": entity.source, "schema": entity.schema,
-                    "profile": entity.profile})
+        out.append(
+            {
+                "context": context,
+                "name": entity.name,
+                "digest": entity.digest,
+                "source_type": entity.source_type,
+                "source": entity.source,
+                "schema": entity.schema,
+                "profile": entity.profile,
+            }
+        )
     return out
 
 
@@ -133,8 +149,13 @@ def log_datasets(client: Any, run_id: str, record: dict[str, Any]) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    inputs = [DatasetInput(Dataset(**{k: v for k, v in d.items() if k != "context"}),
-                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in record["datasets"]]
+    inputs = [
+        DatasetInput(
+            Dataset(**{k: v for k, v in d.items() if k != "context"}),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])],
+        )
+        for d in record["datasets"]
+    ]
     client.log_inputs(run_id, datasets=inputs)  # the store skips an input the run already has
 
 
@@ -175,8 +196,14 @@ def prepare_model(record: dict[str, Any], target: str, mlflow_model: Any) -> Non
     if signature is None:
         signature = get_model_signature(model)  # what mlflow.keras.autolog records
     # Pinned requirements, not MLflow's inference (a subprocess importing TensorFlow again).
-    mlflow.keras.save_model(model, target, mlflow_model=mlflow_model, signature=signature, input_example=example,
-                            pip_requirements=mlflow.keras.get_default_pip_requirements())
+    mlflow.keras.save_model(
+        model,
+        target,
+        mlflow_model=mlflow_model,
+        signature=signature,
+        input_example=example,
+        pip_requirements=mlflow.keras.get_default_pip_requirements(),
+    )
 
 
 def log_model(client: Any, experiment_id: str, run_id: str, record: dict[str, Any], done: dict[str, str]) -> None:
@@ -194,16 +221,22 @@ def log_model(client: Any, experiment_id: str, run_id: str, record: dict[str, An
     try:
         # Steps remembered in ``done``: a retried batch (OSError) goes on where it failed.
         if key not in done:
-            done[key] = client.create_logged_model(experiment_id, name="model", source_run_id=run_id,
-                                                   tags={"corebus.weights": record["weights"]}).model_id
+            done[key] = client.create_logged_model(
+                experiment_id, name="model", source_run_id=run_id, tags={"corebus.weights": record["weights"]}
+            ).model_id
         model_id = done[key]
         if key + "/logged" not in done:
             logged = client.get_logged_model(model_id)
             with tempfile.TemporaryDirectory() as tmp:
                 target = os.path.join(tmp, "model")
                 os.makedirs(target)
-                prepare_model(record, target, Model(artifact_path=logged.artifact_location, model_uuid=model_id,
-                                                    run_id=run_id, model_id=model_id))
+                prepare_model(
+                    record,
+                    target,
+                    Model(
+                        artifact_path=logged.artifact_location, model_uuid=model_id, run_id=run_id, model_id=model_id
+                    ),
+                )
                 client.log_model_artifacts(model_id, target)
             client.log_outputs(run_id, [LoggedModelOutput(model_id, step=record.get("step") or 0)])
             client.finalize_logged_model(model_id, LoggedModelStatus.READY)
@@ -215,10 +248,15 @@ def log_model(client: Any, experiment_id: str, run_id: str, record: dict[str, An
     except OSError:
         raise
     except Exception as exc:
-        log.warning("MLflowLogger: could not log the model of run %s (%s: %s); the run keeps its status",
-                    run_id, type(exc).__name__, exc)
-        client.log_batch(run_id, tags=[RunTag("corebus.log_model_error", f"{type(exc).__name__}: {exc}"[:8000])],
-                         synchronous=True)
+        log.warning(
+            "MLflowLogger: could not log the model of run %s (%s: %s); the run keeps its status",
+            run_id,
+            type(exc).__name__,
+            exc,
+        )
+        client.log_batch(
+            run_id, tags=[RunTag("corebus.log_model_error", f"{type(exc).__name__}: {exc}"[:8000])], synchronous=True
+        )
 
 
 def _register(client: Any, name: str, logged: Any, run_id: str, record: dict[str, Any]) -> None:
@@ -235,5 +273,6 @@ def _register(client: Any, name: str, logged: Any, run_id: str, record: dict[str
             tags[field] = str(record[field])
     # The storage location itself, not "models:/<id>": a local store's registry resolves that
     # through MLflow's process-global tracking URI, which need not be this logger's.
-    client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tags,
-                                model_id=logged.model_id)
+    client.create_model_version(
+        name, source=logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id
+    )

@@ -27,8 +27,11 @@ log = logging.getLogger("corebus")
 RUN_KEY_TAG = "corebus.run_key"  # names the run across retries, resumes and `corebus sync`
 MAX_KEY, MAX_PARAM, MAX_TAG = 250, 6000, 8000  # MLflow's limits (mlflow.utils.validation)
 # MLflow's HTTP client retries a dead server for ~4 minutes by default; the sink retries instead.
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
+HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+}
 # MLflow prints "View run <name> at: <tracking URI>/..." when a run ends, password included;
 # this variable (read per call) is MLflow's only switch for it.
 QUIET_URL_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
@@ -44,8 +47,14 @@ class _Writer:
     the run's history (``get_metric_history``) by (key, step).
     """
 
-    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None, verify: bool = False,
-                 artifact_location: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str | None,
+        verify: bool = False,
+        artifact_location: str | None = None,
+    ):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
@@ -62,8 +71,12 @@ class _Writer:
 
     def config(self) -> dict[str, Any]:
         """What ``corebus sync`` needs to rebuild this writer (no credentials)."""
-        return {"tracking_uri": _without_credentials(self.tracking_uri), "experiment_name": self.experiment_name,
-                "run_name": self.run_name, "artifact_location": self.artifact_location}
+        return {
+            "tracking_uri": _without_credentials(self.tracking_uri),
+            "experiment_name": self.experiment_name,
+            "run_name": self.run_name,
+            "artifact_location": self.artifact_location,
+        }
 
     def send(self, records: list[dict[str, Any]], run_ids: dict[str, str] | None = None) -> dict[str, str]:
         """Deliver ``records``; returns the run ids by run key (``run_ids``: those known already,
@@ -72,8 +85,13 @@ class _Writer:
         try:
             self._send(records)
         except Exception as exc:
-            self._uncertain.update((r["run"], key, step) for r in records if r["type"] == "metrics"
-                                   for step, _, values in r["points"] for key in values)
+            self._uncertain.update(
+                (r["run"], key, step)
+                for r in records
+                if r["type"] == "metrics"
+                for step, _, values in r["points"]
+                for key in values
+            )
             # MLflow's errors name the request's URL: with a password in the tracking URI, so
             # the sink's warning (and the console) would show it.
             message = redact_uri_secrets(str(exc), self.tracking_uri)
@@ -109,16 +127,23 @@ class _Writer:
                     self._verify_runs.add(run_key)
                     client.update_run(run_id, status="RUNNING")
                 # not for `corebus sync` (verify): the run it replays is long over
-                if record.get("system_metrics") not in (None, False) and not self._verify_all \
-                        and run_key not in self._monitors:
+                if (
+                    record.get("system_metrics") not in (None, False)
+                    and not self._verify_all
+                    and run_key not in self._monitors
+                ):
                     interval = None if record["system_metrics"] is True else float(record["system_metrics"])
-                    self._monitors[run_key] = start_system_metrics(run_id, self.tracking_uri, interval,
-                                                                   bool(record.get("resumed")))
+                    self._monitors[run_key] = start_system_metrics(
+                        run_id, self.tracking_uri, interval, bool(record.get("resumed"))
+                    )
             elif kind == "datasets":
                 log_datasets(client, run_id, record)
             elif kind == "model":
-                staged = [Path(p) for p in (record["path"], record.get("example"), (record.get("best") or {}).get("path"))
-                          if p]
+                staged = [
+                    Path(p)
+                    for p in (record["path"], record.get("example"), (record.get("best") or {}).get("path"))
+                    if p
+                ]
                 if not all(p.exists() for p in staged):  # logged and removed by a run that died before popping
                     continue
                 log_model(client, self._experiment(client), run_id, record, self._models)
@@ -170,8 +195,9 @@ class _Writer:
             experiment = client.get_experiment_by_name(self.experiment_name)
             if experiment is None:
                 try:
-                    self._experiment_id = client.create_experiment(self.experiment_name,
-                                                                   artifact_location=self.artifact_location)
+                    self._experiment_id = client.create_experiment(
+                        self.experiment_name, artifact_location=self.artifact_location
+                    )
                     return self._experiment_id
                 except Exception:  # created meanwhile by another process
                     experiment = client.get_experiment_by_name(self.experiment_name)
@@ -181,9 +207,13 @@ class _Writer:
             wanted = self.artifact_location
             if wanted and experiment.artifact_location.rstrip("/") != wanted.rstrip("/"):
                 # MLflow fixes an experiment's artifact location when it is created
-                log.warning("MLflowLogger: experiment %r already exists and keeps its artifact location %s "
-                            "(not %s); pick another experiment_name to store artifacts there",
-                            self.experiment_name, experiment.artifact_location, wanted)
+                log.warning(
+                    "MLflowLogger: experiment %r already exists and keeps its artifact location %s "
+                    "(not %s); pick another experiment_name to store artifacts there",
+                    self.experiment_name,
+                    experiment.artifact_location,
+                    wanted,
+                )
         return self._experiment_id
 
     def _log_alert(self, client: Any, run_id: str, record: dict[str, Any]) -> None:
@@ -197,8 +227,14 @@ class _Writer:
             return
         lines = (history + "\n" + line).strip("\n")[-MAX_TAG:]
         detail = (line + ("\n" + record["text"] if record.get("text") else ""))[:MAX_TAG]
-        client.log_batch(run_id, tags=[RunTag(clean_key(f"corebus.alert.{record['kind']}"), detail),
-                                       RunTag("corebus.delivery.alerts", lines)], synchronous=True)
+        client.log_batch(
+            run_id,
+            tags=[
+                RunTag(clean_key(f"corebus.alert.{record['kind']}"), detail),
+                RunTag("corebus.delivery.alerts", lines),
+            ],
+            synchronous=True,
+        )
 
     def _log_params(self, client: Any, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -259,8 +295,10 @@ def mlflow_env(tracking_uri: str, delta: int) -> None:
     """Reference-counted settings for MLflow while a run is open, only those the user did not
     set: short HTTP retries to a server, and no run link printed when the URI holds a password."""
     global _env_users
-    settings = {**(HTTP_ENV if is_server(tracking_uri) else {}),
-                **(QUIET_URL_ENV if urlsplit(tracking_uri).password else {})}
+    settings = {
+        **(HTTP_ENV if is_server(tracking_uri) else {}),
+        **(QUIET_URL_ENV if urlsplit(tracking_uri).password else {}),
+    }
     if not settings:
         return
     with _env_lock:
@@ -287,7 +325,7 @@ def local_artifact_location(tracking_uri: str, experiment_name: str) -> str | No
     file store keeps artifacts inside itself, a server decides on its side."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    database = Path(unquote(tracking_uri[len("sqlite:///"):].split("?", 1)[0]))
+    database = Path(unquote(tracking_uri[len("sqlite:///") :].split("?", 1)[0]))
     folder = re.sub(r"[^\w.\-]", "_", experiment_name) or "_"
     return (database.parent / "mlartifacts" / folder).resolve().as_uri()
 
@@ -386,7 +424,10 @@ def _name_of(value: Any) -> Any:
         return [_name_of(v) for v in value]
     if isinstance(value, dict):
         if "class_name" in value:  # a serialised Keras object
-            return value.get("config", {}).get("name") if isinstance(value.get("config"), dict) \
-                and value["class_name"] == "function" else value["class_name"]
+            return (
+                value.get("config", {}).get("name")
+                if isinstance(value.get("config"), dict) and value["class_name"] == "function"
+                else value["class_name"]
+            )
         return {str(k): _name_of(v) for k, v in value.items()}
     return getattr(value, "name", None) or getattr(value, "__name__", None) or type(value).__name__

@@ -91,28 +91,48 @@ class RayTrainReport:
     # The snapshot holds what history and the report recorded for the epoch.
     runs_after = ("history", "report")
 
-    def __init__(self, checkpoint_every: int | None = 1, metrics: str | list[str] | dict[str, str] | None = None,
-                 report_every_n_steps: int | None = None, resume_from: Any = None):
-        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
-                                             or checkpoint_every < 1):
-            raise ConfigError(f"ray_train: checkpoint_every={checkpoint_every!r}; use a positive number of epochs, "
-                              "or None for metrics only")
-        if report_every_n_steps is not None and (isinstance(report_every_n_steps, bool)
-                                                 or not isinstance(report_every_n_steps, int) or report_every_n_steps < 1):
-            raise ConfigError(f"ray_train: report_every_n_steps={report_every_n_steps!r}; use a positive number of steps or None")
-        if metrics is not None and not (isinstance(metrics, str) or (isinstance(metrics, list) and all(
-                isinstance(m, str) for m in metrics)) or (isinstance(metrics, Mapping) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in metrics.items()))):
-            raise ConfigError(f"ray_train: metrics={metrics!r}; use None, a log key, a list of keys or "
-                              "{reported_name: key}")
+    def __init__(
+        self,
+        checkpoint_every: int | None = 1,
+        metrics: str | list[str] | dict[str, str] | None = None,
+        report_every_n_steps: int | None = None,
+        resume_from: Any = None,
+    ):
+        if checkpoint_every is not None and (
+            isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
+        ):
+            raise ConfigError(
+                f"ray_train: checkpoint_every={checkpoint_every!r}; use a positive number of epochs, "
+                "or None for metrics only"
+            )
+        if report_every_n_steps is not None and (
+            isinstance(report_every_n_steps, bool)
+            or not isinstance(report_every_n_steps, int)
+            or report_every_n_steps < 1
+        ):
+            raise ConfigError(
+                f"ray_train: report_every_n_steps={report_every_n_steps!r}; use a positive number of steps or None"
+            )
+        if metrics is not None and not (
+            isinstance(metrics, str)
+            or (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics))
+            or (
+                isinstance(metrics, Mapping)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in metrics.items())
+            )
+        ):
+            raise ConfigError(
+                f"ray_train: metrics={metrics!r}; use None, a log key, a list of keys or {{reported_name: key}}"
+            )
         train = _ray_train()  # a missing [ray] extra is an error when the run is configured
         if isinstance(resume_from, (str, Path)):
             if not Path(resume_from).is_dir():
                 raise ConfigError(f"ray_train: resume_from={str(resume_from)!r} is not a checkpoint directory")
             resume_from = train.Checkpoint.from_directory(str(resume_from))
         elif resume_from is not None and not isinstance(resume_from, train.Checkpoint):
-            raise ConfigError(f"ray_train: resume_from must be a ray.train.Checkpoint or its path, "
-                              f"not {type(resume_from).__name__}")
+            raise ConfigError(
+                f"ray_train: resume_from must be a ray.train.Checkpoint or its path, not {type(resume_from).__name__}"
+            )
         self.resume_from = resume_from
         self.checkpoint_every = checkpoint_every
         self.metrics = metrics
@@ -136,12 +156,14 @@ class RayTrainReport:
             raise ConfigError(
                 "ray_train reports to Ray Train and only runs inside a Ray Train worker loop "
                 "(the function given to ray.train.tensorflow.TensorflowTrainer, or `corebus run "
-                "--workers N`); remove it from this run's plugins") from exc
+                "--workers N`); remove it from this run's plugins"
+            ) from exc
         for name, plugin in trainer.bus.plugins.items():
             if "run.backup" in (getattr(plugin, "controls", ()) or ()):
                 raise ConfigError(
                     f"ray_train and {name!r} both restore the run on start: under Ray Train the run resumes from "
-                    f"Ray's checkpoints (checkpoint_every=); remove {name!r}")
+                    f"Ray's checkpoints (checkpoint_every=); remove {name!r}"
+                )
         self.world_rank = int(context.get_world_rank())
         checkpoint = checkpoint or self.resume_from
         if checkpoint is None:
@@ -149,10 +171,14 @@ class RayTrainReport:
         with checkpoint.as_directory() as directory:
             snapshot = RunSnapshot.restore_latest(directory, trainer)
         if snapshot is None:
-            raise ConfigError(f"Ray's checkpoint {checkpoint.path} holds no corebus run snapshot: resume only from "
-                              "checkpoints the ray_train plugin wrote")
+            raise ConfigError(
+                f"Ray's checkpoint {checkpoint.path} holds no corebus run snapshot: resume only from "
+                "checkpoints the ray_train plugin wrote"
+            )
         self.restored_step = trainer.global_step
-        log.info("ray_train: resumed from %s at step %d (epoch %d)", checkpoint.path, trainer.global_step, trainer.epoch)
+        log.info(
+            "ray_train: resumed from %s at step %d (epoch %d)", checkpoint.path, trainer.global_step, trainer.epoch
+        )
 
     # ------------------------------------------------------------------ reports
 
@@ -168,8 +194,10 @@ class RayTrainReport:
         result = yield
         epochs = (getattr(trainer, "params", None) or {}).get("epochs")
         due = self.checkpoint_every is not None and (
-            (epoch + 1) % self.checkpoint_every == 0 or (epochs is not None and epoch + 1 >= epochs)
-            or trainer.stop_training)
+            (epoch + 1) % self.checkpoint_every == 0
+            or (epochs is not None and epoch + 1 >= epochs)
+            or trainer.stop_training
+        )
         self._report(trainer, self._select(logs, trainer, "epoch"), checkpoint=due)
         return result
 
@@ -179,12 +207,17 @@ class RayTrainReport:
         if wanted is None:
             chosen = logs
         else:
-            pairs = {wanted: wanted} if isinstance(wanted, str) else (
-                {m: m for m in wanted} if isinstance(wanted, list) else dict(wanted))
+            pairs = (
+                {wanted: wanted}
+                if isinstance(wanted, str)
+                else ({m: m for m in wanted} if isinstance(wanted, list) else dict(wanted))
+            )
             missing = sorted(key for key in pairs.values() if key not in logs)
             if missing:
-                raise ConfigError(f"ray_train: metrics= names {', '.join(missing)}, not in the {where} logs "
-                                  f"({', '.join(sorted(logs)) or 'none'})")
+                raise ConfigError(
+                    f"ray_train: metrics= names {', '.join(missing)}, not in the {where} logs "
+                    f"({', '.join(sorted(logs)) or 'none'})"
+                )
             chosen = {name: logs[key] for name, key in pairs.items()}
         metrics = {name: _plain(value) for name, value in chosen.items()}
         if wanted is None:  # as the loggers report it: each optimizer's learning rate, when no plugin logged it

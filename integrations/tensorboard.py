@@ -16,7 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from corebus import LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, PendingPoints, Spool, check_writable, hookimpl, replay_spool, require_module
+from corebus import (
+    LOGGER_FLUSH_SECONDS,
+    Cadence,
+    ConfigError,
+    LogSink,
+    PendingPoints,
+    Spool,
+    check_writable,
+    hookimpl,
+    replay_spool,
+    require_module,
+)
 
 log = logging.getLogger("corebus")
 
@@ -98,10 +109,12 @@ class TensorBoardLogger:
         update_freq = 1 if update_freq == "batch" else update_freq
         if update_freq != "epoch" and not (isinstance(update_freq, int) and update_freq >= 1):
             raise ConfigError(
-                f'TensorBoardLogger: update_freq={update_freq!r} must be "epoch", "batch" or an integer >= 1')
+                f'TensorBoardLogger: update_freq={update_freq!r} must be "epoch", "batch" or an integer >= 1'
+            )
         if not isinstance(histogram_freq, int) or histogram_freq < 0:
             raise ConfigError(
-                f"TensorBoardLogger: histogram_freq={histogram_freq!r} must be an integer >= 0 (0 disables)")
+                f"TensorBoardLogger: histogram_freq={histogram_freq!r} must be an integer >= 0 (0 disables)"
+            )
         self.log_dir = os.fspath(log_dir)
         check_writable(self.log_dir, "TensorBoardLogger")
         self.histogram_freq = histogram_freq
@@ -137,11 +150,18 @@ class TensorBoardLogger:
         self.hparams = bool(hparams)
 
     def get_config(self) -> dict[str, Any]:
-        return {"log_dir": os.path.abspath(self.log_dir), "histogram_freq": self.histogram_freq,
-                "write_graph": self.write_graph, "write_steps_per_second": self.write_steps_per_second,
-                "update_freq": self.update_freq, "profile_batch": list(self.profile_batch or (0, 0)),
-                "shutdown_timeout": self.shutdown_timeout, "write_gradients": self.write_gradients,
-                "write_grad_norm": self.write_grad_norm, "hparams": self.hparams}
+        return {
+            "log_dir": os.path.abspath(self.log_dir),
+            "histogram_freq": self.histogram_freq,
+            "write_graph": self.write_graph,
+            "write_steps_per_second": self.write_steps_per_second,
+            "update_freq": self.update_freq,
+            "profile_batch": list(self.profile_batch or (0, 0)),
+            "shutdown_timeout": self.shutdown_timeout,
+            "write_gradients": self.write_gradients,
+            "write_grad_norm": self.write_grad_norm,
+            "hparams": self.hparams,
+        }
 
     # ---------------------------------------------------------------- hooks
 
@@ -172,8 +192,12 @@ class TensorBoardLogger:
     @hookimpl
     def on_train_batch_begin(self, trainer, batch):
         steps = trainer.params.get("steps")
-        if ("values" in self.gradient_taps and steps and trainer.epoch % self.histogram_freq == 0
-                and batch + self._capture_from_end >= steps):
+        if (
+            "values" in self.gradient_taps
+            and steps
+            and trainer.epoch % self.histogram_freq == 0
+            and batch + self._capture_from_end >= steps
+        ):
             trainer.gradient_pipeline.capture_gradients(True)  # from the call of the epoch's last update
         window = self.profile_batch
         # The window is in global steps, so a later fit or a resumed run past it never re-profiles.
@@ -244,8 +268,10 @@ class TensorBoardLogger:
             if self._points:
                 self._hand_over_points()
             if not self._sink.flush(self.shutdown_timeout):
-                log.warning("TensorBoardLogger: points not written within %.0f s of a snapshot; a kill now "
-                            "may lose them", self.shutdown_timeout)
+                log.warning(
+                    "TensorBoardLogger: points not written within %.0f s of a snapshot; a kill now may lose them",
+                    self.shutdown_timeout,
+                )
         return {"log_dir": self.log_dir}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -281,8 +307,13 @@ class TensorBoardLogger:
         if self._sink is None:
             self._files = _EventFiles(self.log_dir, skip_written=self._resumed)
             spool = Spool(Path(self.log_dir) / SPOOL_NAME, {"plugin": "tensorboard", "config": self.get_config()})
-            self._sink = LogSink("tensorboard", self._files.write, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
-                                 shutdown_timeout=self.shutdown_timeout)
+            self._sink = LogSink(
+                "tensorboard",
+                self._files.write,
+                spool=spool,
+                flush_interval=LOGGER_FLUSH_SECONDS,
+                shutdown_timeout=self.shutdown_timeout,
+            )
             for pending in self._pending:
                 self._sink.put(pending)
             self._pending = []
@@ -319,9 +350,11 @@ class TensorBoardLogger:
             log.info("TensorBoardLogger: epoch %d had no optimizer update; no gradient histogram", epoch)
         elif not self._warned_no_gradients:
             self._warned_no_gradients = True
-            log.warning("TensorBoardLogger: no gradients to write; inside model.fit compile with "
-                        "optimizer=callback.wrap_optimizer(...) so the gradient pipeline runs "
-                        "(or pass write_gradients=False)")
+            log.warning(
+                "TensorBoardLogger: no gradients to write; inside model.fit compile with "
+                "optimizer=callback.wrap_optimizer(...) so the gradient pipeline runs "
+                "(or pass write_gradients=False)"
+            )
 
     def _finish(self, trainer: Any, status: str) -> None:
         if self._profiler == "running":
@@ -331,6 +364,7 @@ class TensorBoardLogger:
         self._close()
         if self.hparams:  # the HParams dashboard session, written last (tensorboard_hparams.py)
             from .tensorboard_hparams import write_hparams
+
             write_hparams(self.log_dir, trainer)
 
     def _close(self) -> None:
@@ -416,7 +450,9 @@ class _EventFiles:
         from tensorboard.compat.proto import event_pb2
 
         os.makedirs(directory, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(cls._serial)}.v2"
+        name = (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(cls._serial)}.v2"
+        )
         # TFRecord framing in C++: TensorBoard's own RecordWriter computes its CRC32C checksums
         # in plain Python, 15 µs a record of interpreter-lock time taken from the training loop.
         writer = tf.io.TFRecordWriter(os.path.join(directory, name))
@@ -457,14 +493,23 @@ def _summary_values(record: dict[str, Any]) -> list[Any]:
         return [value for tag, text in values.items() for value in text_pb(tag, text).value]
     if kind == "histograms":
         metadata = histogram_metadata.create_summary_metadata(display_name=None, description=None)
-        return [summary_pb2.Summary.Value(tag=tag, metadata=metadata,
-                                          tensor=tensor_util.make_tensor_proto(np.asarray(buckets, np.float64)))
-                for tag, buckets in values.items()]
+        return [
+            summary_pb2.Summary.Value(
+                tag=tag, metadata=metadata, tensor=tensor_util.make_tensor_proto(np.asarray(buckets, np.float64))
+            )
+            for tag, buckets in values.items()
+        ]
     if kind == "keras_model":
         metadata = summary_pb2.SummaryMetadata(  # what Keras writes for its conceptual graph
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="graph_keras_model", content=b"1"))
-        return [summary_pb2.Summary.Value(tag="keras", metadata=metadata,
-                                          tensor=tensor_util.make_tensor_proto(np.array(record["json"], dtype=object)))]
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="graph_keras_model", content=b"1")
+        )
+        return [
+            summary_pb2.Summary.Value(
+                tag="keras",
+                metadata=metadata,
+                tensor=tensor_util.make_tensor_proto(np.array(record["json"], dtype=object)),
+            )
+        ]
     raise ValueError(f"unknown TensorBoard record type {kind!r}")
 
 
@@ -473,8 +518,9 @@ def _scalar_value(tag: str, number: float) -> Any:
     that goes through numpy and costs 20 µs of interpreter-lock time a scalar, this about 3."""
     from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
-    tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
-                                    float_val=[float(number)])
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(), float_val=[float(number)]
+    )
     return summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=_scalar_metadata())
 
 
@@ -518,7 +564,7 @@ def _graph_records(model: Any) -> list[dict[str, Any]]:
         try:
             records.append({"type": "keras_model", "run": "train", "step": 0, "json": model.to_json()})
         except Exception as exc:  # as Keras: a model that cannot serialise still trains
-            warnings.warn(f"Model failed to serialize as JSON. Ignoring... {exc}")
+            warnings.warn(f"Model failed to serialize as JSON. Ignoring... {exc}", stacklevel=2)
     inputs = getattr(model, "inputs", None)
     if inputs:
         try:
@@ -534,8 +580,10 @@ def _graph_records(model: Any) -> list[dict[str, Any]]:
 
 def _profile_window(profile_batch: Any) -> tuple[int, int] | None:
     """Keras's ``profile_batch`` rules: ``0`` off, ``n`` -> ``(n, n)``, ``"a,b"`` or ``(a, b)``."""
-    message = (f"TensorBoardLogger: profile_batch={profile_batch!r} must be a non-negative integer or a pair "
-               "(start, stop) of positive integers with start <= stop, e.g. profile_batch=(10, 20)")
+    message = (
+        f"TensorBoardLogger: profile_batch={profile_batch!r} must be a non-negative integer or a pair "
+        "(start, stop) of positive integers with start <= stop, e.g. profile_batch=(10, 20)"
+    )
     window = profile_batch.split(",") if isinstance(profile_batch, str) else profile_batch
     if not isinstance(window, (tuple, list)):
         window = (window, window)

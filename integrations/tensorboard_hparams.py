@@ -78,8 +78,9 @@ def write_hparams(log_dir: str | os.PathLike, trainer: Any) -> bool:
     try:
         _write(log_dir, trainer)
     except Exception as exc:
-        log.warning("TensorBoardLogger: could not write the HParams summary to %s: %s: %s",
-                    log_dir, type(exc).__name__, exc)
+        log.warning(
+            "TensorBoardLogger: could not write the HParams summary to %s: %s: %s", log_dir, type(exc).__name__, exc
+        )
         return False
     return True
 

@@ -13,8 +13,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corebus import (LOGGER_FLUSH_SECONDS, Cadence, ConfigError, LogSink, Monitor, PendingPoints, Spool, atomic_path,
-                     check_writable, hookimpl, read_spool, replay_spool, require_module)
+from corebus import (
+    LOGGER_FLUSH_SECONDS,
+    Cadence,
+    ConfigError,
+    LogSink,
+    Monitor,
+    PendingPoints,
+    Spool,
+    atomic_path,
+    check_writable,
+    hookimpl,
+    read_spool,
+    replay_spool,
+    require_module,
+)
 from corebus.kit import redact
 
 from .wandb_run import InThread, RunWriter
@@ -115,10 +128,20 @@ class WandbLogger:
     error_policy = "disable"
     max_failures = 5
 
-    def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None,
-                 dir: str | os.PathLike | None = None, name: str | None = None, log_every_n_steps: int | None = 10,
-                 log_checkpoints: str | bool = "kept", shutdown_timeout: float = 30.0, tags: list[str] | None = None,
-                 isolate_sdk: bool | None = None, start_timeout: float = 60.0):
+    def __init__(
+        self,
+        project: str | None = None,
+        entity: str | None = None,
+        mode: str | None = None,
+        dir: str | os.PathLike | None = None,
+        name: str | None = None,
+        log_every_n_steps: int | None = 10,
+        log_checkpoints: str | bool = "kept",
+        shutdown_timeout: float = 30.0,
+        tags: list[str] | None = None,
+        isolate_sdk: bool | None = None,
+        start_timeout: float = 60.0,
+    ):
         require_module("wandb", extra="wandb", what="WandbLogger")
         self.project = project or os.environ.get("WANDB_PROJECT") or "corebus"
         self.entity = entity
@@ -131,7 +154,7 @@ class WandbLogger:
         self.log_every_n_steps = log_every_n_steps
         self.log_checkpoints = "kept" if log_checkpoints is True else log_checkpoints
         if self.log_checkpoints not in CHECKPOINT_POLICIES:
-            raise ConfigError(f"WandbLogger: log_checkpoints={log_checkpoints!r}; use \"kept\" (or True), \"all\" or False")
+            raise ConfigError(f'WandbLogger: log_checkpoints={log_checkpoints!r}; use "kept" (or True), "all" or False')
         self.shutdown_timeout = shutdown_timeout
         if self.mode not in MODES:
             raise ConfigError(f"WandbLogger: mode={self.mode!r}; use one of {', '.join(MODES)}")
@@ -149,10 +172,13 @@ class WandbLogger:
         # W&B's client builds a protobuf record per row and runs an asyncio thread: off the
         # training process unless asked (or nothing is written: mode "disabled").
         if isolate_sdk and BackendProcess is None:
-            raise ConfigError("WandbLogger: isolate_sdk=True needs corebus.BackendProcess, which this corebus "
-                              "lacks; leave isolate_sdk unset to run the SDK in this process")
-        self.isolate_sdk = (self.mode != "disabled" and BackendProcess is not None) if isolate_sdk is None \
-            else bool(isolate_sdk)
+            raise ConfigError(
+                "WandbLogger: isolate_sdk=True needs corebus.BackendProcess, which this corebus "
+                "lacks; leave isolate_sdk unset to run the SDK in this process"
+            )
+        self.isolate_sdk = (
+            (self.mode != "disabled" and BackendProcess is not None) if isolate_sdk is None else bool(isolate_sdk)
+        )
         self._sink: LogSink | None = None
         self._writer: Any = None  # the run's RunWriter behind call()/close(), in a child or here
         self._started = False
@@ -166,10 +192,19 @@ class WandbLogger:
         self._model: Any = None
 
     def get_config(self) -> dict[str, Any]:
-        return {"project": self.project, "entity": self.entity, "mode": self.mode, "dir": self.dir,
-                "name": self.name, "tags": self.tags, "log_every_n_steps": self.log_every_n_steps,
-                "log_checkpoints": self.log_checkpoints, "shutdown_timeout": self.shutdown_timeout,
-                "isolate_sdk": self.isolate_sdk, "start_timeout": self.start_timeout}
+        return {
+            "project": self.project,
+            "entity": self.entity,
+            "mode": self.mode,
+            "dir": self.dir,
+            "name": self.name,
+            "tags": self.tags,
+            "log_every_n_steps": self.log_every_n_steps,
+            "log_checkpoints": self.log_checkpoints,
+            "shutdown_timeout": self.shutdown_timeout,
+            "isolate_sdk": self.isolate_sdk,
+            "start_timeout": self.start_timeout,
+        }
 
     # ---------------------------------------------------------------- hooks (training thread)
 
@@ -229,8 +264,16 @@ class WandbLogger:
         best = self._is_new_best(metadata)
         if best:
             self._best = {k: metadata.get(k) for k in ("monitor", "value", "epoch", "step")}
-            self._put({"type": "summary", "values": {f"best/{metadata['monitor']}": metadata["value"],
-                                                     "best/epoch": metadata.get("epoch"), "best/step": int(step)}})
+            self._put(
+                {
+                    "type": "summary",
+                    "values": {
+                        f"best/{metadata['monitor']}": metadata["value"],
+                        "best/epoch": metadata.get("epoch"),
+                        "best/step": int(step),
+                    },
+                }
+            )
         if self.log_checkpoints == "all":
             self._put_artifact(filepath, metadata, ["latest", f"step_{step}"] + (["best"] if best else []))
         elif self.log_checkpoints == "kept":
@@ -241,9 +284,19 @@ class WandbLogger:
     def on_alert(self, alert: Any) -> None:
         # May come from a watchdog thread: the points stay with the training thread (an
         # alert goes to the run's summary, not its history, so the order does not matter).
-        self._put({"type": "alert", "kind": alert.kind, "title": alert.title, "text": alert.text,
-                   "level": alert.level, "step": alert.step, "epoch": alert.epoch, "time": alert.time},
-                  points_first=False)
+        self._put(
+            {
+                "type": "alert",
+                "kind": alert.kind,
+                "title": alert.title,
+                "text": alert.text,
+                "level": alert.level,
+                "step": alert.step,
+                "epoch": alert.epoch,
+                "time": alert.time,
+            },
+            points_first=False,
+        )
 
     @hookimpl(trylast=True)  # after the checkpoint plugin's last save and rotation
     def on_train_end(self) -> None:
@@ -263,8 +316,10 @@ class WandbLogger:
             if self._points:
                 self._hand_over_points()
             if not self._sink.flush(self.shutdown_timeout):
-                log.warning("WandbLogger: points not delivered within %.0f s of a snapshot; a kill now may lose them",
-                            self.shutdown_timeout)
+                log.warning(
+                    "WandbLogger: points not delivered within %.0f s of a snapshot; a kill now may lose them",
+                    self.shutdown_timeout,
+                )
         return {"run_id": self.run_id, "best": self._best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -308,8 +363,11 @@ class WandbLogger:
             if best is None or self._direction_of(entry[2]).better(float(entry[2]["value"]), float(best[2]["value"])):
                 best = entry
         for index, (path, step, meta) in enumerate(kept):
-            aliases = [f"step_{step}"] + (["latest"] if index == len(kept) - 1 else []) + (
-                ["best"] if best is not None and path == best[0] else [])
+            aliases = (
+                [f"step_{step}"]
+                + (["latest"] if index == len(kept) - 1 else [])
+                + (["best"] if best is not None and path == best[0] else [])
+            )
             self._put_artifact(path, meta, aliases)
 
     def _direction_of(self, metadata: dict[str, Any]) -> Monitor | None:
@@ -318,8 +376,17 @@ class WandbLogger:
 
     def _put_artifact(self, filepath: str, metadata: dict[str, Any], aliases: list[str]) -> None:
         path, staged = self._stage(filepath)
-        self._put({"type": "artifact", "path": path, "name": Path(filepath).name, "staged": staged,
-                   "step": metadata["step"], "metadata": metadata, "aliases": aliases})
+        self._put(
+            {
+                "type": "artifact",
+                "path": path,
+                "name": Path(filepath).name,
+                "staged": staged,
+                "step": metadata["step"],
+                "metadata": metadata,
+                "aliases": aliases,
+            }
+        )
 
     # ---------------------------------------------------------------- delivery
 
@@ -330,7 +397,11 @@ class WandbLogger:
             self._put({"type": "log", "step": step, "values": values})
 
     def _put(self, record: dict[str, Any], points_first: bool = True) -> None:
-        if record["type"] == "log" and self._delivered_through is not None and record["step"] <= self._delivered_through:
+        if (
+            record["type"] == "log"
+            and self._delivered_through is not None
+            and record["step"] <= self._delivered_through
+        ):
             # The interrupted process delivered this step after the snapshot was taken; of the
             # last step it delivered, only the keys it sent (its epoch record may not have gone).
             if record["step"] < self._delivered_through:
@@ -350,8 +421,13 @@ class WandbLogger:
         spool = Spool(Path(self.dir) / f"wandb-{self.run_id}.spool.jsonl", header)
         settings = self._writer_settings()
         self._writer = BackendProcess(RunWriter, **settings) if self.isolate_sdk else InThread(RunWriter(**settings))
-        self._sink = LogSink("wandb", self._send, spool=spool, flush_interval=LOGGER_FLUSH_SECONDS,
-                             shutdown_timeout=self.shutdown_timeout)
+        self._sink = LogSink(
+            "wandb",
+            self._send,
+            spool=spool,
+            flush_interval=LOGGER_FLUSH_SECONDS,
+            shutdown_timeout=self.shutdown_timeout,
+        )
         self._sink.put({"type": "config", "values": self._params, "resumed_step": self._resumed_step})
 
     def _start_run(self) -> None:
@@ -370,8 +446,10 @@ class WandbLogger:
         thread.start()
         thread.join(self.start_timeout)
         if thread.is_alive():
-            log.warning("WandbLogger: the W&B run did not start within %.0f s; training goes on, its records "
-                        "wait for it", self.start_timeout)
+            log.warning(
+                "WandbLogger: the W&B run did not start within %.0f s; training goes on, its records wait for it",
+                self.start_timeout,
+            )
         elif failure:
             log.warning("WandbLogger: the W&B run could not start (%s); its records wait in the spool", failure[0])
         else:
@@ -406,11 +484,19 @@ class WandbLogger:
             return str(filepath), False
 
     def _writer_settings(self) -> dict[str, Any]:
-        return {"project": self.project, "entity": self.entity, "mode": self.mode, "dir": self.dir,
-                "name": self.name, "tags": self.tags, "run_id": self.run_id,
-                # W&B's system metrics and run metadata describe this (training) process, even
-                # when the SDK lives in a child.
-                "stats_pid": os.getpid(), "program": _program()}
+        return {
+            "project": self.project,
+            "entity": self.entity,
+            "mode": self.mode,
+            "dir": self.dir,
+            "name": self.name,
+            "tags": self.tags,
+            "run_id": self.run_id,
+            # W&B's system metrics and run metadata describe this (training) process, even
+            # when the SDK lives in a child.
+            "stats_pid": os.getpid(),
+            "program": _program(),
+        }
 
     def _send(self, records: list[dict[str, Any]]) -> None:
         self._writer.call("send", records)
@@ -443,6 +529,7 @@ class WandbLogger:
         if sent == len(records) and writer.run is not None:  # the run's status never came: it did not finish
             writer.send([{"type": "finish", "exit_code": 1, "status": "FAILED", "error": "no final status recorded"}])
         return sent
+
 
 def _program() -> str | None:
     """The training program as W&B names it in the training process (``WANDB_PROGRAM``, which

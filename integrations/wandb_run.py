@@ -20,16 +20,34 @@ class RunWriter:
     """Records -> W&B SDK calls for one run, on the sink's worker thread or in a child process
     (:class:`corebus.BackendProcess`)."""
 
-    def __init__(self, project: str, entity: str | None, mode: str, dir: str, name: str | None,
-                 tags: list[str], run_id: str, stats_pid: int | None = None, program: str | None = None):
+    def __init__(
+        self,
+        project: str,
+        entity: str | None,
+        mode: str,
+        dir: str,
+        name: str | None,
+        tags: list[str],
+        run_id: str,
+        stats_pid: int | None = None,
+        program: str | None = None,
+    ):
         import wandb
 
         self._wandb = wandb
         process = {"x_stats_pid": stats_pid or os.getpid()}
         if program:
             process["program"] = program
-        self.settings = {"project": project, "entity": entity, "mode": mode, "dir": dir, "name": name,
-                         "tags": tags or None, "id": run_id, "settings": wandb.Settings(**process)}
+        self.settings = {
+            "project": project,
+            "entity": entity,
+            "mode": mode,
+            "dir": dir,
+            "name": name,
+            "tags": tags or None,
+            "id": run_id,
+            "settings": wandb.Settings(**process),
+        }
         self.run_id, self.mode, self.dir = run_id, mode, dir
         self.run: Any = None
         self._lock = threading.Lock()  # the start helper and the sink's worker may both open
@@ -63,8 +81,11 @@ class RunWriter:
                 alert = {k: record[k] for k in ("kind", "title", "text", "level", "step", "epoch", "time")}
                 run.summary["alerts"] = list(run.summary.get("alerts") or []) + [alert]
                 if self.mode == "online":
-                    run.alert(title=record["title"][:63], text=record["text"] or record["title"],
-                              level=LEVELS[record["level"]])
+                    run.alert(
+                        title=record["title"][:63],
+                        text=record["text"] or record["title"],
+                        level=LEVELS[record["level"]],
+                    )
             elif kind == "finish":
                 run.summary["corebus/status"] = record["status"]
                 if record.get("error"):

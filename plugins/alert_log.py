@@ -59,8 +59,16 @@ class AlertLog:
     def _write(self, records: list[dict[str, Any]]) -> None:
         for record in records:
             where = f"step {record['step']}" if record.get("step") is not None else "no step"
-            self._log.log(_LEVELS[record["level"]], "[%s] %s (%s, %s on %s): %s", record["kind"],
-                          record["title"], where, record.get("run") or "run", record["host"], record["text"])
+            self._log.log(
+                _LEVELS[record["level"]],
+                "[%s] %s (%s, %s on %s): %s",
+                record["kind"],
+                record["title"],
+                where,
+                record.get("run") or "run",
+                record["host"],
+                record["text"],
+            )
             if self.path is not None:
                 with open(self.path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(record, default=str) + "\n")

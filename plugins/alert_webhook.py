@@ -81,15 +81,26 @@ class AlertWebhook:
         self.shutdown_timeout = float(shutdown_timeout)
         self.delivered = 0
         self.dropped = 0
-        self._outbox = AlertOutbox(f"alert_webhook-{format}", self._send, min_level, owner="AlertWebhook",
-                                   max_backoff=self.max_backoff, shutdown_timeout=self.shutdown_timeout)
+        self._outbox = AlertOutbox(
+            f"alert_webhook-{format}",
+            self._send,
+            min_level,
+            owner="AlertWebhook",
+            max_backoff=self.max_backoff,
+            shutdown_timeout=self.shutdown_timeout,
+        )
 
     def __repr__(self) -> str:
         return f"AlertWebhook(format={self.format!r}, url='***')"
 
     def get_config(self) -> dict[str, Any]:
-        return {"format": self.format, "url_env": self.url_env, "min_level": self.min_level,
-                "timeout": self.timeout, "min_interval": self.min_interval}
+        return {
+            "format": self.format,
+            "url_env": self.url_env,
+            "min_level": self.min_level,
+            "timeout": self.timeout,
+            "min_interval": self.min_interval,
+        }
 
     # ---------------------------------------------------------------- hooks
 
@@ -131,7 +142,9 @@ class AlertWebhook:
 
     def _post(self, body: bytes) -> None:
         request = urllib.request.Request(
-            self._url, data=body, method="POST",
+            self._url,
+            data=body,
+            method="POST",
             headers={"Content-Type": "application/json; charset=utf-8", "User-Agent": "corebus-alerts"},
         )
         try:
@@ -142,8 +155,13 @@ class AlertWebhook:
             if exc.code == 429 or exc.code >= 500:
                 raise RetryLater(f"HTTP {exc.code} {exc.reason}", _retry_after(exc.headers, answer)) from None
             self.dropped += 1
-            log.error("alert_webhook (%s): the receiver refused the alert with HTTP %d %s (%s); not retrying",
-                      self.format, exc.code, exc.reason, answer[:200].decode("utf-8", "replace"))
+            log.error(
+                "alert_webhook (%s): the receiver refused the alert with HTTP %d %s (%s); not retrying",
+                self.format,
+                exc.code,
+                exc.reason,
+                answer[:200].decode("utf-8", "replace"),
+            )
             return
         except OSError as exc:  # refused, unreachable, timed out (URLError is an OSError)
             reason = str(getattr(exc, "reason", None) or exc or type(exc).__name__)
@@ -179,7 +197,7 @@ def truncate(text: str, limit: int) -> str:
         return text
     cut = len(text) - limit + 40
     head = limit * 2 // 5
-    return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[head + cut:]}"
+    return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[head + cut :]}"
 
 
 def _icon(alert: dict[str, Any]) -> str:
@@ -215,15 +233,24 @@ def payload(alert: dict[str, Any], format: str) -> dict[str, Any]:
 def _teams_card(alert: dict[str, Any], title: str, text: str) -> dict[str, Any]:
     color = _TEAMS_COLORS["resolved" if alert.get("resolves") else alert["level"]]
     body: list[dict[str, Any]] = [
-        {"type": "TextBlock", "text": f"{_icon(alert)} {title}", "weight": "Bolder", "size": "Medium",
-         "wrap": True, "color": color},
-        {"type": "FactSet", "facts": [
-            {"title": "Level", "value": alert["level"]},
-            {"title": "Run", "value": alert.get("run") or "run"},
-            {"title": "Step", "value": str(alert.get("step"))},
-            {"title": "Epoch", "value": str(alert.get("epoch"))},
-            {"title": "Host", "value": f"{alert.get('host')} (rank {alert.get('rank', 0)})"},
-        ]},
+        {
+            "type": "TextBlock",
+            "text": f"{_icon(alert)} {title}",
+            "weight": "Bolder",
+            "size": "Medium",
+            "wrap": True,
+            "color": color,
+        },
+        {
+            "type": "FactSet",
+            "facts": [
+                {"title": "Level", "value": alert["level"]},
+                {"title": "Run", "value": alert.get("run") or "run"},
+                {"title": "Step", "value": str(alert.get("step"))},
+                {"title": "Epoch", "value": str(alert.get("epoch"))},
+                {"title": "Host", "value": f"{alert.get('host')} (rank {alert.get('rank', 0)})"},
+            ],
+        },
     ]
     # Adaptive Cards have no code blocks: fenced parts (stacks) become monospace blocks.
     for i, part in enumerate(text.split("```")):
@@ -232,7 +259,16 @@ def _teams_card(alert: dict[str, Any], title: str, text: str) -> dict[str, Any]:
             if i % 2:
                 block.update(fontType="Monospace", size="Small")
             body.append(block)
-    card = {"$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard",
-            "version": "1.4", "msteams": {"width": "Full"}, "body": body}
-    return {"type": "message", "attachments": [
-        {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}]}
+    card = {
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+        "type": "AdaptiveCard",
+        "version": "1.4",
+        "msteams": {"width": "Full"},
+        "body": body,
+    }
+    return {
+        "type": "message",
+        "attachments": [
+            {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}
+        ],
+    }

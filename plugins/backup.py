@@ -42,8 +42,9 @@ class BackupAndRestore:
     # and of two such wrappers the one registered later is outside, so backup commits last.
     runs_after = ("history", "report")
 
-    def __init__(self, backup_dir: str, save_freq: str | int = "epoch", delete_checkpoint: bool = True,
-                 background: bool = True):
+    def __init__(
+        self, backup_dir: str, save_freq: str | int = "epoch", delete_checkpoint: bool = True, background: bool = True
+    ):
         if save_freq != "epoch" and (not isinstance(save_freq, int) or save_freq < 1):
             raise ConfigError(f"BackupAndRestore: save_freq={save_freq!r}; use 'epoch' or a positive number of steps")
         if not backup_dir:
@@ -79,8 +80,11 @@ class BackupAndRestore:
             log.info("BackupAndRestore: resumed from %s at step %d", snapshot.path, trainer.global_step)
             epochs = (getattr(trainer, "params", None) or {}).get("epochs")
             if trainer.stop_training or (epochs is not None and trainer.epoch >= epochs):
-                log.warning("BackupAndRestore: the run in %s had finished training (it was stopped while "
-                            "ending); nothing is trained again, the run only ends", self.backup_dir)
+                log.warning(
+                    "BackupAndRestore: the run in %s had finished training (it was stopped while "
+                    "ending); nothing is trained again, the run only ends",
+                    self.backup_dir,
+                )
 
     @hookimpl(trylast=True)
     def on_train_batch_end(self, trainer: Any) -> None:
@@ -97,8 +101,9 @@ class BackupAndRestore:
             try:
                 self._save(trainer)
             except Exception as exc:  # never hide the error that ended the epoch
-                log.warning("BackupAndRestore: snapshot of the failed epoch end not written: %s: %s",
-                            type(exc).__name__, exc)
+                log.warning(
+                    "BackupAndRestore: snapshot of the failed epoch end not written: %s: %s", type(exc).__name__, exc
+                )
             raise
         self._save(trainer)
         return result

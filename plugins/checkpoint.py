@@ -258,8 +258,7 @@ class ModelCheckpoint:
             good = enters and self._monitor.is_improvement(value, self._threshold)
         if good:
             self._say(
-                f"\nEpoch {epoch + 1}: {self.monitor} improved from {best_str} to {value:.5f}, "
-                f"saving model to {path}"
+                f"\nEpoch {epoch + 1}: {self.monitor} improved from {best_str} to {value:.5f}, saving model to {path}"
             )
         else:
             self._say(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best_str}")
@@ -282,8 +281,10 @@ class ModelCheckpoint:
         if not missing:
             return
         name = missing[0]
-        message = (f"ModelCheckpoint(filepath={self.filepath!r}): the placeholder {{{name}}} names a key "
-                   f"the {'batch' if batch else 'epoch'} logs do not have")
+        message = (
+            f"ModelCheckpoint(filepath={self.filepath!r}): the placeholder {{{name}}} names a key "
+            f"the {'batch' if batch else 'epoch'} logs do not have"
+        )
         close = difflib.get_close_matches(name, available, n=1, cutoff=0.6)
         if close:
             message += f"; did you mean {{{close[0]}}}?"
@@ -303,8 +304,11 @@ class ModelCheckpoint:
             try:
                 snapshot = self._snapshot(trainer.model)
             except Exception as exc:  # e.g. a subclassed model clone_model cannot rebuild
-                log.warning("ModelCheckpoint: background=True needs a copy of the model (%s); "
-                            "saving on the training thread instead", exc)
+                log.warning(
+                    "ModelCheckpoint: background=True needs a copy of the model (%s); "
+                    "saving on the training thread instead",
+                    exc,
+                )
                 self._close(trainer)
 
         def job() -> None:
@@ -409,7 +413,8 @@ class ModelCheckpoint:
         if best is not None and not _number(best):
             raise ValueError(f"ModelCheckpoint: the snapshot's best value {best!r} is not a number")
         if not isinstance(top_k, list) or not all(
-                isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and _number(e[1]) for e in top_k):
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and _number(e[1]) for e in top_k
+        ):
             raise ValueError("ModelCheckpoint: the snapshot's top-k list is not a list of [path, value] pairs")
         last_saved = dict(state.get("last_saved") or {})
         for path in [p for p, _ in top_k] + ([last_saved["path"]] if last_saved.get("path") else []):
@@ -424,8 +429,9 @@ class ModelCheckpoint:
     def _check_own(self, path: Any) -> None:
         own = self._directory.resolve()
         if not isinstance(path, str) or not Path(path).resolve().is_relative_to(own):
-            raise ValueError(f"ModelCheckpoint: the snapshot names {path!r}, outside this checkpoint's "
-                             f"directory {str(own)!r}")
+            raise ValueError(
+                f"ModelCheckpoint: the snapshot names {path!r}, outside this checkpoint's directory {str(own)!r}"
+            )
         if Path(self.filepath).parent == Path(".") and Path(path).parent != Path("."):
             raise ValueError(f"ModelCheckpoint: the snapshot names {path!r}, not a file of this checkpoint")
 

@@ -138,8 +138,12 @@ class CSVLogger:
         if offset is not None:
             size = os.path.getsize(self.filename)
             if size < offset:
-                log.warning("CSVLogger: %s holds %d bytes, the snapshot expected %d; appending to what is there",
-                            self.filename, size, offset)
+                log.warning(
+                    "CSVLogger: %s holds %d bytes, the snapshot expected %d; appending to what is there",
+                    self.filename,
+                    size,
+                    offset,
+                )
             elif size > offset:
                 with open(self.filename, "r+b") as f:
                     f.truncate(offset)

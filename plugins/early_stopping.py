@@ -112,7 +112,6 @@ class EarlyStopping:
                 _print_msg(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
             trainer.model.set_weights(self.best_weights)
 
-
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:

@@ -63,9 +63,11 @@ class GradientClipping:
                 "GradientClipping needs exactly one of global_norm= (Keras global_clipnorm), "
                 f"norm= (clipnorm) or value= (clipvalue); got {', '.join(given) or 'none'}"
             )
-        (self.mode, threshold), = given.items()
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
-            math.isfinite(threshold) and threshold > 0
+        ((self.mode, threshold),) = given.items()
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, numbers.Real)
+            or not (math.isfinite(threshold) and threshold > 0)
         ):
             raise ConfigError(f"GradientClipping {self.mode}={threshold!r} must be a finite number > 0")
         self.threshold = float(threshold)
@@ -88,10 +90,17 @@ class GradientClipping:
         if self.mode == "global_norm":
             # Keras's norm sums the squares of a sparse gradient's slices as they are (a row
             # looked up twice counts twice), then scales the gradient densified.
-            pre_clip_norm = tf.sqrt(tf.add_n([
-                tf.reduce_sum(tf.square(tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32)))
-                for g in gradients if g is not None
-            ]))
+            pre_clip_norm = tf.sqrt(
+                tf.add_n(
+                    [
+                        tf.reduce_sum(
+                            tf.square(tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32))
+                        )
+                        for g in gradients
+                        if g is not None
+                    ]
+                )
+            )
             dense = [_dense(g) for g in gradients]
             clipped, _ = tf.clip_by_global_norm(dense, self.threshold, use_norm=pre_clip_norm)
         elif self.mode == "norm":

@@ -69,9 +69,16 @@ class LRSchedule:
 
     controls = {"lr.schedule"}  # per instance: narrowed to the named optimizers
 
-    def __init__(self, schedule: Any, per: str = "step", warmup_steps: int = 0,
-                 warmup_target: float | None = None, verbose: int = 0,
-                 optimizers: Iterable[str] | str | None = None, **params: Any):
+    def __init__(
+        self,
+        schedule: Any,
+        per: str = "step",
+        warmup_steps: int = 0,
+        warmup_target: float | None = None,
+        verbose: int = 0,
+        optimizers: Iterable[str] | str | None = None,
+        **params: Any,
+    ):
         if per not in ("step", "epoch"):
             raise ConfigError(f"LRSchedule: per={per!r} is unknown; use 'step' or 'epoch'")
         if per == "epoch" and (warmup_steps or warmup_target is not None):
@@ -165,9 +172,11 @@ class LRSchedule:
         # A later fit on the same optimizer: the compiled step already evaluates this schedule,
         # and installing a new one would leave it reading the old multiplier variable.
         # (lr_for(t) is the LR of the optimizer owning it, the inner one of a loss scaler.)
-        targets = [t for t in self._targets(trainer)
-                   if self._installed.get(t) is None
-                   or trainer.lr_for(t).installed_schedule is not self._installed[t]]
+        targets = [
+            t
+            for t in self._targets(trainer)
+            if self._installed.get(t) is None or trainer.lr_for(t).installed_schedule is not self._installed[t]
+        ]
         if not targets:
             return
         if self.per == "epoch":
@@ -252,8 +261,12 @@ class LRSchedule:
         # An int (every snapshot from before per-optimizer schedules, and most after) applies
         # to every driven optimizer; a dict holds one per optimizer name. Used at the next install.
         steps = state.get("steps_per_epoch")
-        self._restored_steps = {str(k): int(v) for k, v in steps.items()} if isinstance(steps, dict) else (
-            None if steps is None else int(steps))
+        self._restored_steps = (
+            {str(k): int(v) for k, v in steps.items()}
+            if isinstance(steps, dict)
+            else (None if steps is None else int(steps))
+        )
+
 
 def _print_msg(message: str) -> None:
     # Where Keras's callbacks send their messages: stdout, or absl logging after

@@ -63,8 +63,9 @@ class ProgressBar:
         isatty = getattr(self._out, "isatty", None)
         self._live = self._verbose == 1 and bool(isatty and isatty())
         # Every metric is a running mean already: shown as given, not averaged again.
-        self._bar = keras.utils.Progbar(self._steps, width=self._bar_width(), verbose=1 if self._live else 2,
-                                        interval=0.0, stateless_metrics=())
+        self._bar = keras.utils.Progbar(
+            self._steps, width=self._bar_width(), verbose=1 if self._live else 2, interval=0.0, stateless_metrics=()
+        )
         self._bar._dynamic_display = self._live  # Progbar's own test is true for any POSIX process
         self._last_draw = time.monotonic()
         self._seen = 0

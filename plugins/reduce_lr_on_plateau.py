@@ -206,4 +206,3 @@ def _print_msg(message: str) -> None:
     from keras.src.utils import io_utils
 
     io_utils.print_msg(message)
-

@@ -48,12 +48,20 @@ class RunReport:
     runs_on = "chief"  # under tf.distribute: one writer, not one per worker
     error_policy = "warn"  # a failing report must not end the training it describes
 
-    def __init__(self, report_dir: str | os.PathLike = "corebus-runs/report", log_every_n_steps: int | None = 10,
-                 gradient_norm: bool = True, name: str | None = None):
-        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool)
-                                              or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ConfigError(f"RunReport: log_every_n_steps={log_every_n_steps!r}; use a positive integer, "
-                              "or None for epoch curves only")
+    def __init__(
+        self,
+        report_dir: str | os.PathLike = "corebus-runs/report",
+        log_every_n_steps: int | None = 10,
+        gradient_norm: bool = True,
+        name: str | None = None,
+    ):
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ConfigError(
+                f"RunReport: log_every_n_steps={log_every_n_steps!r}; use a positive integer, "
+                "or None for epoch curves only"
+            )
         if importlib.util.find_spec("matplotlib") is None:  # fail before training, not at its end
             raise MissingExtraError("the report plugin (PNG plots)", "matplotlib", "report")
         self.report_dir = os.fspath(report_dir)
@@ -69,8 +77,12 @@ class RunReport:
         self.files: list[str] = []
 
     def get_config(self) -> dict[str, Any]:
-        return {"report_dir": os.path.abspath(self.report_dir), "log_every_n_steps": self.log_every_n_steps,
-                "gradient_norm": self.gradient_norm, "name": self.name}
+        return {
+            "report_dir": os.path.abspath(self.report_dir),
+            "log_every_n_steps": self.log_every_n_steps,
+            "gradient_norm": self.gradient_norm,
+            "name": self.name,
+        }
 
     @hookimpl
     def on_train_begin(self, trainer):
@@ -111,9 +123,16 @@ class RunReport:
         for name, before in self._multipliers.items():
             lr = trainer.lr_for(name)
             if lr.multiplier < before:
-                self._reductions.append({
-                    "epoch": trainer.epoch, "step": step, "optimizer": name, "factor": lr.multiplier / before,
-                    "lr_before": record["logs"].get(_lr_key(name)), "lr_after": lr.value})
+                self._reductions.append(
+                    {
+                        "epoch": trainer.epoch,
+                        "step": step,
+                        "optimizer": name,
+                        "factor": lr.multiplier / before,
+                        "lr_before": record["logs"].get(_lr_key(name)),
+                        "lr_after": lr.value,
+                    }
+                )
             self._multipliers[name] = lr.multiplier
         with self._lock:
             self._epochs.append(record)
@@ -124,26 +143,40 @@ class RunReport:
         if not hasattr(self, "_started"):  # nothing recorded yet (before on_train_begin)
             return {}
         with self._lock:
-            return {"started": self._started, "first_step": self._first_step, "epochs": list(self._epochs),
-                    "batches": {"every": self._batches["every"], "step": list(self._batches["step"]),
-                                "values": {k: list(v) for k, v in self._batches["values"].items()}},
-                    "reductions": list(self._reductions), "checkpoints": list(self._checkpoints),
-                    "alerts": list(self._alerts)}
+            return {
+                "started": self._started,
+                "first_step": self._first_step,
+                "epochs": list(self._epochs),
+                "batches": {
+                    "every": self._batches["every"],
+                    "step": list(self._batches["step"]),
+                    "values": {k: list(v) for k, v in self._batches["values"].items()},
+                },
+                "reductions": list(self._reductions),
+                "checkpoints": list(self._checkpoints),
+                "alerts": list(self._alerts),
+            }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:  # saved before anything was recorded
             return
         batches = state["batches"]
         lists = [state[k] for k in ("epochs", "reductions", "checkpoints", "alerts")] + [batches["step"]]
-        if not all(isinstance(v, list) for v in lists) or not isinstance(batches["values"], dict) or not all(
-                isinstance(v, list) and len(v) == len(batches["step"]) for v in batches["values"].values()):
+        if (
+            not all(isinstance(v, list) for v in lists)
+            or not isinstance(batches["values"], dict)
+            or not all(isinstance(v, list) and len(v) == len(batches["step"]) for v in batches["values"].values())
+        ):
             raise ValueError("RunReport: the snapshot's report state is malformed")
         with self._lock:
             self._started, self._first_step = float(state["started"]), int(state["first_step"])
             self._epochs, self._reductions = list(state["epochs"]), list(state["reductions"])
             self._checkpoints, self._alerts = list(state["checkpoints"]), list(state["alerts"])
-            self._batches = {"every": self.log_every_n_steps, "step": list(batches["step"]),
-                             "values": {k: list(v) for k, v in batches["values"].items()}}
+            self._batches = {
+                "every": self.log_every_n_steps,
+                "step": list(batches["step"]),
+                "values": {k: list(v) for k, v in batches["values"].items()},
+            }
 
     def _add_batch(self, step: int, values: dict[str, float]) -> None:
         batches, columns = self._batches, self._batches["values"]
@@ -157,8 +190,15 @@ class RunReport:
     @hookimpl
     def on_checkpoint_saved(self, trainer, filepath, step, metadata):
         with self._lock:
-            self._checkpoints.append({"step": int(step), "epoch": trainer.epoch, "filepath": os.fspath(filepath),
-                                      "metadata": dict(metadata or {}), "time": time.time()})
+            self._checkpoints.append(
+                {
+                    "step": int(step),
+                    "epoch": trainer.epoch,
+                    "filepath": os.fspath(filepath),
+                    "metadata": dict(metadata or {}),
+                    "time": time.time(),
+                }
+            )
 
     @hookimpl
     def on_alert(self, alert):
@@ -205,29 +245,49 @@ class RunReport:
     def _write(self, trainer: Any, status: str, error: str | None) -> None:
         if not hasattr(self, "_started"):  # failed before on_train_begin ran: nothing recorded
             return
-        stopper = next(((n, p) for n, p in trainer.bus.plugins.items()
-                        if hasattr(p, "best_epoch") and hasattr(p, "stopped_epoch")), None)
+        stopper = next(
+            (
+                (n, p)
+                for n, p in trainer.bus.plugins.items()
+                if hasattr(p, "best_epoch") and hasattr(p, "stopped_epoch")
+            ),
+            None,
+        )
         bus = trainer.bus
         with self._lock:
             checkpoints = [dict(c, kept=_exists(c["filepath"])) for c in self._checkpoints]
             files = {c["filepath"]: c["kept"] for c in checkpoints}
             self.report = {
-                "format": "corebus-report", "version": 1,
-                "run": {"name": self._run_name(trainer),
-                        "status": status, "error": error, "started": self._started, "ended": time.time(),
-                        "seconds": time.time() - self._started, "first_step": self._first_step,
-                        "global_step": trainer.global_step, "params": dict(trainer.params),
-                        "plugins": list(bus.plugins), "optimizers": list(trainer.optimizers),
-                        "checkpoints_saved": len(files),
-                        "checkpoints_kept": None if None in files.values() else sum(files.values())},
+                "format": "corebus-report",
+                "version": 1,
+                "run": {
+                    "name": self._run_name(trainer),
+                    "status": status,
+                    "error": error,
+                    "started": self._started,
+                    "ended": time.time(),
+                    "seconds": time.time() - self._started,
+                    "first_step": self._first_step,
+                    "global_step": trainer.global_step,
+                    "params": dict(trainer.params),
+                    "plugins": list(bus.plugins),
+                    "optimizers": list(trainer.optimizers),
+                    "checkpoints_saved": len(files),
+                    "checkpoints_kept": None if None in files.values() else sum(files.values()),
+                },
                 "config": self._config,
                 "epochs": list(self._epochs),
                 "batches": self._batches,
                 "lr": {"reductions": list(self._reductions), "warmup": self._warmups},
-                "early_stopping": None if stopper is None else {
-                    "plugin": stopper[0], "monitor": getattr(stopper[1], "monitor", None),
+                "early_stopping": None
+                if stopper is None
+                else {
+                    "plugin": stopper[0],
+                    "monitor": getattr(stopper[1], "monitor", None),
                     "best": _number(getattr(stopper[1], "best", None)),
-                    "best_epoch": stopper[1].best_epoch, "stopped_epoch": stopper[1].stopped_epoch},
+                    "best_epoch": stopper[1].best_epoch,
+                    "stopped_epoch": stopper[1].stopped_epoch,
+                },
                 "checkpoints": checkpoints,
                 "alerts": list(self._alerts),
                 "profile": bus.profile_report() if bus.profile_enabled else None,

@@ -52,8 +52,11 @@ class StepDecay(LearningRateSchedule):
                 "StepDecay needs exactly one of steps_per_epoch (epoch formula) or decay_steps "
                 f"(step count); got steps_per_epoch={steps_per_epoch}, decay_steps={decay_steps}"
             )
-        for label, value in (("steps_per_epoch", steps_per_epoch), ("decay_steps", decay_steps),
-                             ("epochs_drop", epochs_drop)):
+        for label, value in (
+            ("steps_per_epoch", steps_per_epoch),
+            ("decay_steps", decay_steps),
+            ("epochs_drop", epochs_drop),
+        ):
             if value is not None and value <= 0:
                 raise ValueError(f"StepDecay: {label} must be > 0, got {value}")
         self.initial_learning_rate = initial_learning_rate

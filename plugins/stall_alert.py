@@ -133,8 +133,9 @@ class StallAlert:
             self._thread_id = threading.get_ident()
             self._fit_frame = _innermost_fit_frame()
             self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._watch, args=(trainer, self._stop),
-                                            name="corebus-stall-watchdog", daemon=True)
+            self._thread = threading.Thread(
+                target=self._watch, args=(trainer, self._stop), name="corebus-stall-watchdog", daemon=True
+            )
             self._thread.start()
 
     @hookimpl(tryfirst=True)
@@ -234,17 +235,24 @@ class StallAlert:
     def _raise_stall(self, trainer: Any, beat: float, idle: float, phase: str, limit: float) -> None:
         self._stalled_at = beat
         names = {t.ident: t.name for t in threading.enumerate()}
-        stacks = {tid: "".join(traceback.format_stack(f)) for tid, f in sys._current_frames().items()
-                  if tid != threading.get_ident()}
-        details = "\n".join(f"Thread {names.get(tid, '?')} ({tid}), most recent call last:\n{stack}"
-                            for tid, stack in stacks.items())
+        stacks = {
+            tid: "".join(traceback.format_stack(f))
+            for tid, f in sys._current_frames().items()
+            if tid != threading.get_ident()
+        }
+        details = "\n".join(
+            f"Thread {names.get(tid, '?')} ({tid}), most recent call last:\n{stack}" for tid, stack in stacks.items()
+        )
         train_stack = stacks.get(self._thread_id, "(not a Python thread any more)\n")
         step = trainer.global_step
-        text = (f"No training step completed for {idle:.1f} s (limit {limit:g} s, in {phase}); last completed "
-                f"step {step}, epoch {trainer.epoch}.\nTraining thread "
-                f"({names.get(self._thread_id, '?')}), most recent call last:\n```\n{train_stack}```")
-        log.warning("StallAlert: no training step for %.1f s at step %d; every thread's stack:\n%s",
-                    idle, step, details)
+        text = (
+            f"No training step completed for {idle:.1f} s (limit {limit:g} s, in {phase}); last completed "
+            f"step {step}, epoch {trainer.epoch}.\nTraining thread "
+            f"({names.get(self._thread_id, '?')}), most recent call last:\n```\n{train_stack}```"
+        )
+        log.warning(
+            "StallAlert: no training step for %.1f s at step %d; every thread's stack:\n%s", idle, step, details
+        )
         trainer.alert("stall", f"Training stalled: no step for {idle:.0f} s", text, level="error", details=details)
 
     def _resolve(self, trainer: Any) -> None:
@@ -252,9 +260,13 @@ class StallAlert:
             return
         stalled_for = self._beat - self._stalled_at
         self._stalled_at = None
-        trainer.alert("stall_resolved", "Training resumed",
-                      f"Progress again at step {trainer.global_step}, after about {stalled_for:.1f} s without a step.",
-                      level="info", resolves="stall")
+        trainer.alert(
+            "stall_resolved",
+            "Training resumed",
+            f"Progress again at step {trainer.global_step}, after about {stalled_for:.1f} s without a step.",
+            level="info",
+            resolves="stall",
+        )
 
     def _fit_alive(self) -> bool:
         frame = sys._current_frames().get(self._thread_id)
@@ -286,9 +298,13 @@ class StallAlert:
         if not math.isfinite(loss):
             self._alert_once(trainer, "nan_loss", "Non-finite loss", f"Loss is {loss} at {at}.", "error")
         elif self.divergence_threshold is not None and loss > self.divergence_threshold:
-            self._alert_once(trainer, "divergence", "Loss diverging",
-                             f"Loss {loss:.4g} is above divergence_threshold={self.divergence_threshold:g} at {at}.",
-                             "error")
+            self._alert_once(
+                trainer,
+                "divergence",
+                "Loss diverging",
+                f"Loss {loss:.4g} is above divergence_threshold={self.divergence_threshold:g} at {at}.",
+                "error",
+            )
 
     def _check_plateau(self, trainer: Any, epoch: int, logs: Any) -> None:
         self._monitor.resolve(trainer.model)
@@ -300,19 +316,26 @@ class StallAlert:
             return
         self.wait += 1
         if self.wait == self.patience:  # once per plateau; an improvement starts a new one
-            trainer.alert("plateau", f"{self.monitor} has not improved for {self.patience} epochs",
-                          f"Best {self.monitor} {self.best:.6g}; {value:.6g} at epoch {epoch} "
-                          f"(min_delta {self.min_delta:g}).")
+            trainer.alert(
+                "plateau",
+                f"{self.monitor} has not improved for {self.patience} epochs",
+                f"Best {self.monitor} {self.best:.6g}; {value:.6g} at epoch {epoch} (min_delta {self.min_delta:g}).",
+            )
 
     def _check_growth(self, trainer: Any, epoch: int, loss: float) -> None:
         if not math.isfinite(loss):
             return
         previous = [v for v in self.losses if v > 0]
         if previous and loss > self.divergence_factor * min(previous):
-            self._alert_once(trainer, "divergence", "Loss diverging",
-                             f"Loss {loss:.4g} at epoch {epoch} is {loss / min(previous):.1f}x the lowest of the "
-                             f"previous {len(self.losses)} epochs ({min(previous):.4g}).", "error")
-        self.losses = (self.losses + [loss])[-self.divergence_window:]
+            self._alert_once(
+                trainer,
+                "divergence",
+                "Loss diverging",
+                f"Loss {loss:.4g} at epoch {epoch} is {loss / min(previous):.1f}x the lowest of the "
+                f"previous {len(self.losses)} epochs ({min(previous):.4g}).",
+                "error",
+            )
+        self.losses = (self.losses + [loss])[-self.divergence_window :]
 
     def _sample_throughput(self, trainer: Any) -> None:
         now, step = _now(), trainer.global_step
@@ -328,14 +351,21 @@ class StallAlert:
         if rate < self.throughput_drop * self._baseline:
             self._slow += 1
             if self._slow == self.throughput_windows:
-                trainer.alert("throughput_drop", "Training slowed down",
-                              f"{rate:.3g} steps/s over the last {self._slow * self.throughput_every} steps, "
-                              f"below {self.throughput_drop:g} x the running average of {self._baseline:.3g} steps/s.")
+                trainer.alert(
+                    "throughput_drop",
+                    "Training slowed down",
+                    f"{rate:.3g} steps/s over the last {self._slow * self.throughput_every} steps, "
+                    f"below {self.throughput_drop:g} x the running average of {self._baseline:.3g} steps/s.",
+                )
             return
         if self._slow >= self.throughput_windows:
-            trainer.alert("throughput_recovered", "Training speed recovered",
-                          f"{rate:.3g} steps/s (running average {self._baseline:.3g}).", level="info",
-                          resolves="throughput_drop")
+            trainer.alert(
+                "throughput_recovered",
+                "Training speed recovered",
+                f"{rate:.3g} steps/s (running average {self._baseline:.3g}).",
+                level="info",
+                resolves="throughput_drop",
+            )
         self._slow = 0
         self._baseline = 0.9 * self._baseline + 0.1 * rate  # slow windows do not lower it
 
@@ -343,8 +373,13 @@ class StallAlert:
 
     def state_dict(self) -> dict[str, Any]:
         gate = self._gate.state_dict() if self._gate is not None else self._gate_state
-        return {"best": self.best, "wait": self.wait, "losses": list(self.losses),
-                "alerted": sorted(self.alerted), "gate": gate}
+        return {
+            "best": self.best,
+            "wait": self.wait,
+            "losses": list(self.losses),
+            "alerted": sorted(self.alerted),
+            "gate": gate,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")

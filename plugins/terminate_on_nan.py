@@ -33,7 +33,8 @@ class TerminateOnNaN:
         if raise_error is not None:  # Keras's spelling
             if action != "stop" and bool(raise_error) != (action == "raise"):
                 raise ConfigError(
-                    f"TerminateOnNaN: raise_error={raise_error!r} contradicts action={action!r}; pass one")
+                    f"TerminateOnNaN: raise_error={raise_error!r} contradicts action={action!r}; pass one"
+                )
             action = "raise" if raise_error else "stop"
         if action not in ACTIONS:
             raise ConfigError(f"TerminateOnNaN: action={action!r} is unknown; use 'stop' or 'raise'")

@@ -46,9 +46,18 @@ class MlflowServer:
         if self.running:
             return
         command = [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
         ] + (["--workers", str(self.workers)] if self.workers else [])
         if self.niceness:
             command = ["nice", "-n", str(self.niceness)] + command
@@ -58,8 +67,9 @@ class MlflowServer:
         self.starts += 1
         log = open(self.root / f"server-{self.starts}.log", "wb")
         # Its own process group: stop() ends the server and the uvicorn worker it spawns.
-        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=self.root, start_new_session=True)
+        self.proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -23,7 +23,9 @@ def test_same_event_sequence_in_both_modes(tiny_data):
                 # the engine logs each step's own values, model.fit only has running means
                 # (tests/test_step_values.py checks both)
                 continue
-            np.testing.assert_allclose([ours[-1][k] for k in measured], [theirs[-1][k] for k in measured], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(
+                [ours[-1][k] for k in measured], [theirs[-1][k] for k in measured], rtol=1e-4, atol=1e-5
+            )
     # the documented order of one epoch
     names = [e[0] for e in engine_events]
     first_epoch = names[: names.index("on_epoch_end") + 2]
@@ -48,10 +50,16 @@ def test_evaluate_and_predict_events_in_both_modes(tiny_data):
     model.predict(x, batch_size=32, verbose=0, callbacks=[callback])
     assert [e[:2] for e in engine_rec.events] == [e[:2] for e in keras_rec.events]
     assert engine_rec.names() == (
-        ["on_test_begin"] + ["on_test_batch_begin", "on_test_batch_end"] * 3 + ["on_test_end"]
-        + ["on_predict_begin"] + ["on_predict_batch_begin", "on_predict_batch_end"] * 3 + ["on_predict_end"]
+        ["on_test_begin"]
+        + ["on_test_batch_begin", "on_test_batch_end"] * 3
+        + ["on_test_end"]
+        + ["on_predict_begin"]
+        + ["on_predict_batch_begin", "on_predict_batch_end"] * 3
+        + ["on_predict_end"]
     )
-    np.testing.assert_allclose(list(engine_rec.events[-9][1].values()), list(keras_rec.events[-9][1].values()), rtol=1e-5)
+    np.testing.assert_allclose(
+        list(engine_rec.events[-9][1].values()), list(keras_rec.events[-9][1].values()), rtol=1e-5
+    )
 
 
 def test_plugins_from_names_and_config_in_the_adapter(tiny_data, tmp_path):

@@ -53,7 +53,9 @@ class NormReader:
 def test_unbuilt_sequential_with_gradient_plugins_matches_keras():
     # corebus: plain "adam" (no wrap_optimizer), clipping from the plugin, two fits in a row
     recorder = RecordingPlugin()
-    callback = corebus.KerasCallback([GradientClipping(global_norm=0.05), EarlyStopping(monitor="loss", patience=5), recorder])
+    callback = corebus.KerasCallback(
+        [GradientClipping(global_norm=0.05), EarlyStopping(monitor="loss", patience=5), recorder]
+    )
     model = compiled(unbuilt_model(), "adam")
     assert not model.built
     model.fit(X, Y, epochs=2, validation_split=0.25, callbacks=[callback], **FIT)
@@ -135,7 +137,11 @@ def test_model_trained_with_wrap_optimizer_saves_a_file_plain_keras_loads(tmp_pa
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run(
         [sys.executable, "-c", LOAD_WITHOUT_COREBUS, str(tmp_path / "x.npy"), during, after],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     loaded = json.loads(run.stdout.strip().splitlines()[-1])

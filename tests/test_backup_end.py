@@ -49,8 +49,12 @@ def test_the_report_is_written_before_the_snapshots_go(tmp_path, monkeypatch):
     monkeypatch.setattr(RunReport, "_write", write)
     x, y = tiny_data()
     # backup listed first: its ordering constraint still puts its commit outside the report's
-    trainer = make_trainer([BackupAndRestore(str(backup_dir), background=False),
-                            RunReport(tmp_path / "report", log_every_n_steps=None, gradient_norm=False)])
+    trainer = make_trainer(
+        [
+            BackupAndRestore(str(backup_dir), background=False),
+            RunReport(tmp_path / "report", log_every_n_steps=None, gradient_norm=False),
+        ]
+    )
     trainer.fit(x, y, epochs=1, **FIT)
     assert seen == [["snapshot-000000000006"]]
     assert (tmp_path / "report" / "report.json").exists() and not backup_dir.exists()

@@ -18,8 +18,14 @@ import pytest
 BENCHMARKS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"))
 # The modules users import (README, docs/): the package, the built-in plugins and integrations,
 # the demo model and data, the plugin author's kit, and the pytest helpers for plugin authors.
-PUBLIC_MODULES = {"corebus", "corebus.kit", "corebus.plugins", "corebus.integrations", "corebus.demo",
-                  "corebus.testing"}
+PUBLIC_MODULES = {
+    "corebus",
+    "corebus.kit",
+    "corebus.plugins",
+    "corebus.integrations",
+    "corebus.demo",
+    "corebus.testing",
+}
 
 
 def _private(name: str) -> bool:
@@ -28,8 +34,11 @@ def _private(name: str) -> bool:
 
 def _public_names(module: str) -> set[str] | None:
     exported = getattr(importlib.import_module(module), "__all__", None)
-    submodules = {m.rsplit(".", 1)[1] for m in PUBLIC_MODULES
-                  if m.startswith(module + ".") and m.count(".") == module.count(".") + 1}
+    submodules = {
+        m.rsplit(".", 1)[1]
+        for m in PUBLIC_MODULES
+        if m.startswith(module + ".") and m.count(".") == module.count(".") + 1
+    }
     return None if exported is None else set(exported) | submodules
 
 
@@ -92,8 +101,14 @@ EarlyStopping._check(None)
 corebus.Trainer(None).fit()
 """
     found = "\n".join(violations(source))
-    for expected in ("import corebus.delivery.sinks", "import _LAZY", "from corebus.integrations.mlflow",
-                     "corebus.delivery.sinks.LOGGER_FLUSH_SECONDS", "corebus.engine.trainer.Trainer", "EarlyStopping._check"):
+    for expected in (
+        "import corebus.delivery.sinks",
+        "import _LAZY",
+        "from corebus.integrations.mlflow",
+        "corebus.delivery.sinks.LOGGER_FLUSH_SECONDS",
+        "corebus.engine.trainer.Trainer",
+        "EarlyStopping._check",
+    ):
         assert expected in found, f"not flagged: {expected}\n{found}"
     assert "corebus.Trainer" not in found.replace("corebus.engine.trainer.Trainer", "")
 

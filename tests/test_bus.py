@@ -62,10 +62,13 @@ def test_names_and_mappings_resolve():
 
 def test_config_files_toml_and_yaml(tmp_path):
     toml = tmp_path / "plugins.toml"
-    toml.write_text('[plugins.progress]\ninterval = 0.25\n[plugins.history]\n')
+    toml.write_text("[plugins.progress]\ninterval = 0.25\n[plugins.history]\n")
     yaml = tmp_path / "plugins.yaml"
     yaml.write_text("plugins:\n  - name: progress\n    interval: 0.5\n  - history\n")
-    assert [(n, getattr(p, "interval", None)) for n, p in resolve_all(str(toml))] == [("progress", 0.25), ("history", None)]
+    assert [(n, getattr(p, "interval", None)) for n, p in resolve_all(str(toml))] == [
+        ("progress", 0.25),
+        ("history", None),
+    ]
     assert [(n, getattr(p, "interval", None)) for n, p in resolve_all(yaml)] == [("progress", 0.5), ("history", None)]
 
 
@@ -113,9 +116,13 @@ def test_tryfirst_beats_list_order():
 
 def test_two_owners_of_the_same_control_are_rejected():
     with pytest.raises(ConfigError, match=r"'cosine' and 'warmup' both control 'lr.schedule'"):
-        PluginBus([("cosine", Calls([], "x", controls={"lr.schedule"})), ("warmup", Calls([], "y", controls={"lr.schedule"}))])
+        PluginBus(
+            [("cosine", Calls([], "x", controls={"lr.schedule"})), ("warmup", Calls([], "y", controls={"lr.schedule"}))]
+        )
     # a schedule and a multiplier compose
-    PluginBus([("cosine", Calls([], "x", controls={"lr.schedule"})), ("plateau", Calls([], "y", controls={"lr.multiplier"}))])
+    PluginBus(
+        [("cosine", Calls([], "x", controls={"lr.schedule"})), ("plateau", Calls([], "y", controls={"lr.multiplier"}))]
+    )
 
 
 def test_raise_policy_names_plugin_and_hook():
@@ -279,7 +286,8 @@ def test_disable_policy_counts_failures_in_a_row_and_warns_once_per_streak(caplo
     assert flaky.calls == 9 and "logger" in bus.disabled
     warnings = [r.getMessage() for r in caplog.records]
     assert [w.split(":")[0] for w in warnings] == ["plugin 'logger' failed in on_epoch_end"] * 3 + [
-        "plugin 'logger' disabled after 3 failures in a row; the run goes on without it"]
+        "plugin 'logger' disabled after 3 failures in a row; the run goes on without it"
+    ]
 
 
 def test_direct_callers_give_pluggys_results_and_errors_and_wrappers_keep_pluggy():

@@ -11,15 +11,25 @@ def reference(cadence, previous, step):
         if cadence.at is not None:
             if s == cadence.at:
                 return True
-        elif s > cadence.start and (cadence.stop is None or s <= cadence.stop) and (s - cadence.start) % cadence.every == 0:
+        elif (
+            s > cadence.start
+            and (cadence.stop is None or s <= cadence.stop)
+            and (s - cadence.start) % cadence.every == 0
+        ):
             return True
     return False
 
 
 @pytest.mark.parametrize(
     "cadence",
-    [Cadence.every_n(1), Cadence.every_n(7), Cadence.every_n(10, start=3), Cadence.once(13),
-     Cadence.between(20, 50, every=5), Cadence.every_n(4, stop=30)],
+    [
+        Cadence.every_n(1),
+        Cadence.every_n(7),
+        Cadence.every_n(10, start=3),
+        Cadence.once(13),
+        Cadence.between(20, 50, every=5),
+        Cadence.every_n(4, stop=30),
+    ],
 )
 def test_boundary_crossing_matches_brute_force(cadence):
     rng = random.Random(0)

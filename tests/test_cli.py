@@ -6,7 +6,9 @@ import sys
 
 
 def run(*args, timeout=300, cwd=None):
-    return subprocess.run([sys.executable, "-m", "corebus", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "corebus", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
 
 
 def test_plugins_listing_does_not_import_tensorflow():
@@ -31,7 +33,16 @@ def test_demo_trains_with_the_plugin_stack_and_prints_a_summary(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "Epoch 3/3" in out and "Summary" in out and "learning_rate" in out
-    for name in ("lr_schedule", "reduce_lr_on_plateau", "gradient_clipping", "early_stopping", "checkpoint", "csv_logger", "backup", "progress"):
+    for name in (
+        "lr_schedule",
+        "reduce_lr_on_plateau",
+        "gradient_clipping",
+        "early_stopping",
+        "checkpoint",
+        "csv_logger",
+        "backup",
+        "progress",
+    ):
         assert name in out.split("Epoch 1/3")[0], f"{name} missing from the hook plan"
     assert "training speed: " in out and "(validation, checkpoints, report, loggers)" in out
     accuracy = float(out.split("test: ")[1].split("accuracy=")[1].split()[0])

@@ -34,8 +34,15 @@ verbose = 0
 """
 
 
-def write(tmp_path, name="run.toml", model="", optimizer='"sgd"', loss="sparse_categorical_crossentropy",
-          metrics='["accuracy"]', extra=""):
+def write(
+    tmp_path,
+    name="run.toml",
+    model="",
+    optimizer='"sgd"',
+    loss="sparse_categorical_crossentropy",
+    metrics='["accuracy"]',
+    extra="",
+):
     path = tmp_path / name
     path.write_text(BASE.format(model=model, optimizer=optimizer, loss=loss, metrics=metrics, extra=extra))
     return path
@@ -56,24 +63,29 @@ def test_a_string_is_not_a_bool_for_a_plugin_param(tmp_path, capsys):
     fails(path, capsys, "plugins[0] (early_stopping)", "restore_best_weights = 'false': expected bool")
 
 
-@pytest.mark.parametrize("params, message", [
-    ('patience = "3"', "patience = '3': expected int"),
-    ("min_delta = true", "min_delta = True: expected float"),
-    ("baseline = [1]", "baseline = [1]: expected float | None"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ('patience = "3"', "patience = '3': expected int"),
+        ("min_delta = true", "min_delta = True: expected float"),
+        ("baseline = [1]", "baseline = [1]: expected float | None"),
+    ],
+)
 def test_every_plugin_value_is_checked_against_its_hint(tmp_path, capsys, params, message):
     fails(write(tmp_path, extra=f'[[plugins]]\nname = "early_stopping"\n{params}\n'), capsys, message)
 
 
 def test_lists_fit_tuple_hints_and_ints_fit_float_hints(tmp_path):
     path = write(tmp_path, extra='[[plugins]]\nname = "tensorboard"\nprofile_batch = [2, 3]\nshutdown_timeout = 5\n')
-    (_, plugin), = load_run_config(path).plugins
+    ((_, plugin),) = load_run_config(path).plugins
     assert plugin.shutdown_timeout == 5
 
 
 def test_a_misspelled_loss_fails_print_plan_naming_close_matches(tmp_path, capsys):
     path = write(tmp_path, loss="sparse_categorical_crossentropi")
-    fails(path, capsys, "trainer.loss = 'sparse_categorical_crossentropi'", "did you mean sparse_categorical_crossentropy")
+    fails(
+        path, capsys, "trainer.loss = 'sparse_categorical_crossentropi'", "did you mean sparse_categorical_crossentropy"
+    )
 
 
 def test_a_misspelled_metric_and_optimizer_fail_print_plan(tmp_path, capsys):
@@ -83,22 +95,32 @@ def test_a_misspelled_metric_and_optimizer_fail_print_plan(tmp_path, capsys):
 
 def test_an_unknown_optimizer_param_names_the_allowed_ones(tmp_path, capsys):
     path = write(tmp_path, optimizer='{ name = "adam", lr = 0.002 }')
-    fails(path, capsys, "trainer.optimizer.lr: Adam has no such parameter (did you mean learning_rate?)",
-          "allowed: name, learning_rate, beta_1")
+    fails(
+        path,
+        capsys,
+        "trainer.optimizer.lr: Adam has no such parameter (did you mean learning_rate?)",
+        "allowed: name, learning_rate, beta_1",
+    )
     fails(write(tmp_path, optimizer='{ name = "adam", learning_rate = "fast" }'), capsys, "trainer.optimizer = ")
 
 
 def test_a_misspelled_factory_param_names_the_factory_and_its_params(tmp_path, capsys):
-    fails(write(tmp_path, model="params = { hiden = 16 }"), capsys,
-          "model.params.hiden: corebus.testing:tiny_model has no such parameter (did you mean hidden?)",
-          "allowed: features (int), classes (int), seed (int), hidden (int)")
+    fails(
+        write(tmp_path, model="params = { hiden = 16 }"),
+        capsys,
+        "model.params.hiden: corebus.testing:tiny_model has no such parameter (did you mean hidden?)",
+        "allowed: features (int), classes (int), seed (int), hidden (int)",
+    )
     fails(write(tmp_path, model='params = { hidden = "16" }'), capsys, "model.params.hidden = '16': expected int")
 
 
 def test_run_name_and_dir_keep_runs_apart(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    path = write(tmp_path, extra='[run]\ndir = "runs"\n\n[[plugins]]\nname = "csv_logger"\nfilename = "history.csv"\n'
-                                  '\n[[plugins]]\nname = "report"\n')
+    path = write(
+        tmp_path,
+        extra='[run]\ndir = "runs"\n\n[[plugins]]\nname = "csv_logger"\nfilename = "history.csv"\n'
+        '\n[[plugins]]\nname = "report"\n',
+    )
     for name in ("first", "second"):
         assert cli_main(["run", str(path), "--set", f"run.name={name}"]) == 0
     for name in ("first", "second"):
@@ -114,19 +136,27 @@ def test_factory_modules_beside_the_config_and_in_the_current_folder_import_with
     """The ``corebus`` command (unlike ``python -m``) puts neither folder on sys.path by itself."""
     (tmp_path / "project").mkdir()
     (tmp_path / "configs").mkdir()
-    (tmp_path / "project" / "mymodel.py").write_text(textwrap.dedent("""
+    (tmp_path / "project" / "mymodel.py").write_text(
+        textwrap.dedent("""
         from corebus.testing import tiny_model
 
         def build(hidden: int = 8):
             return tiny_model(hidden=hidden)
-    """))
+    """)
+    )
     (tmp_path / "configs" / "mydata.py").write_text("from corebus.testing import tiny_data as load\n")
     text = write(tmp_path).read_text().replace('"corebus.testing:tiny_model"', '"mymodel:build"')
     (tmp_path / "configs" / "run.toml").write_text(text.replace('"corebus.testing:tiny_data"', '"mydata:load"'))
     command = str(Path(sys.executable).parent / "corebus")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([command, "run", "../configs/run.toml", "--print-plan"], cwd=tmp_path / "project",
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [command, "run", "../configs/run.toml", "--print-plan"],
+        cwd=tmp_path / "project",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mymodel:build" in result.stdout and "mydata:load" in result.stdout
 

@@ -72,8 +72,14 @@ def test_a_config_run_equals_the_same_run_in_python(config, tmp_path, capsys):
     from corebus.testing import tiny_data, tiny_model
 
     x, y = tiny_data(96)
-    trainer = corebus.Trainer(tiny_model(), keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", ["accuracy"],
-                              plugins=[{"name": "csv_logger", "filename": str(tmp_path / "python.csv")}], seed=0)
+    trainer = corebus.Trainer(
+        tiny_model(),
+        keras.optimizers.SGD(0.1),
+        "sparse_categorical_crossentropy",
+        ["accuracy"],
+        plugins=[{"name": "csv_logger", "filename": str(tmp_path / "python.csv")}],
+        seed=0,
+    )
     trainer.fit(x, y, epochs=3, batch_size=16, validation_split=0.25, shuffle=False, verbose=0)
     assert (tmp_path / "python.csv").read_text() == from_config and from_config.count("\n") == 4
 
@@ -93,24 +99,36 @@ def test_an_interpolated_secret_is_redacted_from_run_params(config):
     assert SECRET not in params and "alert_webhook" in params
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("epochs_typo = 3\n", "fit.epochs_typo: unknown key; allowed: epochs, batch_size"),
-    ("[extra]\n", "unknown section 'extra'; allowed: model, data, trainer, fit, run, plugins"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("epochs_typo = 3\n", "fit.epochs_typo: unknown key; allowed: epochs, batch_size"),
+        ("[extra]\n", "unknown section 'extra'; allowed: model, data, trainer, fit, run, plugins"),
+    ],
+)
 def test_unknown_keys_and_sections_name_what_is_allowed(config, extra, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_run_config(config(extra=extra))
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"fit.epochs": "ten"}, "fit.epochs = 'ten': expected an integer >= 0"),
-    ({"fit.verbose": 5}, "fit.verbose = 5: expected 0, 1 or 2"),
-    ({"fit.shuffle": 1}, "fit.shuffle = 1: expected bool"),
-    ({"trainer.mixed_precision": "fp8"}, 'trainer.mixed_precision = \'fp8\': expected "mixed_float16" or "mixed_bfloat16"'),
-    ({"model.factory": "corebus.testing.tiny_model"}, 'model.factory = \'corebus.testing.tiny_model\': write "module:function"'),
-    ({"data.factory": "no_such_module:f"}, "data.factory = 'no_such_module:f': cannot import 'no_such_module'"),
-    ({"data.factory": "corebus.testing:nothing"}, "corebus.testing has no callable 'nothing'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"fit.epochs": "ten"}, "fit.epochs = 'ten': expected an integer >= 0"),
+        ({"fit.verbose": 5}, "fit.verbose = 5: expected 0, 1 or 2"),
+        ({"fit.shuffle": 1}, "fit.shuffle = 1: expected bool"),
+        (
+            {"trainer.mixed_precision": "fp8"},
+            'trainer.mixed_precision = \'fp8\': expected "mixed_float16" or "mixed_bfloat16"',
+        ),
+        (
+            {"model.factory": "corebus.testing.tiny_model"},
+            "model.factory = 'corebus.testing.tiny_model': write \"module:function\"",
+        ),
+        ({"data.factory": "no_such_module:f"}, "data.factory = 'no_such_module:f': cannot import 'no_such_module'"),
+        ({"data.factory": "corebus.testing:nothing"}, "corebus.testing has no callable 'nothing'"),
+    ],
+)
 def test_bad_values_fail_with_file_key_and_allowed_values(config, override, message):
     path = config()
     with pytest.raises(ConfigError) as error:
@@ -146,7 +164,7 @@ trainer: {{optimizer: sgd, loss: sparse_categorical_crossentropy, seed: 0}}
 fit: {{epochs: 5, batch_size: 32, verbose: 0}}
 plugins:
   - name: csv_logger
-    filename: "{tmp_path / 'yaml.csv'}"
+    filename: "{tmp_path / "yaml.csv"}"
 """
     path = config(text=yaml_text, suffix=".yaml")
     assert cli_main(["run", str(path), "--set", "fit.epochs=2"]) == 0
@@ -155,8 +173,12 @@ plugins:
 
 @pytest.mark.slow
 def test_the_corebus_command_runs_a_config(config):
-    result = subprocess.run([sys.executable, "-m", "corebus", "run", str(config()), "--set", "fit.epochs=1"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "corebus", "run", str(config()), "--set", "fit.epochs=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "final epoch: accuracy=" in result.stdout
 

@@ -13,12 +13,14 @@ from corebus.testing import tiny_data, tiny_model
 
 def test_a_demo_without_the_extras_names_every_missing_one_and_the_one_pip_command(tmp_path):
     # the packages are hidden, not uninstalled: an import of a module set to None in sys.modules fails
-    code = ("import sys\n"
-            "for name in ('mlflow', 'wandb', 'matplotlib'): sys.modules[name] = None\n"
-            "from corebus.app.cli import main\n"
-            "code = main(['demo', '--epochs', '1'])\n"
-            "assert 'tensorflow' not in sys.modules, 'the check comes before anything heavy'\n"
-            "sys.exit(code)\n")
+    code = (
+        "import sys\n"
+        "for name in ('mlflow', 'wandb', 'matplotlib'): sys.modules[name] = None\n"
+        "from corebus.app.cli import main\n"
+        "code = main(['demo', '--epochs', '1'])\n"
+        "assert 'tensorflow' not in sys.modules, 'the check comes before anything heavy'\n"
+        "sys.exit(code)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
@@ -38,8 +40,9 @@ class SlowEpochEnd:
 def test_the_summary_reports_training_speed_apart_from_epoch_end_work():
     x, y = tiny_data(256)
     clock = PhaseClock()
-    trainer = corebus.Trainer(tiny_model(), "sgd", "sparse_categorical_crossentropy",
-                              plugins=[SlowEpochEnd(), ("phase_clock", clock)], seed=0)
+    trainer = corebus.Trainer(
+        tiny_model(), "sgd", "sparse_categorical_crossentropy", plugins=[SlowEpochEnd(), ("phase_clock", clock)], seed=0
+    )
     started = time.perf_counter()
     trainer.fit(x, y, epochs=3, batch_size=16, validation_split=0.25, verbose=0)
     seconds = time.perf_counter() - started
@@ -67,12 +70,16 @@ def test_the_demo_logs_its_test_evaluation_as_test_keys_beside_the_last_validati
     x_test, y_test = tiny_data(40, seed=1)
     test = TestEvaluation(x_test, y_test)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    plugins = [{"name": "early_stopping", "monitor": "val_loss", "patience": 1, "restore_best_weights": True},
-               ("test_evaluation", test),
-               {"name": "tensorboard", "log_dir": str(tmp_path / "tb")},
-               {"name": "mlflow", "tracking_uri": uri, "experiment_name": "demo-test", "dir": str(tmp_path / "spool")},
-               {"name": "report", "report_dir": str(tmp_path / "report")}]
-    trainer = corebus.Trainer(tiny_model(), "sgd", "sparse_categorical_crossentropy", ["accuracy"], plugins=plugins, seed=0)
+    plugins = [
+        {"name": "early_stopping", "monitor": "val_loss", "patience": 1, "restore_best_weights": True},
+        ("test_evaluation", test),
+        {"name": "tensorboard", "log_dir": str(tmp_path / "tb")},
+        {"name": "mlflow", "tracking_uri": uri, "experiment_name": "demo-test", "dir": str(tmp_path / "spool")},
+        {"name": "report", "report_dir": str(tmp_path / "report")},
+    ]
+    trainer = corebus.Trainer(
+        tiny_model(), "sgd", "sparse_categorical_crossentropy", ["accuracy"], plugins=plugins, seed=0
+    )
     history = trainer.fit(x, y, epochs=3, batch_size=16, validation_split=0.25, verbose=0)
     # Keras on the same weights is the oracle of the values
     expected = trainer.model.evaluate(x_test, y_test, verbose=0, return_dict=True)

@@ -93,7 +93,9 @@ def test_two_workers_train_alike_log_once_and_stop_together(tmp_path, single):
     # writers and loggers on the chief only: one set of checkpoints, one MLflow run
     assert (info0["is_chief"], info1["is_chief"]) == (True, False) and info0["num_workers"] == 2
     assert {"checkpoint", "mlflow"} <= set(info0["plugins"]) and not {"checkpoint", "mlflow"} & set(info1["plugins"])
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"ep{e + 1:02d}.weights.h5" for e in info0["epochs"]]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        f"ep{e + 1:02d}.weights.h5" for e in info0["epochs"]
+    ]
     client, runs = mlflow_runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = client.get_metric_history(runs[0].info.run_id, "epoch/val_loss")
@@ -110,8 +112,10 @@ def test_a_stop_decided_on_one_worker_stops_every_worker(tmp_path):
 
 def test_sigterm_on_one_worker_stops_every_worker_at_one_agreed_step(tmp_path):
     ports = free_ports(2)
-    workers = [launch(tmp_path, "multiworker", "--signal-rank", "1", "--signal-epoch", "1", rank=rank, ports=ports)
-               for rank in (0, 1)]
+    workers = [
+        launch(tmp_path, "multiworker", "--signal-rank", "1", "--signal-epoch", "1", rank=rank, ports=ports)
+        for rank in (0, 1)
+    ]
     for worker in workers:
         finish(worker, expect=128 + signal.SIGTERM)  # the signalled worker and the other alike
     stopped = [json.loads((tmp_path / f"rank{rank}-stopped.json").read_text()) for rank in (0, 1)]

@@ -38,7 +38,9 @@ def test_guide_signature_matches_the_hookspec(hook):
     docs = documented()
     assert hook in docs, f"{hook} is missing from docs/writing-a-plugin.md"
     expected = list(inspect.signature(getattr(hookspecs, hook)).parameters)
-    assert docs[hook] == expected, f"{hook}: the guide says ({', '.join(docs[hook])}), the hookspec ({', '.join(expected)})"
+    assert docs[hook] == expected, (
+        f"{hook}: the guide says ({', '.join(docs[hook])}), the hookspec ({', '.join(expected)})"
+    )
 
 
 def test_guide_links_resolve():
@@ -79,7 +81,10 @@ def test_moving_from_model_fit_lists_every_keras_argument():
     table_cells = set(re.findall(r"^\| ([^|]+) \|", text, re.M))
     documented = {name for cell in table_cells for name in re.findall(r"`(\w+)`", cell)}
     for method in (keras.Model.compile, keras.Model.fit, keras.Model.evaluate, keras.Model.predict):
-        arguments = [p.name for p in inspect.signature(method).parameters.values()
-                     if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+        arguments = [
+            p.name
+            for p in inspect.signature(method).parameters.values()
+            if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
         missing = sorted(set(arguments) - documented)
         assert missing == [], f"docs/moving-from-model-fit.md does not list {method.__name__}'s {missing}"

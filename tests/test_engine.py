@@ -12,8 +12,12 @@ from corebus.testing import RecordingPlugin, make_trainer, tiny_model
 
 def keras_fit(x, y, optimizer="sgd", steps_per_execution=1, callbacks=(), **fit_kwargs):
     model = tiny_model()
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  steps_per_execution=steps_per_execution)
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
     fit_kwargs.setdefault("verbose", 0)
     history = model.fit(x, y, shuffle=False, callbacks=list(callbacks), **fit_kwargs)
     return model, history
@@ -38,11 +42,13 @@ def test_evaluate_and_predict_match_keras(tiny_data):
     trainer = make_trainer()
     trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     model, _ = keras_fit(x, y, batch_size=16, epochs=2)
-    np.testing.assert_allclose(trainer.evaluate(x, y, batch_size=10, verbose=0),
-                               model.evaluate(x, y, batch_size=10, verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        trainer.evaluate(x, y, batch_size=10, verbose=0), model.evaluate(x, y, batch_size=10, verbose=0), rtol=1e-5
+    )
     assert set(trainer.evaluate(x, y, verbose=0, return_dict=True)) == {"loss", "accuracy"}
-    np.testing.assert_allclose(trainer.predict(x, batch_size=7, verbose=0),
-                               model.predict(x, batch_size=7, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        trainer.predict(x, batch_size=7, verbose=0), model.predict(x, batch_size=7, verbose=0), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_dataset_input_and_validation_data(tiny_data):
@@ -81,9 +87,12 @@ def test_steps_per_execution_fires_batch_hooks_once_per_call_like_keras(tiny_dat
     batch_events = [e[:3] for e in engine_rec.events if e[0].startswith("on_train_batch")]
     # 96 samples / 8 = 12 steps per epoch: calls of 5, 5 and 2 steps
     assert batch_events[:6] == [
-        ("on_train_batch_begin", 0, 0), ("on_train_batch_end", 4, 5),
-        ("on_train_batch_begin", 5, 5), ("on_train_batch_end", 9, 10),
-        ("on_train_batch_begin", 10, 10), ("on_train_batch_end", 11, 12),
+        ("on_train_batch_begin", 0, 0),
+        ("on_train_batch_end", 4, 5),
+        ("on_train_batch_begin", 5, 5),
+        ("on_train_batch_end", 9, 10),
+        ("on_train_batch_begin", 10, 10),
+        ("on_train_batch_end", 11, 12),
     ]
     assert engine_rec.events == keras_rec.events
     # on_log's step values carry the learning rate in both modes
@@ -236,13 +245,19 @@ def test_custom_train_step_with_two_optimizers_gets_every_hook():
         noise = tf.random.normal((tf.shape(real)[0], 4))
         with tf.GradientTape() as tape:
             fake = generator(noise)
-            d_loss = bce(tf.ones_like(real[:, :1]), discriminator(real)) + bce(tf.zeros_like(real[:, :1]), discriminator(fake))
-        trainer.apply_gradients(tape.gradient(d_loss, discriminator.trainable_variables),
-                                discriminator.trainable_variables, optimizer="discriminator")
+            d_loss = bce(tf.ones_like(real[:, :1]), discriminator(real)) + bce(
+                tf.zeros_like(real[:, :1]), discriminator(fake)
+            )
+        trainer.apply_gradients(
+            tape.gradient(d_loss, discriminator.trainable_variables),
+            discriminator.trainable_variables,
+            optimizer="discriminator",
+        )
         with tf.GradientTape() as tape:
             g_loss = bce(tf.ones_like(real[:, :1]), discriminator(generator(noise)))
-        trainer.apply_gradients(tape.gradient(g_loss, generator.trainable_variables),
-                                generator.trainable_variables, optimizer="generator")
+        trainer.apply_gradients(
+            tape.gradient(g_loss, generator.trainable_variables), generator.trainable_variables, optimizer="generator"
+        )
         return {"d_loss": d_loss, "g_loss": g_loss}
 
     recorder, seen = RecordingPlugin(read_logs=True), []
@@ -252,8 +267,13 @@ def test_custom_train_step_with_two_optimizers_gets_every_hook():
         def transform_gradients(self, optimizer_name, gradients):
             seen.append(optimizer_name)
 
-    trainer = corebus.Trainer(gan, optimizer={"discriminator": "adam", "generator": "adam"},
-                              train_step=gan_step, plugins=[recorder, SeeOptimizers()], seed=0)
+    trainer = corebus.Trainer(
+        gan,
+        optimizer={"discriminator": "adam", "generator": "adam"},
+        train_step=gan_step,
+        plugins=[recorder, SeeOptimizers()],
+        seed=0,
+    )
     history = trainer.fit(x, batch_size=16, epochs=2, verbose=0)
     assert set(history.history) == {"d_loss", "g_loss"}
     assert sorted(set(seen)) == ["discriminator", "generator"]
@@ -363,13 +383,26 @@ def test_a_custom_step_calling_only_the_parts_leaves_a_saveable_model(tmp_path):
         real, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(gan.discriminator(gan.generator(tf.random.normal((tf.shape(real)[0], 4))))))
-        trainer.apply_gradients(tape.gradient(loss, gan.generator.trainable_variables),
-                                gan.generator.trainable_variables, optimizer="generator")
+        trainer.apply_gradients(
+            tape.gradient(loss, gan.generator.trainable_variables),
+            gan.generator.trainable_variables,
+            optimizer="generator",
+        )
         return {"g_loss": loss}
 
-    trainer = corebus.Trainer(gan, optimizer={"generator": "adam"}, train_step=step, plugins=[
-        {"name": "checkpoint", "filepath": str(tmp_path / "e{epoch}.weights.h5"), "monitor": "g_loss",
-         "save_weights_only": True}])
+    trainer = corebus.Trainer(
+        gan,
+        optimizer={"generator": "adam"},
+        train_step=step,
+        plugins=[
+            {
+                "name": "checkpoint",
+                "filepath": str(tmp_path / "e{epoch}.weights.h5"),
+                "monitor": "g_loss",
+                "save_weights_only": True,
+            }
+        ],
+    )
     assert not gan.built
     trainer.fit(np.zeros((32, 2), "float32"), batch_size=8, epochs=1, verbose=0)
     restored = corebus.testing.tiny_gan(seed=1)

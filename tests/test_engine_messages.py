@@ -20,7 +20,8 @@ X, Y = tiny_data()
 def test_an_input_shape_that_does_not_fit_the_model_says_so():
     with pytest.raises(ConfigError) as raised:
         corebus.Trainer(tiny_model(), loss="sparse_categorical_crossentropy").fit(
-            np.zeros((96, 7), "float32"), Y, verbose=0)
+            np.zeros((96, 7), "float32"), Y, verbose=0
+        )
     message = str(raised.value)
     assert "does not fit the model" in message and "(32, 7)" in message and "(None, 4)" in message
     assert "optimizer" not in message
@@ -43,9 +44,15 @@ def test_a_finite_run_has_no_nan_mark():
 
 
 def test_run_params_are_configuration_only():
-    trainer = corebus.Trainer(tiny_model(), loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                              plugins=[{"name": "early_stopping", "monitor": "loss", "patience": 1},
-                                       {"name": "reduce_lr_on_plateau", "monitor": "loss"}])
+    trainer = corebus.Trainer(
+        tiny_model(),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        plugins=[
+            {"name": "early_stopping", "monitor": "loss", "patience": 1},
+            {"name": "reduce_lr_on_plateau", "monitor": "loss"},
+        ],
+    )
     trainer.fit(X, Y, epochs=2, verbose=0)
     params = trainer.run_params()
     json.dumps(params)

@@ -82,8 +82,24 @@ def test_gan(tmp_path):
     gan = load_example("gan")
     run_dir = tmp_path / "gan"
     epochs, steps, clip = 3, 7, 0.05
-    trainer = gan.main(["--epochs", str(epochs), "--steps-per-epoch", str(steps), "--batch-size", "32",
-                        "--hidden", "16", "--clip", str(clip), "--out", str(run_dir), "--verbose", "0"])
+    trainer = gan.main(
+        [
+            "--epochs",
+            str(epochs),
+            "--steps-per-epoch",
+            str(steps),
+            "--batch-size",
+            "32",
+            "--hidden",
+            "16",
+            "--clip",
+            str(clip),
+            "--out",
+            str(run_dir),
+            "--verbose",
+            "0",
+        ]
+    )
     history = trainer.history.history
     assert len(history["d_loss"]) == epochs
     for key in ("d_loss", "g_loss", "mode_distance", "modes_covered"):
@@ -101,8 +117,9 @@ def test_gan(tmp_path):
     assert plugins["gradient_clipping"].last_norms["discriminator"] > clip
     # the cosine schedule drives the generator only: its LR at each epoch end is Keras's CosineDecay
     cosine = S.CosineDecay(2e-3, decay_steps=epochs * steps, alpha=0.1)
-    np.testing.assert_allclose(history["learning_rate/generator"],
-                               [float(cosine(steps * (e + 1))) for e in range(epochs)], rtol=1e-6)
+    np.testing.assert_allclose(
+        history["learning_rate/generator"], [float(cosine(steps * (e + 1))) for e in range(epochs)], rtol=1e-6
+    )
     assert trainer.lr_for("discriminator").value == pytest.approx(1e-3)
     assert not trainer.lr_for("discriminator").has_schedule
     # early stopping watches the distance to the modes, lower is better
@@ -111,8 +128,9 @@ def test_gan(tmp_path):
 
     files = checkpoint_files(run_dir)
     best_two = sorted(range(epochs), key=lambda e: history["mode_distance"][e])[:2]
-    assert sorted(f"epoch{e + 1:02d}-{history['mode_distance'][e]:.3f}.weights.h5" for e in best_two) == \
-        [f for f in files if f != "last.weights.h5"]
+    assert sorted(f"epoch{e + 1:02d}-{history['mode_distance'][e]:.3f}.weights.h5" for e in best_two) == [
+        f for f in files if f != "last.weights.h5"
+    ]
     restored = gan.GAN(hidden=16)
     restored(np.zeros((1, restored.noise_dim), "float32"))
     restored.load_weights(run_dir / "checkpoints" / "last.weights.h5")
@@ -129,17 +147,33 @@ def test_multitask(tmp_path):
     # 3 epochs of 7 steps stay within one pass over the data (23 batches of 64): with more, an epoch
     # would end early where the pass ends, as model.fit's do
     epochs, steps, clip = 3, 7, 0.05
-    trainer = multitask.main(["--epochs", str(epochs), "--steps-per-epoch", str(steps), "--ink-weight", "0.5",
-                              "--clip", str(clip), "--out", str(run_dir), "--verbose", "0"])
+    trainer = multitask.main(
+        [
+            "--epochs",
+            str(epochs),
+            "--steps-per-epoch",
+            str(steps),
+            "--ink-weight",
+            "0.5",
+            "--clip",
+            str(clip),
+            "--out",
+            str(run_dir),
+            "--verbose",
+            "0",
+        ]
+    )
     history = trainer.history.history
     assert history["loss"][-1] < history["loss"][0]
     assert history["val_loss"][-1] < history["val_loss"][0]
     assert history["digit_accuracy"][-1] > 0.3  # 10 classes: chance is 0.1
     # the reported loss is the weighted sum of the per-head losses (running means over an epoch)
     for prefix in ("", "val_"):
-        np.testing.assert_allclose(history[f"{prefix}loss"],
-                                   np.add(history[f"{prefix}digit_loss"], 0.5 * np.array(history[f"{prefix}ink_loss"])),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            history[f"{prefix}loss"],
+            np.add(history[f"{prefix}digit_loss"], 0.5 * np.array(history[f"{prefix}ink_loss"])),
+            rtol=1e-5,
+        )
     # warm-up over the first epoch, then Keras's CosineDecay from its own step 0
     cosine = S.CosineDecay(3e-3, decay_steps=epochs * steps, alpha=0.05)
     np.testing.assert_allclose(history["learning_rate"], [float(cosine(steps * e)) for e in range(epochs)], rtol=1e-6)
@@ -163,8 +197,20 @@ def test_contrastive(tmp_path):
 
     run_dir = tmp_path / "contrastive"
     epochs, steps = 3, 7  # within one pass over the pairs (see test_multitask)
-    trainer = contrastive.main(["--epochs", str(epochs), "--steps-per-epoch", str(steps), "--clip", "0.05",
-                                "--out", str(run_dir), "--verbose", "0"])
+    trainer = contrastive.main(
+        [
+            "--epochs",
+            str(epochs),
+            "--steps-per-epoch",
+            str(steps),
+            "--clip",
+            "0.05",
+            "--out",
+            str(run_dir),
+            "--verbose",
+            "0",
+        ]
+    )
     history = trainer.history.history
     assert history["loss"][-1] < history["loss"][0]
     assert history["val_loss"][-1] < history["val_loss"][0]
@@ -185,8 +231,14 @@ def test_readme_custom_step_snippet_runs(capsys):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "epochs=20" in code and "size=(4096, 2)" in code
     namespace: dict = {}
-    exec(compile(code.replace("epochs=20", "epochs=2").replace("size=(4096, 2)", "size=(512, 2)"),
-                 "README custom step", "exec"), namespace)
+    exec(
+        compile(
+            code.replace("epochs=20", "epochs=2").replace("size=(4096, 2)", "size=(512, 2)"),
+            "README custom step",
+            "exec",
+        ),
+        namespace,
+    )
     history, trainer = namespace["history"].history, namespace["trainer"]
     assert history["learning_rate/generator"][-1] < 2e-3  # the cosine schedule, on the generator only
     assert not trainer.lr_for("discriminator").has_schedule

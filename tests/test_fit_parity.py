@@ -22,10 +22,15 @@ X, Y = tiny_data(n=96, features=4, classes=3)
 
 def model(seed: int = 0, compile_kwargs: dict | None = None, metrics=("accuracy",)) -> keras.Model:
     keras.utils.set_random_seed(seed)
-    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
-                          keras.layers.Dense(3, activation="softmax")])
-    m.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy",
-              metrics=list(metrics), **(compile_kwargs or {}))
+    m = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3, activation="softmax")]
+    )
+    m.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss="sparse_categorical_crossentropy",
+        metrics=list(metrics),
+        **(compile_kwargs or {}),
+    )
     return m
 
 
@@ -48,8 +53,12 @@ def assert_same_history(a, b, rtol: float = 1e-5) -> None:
     assert a.epoch == b.epoch
     assert sorted(a.history) == sorted(b.history)
     for key in a.history:
-        np.testing.assert_allclose(np.asarray(a.history[key], dtype=np.float64),
-                                   np.asarray(b.history[key], dtype=np.float64), rtol=rtol, err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(a.history[key], dtype=np.float64),
+            np.asarray(b.history[key], dtype=np.float64),
+            rtol=rtol,
+            err_msg=key,
+        )
 
 
 # ---------------------------------------------------------------- arguments
@@ -76,7 +85,7 @@ def test_generator_with_steps_per_epoch_matches_model_fit():
     def endless():
         while True:
             for i in range(0, 96, 16):
-                yield X[i:i + 16], Y[i:i + 16]
+                yield X[i : i + 16], Y[i : i + 16]
 
     ref = model()
     ref.fit(endless(), epochs=2, steps_per_epoch=4, verbose=0)
@@ -95,7 +104,7 @@ class Batches(keras.utils.PyDataset):
         return 6
 
     def __getitem__(self, i):
-        return X[i * 16:(i + 1) * 16], Y[i * 16:(i + 1) * 16]
+        return X[i * 16 : (i + 1) * 16], Y[i * 16 : (i + 1) * 16]
 
     def on_epoch_end(self):
         self.epochs_ended += 1
@@ -159,15 +168,19 @@ def test_compile_arguments_given_to_the_trainer_match_model_compile():
         return keras.Model(inputs, {"a": a, "b": b})
 
     targets = {"a": Y, "b": X.sum(1, keepdims=True)}
-    compile_kwargs = dict(loss={"a": "sparse_categorical_crossentropy", "b": "mse"},
-                          loss_weights={"a": 1.0, "b": 0.25}, metrics={"a": ["accuracy"]},
-                          weighted_metrics={"b": ["mae"]})
+    compile_kwargs = dict(
+        loss={"a": "sparse_categorical_crossentropy", "b": "mse"},
+        loss_weights={"a": 1.0, "b": 0.25},
+        metrics={"a": ["accuracy"]},
+        weighted_metrics={"b": ["mae"]},
+    )
     ref = two_outputs()
     ref.compile(optimizer=keras.optimizers.SGD(0.05), **compile_kwargs)
     ref_h = ref.fit(X, targets, epochs=2, batch_size=16, shuffle=False, verbose=0, sample_weight=np.linspace(0, 1, 96))
     ours = two_outputs()
     h = corebus.Trainer(ours, optimizer=keras.optimizers.SGD(0.05), **compile_kwargs).fit(
-        X, targets, epochs=2, batch_size=16, shuffle=False, verbose=0, sample_weight=np.linspace(0, 1, 96))
+        X, targets, epochs=2, batch_size=16, shuffle=False, verbose=0, sample_weight=np.linspace(0, 1, 96)
+    )
     assert_same_history(ref_h, h)
     assert_same_weights(ref, ours)
 
@@ -188,8 +201,11 @@ def test_vector_metrics_stay_vectors_in_history_as_in_keras():
 
     def make_categorical():
         m = make()
-        m.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy",
-                  metrics=[keras.metrics.F1Score(average=None)])
+        m.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss="categorical_crossentropy",
+            metrics=[keras.metrics.F1Score(average=None)],
+        )
         return m
 
     ref, ref_h, ours, h = both({"x": X, "y": y}, make=make_categorical)
@@ -322,9 +338,21 @@ class Recorder(keras.callbacks.Callback):
         super().set_params(params)
         self.calls.append(("set_params", tuple(sorted((k, params[k]) for k in ("epochs", "steps", "verbose")))))
 
-    for _hook in ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
-                  "on_train_batch_end", "on_test_begin", "on_test_end", "on_test_batch_begin", "on_test_batch_end",
-                  "on_predict_begin", "on_predict_end", "on_predict_batch_begin"):
+    for _hook in (
+        "on_train_begin",
+        "on_train_end",
+        "on_epoch_begin",
+        "on_epoch_end",
+        "on_train_batch_begin",
+        "on_train_batch_end",
+        "on_test_begin",
+        "on_test_end",
+        "on_test_batch_begin",
+        "on_test_batch_end",
+        "on_predict_begin",
+        "on_predict_end",
+        "on_predict_batch_begin",
+    ):
         locals()[_hook] = _recording(_hook)
 
 
@@ -334,10 +362,14 @@ def test_a_keras_callback_gets_keras_calls_in_keras_order_with_keras_logs():
         fit(rec)
         return [c for c in rec.calls if c[0] != "set_params"], [c for c in rec.calls if c[0] == "set_params"]
 
-    ref_calls, ref_params = run(lambda rec: model().fit(X, Y, epochs=2, batch_size=32, verbose=0,
-                                                         validation_split=0.25, callbacks=[rec]))
-    our_calls, our_params = run(lambda rec: corebus.Trainer(model()).fit(X, Y, epochs=2, batch_size=32, verbose=0,
-                                                                         validation_split=0.25, callbacks=[rec]))
+    ref_calls, ref_params = run(
+        lambda rec: model().fit(X, Y, epochs=2, batch_size=32, verbose=0, validation_split=0.25, callbacks=[rec])
+    )
+    our_calls, our_params = run(
+        lambda rec: corebus.Trainer(model()).fit(
+            X, Y, epochs=2, batch_size=32, verbose=0, validation_split=0.25, callbacks=[rec]
+        )
+    )
     assert our_calls == ref_calls
     assert our_params[-1] == ref_params[-1]
 
@@ -346,8 +378,9 @@ def standard_callbacks(tmp_path, tag):
     return [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, min_delta=0.05, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0, min_delta=0.02),
-        keras.callbacks.ModelCheckpoint(str(tmp_path / tag / "best.weights.h5"), save_best_only=True,
-                                        save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(
+            str(tmp_path / tag / "best.weights.h5"), save_best_only=True, save_weights_only=True
+        ),
         keras.callbacks.CSVLogger(str(tmp_path / tag / "log.csv")),
         keras.callbacks.TerminateOnNaN(),
     ]
@@ -377,8 +410,10 @@ def test_keras_callbacks_give_model_fit_results_inside_trainer_fit(tmp_path):
 def test_learning_rate_scheduler_and_lambda_callback_inside_trainer_fit():
     def callbacks():
         seen = []
-        return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5 if epoch else lr),
-                keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(logs["loss"]))], seen
+        return [
+            keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5 if epoch else lr),
+            keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(logs["loss"])),
+        ], seen
 
     ref_cbs, ref_seen = callbacks()
     ref = model()
@@ -403,8 +438,9 @@ def test_terminate_on_nan_stops_at_the_same_batch_as_in_model_fit():
 
     ref, ours = regression(), regression()
     ref.fit(X, target, epochs=2, batch_size=8, shuffle=False, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()])
-    corebus.Trainer(ours).fit(X, target, epochs=2, batch_size=8, shuffle=False, verbose=0,
-                              callbacks=[keras.callbacks.TerminateOnNaN()])
+    corebus.Trainer(ours).fit(
+        X, target, epochs=2, batch_size=8, shuffle=False, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()]
+    )
     assert int(ours.optimizer.iterations) == int(ref.optimizer.iterations) == 6
 
 
@@ -415,10 +451,15 @@ def test_backup_and_restore_resumes_at_its_epoch_as_in_model_fit(tmp_path):
                 raise RuntimeError("interrupted")
 
     histories = {}
-    for tag, fit in (("keras", lambda m, cbs: m.fit(X, Y, epochs=4, batch_size=16, shuffle=False, verbose=0,
-                                                      callbacks=cbs)),
-                     ("ours", lambda m, cbs: corebus.Trainer(m).fit(X, Y, epochs=4, batch_size=16, shuffle=False,
-                                                                     verbose=0, callbacks=cbs))):
+    for tag, fit in (
+        ("keras", lambda m, cbs: m.fit(X, Y, epochs=4, batch_size=16, shuffle=False, verbose=0, callbacks=cbs)),
+        (
+            "ours",
+            lambda m, cbs: corebus.Trainer(m).fit(
+                X, Y, epochs=4, batch_size=16, shuffle=False, verbose=0, callbacks=cbs
+            ),
+        ),
+    ):
         backup = keras.callbacks.BackupAndRestore(str(tmp_path / tag))
         with pytest.raises(RuntimeError):
             fit(model(), [backup, StopAt()])
@@ -435,8 +476,11 @@ def test_swap_ema_weights_inside_trainer_fit():
         m.compile(optimizer=keras.optimizers.SGD(0.1, use_ema=True), loss="sparse_categorical_crossentropy")
         return m
 
-    ref, ref_h, ours, h = both({"x": X, "y": Y, "validation_split": 0.25}, make=make,
-                               callbacks=lambda: [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)])
+    ref, ref_h, ours, h = both(
+        {"x": X, "y": Y, "validation_split": 0.25},
+        make=make,
+        callbacks=lambda: [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)],
+    )
     assert_same_history(ref_h, h)
     assert_same_weights(ref, ours)
 
@@ -448,14 +492,24 @@ def test_tensorboard_callback_inside_trainer_fit_writes_what_it_writes_in_model_
     for tag in ("keras", "ours"):
         m = model()
         fit = m.fit if tag == "keras" else corebus.Trainer(m).fit
-        fit(X, Y, epochs=3, batch_size=16, shuffle=False, verbose=0, validation_split=0.25,
-            callbacks=[keras.callbacks.TensorBoard(str(tmp_path / tag), update_freq=2)])
+        fit(
+            X,
+            Y,
+            epochs=3,
+            batch_size=16,
+            shuffle=False,
+            verbose=0,
+            validation_split=0.25,
+            callbacks=[keras.callbacks.TensorBoard(str(tmp_path / tag), update_freq=2)],
+        )
         for run in ("train", "validation"):
             events = EventAccumulator(str(tmp_path / tag / run), size_guidance={"tensors": 0})
             events.Reload()
-            written[tag, run] = {name: [(e.step, round(float(tf.make_ndarray(e.tensor_proto)), 5))
-                                        for e in events.Tensors(name)] for name in events.Tags()["tensors"]
-                                 if name != "keras"}
+            written[tag, run] = {
+                name: [(e.step, round(float(tf.make_ndarray(e.tensor_proto)), 5)) for e in events.Tensors(name)]
+                for name in events.Tags()["tensors"]
+                if name != "keras"
+            }
     for run in ("train", "validation"):
         assert written["ours", run] == written["keras", run]
     assert written["ours", "train"]["batch_loss"] and written["ours", "validation"]["epoch_loss"]
@@ -474,7 +528,8 @@ def test_keras_callbacks_run_beside_corebus_plugins_and_show_in_the_hook_plan(tm
 def test_a_keras_lr_callback_and_a_corebus_lr_plugin_are_refused_together():
     with pytest.raises(ConfigError, match="both control"):
         corebus.Trainer(model(), plugins=["reduce_lr_on_plateau"]).fit(
-            X, Y, verbose=0, callbacks=[keras.callbacks.ReduceLROnPlateau()])
+            X, Y, verbose=0, callbacks=[keras.callbacks.ReduceLROnPlateau()]
+        )
 
 
 def test_a_callback_class_or_a_plugin_in_callbacks_is_one_clear_error():
@@ -522,8 +577,9 @@ def test_mlflow_keras_callback_runs_inside_trainer_fit(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("parity")
     with mlflow.start_run() as run:
-        history = corebus.Trainer(model()).fit(X, Y, epochs=2, batch_size=16, verbose=0,
-                                               callbacks=[MlflowCallback(run)])
+        history = corebus.Trainer(model()).fit(
+            X, Y, epochs=2, batch_size=16, verbose=0, callbacks=[MlflowCallback(run)]
+        )
     client = mlflow.MlflowClient()
     points = client.get_metric_history(run.info.run_id, "loss")
     assert [p.value for p in sorted(points, key=lambda p: p.step)] == pytest.approx(history.history["loss"])
@@ -546,15 +602,20 @@ def test_a_custom_train_step_with_compile_arguments_uses_them_and_matches_model_
 
     def bare(seed=0):
         keras.utils.set_random_seed(seed)
-        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
-                                 keras.layers.Dense(3, activation="softmax")])
+        return keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3, activation="softmax")]
+        )
 
     ref = bare()
     ref.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     ref_h = ref.fit(X, Y, epochs=3, batch_size=16, shuffle=False, verbose=0)
     ours = bare()
-    h = corebus.Trainer(ours, optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy",
-                        metrics=["accuracy"], train_step=step).fit(X, Y, epochs=3, batch_size=16, shuffle=False,
-                                                                   verbose=0)
+    h = corebus.Trainer(
+        ours,
+        optimizer=keras.optimizers.SGD(0.1),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        train_step=step,
+    ).fit(X, Y, epochs=3, batch_size=16, shuffle=False, verbose=0)
     assert_same_history(ref_h, h)  # per-epoch means: the metrics were reset at every epoch
     assert_same_weights(ref, ours)

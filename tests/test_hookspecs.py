@@ -35,9 +35,7 @@ PINNED = {
 
 def test_all_is_the_complete_index():
     defined = {
-        name
-        for name, obj in vars(hookspecs).items()
-        if inspect.isfunction(obj) and hasattr(obj, "corebus_spec")
+        name for name, obj in vars(hookspecs).items() if inspect.isfunction(obj) and hasattr(obj, "corebus_spec")
     }
     assert defined == set(hookspecs.__all__)
     assert set(PINNED) == defined

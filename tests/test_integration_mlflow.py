@@ -83,8 +83,12 @@ def fit(mode, plugins, x, y, epochs=2, spe=1, validation_split=0.0):
         return trainer.model, trainer.fit(x, y, **kwargs).history
     model = tiny_model()
     callback = KerasCallback(plugins)
-    model.compile(optimizer=callback.wrap_optimizer("sgd"), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=spe)
+    model.compile(
+        optimizer=callback.wrap_optimizer("sgd"),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=spe,
+    )
     return model, model.fit(x, y, callbacks=[callback], **kwargs).history
 
 
@@ -94,8 +98,10 @@ def history(client, run_id, key):
 
 def run_of(client, mlflow_logger):
     """The run, found by the tag naming it (the logger may not have seen its id: sync made it)."""
-    (run,) = client.search_runs([client.get_experiment_by_name("corebus-tests").experiment_id],
-                                f"tags.`corebus.run_key` = '{mlflow_logger.state_dict()['run_key']}'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("corebus-tests").experiment_id],
+        f"tags.`corebus.run_key` = '{mlflow_logger.state_dict()['run_key']}'",
+    )
     return run
 
 
@@ -110,10 +116,16 @@ def test_every_metric_param_and_artifact_reaches_the_server(server, tmp_path, mo
     recorder = Recorder()
     # Background writes: the last file is announced in the checkpoint's on_train_end, which
     # runs after the logger's in list order; the logger must still upload it.
-    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "ep{epoch:02d}.weights.h5"), save_weights_only=True,
-                                 monitor="val_loss", save_top_k=1, background=True)
-    mlflow_logger = logger(server, tmp_path, run_name=f"tiny-{mode}", log_every_n_steps=4, log_model=True,
-                           tags={"team": "corebus"})
+    checkpoint = ModelCheckpoint(
+        str(tmp_path / "ckpt" / "ep{epoch:02d}.weights.h5"),
+        save_weights_only=True,
+        monitor="val_loss",
+        save_top_k=1,
+        background=True,
+    )
+    mlflow_logger = logger(
+        server, tmp_path, run_name=f"tiny-{mode}", log_every_n_steps=4, log_model=True, tags={"team": "corebus"}
+    )
     # 72 train samples, batch 8, 3 steps per call: calls end at steps 3, 6, 9 | 12, 15, 18.
     model, hist = fit(mode, [recorder, Notifier(), mlflow_logger, checkpoint], x, y, spe=3, validation_split=0.25)
     assert recorder.steps == [3, 6, 9, 12, 15, 18]
@@ -155,14 +167,17 @@ def test_every_metric_param_and_artifact_reaches_the_server(server, tmp_path, mo
     assert announced == {"ep01.weights.h5", "ep02.weights.h5"}
     assert os.listdir(tmp_path / "ckpt") == ["ep02.weights.h5"]  # ep01 was rotated away locally
     assert [os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
-        "ep02.weights.h5"]
+        "ep02.weights.h5"
+    ]
     # The final model, an MLflow Model of the run (its LoggedModel), loadable and equal to the trained one.
     import mlflow
 
     (output,) = run.outputs.model_outputs
     local = mlflow.artifacts.download_artifacts(
         client.get_logged_model(output.model_id).artifact_location + "/data/model.keras",
-        dst_path=str(tmp_path / "download"), tracking_uri=server.uri)
+        dst_path=str(tmp_path / "download"),
+        tracking_uri=server.uri,
+    )
     restored = keras.models.load_model(local)
     for a, b in zip(restored.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -261,8 +276,10 @@ def test_a_dead_server_never_stalls_training_and_every_metric_lands_once(server,
     assert not list((tmp_path / "mlflow").glob("*.spool.jsonl"))
 
 
-@pytest.mark.parametrize("error, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
-                                           (SystemExit(128 + 15), "KILLED")])  # a stop turned into an exit
+@pytest.mark.parametrize(
+    "error, status",
+    [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"), (SystemExit(128 + 15), "KILLED")],
+)  # a stop turned into an exit
 def test_a_crash_marks_the_run_failed_and_an_interrupt_killed(server, tmp_path, error, status):
     x, y = tiny_data(96)
     mlflow_logger = logger(server, tmp_path, log_every_n_steps=1)
@@ -303,14 +320,16 @@ def test_a_resumed_run_continues_the_same_mlflow_run_without_repeating_steps(ser
     first = logger(server, tmp_path, log_every_n_steps=1)
     with pytest.raises(PluginError):  # snapshots every 5 steps; dies at 18, so resumes at 15
         make_trainer([BackupAndRestore(str(backup_dir), save_freq=5), first, FailAt(18, RuntimeError("crash"))]).fit(
-            x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+            x, y, batch_size=8, epochs=3, verbose=0, shuffle=False
+        )
     client = server.client()
     assert client.get_run(first.run_id).info.status == "FAILED"
     assert steps_of(client, first.run_id, "loss") == list(range(1, 18))
 
     second, recorder = logger(server, tmp_path, log_every_n_steps=1), Recorder()
     make_trainer([BackupAndRestore(str(backup_dir), save_freq=5), second, recorder]).fit(
-        x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+        x, y, batch_size=8, epochs=3, verbose=0, shuffle=False
+    )
     assert recorder.steps[0] == 16  # it really resumed mid-epoch, and re-ran steps 16 and 17
     run = client.get_run(second.run_id)
     assert second.run_id == first.run_id and run.info.status == "FINISHED"
@@ -337,8 +356,9 @@ def test_records_left_by_a_dead_server_arrive_with_corebus_sync(server, tmp_path
         assert len(spools) == 1
     finally:
         server.start()
-    result = subprocess.run([sys.executable, "-m", "corebus", "sync", str(tmp_path / "mlflow")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "corebus", "sync", str(tmp_path / "mlflow")], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "replayed" in result.stdout and not spools[0].exists()
     client = server.client()
@@ -353,8 +373,9 @@ def test_missing_mlflow_names_the_extra_to_install(monkeypatch, tmp_path):
     with pytest.raises(MissingExtraError, match=r'pip install "corebus\[mlflow\]"'):
         MLflowLogger(dir=tmp_path)
     with pytest.raises(MissingExtraError, match=r'pip install "corebus\[mlflow\]"'):
-        corebus.Trainer(tiny_model(), "sgd", "sparse_categorical_crossentropy",
-                        plugins=[{"name": "mlflow", "dir": str(tmp_path)}])
+        corebus.Trainer(
+            tiny_model(), "sgd", "sparse_categorical_crossentropy", plugins=[{"name": "mlflow", "dir": str(tmp_path)}]
+        )
 
 
 def test_bad_settings_fail_before_training(tmp_path):
@@ -388,7 +409,10 @@ def test_alerts_are_recorded_on_the_run_even_from_another_thread(server, tmp_pat
     tags = server.client().get_run(mlflow_logger.run_id).data.tags
     assert tags["corebus.alert.stall"] == "step 3: [error] no step for 60 s\nstack..."
     assert tags["corebus.alert.plateau"].startswith("step 12: [warning] val_loss stuck")
-    assert tags["corebus.delivery.alerts"].splitlines() == ["step 3: [error] no step for 60 s", "step 12: [warning] val_loss stuck"]
+    assert tags["corebus.delivery.alerts"].splitlines() == [
+        "step 3: [error] no step for 60 s",
+        "step 12: [warning] val_loss stuck",
+    ]
 
 
 def test_a_local_store_crash_and_resume_continue_one_run_and_keep_artifacts_beside_the_store(tmp_path, monkeypatch):
@@ -408,20 +432,28 @@ def test_a_local_store_crash_and_resume_continue_one_run_and_keep_artifacts_besi
     backup_dir = tmp_path / "backup"
 
     def local_logger():
-        return MLflowLogger(tracking_uri=uri, experiment_name="corebus-tests", dir=tmp_path / "mlflow",
-                            log_every_n_steps=1, shutdown_timeout=30, log_model=True)
+        return MLflowLogger(
+            tracking_uri=uri,
+            experiment_name="corebus-tests",
+            dir=tmp_path / "mlflow",
+            log_every_n_steps=1,
+            shutdown_timeout=30,
+            log_model=True,
+        )
 
     first = local_logger()
     with pytest.raises(PluginError):
         make_trainer([BackupAndRestore(str(backup_dir), save_freq=5), first, FailAt(18, RuntimeError("crash"))]).fit(
-            x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+            x, y, batch_size=8, epochs=3, verbose=0, shuffle=False
+        )
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(first.run_id).info.status == "FAILED"
     assert steps_of(client, first.run_id, "loss") == list(range(1, 18))
 
     second, recorder = local_logger(), Recorder()
     make_trainer([BackupAndRestore(str(backup_dir), save_freq=5), second, recorder]).fit(
-        x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+        x, y, batch_size=8, epochs=3, verbose=0, shuffle=False
+    )
     run = client.get_run(second.run_id)
     assert second.run_id == first.run_id and run.info.status == "FINISHED"
     assert steps_of(client, run.info.run_id, "loss") == list(range(1, 37))
@@ -441,8 +473,13 @@ def test_an_artifact_location_is_used_when_the_experiment_is_created(tmp_path, m
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     x, y = tiny_data(32)
-    mlflow_logger = MLflowLogger(tracking_uri=uri, experiment_name="placed", dir=tmp_path / "mlflow",
-                                 artifact_location="elsewhere/artifacts", log_model=True)
+    mlflow_logger = MLflowLogger(
+        tracking_uri=uri,
+        experiment_name="placed",
+        dir=tmp_path / "mlflow",
+        artifact_location="elsewhere/artifacts",
+        log_model=True,
+    )
     make_trainer([mlflow_logger]).fit(x, y, batch_size=8, epochs=1, verbose=0)
     client = MlflowClient(tracking_uri=uri)
     assert client.get_experiment_by_name("placed").artifact_location == (tmp_path / "elsewhere/artifacts").as_uri()
@@ -450,8 +487,9 @@ def test_an_artifact_location_is_used_when_the_experiment_is_created(tmp_path, m
     with pytest.raises(ConfigError, match="artifact_location"):
         MLflowLogger(tracking_uri=uri, dir=tmp_path / "mlflow", artifact_location="")
     # MLflow fixes the location when an experiment is created: an existing one keeps its own, with a word
-    again = MLflowLogger(tracking_uri=uri, experiment_name="placed", dir=tmp_path / "mlflow",
-                         artifact_location=str(tmp_path / "other"))
+    again = MLflowLogger(
+        tracking_uri=uri, experiment_name="placed", dir=tmp_path / "mlflow", artifact_location=str(tmp_path / "other")
+    )
     with caplog.at_level("WARNING", logger="corebus"):
         make_trainer([again]).fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert "already exists and keeps its artifact location" in caplog.text
@@ -464,20 +502,43 @@ def test_more_points_than_one_request_holds_arrive_through_mlflows_client(server
 
     from corebus.integrations.mlflow import _Writer
 
-    values = [0.5, float("nan"), float("inf"), float("-inf"), 1e-30, -0.0, 5e-324, 1.7976931348623157e308,
-              0.1 + 0.2, -123456789.123456789] + [float(i) for i in range(1200)]
+    values = [
+        0.5,
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+        1e-30,
+        -0.0,
+        5e-324,
+        1.7976931348623157e308,
+        0.1 + 0.2,
+        -123456789.123456789,
+    ] + [float(i) for i in range(1200)]
     points = [[step, 1000 + step, {"m": value, "val/loss": -value}] for step, value in enumerate(values)]
     writer = _Writer(server.uri, "corebus-tests", None)
-    writer.send([{"type": "start", "run": "many-points", "ts": 1000}, {"type": "metrics", "run": "many-points",
-                                                                         "points": points}])
+    writer.send(
+        [
+            {"type": "start", "run": "many-points", "ts": 1000},
+            {"type": "metrics", "run": "many-points", "points": points},
+        ]
+    )
     client = server.client()
     ours = writer.run_ids["many-points"]
     theirs = client.create_run(client.get_run(ours).info.experiment_id).info.run_id
-    client.log_batch(theirs, metrics=[Metric(k, v, ts, step) for step, ts, values in points for k, v in values.items()],
-                     synchronous=True)
+    client.log_batch(
+        theirs,
+        metrics=[Metric(k, v, ts, step) for step, ts, values in points for k, v in values.items()],
+        synchronous=True,
+    )
     # as MLflow stores them (a store keeps infinities as the largest double)
-    got, expected = (sorted((key, m.step, m.timestamp, repr(m.value)) for key in ("m", "val/loss")
-                            for m in client.get_metric_history(run, key)) for run in (ours, theirs))
+    got, expected = (
+        sorted(
+            (key, m.step, m.timestamp, repr(m.value))
+            for key in ("m", "val/loss")
+            for m in client.get_metric_history(run, key)
+        )
+        for run in (ours, theirs)
+    )
     assert got == expected and len(got) == 2 * len(values)
 
 
@@ -502,8 +563,10 @@ def summary_counts(model):
     lines = []
     model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
     text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(lines))
-    return {kind: re.search(rf"{kind} params: ([\d,]+)", text).group(1).replace(",", "")
-            for kind in ("Total", "Trainable", "Non-trainable")}
+    return {
+        kind: re.search(rf"{kind} params: ([\d,]+)", text).group(1).replace(",", "")
+        for kind in ("Total", "Trainable", "Non-trainable")
+    }
 
 
 @pytest.mark.parametrize("mode", ["engine", "keras"])
@@ -515,8 +578,14 @@ def test_params_are_configuration_with_loss_metrics_optimizer_and_model_size(tmp
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     x, y = tiny_data(64)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
-                              keras.layers.Dense(3, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
     mlflow_logger = MLflowLogger(tracking_uri=uri, experiment_name="params", dir=tmp_path / "mlflow")
     plugins = [EarlyStopping(monitor="loss", patience=5), LossBuffer(), mlflow_logger]
     if mode == "engine":
@@ -530,21 +599,28 @@ def test_params_are_configuration_with_loss_metrics_optimizer_and_model_size(tmp
     assert params["optimizer.default.name"] == model.optimizer.name  # Keras names it ("adam", "adam_1"...)
     counts = summary_counts(model)  # Keras's "Total" there adds the optimizer's variables
     assert (params["model.trainable_params"], params["model.non_trainable_params"]) == (
-        counts["Trainable"], counts["Non-trainable"])
+        counts["Trainable"],
+        counts["Non-trainable"],
+    )
     assert params["model.total_params"] == str(model.count_params())
     assert params["model.non_trainable_params"] == "16"  # BatchNormalization's moving mean and variance
     # configuration, not running state (patience counters, best values, buffers)
     assert params["plugins.EarlyStopping.patience"] == "5" and params["plugins.EarlyStopping.monitor"] == "loss"
     assert params["plugins.LossBuffer.every"] == "3"
-    for state in ("plugins.EarlyStopping.wait", "plugins.EarlyStopping.best", "plugins.EarlyStopping.stopped_epoch",
-                  "plugins.LossBuffer.losses", "plugins.LossBuffer.wait"):
+    for state in (
+        "plugins.EarlyStopping.wait",
+        "plugins.EarlyStopping.best",
+        "plugins.EarlyStopping.stopped_epoch",
+        "plugins.LossBuffer.losses",
+        "plugins.LossBuffer.wait",
+    ):
         assert state not in params, state
 
 
-@pytest.mark.parametrize("log_checkpoints, expected", [
-    ("kept", ["ep03.weights.h5"]),
-    ("all", ["ep01.weights.h5", "ep02.weights.h5", "ep03.weights.h5"]),
-    (False, [])])
+@pytest.mark.parametrize(
+    "log_checkpoints, expected",
+    [("kept", ["ep03.weights.h5"]), ("all", ["ep01.weights.h5", "ep02.weights.h5", "ep03.weights.h5"]), (False, [])],
+)
 def test_uploaded_checkpoints_follow_the_checkpoint_plugins_keep_policy(tmp_path, log_checkpoints, expected):
     """save_top_k=1 on a falling training loss keeps one file on disk: "kept" (the default)
     leaves the run with that one; "all" keeps every upload; False uploads none."""
@@ -552,10 +628,12 @@ def test_uploaded_checkpoints_follow_the_checkpoint_plugins_keep_policy(tmp_path
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     x, y = tiny_data(64)
-    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "ep{epoch:02d}.weights.h5"), save_weights_only=True,
-                                 monitor="loss", save_top_k=1)
-    mlflow_logger = MLflowLogger(tracking_uri=uri, experiment_name="ckpt", dir=tmp_path / "mlflow",
-                                 log_checkpoints=log_checkpoints)
+    checkpoint = ModelCheckpoint(
+        str(tmp_path / "ckpt" / "ep{epoch:02d}.weights.h5"), save_weights_only=True, monitor="loss", save_top_k=1
+    )
+    mlflow_logger = MLflowLogger(
+        tracking_uri=uri, experiment_name="ckpt", dir=tmp_path / "mlflow", log_checkpoints=log_checkpoints
+    )
     make_trainer([mlflow_logger, checkpoint], optimizer="adam").fit(x, y, batch_size=8, epochs=3, verbose=0)
     assert os.listdir(tmp_path / "ckpt") == ["ep03.weights.h5"]
     listed = MlflowClient(tracking_uri=uri).list_artifacts(mlflow_logger.run_id, "checkpoints")
@@ -585,14 +663,20 @@ def test_a_password_in_the_tracking_uri_is_never_printed_logged_or_spooled(serve
     assert run.data.params["plugins.MLflowLogger.tracking_uri"] == f"http://ada:***@127.0.0.1:{port}"
     assert not any(canary in value for value in {**run.data.params, **run.data.tags}.values())
 
-    dead = MLflowLogger(tracking_uri=f"http://ada:{canary}@127.0.0.1:{free_port()}", experiment_name="corebus-tests",
-                        dir=tmp_path / "dead", log_every_n_steps=1, shutdown_timeout=1)
+    dead = MLflowLogger(
+        tracking_uri=f"http://ada:{canary}@127.0.0.1:{free_port()}",
+        experiment_name="corebus-tests",
+        dir=tmp_path / "dead",
+        log_every_n_steps=1,
+        shutdown_timeout=1,
+    )
     make_trainer([dead]).fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert "send failed" in caplog.text  # the failure path really ran
     spooled = list((tmp_path / "dead").rglob("*"))
     assert any(p.name.endswith(".spool.jsonl") for p in spooled)
     out, err = capfd.readouterr()
     for where, text in [("stdout", out), ("stderr", err), ("log", caplog.text)] + [
-            (str(p), p.read_bytes().decode(errors="replace")) for p in spooled if p.is_file()]:
+        (str(p), p.read_bytes().decode(errors="replace")) for p in spooled if p.is_file()
+    ]:
         assert canary not in text, where
     assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ  # restored after the run

@@ -34,8 +34,11 @@ class KillOnce:
     def on_train_batch_end(self, trainer):
         import ray.train
 
-        if (ray.train.get_context().get_world_rank() == self.rank and trainer.global_step >= self.step
-                and not self.marker.exists()):
+        if (
+            ray.train.get_context().get_world_rank() == self.rank
+            and trainer.global_step >= self.step
+            and not self.marker.exists()
+        ):
             self.marker.write_text(str(trainer.global_step))
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -53,14 +56,19 @@ def train_loop(config):
     tf.random.set_global_generator(tf.random.Generator.from_seed(0))
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
-                                  keras.layers.Dense(3, activation="softmax")])
+        model = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3, activation="softmax")]
+        )
         optimizer = keras.optimizers.Adam(0.01)  # Keras's TF optimizer keeps the strategy it was made under
-    plugins = [{"name": "ray_train", "resume_from": config.get("resume")}, {"name": "early_stopping", "monitor": "val_loss", "patience": 50, "min_delta": 1.0}]
+    plugins = [
+        {"name": "ray_train", "resume_from": config.get("resume")},
+        {"name": "early_stopping", "monitor": "val_loss", "patience": 50, "min_delta": 1.0},
+    ]
     if config.get("kill"):
         plugins.append(KillOnce(*config["kill"]))
-    trainer = corebus.Trainer(model, optimizer, "sparse_categorical_crossentropy", ["accuracy"],
-                              plugins=plugins, strategy=strategy, seed=0)
+    trainer = corebus.Trainer(
+        model, optimizer, "sparse_categorical_crossentropy", ["accuracy"], plugins=plugins, strategy=strategy, seed=0
+    )
     x, y = tiny_data(120)
     trainer.fit(x, y, batch_size=12, epochs=config["epochs"], validation_split=0.2, verbose=0, shuffle=True)
 
@@ -79,10 +87,13 @@ def fit(storage, name, epochs, kill=None, resume=None, max_failures=0):
     from ray.train.tensorflow import TensorflowTrainer
 
     trainer = TensorflowTrainer(
-        train_loop, train_loop_config={"epochs": epochs, "kill": kill, "resume": resume},
+        train_loop,
+        train_loop_config={"epochs": epochs, "kill": kill, "resume": resume},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=max_failures)))
+        run_config=RunConfig(
+            name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures)
+        ),
+    )
     return trainer.fit()
 
 
@@ -138,12 +149,20 @@ def test_the_checkpoint_restores_into_a_run_outside_ray(uninterrupted, tmp_path)
     snapshot, _ = weights(uninterrupted)
     backup_dir = uninterrupted.checkpoint.to_directory(str(tmp_path / "backup"))
     keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dense(3, activation="softmax")])
-    trainer = corebus.Trainer(model, keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy", ["accuracy"],
-                              plugins=[{"name": "early_stopping", "monitor": "val_loss", "patience": 50, "min_delta": 1.0},
-                                       {"name": "backup", "backup_dir": backup_dir,
-                                                 "delete_checkpoint": False}], seed=0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3, activation="softmax")]
+    )
+    trainer = corebus.Trainer(
+        model,
+        keras.optimizers.Adam(0.01),
+        "sparse_categorical_crossentropy",
+        ["accuracy"],
+        plugins=[
+            {"name": "early_stopping", "monitor": "val_loss", "patience": 50, "min_delta": 1.0},
+            {"name": "backup", "backup_dir": backup_dir, "delete_checkpoint": False},
+        ],
+        seed=0,
+    )
     from corebus.testing import tiny_data
 
     x, y = tiny_data(120)
@@ -165,10 +184,15 @@ def test_ray_train_outside_a_ray_worker_is_an_error_before_training():
     assert trainer.global_step == 0
 
 
-@pytest.mark.parametrize("params, match", [({"checkpoint_every": 0}, "checkpoint_every=0"),
-                                           ({"metrics": 3}, "metrics = 3"),
-                                           ({"report_every_n_steps": -1}, "report_every_n_steps=-1"),
-                                           ({"resume_from": "/nonexistent"}, "not a checkpoint directory")])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"checkpoint_every": 0}, "checkpoint_every=0"),
+        ({"metrics": 3}, "metrics = 3"),
+        ({"report_every_n_steps": -1}, "report_every_n_steps=-1"),
+        ({"resume_from": "/nonexistent"}, "not a checkpoint directory"),
+    ],
+)
 def test_bad_params_are_named(params, match):
     with pytest.raises(corebus.ConfigError, match=match):
         instantiate("ray_train", params)

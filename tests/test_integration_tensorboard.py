@@ -59,8 +59,12 @@ class StepRecorder:
 
 def compiled(steps_per_execution=1):
     model = tiny_model()
-    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  steps_per_execution=steps_per_execution)
+    model.compile(
+        optimizer="sgd",
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
     return model
 
 
@@ -97,8 +101,12 @@ def test_same_tags_steps_and_values_as_keras_tensorboard(tmp_path):
             # run params and final status
             norms = {t.replace("/histogram", "/norm") for t in expected if t.endswith("/histogram")}
             # and gradients: KerasCallback runs the gradient pipeline in model.fit
-            gradients = {t.replace("/histogram", f"/gradient_{kind}") for t in expected
-                         if t.endswith("/histogram") for kind in ("histogram", "norm")}
+            gradients = {
+                t.replace("/histogram", f"/gradient_{kind}")
+                for t in expected
+                if t.endswith("/histogram")
+                for kind in ("histogram", "norm")
+            }
             assert extra == norms | gradients | {"batch_learning_rate", "run_params", "run_status"}
             batch_steps = [step for step, _ in scalars(got)["batch_loss"]]
             assert scalars(got)["batch_learning_rate"] == [(step, f32(0.01)) for step in batch_steps]
@@ -142,8 +150,11 @@ def test_event_files_hold_the_run_history_at_the_right_steps(tmp_path, mode, upd
     # 5 steps per epoch in calls of 3 + 2: global steps 3, 5, 8, 10, 13, 15...
     steps = [step for _, step, _ in recorder.calls]
     assert steps == [3, 5, 8, 10, 13, 15]
-    due = [(step, logs) for prev, step, logs in recorder.calls
-           if any(s % update_freq == 0 for s in range(prev + 1, step + 1))]  # a multiple of N crossed
+    due = [
+        (step, logs)
+        for prev, step, logs in recorder.calls
+        if any(s % update_freq == 0 for s in range(prev + 1, step + 1))
+    ]  # a multiple of N crossed
     assert scalars(train)["batch_loss"] == [(step, f32(logs["loss"])) for step, logs in due]
     assert scalars(train)["batch_accuracy"] == [(step, f32(logs["accuracy"])) for step, logs in due]
     assert fetches == len(recorder.calls)  # the recorder reads every call; the logger adds no fetch
@@ -151,7 +162,8 @@ def test_event_files_hold_the_run_history_at_the_right_steps(tmp_path, mode, upd
     # validation after every epoch at the global step reached
     epoch_end_steps = [5, 10, 15]
     assert scalars(validation)["evaluation_loss_vs_iterations"] == [
-        (s, f32(history.history["val_loss"][e])) for e, s in zip(epochs, epoch_end_steps)]
+        (s, f32(history.history["val_loss"][e])) for e, s in zip(epochs, epoch_end_steps)
+    ]
 
     # histograms of every weight each epoch, counts covering the whole weight
     model = history.model
@@ -284,7 +296,8 @@ def test_checkpoints_are_listed(tmp_path):
     x, y = tiny_data()
     path = tmp_path / "ckpt" / "model.weights.h5"
     make_trainer([ModelCheckpoint(str(path), save_weights_only=True), TensorBoardLogger(tmp_path / "tb")]).fit(
-        x, y, epochs=2, **FIT)
+        x, y, epochs=2, **FIT
+    )
     rows = read_run(tmp_path / "tb" / "train")[0]["checkpoints"][1]
     assert [s for s, _ in rows] == [5, 10] and all(str(path) in text for _, text in rows)
 
@@ -361,8 +374,11 @@ def test_gradient_histograms_and_norms_are_the_epochs_last_update(tmp_path, mode
     else:
         callback = corebus.KerasCallback([spy, logger])
         model = tiny_model()
-        model.compile(optimizer=callback.wrap_optimizer(keras.optimizers.SGD(lr)),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer=callback.wrap_optimizer(keras.optimizers.SGD(lr)),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
         model.fit(x, y, callbacks=[callback], **fit)
     train = read_run(tmp_path / "train")[0]
     for epoch in range(2):
@@ -378,8 +394,10 @@ def test_gradient_histograms_and_norms_are_the_epochs_last_update(tmp_path, mode
     # the global norm of every update, at the global step
     steps = scalars(train)["batch_grad_norm"]
     assert [s for s, _ in steps] == list(range(1, 13))
-    expected = [np.sqrt(sum(np.sum(((a - b) / lr) ** 2) for a, b in zip(spy.snapshots[2 * i], spy.snapshots[2 * i + 1])))
-                for i in range(12)]
+    expected = [
+        np.sqrt(sum(np.sum(((a - b) / lr) ** 2) for a, b in zip(spy.snapshots[2 * i], spy.snapshots[2 * i + 1])))
+        for i in range(12)
+    ]
     np.testing.assert_allclose([v for _, v in steps], expected, rtol=1e-4)
 
 
@@ -398,8 +416,10 @@ def test_scalars_are_the_bytes_tensorboard_writes():
     from corebus.integrations.tensorboard import _scalar_value
 
     for number in (0.5, 1e-7, -2.0, 1e30, 123456789.123, 0.0, float("inf"), float("nan")):
-        assert _scalar_value("batch_loss", number).SerializeToString() == \
-            scalar_pb("batch_loss", number).value[0].SerializeToString()
+        assert (
+            _scalar_value("batch_loss", number).SerializeToString()
+            == scalar_pb("batch_loss", number).value[0].SerializeToString()
+        )
 
 
 @pytest.mark.parametrize("mode", ["engine", "model.fit"])
@@ -418,8 +438,11 @@ def test_gradient_histograms_with_accumulation_are_written_every_due_epoch(tmp_p
     else:
         callback = corebus.KerasCallback(plugins)
         model = tiny_model()
-        model.compile(optimizer=callback.wrap_optimizer(keras.optimizers.SGD(lr)),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer=callback.wrap_optimizer(keras.optimizers.SGD(lr)),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
         model.fit(x, y, callbacks=[callback], **fit)
     train = read_run(tmp_path / "train")[0]
     for epoch, micro in enumerate((4, 12, 16, 24)):  # each epoch's last update, 1-based micro-batch

@@ -28,11 +28,19 @@ BATCH, N = 8, 96  # 12 steps per epoch
 def wandb_env(tmp_path, monkeypatch):
     root = tmp_path / "wb"
     for name, value in {
-        "WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
-        "WANDB_DISABLE_CODE": "true", "WANDB_DISABLE_GIT": "true", "WANDB__DISABLE_STATS": "true",
-        "WANDB__DISABLE_META": "true", "WANDB__DISABLE_MACHINE_INFO": "true",
-        "WANDB_DATA_DIR": str(tmp_path / "data"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-        "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(root),
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB__DISABLE_STATS": "true",
+        "WANDB__DISABLE_META": "true",
+        "WANDB__DISABLE_MACHINE_INFO": "true",
+        "WANDB_DATA_DIR": str(tmp_path / "data"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+        "WANDB_ARTIFACT_DIR": str(tmp_path / "artifacts"),
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
@@ -107,8 +115,9 @@ def test_engine_fit_logs_every_metric_at_its_step_config_summary_and_exit_code(w
 
     # Batch metrics: every train call that crossed a multiple of 2 (spe=3: each call, 3, 6, 9,
     # ..., where `step % 2 == 0` would have dropped the odd ones), with the values fit saw.
-    seen = {step: logs for name, kind, step, logs in
-            (e for e in recorder.events if e[0] == "on_log") if kind == "batch"}
+    seen = {
+        step: logs for name, kind, step, logs in (e for e in recorder.events if e[0] == "on_log") if kind == "batch"
+    }
     assert sorted(seen) == list(range(3, 25, 3))
     expected = crossed(sorted(seen), 2, 3)
     assert sorted(run.metric("batch/loss")) == expected == sorted(run.metric("batch/accuracy"))
@@ -150,8 +159,12 @@ def test_model_fit_through_keras_callback(wandb_env):
     logger = WandbLogger(log_every_n_steps=4)
     model = tiny_model()
     callback = corebus.KerasCallback([logger])
-    model.compile(optimizer=callback.wrap_optimizer("sgd"), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=3)
+    model.compile(
+        optimizer=callback.wrap_optimizer("sgd"),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=3,
+    )
     history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
 
     run = only_run(wandb_env, logger.run_id)
@@ -165,10 +178,13 @@ def test_model_fit_through_keras_callback(wandb_env):
     assert run.summary["corebus/status"] == "FINISHED" and run.exit_code == 0
 
 
-@pytest.mark.parametrize("error, exit_code, status", [
-    (ValueError("boom"), 1, "FAILED"),
-    (KeyboardInterrupt(), 255, "KILLED"),
-])
+@pytest.mark.parametrize(
+    "error, exit_code, status",
+    [
+        (ValueError("boom"), 1, "FAILED"),
+        (KeyboardInterrupt(), 255, "KILLED"),
+    ],
+)
 def test_a_run_that_raises_is_marked_failed_or_killed(wandb_env, error, exit_code, status):
     x, y = tiny_data(N)
     logger = WandbLogger(log_every_n_steps=1)
@@ -191,7 +207,8 @@ def test_resumed_run_continues_the_same_run_id(wandb_env, tmp_path):
     first = WandbLogger(log_every_n_steps=6)
     with pytest.raises(KeyboardInterrupt):  # killed during epoch 1; the snapshot holds epoch 0
         make_trainer([first, BackupAndRestore(backup), StopWith(KeyboardInterrupt(), epoch=1)]).fit(
-            x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+            x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0
+        )
     assert first.state_dict() == {"run_id": first.run_id, "best": None}  # no checkpoint, no best
 
     second = WandbLogger(log_every_n_steps=6)
@@ -219,8 +236,13 @@ def test_checkpoints_become_model_artifacts(wandb_env, tmp_path):
     logger = WandbLogger(log_every_n_steps=None, log_checkpoints="all")
     # save_top_k=1 deletes each file at the next save, 3 steps later: usually before the worker
     # uploads it, so this fails unless the logger keeps the file (a hard link) until then.
-    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "{step:03d}.weights.h5"), monitor="loss",
-                                 save_weights_only=True, save_top_k=1, save_freq=3)
+    checkpoint = ModelCheckpoint(
+        str(tmp_path / "ckpt" / "{step:03d}.weights.h5"),
+        monitor="loss",
+        save_weights_only=True,
+        save_top_k=1,
+        save_freq=3,
+    )
     saved = Saved()
     make_trainer([logger, checkpoint, saved]).fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
 
@@ -249,8 +271,13 @@ def test_alerts_offline_are_kept_in_the_summary(wandb_env):
     run = only_run(wandb_env, logger.run_id)
     (alert,) = run.summary["alerts"]
     assert {k: alert[k] for k in ("kind", "title", "text", "level", "step", "epoch")} == {
-        "kind": "stall", "title": "Training stalled", "text": "no progress for 60 s", "level": "warning",
-        "step": 12, "epoch": 0}
+        "kind": "stall",
+        "title": "Training stalled",
+        "text": "no progress for 60 s",
+        "level": "warning",
+        "step": 12,
+        "epoch": 0,
+    }
     assert run.alerts == []  # offline: no alert record that would fire, stale, at sync time
 
 
@@ -268,7 +295,12 @@ def test_alerts_online_call_run_alert(wandb_env, mocker):
     init.assert_called_once()
     kwargs = init.call_args.kwargs
     assert {k: kwargs[k] for k in ("mode", "entity", "id", "resume", "reinit")} == {
-        "mode": "online", "entity": "team", "id": logger.run_id, "resume": "allow", "reinit": "create_new"}
+        "mode": "online",
+        "entity": "team",
+        "id": logger.run_id,
+        "resume": "allow",
+        "reinit": "create_new",
+    }
     fake_run.alert.assert_called_once_with(title="Training stalled", text="no progress for 60 s", level="WARN")
     assert fake_run.summary["alerts"][0]["kind"] == "stall"
     assert [c.kwargs["step"] for c in fake_run.log.call_args_list] == [12, 12]  # batch, then epoch
@@ -388,7 +420,9 @@ def test_the_sdk_runs_in_a_child_process_by_default(wandb_env, mocker, monkeypat
     init = mocker.patch.object(wandb, "init", side_effect=AssertionError("W&B ran in the training process"))
     logger = WandbLogger(log_every_n_steps=4)
     assert logger.isolate_sdk and not WandbLogger(mode="disabled").isolate_sdk
-    make_trainer([logger, GiveWandbTime(logger)]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    make_trainer([logger, GiveWandbTime(logger)]).fit(
+        *tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0
+    )
     init.assert_not_called()
     run = environment_of(wandb_env, logger.run_id)
     assert sorted(run.metric("batch/loss")) == [4, 8, 12]
@@ -450,8 +484,13 @@ def test_rows_carry_their_steps_wall_time_and_the_runtime_is_the_fits(wandb_env)
 def test_kept_checkpoints_only_with_latest_and_best_aliases_and_the_best_in_the_summary(wandb_env, tmp_path):
     x, y = tiny_data(N)
     logger = WandbLogger(log_every_n_steps=None)  # log_checkpoints="kept" by default
-    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "{step:03d}.weights.h5"), monitor="loss",
-                                 save_weights_only=True, save_top_k=2, save_freq=2)
+    checkpoint = ModelCheckpoint(
+        str(tmp_path / "ckpt" / "{step:03d}.weights.h5"),
+        monitor="loss",
+        save_weights_only=True,
+        save_top_k=2,
+        save_freq=2,
+    )
     saved = Saved()
     make_trainer([logger, checkpoint, saved]).fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
 
@@ -480,8 +519,7 @@ def test_log_checkpoints_false_uploads_nothing_and_bad_values_are_refused(wandb_
         WandbLogger(log_checkpoints="some")
     assert WandbLogger(log_checkpoints=True).log_checkpoints == "kept"
     logger = WandbLogger(log_every_n_steps=None, log_checkpoints=False)
-    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "{step:03d}.weights.h5"), save_weights_only=True,
-                                 save_freq=6)
+    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "{step:03d}.weights.h5"), save_weights_only=True, save_freq=6)
     make_trainer([logger, checkpoint]).fit(*tiny_data(N), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     run = only_run(wandb_env, logger.run_id)
     assert run.artifacts == [] and run.exit_code == 0
@@ -504,8 +542,12 @@ def test_a_resumed_run_continues_its_wandb_run_without_repeating_a_step(wandb_en
     backup = str(tmp_path / "backup")
 
     def plugins(logger, *more):
-        checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "{epoch:02d}.weights.h5"), monitor="loss",
-                                     save_weights_only=True, save_best_only=True)
+        checkpoint = ModelCheckpoint(
+            str(tmp_path / "ckpt" / "{epoch:02d}.weights.h5"),
+            monitor="loss",
+            save_weights_only=True,
+            save_best_only=True,
+        )
         return [logger, checkpoint, BackupAndRestore(backup), *more]
 
     first = WandbLogger(log_every_n_steps=2)
@@ -523,7 +565,8 @@ def test_a_resumed_run_continues_its_wandb_run_without_repeating_a_step(wandb_en
     assert resumed.metric("epoch/epoch") == {24: 1, 36: 2}
     # The best checkpoint of the whole run (epoch 0's came before the kill) is in the summary.
     assert resumed.summary["best/epoch"] in (0, 1, 2) and resumed.summary["best/loss"] == pytest.approx(
-        min([*killed.metric("epoch/loss").values(), *resumed.metric("epoch/loss").values()]), rel=1e-6)
+        min([*killed.metric("epoch/loss").values(), *resumed.metric("epoch/loss").values()]), rel=1e-6
+    )
     assert not (wandb_env / f"wandb-{first.run_id}.step").exists()  # finished: nothing left to resume
     # A snapshot's run id names files here: anything but a W&B id is refused.
     with pytest.raises(ValueError, match="no W&B run id"):

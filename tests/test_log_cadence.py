@@ -31,16 +31,23 @@ def _train(mode, plugins, steps_per_execution, tiny_data):  # noqa: F811
         trainer.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
     else:
         model = tiny_model()
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                      steps_per_execution=steps_per_execution)
+        model.compile(
+            optimizer="adam",
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            steps_per_execution=steps_per_execution,
+        )
         model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=[corebus.KerasCallback(plugins)])
 
 
 def _due(cadences, steps_per_execution, total=12):
     """The steps that end a train call crossing a due step of any cadence (independent arithmetic)."""
     ends = range(steps_per_execution, total + 1, steps_per_execution)
-    return [end for end in ends
-            if any(step % every == 0 for step in range(end - steps_per_execution + 1, end + 1) for every in cadences)]
+    return [
+        end
+        for end in ends
+        if any(step % every == 0 for step in range(end - steps_per_execution + 1, end + 1) for every in cadences)
+    ]
 
 
 @pytest.mark.parametrize("mode", ["engine", "model.fit"])
@@ -107,7 +114,12 @@ def _logger(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["mlflow", "tensorboard", "wandb"])
 @pytest.mark.parametrize("mode", ["engine", "model.fit"])
 def test_loggers_get_batch_records_in_bulk_at_the_interval_and_before_each_epoch_record(
-        kind, mode, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    kind,
+    mode,
+    tiny_data,  # noqa: F811 (the fixture)
+    tmp_path,
+    monkeypatch,
+):
     # Within the interval the engine holds the records; the first goes at once (the backend
     # starts early), the rest before the epoch's on_log. Each hand-over reaches the sink whole.
     monkeypatch.setattr("corebus.delivery.sinks.LOGGER_FLUSH_SECONDS", 60.0)
@@ -191,6 +203,12 @@ def test_bulk_records_are_bounded(tiny_data, monkeypatch):  # noqa: F811
     monkeypatch.setattr("corebus.engine.context.HELD_STEPS_MAX", 2)
     spy = StepsSpy()
     _train("engine", [spy], 1, tiny_data)
-    assert [event[1] for event in spy.events if event[0] == "steps"] == [[1], [2, 3], [4, 5], [6], [7, 8], [9, 10],
-                                                                        [11, 12]]
-
+    assert [event[1] for event in spy.events if event[0] == "steps"] == [
+        [1],
+        [2, 3],
+        [4, 5],
+        [6],
+        [7, 8],
+        [9, 10],
+        [11, 12],
+    ]

@@ -110,10 +110,16 @@ def test_the_report_keeps_the_run_before_a_resume(tmp_path):
 
     backup = str(tmp_path / "backup")
     with pytest.raises(corebus.PluginError):
-        make_trainer([BackupAndRestore(backup, save_freq=2, background=False),
-                      RunReport(tmp_path / "report", log_every_n_steps=1), CrashAt9()]).fit(x, y, epochs=3, **FIT)
-    make_trainer([BackupAndRestore(backup, save_freq=2, background=False),
-                  RunReport(tmp_path / "report", log_every_n_steps=1)]).fit(x, y, epochs=3, **FIT)
+        make_trainer(
+            [
+                BackupAndRestore(backup, save_freq=2, background=False),
+                RunReport(tmp_path / "report", log_every_n_steps=1),
+                CrashAt9(),
+            ]
+        ).fit(x, y, epochs=3, **FIT)
+    make_trainer(
+        [BackupAndRestore(backup, save_freq=2, background=False), RunReport(tmp_path / "report", log_every_n_steps=1)]
+    ).fit(x, y, epochs=3, **FIT)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["batches"]["step"] == list(range(1, 19))  # from the first step, each once (was 9..18)
     assert [e["epoch"] for e in report["epochs"]] == [0, 1, 2]
@@ -133,13 +139,18 @@ def test_a_run_stopped_by_a_signal_is_killed_not_failed(tmp_path):
     x, y = tiny_data(n=64)
     with pytest.raises(SystemExit):
         make_trainer([TensorBoardLogger(tmp_path / "tb"), RunReport(tmp_path / "report"), Stop()]).fit(
-            x, y, epochs=2, **FIT)
+            x, y, epochs=2, **FIT
+        )
     assert json.loads((tmp_path / "report" / "report.json").read_text())["run"]["status"] == "killed"
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    texts = [value.tensor.string_val[0].decode() for path in (tmp_path / "tb" / "train").glob("events.*")
-             for event in EventFileLoader(str(path)).Load() for value in event.summary.value
-             if value.tag == "run_status"]
+    texts = [
+        value.tensor.string_val[0].decode()
+        for path in (tmp_path / "tb" / "train").glob("events.*")
+        for event in EventFileLoader(str(path)).Load()
+        for value in event.summary.value
+        if value.tag == "run_status"
+    ]
     assert texts == ["KILLED"]
 
 
@@ -160,8 +171,14 @@ def test_a_resumed_wandb_run_still_logs_what_its_last_delivered_step_lacked(tmp_
     (tmp_path / "wandb-abc123.step").write_text(json.dumps({"step": 12, "keys": ["_timestamp", "batch/loss"]}))
     logger.on_state_restored(step=10)
     logger._sink = sink = Recorder()
-    for step, values in ((11, {"batch/loss": 1.0}), (12, {"batch/loss": 1.0, "_timestamp": 5.0}),
-                         (12, {"epoch/loss": 0.5, "epoch/epoch": 0, "_timestamp": 6.0}), (13, {"batch/loss": 0.9})):
+    for step, values in (
+        (11, {"batch/loss": 1.0}),
+        (12, {"batch/loss": 1.0, "_timestamp": 5.0}),
+        (12, {"epoch/loss": 0.5, "epoch/epoch": 0, "_timestamp": 6.0}),
+        (13, {"batch/loss": 0.9}),
+    ):
         logger._put({"type": "log", "step": step, "values": values})
     assert [(r["step"], sorted(r["values"])) for r in sink.records] == [
-        (12, ["_timestamp", "epoch/epoch", "epoch/loss"]), (13, ["batch/loss"])]
+        (12, ["_timestamp", "epoch/epoch", "epoch/loss"]),
+        (13, ["batch/loss"]),
+    ]

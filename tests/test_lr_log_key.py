@@ -46,8 +46,9 @@ def fit_named(names: list[str], plugins: list) -> tuple[corebus.Trainer, dict]:
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
-        trainer.apply_gradients(tape.gradient(loss, model.trainable_variables), model.trainable_variables,
-                                optimizer=names[0])
+        trainer.apply_gradients(
+            tape.gradient(loss, model.trainable_variables), model.trainable_variables, optimizer=names[0]
+        )
         return {"loss": loss}
 
     optimizers = {name: keras.optimizers.SGD(0.1) for name in names}

@@ -37,15 +37,22 @@ def gan_trainer(plugins, generator_lr=0.1, discriminator_lr=D_LR):
         ones, zeros = tf.ones_like(real[:, :1]), tf.zeros_like(real[:, :1])
         with tf.GradientTape() as tape:
             d_loss = bce(ones, discriminator(real)) + bce(zeros, discriminator(generator(z)))
-        trainer.apply_gradients(tape.gradient(d_loss, discriminator.trainable_variables),
-                                discriminator.trainable_variables, optimizer="discriminator")
+        trainer.apply_gradients(
+            tape.gradient(d_loss, discriminator.trainable_variables),
+            discriminator.trainable_variables,
+            optimizer="discriminator",
+        )
         with tf.GradientTape() as tape:
             g_loss = bce(ones, discriminator(generator(z)))
-        trainer.apply_gradients(tape.gradient(g_loss, generator.trainable_variables),
-                                generator.trainable_variables, optimizer="generator")
+        trainer.apply_gradients(
+            tape.gradient(g_loss, generator.trainable_variables), generator.trainable_variables, optimizer="generator"
+        )
         return {"d_loss": d_loss, "g_loss": g_loss}
 
-    optimizers = {"discriminator": keras.optimizers.SGD(discriminator_lr), "generator": keras.optimizers.SGD(generator_lr)}
+    optimizers = {
+        "discriminator": keras.optimizers.SGD(discriminator_lr),
+        "generator": keras.optimizers.SGD(generator_lr),
+    }
     return corebus.Trainer(gan, optimizer=optimizers, train_step=gan_step, plugins=plugins, seed=0)
 
 
@@ -101,10 +108,14 @@ def test_schedule_on_the_generator_only_and_a_plateau_on_both():
 
     # epoch logs: one learning rate per named optimizer, the value the epoch ended with
     assert "learning_rate" not in history.history
-    np.testing.assert_allclose(history.history["learning_rate/generator"],
-                               [float(reference(4 * (e + 1))) * multiplier[e] for e in range(EPOCHS)], rtol=1e-6)
-    np.testing.assert_allclose(history.history["learning_rate/discriminator"],
-                               [D_LR * m for m in multiplier], rtol=1e-7)
+    np.testing.assert_allclose(
+        history.history["learning_rate/generator"],
+        [float(reference(4 * (e + 1))) * multiplier[e] for e in range(EPOCHS)],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        history.history["learning_rate/discriminator"], [D_LR * m for m in multiplier], rtol=1e-7
+    )
 
     # the compiled step really used those rates: the same run in plain Keras terms, each
     # optimizer built with the recorded rates as its schedule and no LR plugin, ends with the
@@ -135,12 +146,17 @@ def test_plateau_on_one_optimizer_and_a_schedule_on_all():
 
 
 def test_unknown_optimizer_name_fails_before_any_step():
-    for plugin in (LRSchedule("exponential", optimizers=["generater"], **DECAY),
-                   ReduceLROnPlateau(monitor="g_loss", optimizers="generater")):
+    for plugin in (
+        LRSchedule("exponential", optimizers=["generater"], **DECAY),
+        ReduceLROnPlateau(monitor="g_loss", optimizers="generater"),
+    ):
         trainer = gan_trainer([plugin])
         before = [w.copy() for w in trainer.model.get_weights()]
-        with pytest.raises(ConfigError, match=r"optimizers=\['generater'\]: no optimizer named \['generater'\]; "
-                                              r"this run has \['discriminator', 'generator'\]"):
+        with pytest.raises(
+            ConfigError,
+            match=r"optimizers=\['generater'\]: no optimizer named \['generater'\]; "
+            r"this run has \['discriminator', 'generator'\]",
+        ):
             fit(trainer)
         assert all(int(opt.iterations.numpy()) == 0 for opt in trainer.optimizers.values())
         assert all(np.array_equal(a, b) for a, b in zip(before, trainer.model.get_weights()))
@@ -152,32 +168,44 @@ def test_unknown_optimizer_name_fails_before_any_step():
 
 
 def test_ownership_is_per_optimizer():
-    both = [LRSchedule("exponential", optimizers="generator", **DECAY),
-            LRSchedule("cosine", decay_steps=20, optimizers="discriminator"),
-            ReduceLROnPlateau(monitor="g_loss", optimizers="generator"),
-            ReduceLROnPlateau(monitor="d_loss", optimizers="discriminator")]
+    both = [
+        LRSchedule("exponential", optimizers="generator", **DECAY),
+        LRSchedule("cosine", decay_steps=20, optimizers="discriminator"),
+        ReduceLROnPlateau(monitor="g_loss", optimizers="generator"),
+        ReduceLROnPlateau(monitor="d_loss", optimizers="discriminator"),
+    ]
     trainer = gan_trainer(both)
     fit(trainer, epochs=1)
     assert trainer.lr_for("generator").schedule_owner == "LRSchedule"
     assert trainer.lr_for("discriminator").schedule_owner == "LRSchedule#2"
     # two schedules on the same optimizer: rejected at registration, naming both
     with pytest.raises(ConfigError, match=r"'LRSchedule' and 'LRSchedule#2' both control 'lr.schedule\[generator\]'"):
-        gan_trainer([LRSchedule("exponential", optimizers="generator", **DECAY),
-                     LRSchedule("cosine", decay_steps=20, optimizers=["discriminator", "generator"])])
+        gan_trainer(
+            [
+                LRSchedule("exponential", optimizers="generator", **DECAY),
+                LRSchedule("cosine", decay_steps=20, optimizers=["discriminator", "generator"]),
+            ]
+        )
     with pytest.raises(ConfigError, match=r"both control 'lr.multiplier\[generator\]'"):
         gan_trainer([ReduceLROnPlateau(optimizers="generator"), ReduceLROnPlateau(optimizers="generator")])
     # one on every optimizer and one on "generator": caught when the second installs, before any step
-    trainer = gan_trainer([LRSchedule("exponential", **DECAY), LRSchedule("cosine", decay_steps=20, optimizers="generator")])
+    trainer = gan_trainer(
+        [LRSchedule("exponential", **DECAY), LRSchedule("cosine", decay_steps=20, optimizers="generator")]
+    )
     with pytest.raises(ConfigError, match=r"'LRSchedule' already owns the learning rate and the 'LRSchedule#2' plugin"):
         fit(trainer)
     assert int(trainer.optimizers["generator"].iterations.numpy()) == 0
     # an optimizer built with its own schedule is the other owner, per optimizer
-    trainer = gan_trainer([LRSchedule("cosine", decay_steps=20, optimizers="discriminator")],
-                          generator_lr=S.ExponentialDecay(**DECAY))
+    trainer = gan_trainer(
+        [LRSchedule("cosine", decay_steps=20, optimizers="discriminator")], generator_lr=S.ExponentialDecay(**DECAY)
+    )
     fit(trainer, epochs=1)  # the generator's own schedule is left alone
     with pytest.raises(ConfigError, match=r"'optimizer' already owns the learning rate"):
-        fit(gan_trainer([LRSchedule("cosine", decay_steps=20, optimizers="generator")],
-                        generator_lr=S.ExponentialDecay(**DECAY)))
+        fit(
+            gan_trainer(
+                [LRSchedule("cosine", decay_steps=20, optimizers="generator")], generator_lr=S.ExponentialDecay(**DECAY)
+            )
+        )
 
 
 def test_state_dicts_per_optimizer_and_from_older_snapshots():

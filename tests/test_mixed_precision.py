@@ -63,11 +63,14 @@ def test_clipping_and_gradient_norms_see_unscaled_gradients(tiny_data):
                 norms.append(logs["grad_norm"])
 
     clip = 0.05
-    trainer = make_trainer([updates, Norms(), {"name": "gradient_clipping", "global_norm": clip}],
-                           optimizer=keras.optimizers.SGD(0.1), mixed_precision="mixed_float16")
+    trainer = make_trainer(
+        [updates, Norms(), {"name": "gradient_clipping", "global_norm": clip}],
+        optimizer=keras.optimizers.SGD(0.1),
+        mixed_precision="mixed_float16",
+    )
     trainer.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     scale = float(trainer.optimizer.dynamic_scale.numpy())
-    assert scale == 2.0 ** 15  # no overflow: the scale was in use all along
+    assert scale == 2.0**15  # no overflow: the scale was in use all along
     # the optimizer applied gradients of norm `clip`: clipped after unscaling, not before
     np.testing.assert_allclose(updates.applied(0.1), clip, rtol=2e-2)
     assert 2 * clip < min(norms) < 100  # the logged norm is the unscaled raw gradient's
@@ -76,13 +79,13 @@ def test_clipping_and_gradient_norms_see_unscaled_gradients(tiny_data):
 def test_an_overflowing_step_is_skipped_and_the_scale_lowered(tiny_data):
     x, y = tiny_data
     updates = Updates()
-    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=2.0 ** 40)
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=2.0**40)
     trainer = make_trainer([updates], optimizer=optimizer, mixed_precision="mixed_float16")
     trainer.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     applied = updates.applied(0.1)
     skipped = [i for i, norm in enumerate(applied) if norm == 0]
     assert skipped and skipped == list(range(len(skipped)))  # the first steps overflowed float16
-    assert all(norm > 0 for norm in applied[len(skipped):])
+    assert all(norm > 0 for norm in applied[len(skipped) :])
     assert float(trainer.optimizer.dynamic_scale.numpy()) == 2.0 ** (40 - len(skipped))
     assert trainer.optimizer is optimizer  # the user's own LossScaleOptimizer is kept
 
@@ -96,19 +99,23 @@ def test_custom_step_scales_its_loss_per_optimizer(tiny_data):
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, trainer.model(xb, training=True))
             scaled = trainer.scale_loss(loss, optimizer="main")
-        trainer.apply_gradients(tape.gradient(scaled, trainer.model.trainable_variables),
-                                trainer.model.trainable_variables, optimizer="main")
+        trainer.apply_gradients(
+            tape.gradient(scaled, trainer.model.trainable_variables),
+            trainer.model.trainable_variables,
+            optimizer="main",
+        )
         return {"loss": loss}
 
     def run(policy):
-        trainer = corebus.Trainer(tiny_model(), optimizer={"main": keras.optimizers.SGD(0.1)}, train_step=step,
-                                  mixed_precision=policy, seed=0)
+        trainer = corebus.Trainer(
+            tiny_model(), optimizer={"main": keras.optimizers.SGD(0.1)}, train_step=step, mixed_precision=policy, seed=0
+        )
         return trainer, trainer.fit(x, y, **FIT).history
 
     trainer, history = run("mixed_float16")
     _, reference = run(None)
     assert isinstance(trainer.optimizers["main"], keras.optimizers.LossScaleOptimizer)
-    assert float(trainer.optimizers["main"].dynamic_scale.numpy()) == 2.0 ** 15
+    assert float(trainer.optimizers["main"].dynamic_scale.numpy()) == 2.0**15
     np.testing.assert_allclose(history["loss"], reference["loss"], rtol=5e-3)
 
 
@@ -119,8 +126,19 @@ def test_unknown_policy_is_rejected():
 
 def test_lr_plugins_reach_the_optimizer_inside_the_loss_scaler(tiny_data):
     x, y = tiny_data
-    trainer = make_trainer([{"name": "lr_schedule", "schedule": "exponential", "initial_learning_rate": 0.1,
-                             "decay_steps": 1, "decay_rate": 0.5}], optimizer="sgd", mixed_precision="mixed_float16")
+    trainer = make_trainer(
+        [
+            {
+                "name": "lr_schedule",
+                "schedule": "exponential",
+                "initial_learning_rate": 0.1,
+                "decay_steps": 1,
+                "decay_rate": 0.5,
+            }
+        ],
+        optimizer="sgd",
+        mixed_precision="mixed_float16",
+    )
     trainer.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    assert trainer.lr.value == pytest.approx(0.1 * 0.5 ** 6)
+    assert trainer.lr.value == pytest.approx(0.1 * 0.5**6)
     assert trainer.lr.optimizer is trainer.optimizer.inner_optimizer

@@ -31,8 +31,14 @@ def client_of(uri):
 
 
 def logger(store, tmp_path, **kwargs):
-    return MLflowLogger(tracking_uri=store, experiment_name="models", dir=tmp_path / "mlflow", shutdown_timeout=60,
-                        log_every_n_steps=None, **kwargs)
+    return MLflowLogger(
+        tracking_uri=store,
+        experiment_name="models",
+        dir=tmp_path / "mlflow",
+        shutdown_timeout=60,
+        log_every_n_steps=None,
+        **kwargs,
+    )
 
 
 class Pause:
@@ -57,8 +63,13 @@ def test_the_best_checkpoints_weights_are_registered_and_pyfunc_predicts_like_th
 
     x, y = tiny_data(96)
     # mode="max" on a falling val_loss: the best checkpoint is an early one, not the final weights
-    checkpoint = ModelCheckpoint(str(tmp_path / "ckpt" / "ep{epoch:02d}.weights.h5"), save_weights_only=True,
-                                 monitor="val_loss", mode="max", save_top_k=1)
+    checkpoint = ModelCheckpoint(
+        str(tmp_path / "ckpt" / "ep{epoch:02d}.weights.h5"),
+        save_weights_only=True,
+        monitor="val_loss",
+        mode="max",
+        save_top_k=1,
+    )
     mlflow_logger = logger(store, tmp_path, log_model="best", registered_model_name="tiny")
     trainer = make_trainer([mlflow_logger, checkpoint], optimizer=keras.optimizers.SGD(0.5))
     history = trainer.fit(x, y, batch_size=8, epochs=4, validation_split=0.25, verbose=0, shuffle=False).history
@@ -89,7 +100,8 @@ def test_the_best_checkpoints_weights_are_registered_and_pyfunc_predicts_like_th
     assert spec.shape == (-1, 4) and spec.type == np.dtype("float32")
     assert info.signature.outputs.inputs[0].shape == (-1, 3)
     example = mlflow.models.Model.load(f"models:/tiny/{version.version}").load_input_example(
-        mlflow.artifacts.download_artifacts(f"models:/tiny/{version.version}"))
+        mlflow.artifacts.download_artifacts(f"models:/tiny/{version.version}")
+    )
     np.testing.assert_array_equal(example, x[:5])
 
 
@@ -193,13 +205,16 @@ def test_datasets_of_a_tf_data_input_and_the_model_fit_warning(store, tmp_path, 
     assert not client_of(store).get_run(inside.run_id).inputs.dataset_inputs
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"log_model": "best_only"}, "log_model='best_only'"),
-    ({"registered_model_name": "x"}, "registered_model_name needs log_model"),
-    ({"log_model": True, "registered_model_name": " "}, "registered_model_name=' '"),
-    ({"system_metrics": -1}, "system_metrics=-1"),
-    ({"system_metrics": "on"}, "system_metrics='on'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"log_model": "best_only"}, "log_model='best_only'"),
+        ({"registered_model_name": "x"}, "registered_model_name needs log_model"),
+        ({"log_model": True, "registered_model_name": " "}, "registered_model_name=' '"),
+        ({"system_metrics": -1}, "system_metrics=-1"),
+        ({"system_metrics": "on"}, "system_metrics='on'"),
+    ],
+)
 def test_bad_model_options_fail_before_training(tmp_path, kwargs, match):
     from corebus import ConfigError
 

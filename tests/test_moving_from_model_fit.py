@@ -29,7 +29,7 @@ def recorded_batches(train, shuffle):
     model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
     model.seen = []
     train(model)(x, y, batch_size=16, epochs=2, shuffle=shuffle, verbose=0)
-    chunks = [sorted(x[i:i + 16, 0].tolist()) for i in range(0, 48, 16)]
+    chunks = [sorted(x[i : i + 16, 0].tolist()) for i in range(0, 48, 16)]
     return model.seen, chunks
 
 
@@ -52,7 +52,7 @@ def test_validation_split_with_a_generator_names_the_fix():
     def batches():
         while True:
             for i in range(0, 64, 16):
-                yield x[i:i + 16], y[i:i + 16]
+                yield x[i : i + 16], y[i : i + 16]
 
     with pytest.raises(ConfigError, match="validation_data"):
         corebus.Trainer(model).fit(batches(), steps_per_epoch=4, validation_split=0.2, verbose=0)

@@ -35,5 +35,4 @@ def test_no_other_module_walks_inner_optimizer_by_hand():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr":
                 args = node.args
                 walks = len(args) > 1 and isinstance(args[1], ast.Constant) and args[1].value == "inner_optimizer"
-                assert not walks, (
-                    f"{path.name}:{node.lineno} walks inner_optimizer; use corebus.engine.optimizer_chain")
+                assert not walks, f"{path.name}:{node.lineno} walks inner_optimizer; use corebus.engine.optimizer_chain"

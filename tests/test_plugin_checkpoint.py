@@ -47,8 +47,12 @@ class WeightsAt:
 
 def compiled_model(lr=LR, steps_per_execution=1, optimizer=None):
     model = tiny_model()
-    model.compile(optimizer=optimizer or keras.optimizers.SGD(lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=steps_per_execution)
+    model.compile(
+        optimizer=optimizer or keras.optimizers.SGD(lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
     return model
 
 
@@ -110,8 +114,13 @@ def keras_reference(tmp_path_factory):
     def reference(monitor, threshold):
         if (monitor, threshold) not in found:
             folder = tmp_path_factory.mktemp(f"keras_{monitor}")
-            callback = keras.callbacks.ModelCheckpoint(str(folder / pattern(monitor)), monitor=monitor, verbose=1,
-                                                       save_best_only=True, initial_value_threshold=threshold)
+            callback = keras.callbacks.ModelCheckpoint(
+                str(folder / pattern(monitor)),
+                monitor=monitor,
+                verbose=1,
+                save_best_only=True,
+                initial_value_threshold=threshold,
+            )
             with contextlib.redirect_stdout(io.StringIO()) as printed:
                 compiled_model().fit(*tiny_data(), callbacks=[callback], **FIT)
             found[monitor, threshold] = (folder, float(callback.best), messages(printed.getvalue(), folder))
@@ -122,13 +131,18 @@ def keras_reference(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "via, monitor, threshold",
-    [("engine", "val_loss", None), ("model_fit", "val_loss", None), ("engine", "val_accuracy", None),
-     ("model_fit", "val_loss", 0.2)],
+    [
+        ("engine", "val_loss", None),
+        ("model_fit", "val_loss", None),
+        ("engine", "val_accuracy", None),
+        ("model_fit", "val_loss", 0.2),
+    ],
 )
 def test_same_files_as_keras_model_checkpoint(tmp_path, tiny_data, keras_reference, via, monitor, threshold, capsys):
     x, y = tiny_data
-    ours = ModelCheckpoint(tmp_path / pattern(monitor), monitor=monitor, save_best_only=True, verbose=1,
-                           initial_value_threshold=threshold)
+    ours = ModelCheckpoint(
+        tmp_path / pattern(monitor), monitor=monitor, save_best_only=True, verbose=1, initial_value_threshold=threshold
+    )
     capsys.readouterr()
     run([ours], x, y, via=via)
 
@@ -151,8 +165,15 @@ def test_save_freq_in_steps_like_keras(tmp_path, tiny_data):
     pattern = "e{epoch}-b{batch:02d}.weights.h5"
     reference = keras.callbacks.ModelCheckpoint(str(tmp_path / "keras" / pattern), save_weights_only=True, save_freq=5)
     compiled_model(lr=0.1).fit(x, y, callbacks=[reference], batch_size=8, epochs=2, shuffle=False, verbose=0)
-    run([ModelCheckpoint(tmp_path / "ours" / pattern, save_weights_only=True, save_freq=5)], x, y, lr=0.1,
-        batch_size=8, epochs=2, validation_split=0.0)
+    run(
+        [ModelCheckpoint(tmp_path / "ours" / pattern, save_weights_only=True, save_freq=5)],
+        x,
+        y,
+        lr=0.1,
+        batch_size=8,
+        epochs=2,
+        validation_split=0.0,
+    )
     assert files(tmp_path / "ours") == files(tmp_path / "keras")
     assert len(files(tmp_path / "keras")) == 24 // 5
 
@@ -161,10 +182,20 @@ def test_save_freq_in_steps_like_keras(tmp_path, tiny_data):
 def test_save_freq_crosses_step_boundaries_under_steps_per_execution(tmp_path, tiny_data, via, background):
     x, y = tiny_data
     weights, saved = WeightsAt(), Saved()
-    plugin = ModelCheckpoint(tmp_path / "s{step:03d}.weights.h5", save_weights_only=True, save_freq=5,
-                             background=background)
-    run([weights, plugin, saved], x, y, via=via, lr=0.1, steps_per_execution=3,
-        batch_size=8, epochs=2, validation_split=0.0)
+    plugin = ModelCheckpoint(
+        tmp_path / "s{step:03d}.weights.h5", save_weights_only=True, save_freq=5, background=background
+    )
+    run(
+        [weights, plugin, saved],
+        x,
+        y,
+        via=via,
+        lr=0.1,
+        steps_per_execution=3,
+        batch_size=8,
+        epochs=2,
+        validation_split=0.0,
+    )
     # 12 steps per epoch in calls of 3: the step jumps 3, 6, 9, ... 24; a save is due at the
     # first call end that reaches or passes each multiple of 5 (never `step % 5 == 0`).
     call_ends = sorted(weights.by_step)
@@ -203,8 +234,9 @@ def test_save_top_k_keeps_the_k_best_and_deletes_the_rest(tmp_path, tiny_data):
 def test_save_last_follows_every_epoch_while_best_only_skips(tmp_path, tiny_data):
     x, y = tiny_data
     saved = Saved()
-    plugin = ModelCheckpoint(tmp_path / "{epoch:02d}.weights.h5", save_weights_only=True, save_best_only=True,
-                             save_last=True)
+    plugin = ModelCheckpoint(
+        tmp_path / "{epoch:02d}.weights.h5", save_weights_only=True, save_best_only=True, save_last=True
+    )
     model, history = run([plugin, saved], x, y)
     val_loss = history.history["val_loss"]
     improved = [e for e, v in enumerate(val_loss) if v < min(val_loss[:e], default=np.inf)]
@@ -237,8 +269,9 @@ def test_formats_load_back(tmp_path, tiny_data, name, weights_only):
 def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, tiny_data, monkeypatch, background):
     x, y = tiny_data
     weights = WeightsAt()
-    trainer = make_trainer([weights, ModelCheckpoint(tmp_path / "model.keras", background=background)],
-                           optimizer=keras.optimizers.SGD(0.1))
+    trainer = make_trainer(
+        [weights, ModelCheckpoint(tmp_path / "model.keras", background=background)], optimizer=keras.optimizers.SGD(0.1)
+    )
     trainer.fit(x, y, batch_size=16, epochs=1, verbose=0)
     good = list(weights.by_step[trainer.global_step])
 
@@ -263,8 +296,14 @@ def test_background_writes_the_same_files(tmp_path, tiny_data, name):
     for background in (False, True):
         keras.backend.clear_session()  # same layer names in both runs (legacy .h5 stores them)
         saved = Saved()
-        plugin = ModelCheckpoint(tmp_path / str(background) / name, save_freq=3,
-                                 save_top_k=2, monitor="loss", save_last=True, background=background)
+        plugin = ModelCheckpoint(
+            tmp_path / str(background) / name,
+            save_freq=3,
+            save_top_k=2,
+            monitor="loss",
+            save_last=True,
+            background=background,
+        )
         run([plugin, saved], x, y, optimizer=keras.optimizers.Adam(0.05), epochs=3)
         results[background] = (plugin, saved)
     assert files(tmp_path / "True") == files(tmp_path / "False")
@@ -274,7 +313,10 @@ def test_background_writes_the_same_files(tmp_path, tiny_data, name):
         assert sorted(ours) == sorted(theirs) and any(k.startswith("optimizer") for k in ours)
         for key in ours:
             np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
-    strip = lambda events: [(os.path.basename(p), s, m["last"], exists) for p, s, m, exists, _ in events]
+
+    def strip(events):
+        return [(os.path.basename(p), s, m["last"], exists) for p, s, m, exists, _ in events]
+
     assert strip(results[True][1].events) == strip(results[False][1].events)
     assert all(exists for *_, exists in strip(results[True][1].events))
     assert len(results[True][1].events) == len(results[False][1].events) >= 5 + 5
@@ -321,8 +363,11 @@ class Epochs:
 def test_a_filepath_placeholder_the_logs_lack_is_a_clear_error_at_the_first_epoch_end(tmp_path, tiny_data, via):
     epochs = Epochs()
     with pytest.raises(ConfigError) as info:
-        run([ModelCheckpoint(tmp_path / "{epoch:02d}-{val_acc:.3f}.keras", monitor="val_loss"), epochs],
-            *tiny_data, via=via)
+        run(
+            [ModelCheckpoint(tmp_path / "{epoch:02d}-{val_acc:.3f}.keras", monitor="val_loss"), epochs],
+            *tiny_data,
+            via=via,
+        )
     message = str(info.value)
     assert "the placeholder {val_acc} names a key the epoch logs do not have" in message
     assert "did you mean {val_accuracy}?" in message
@@ -337,9 +382,12 @@ def test_a_filepath_placeholder_the_logs_lack_is_a_clear_error_at_the_first_epoc
 def test_a_step_save_placeholder_the_batch_logs_lack_fails_at_the_first_batch(tmp_path, tiny_data):
     epochs = Epochs()
     saver = ModelCheckpoint(tmp_path / "{step}-{val_loss:.3f}.keras", save_freq=100)
-    with pytest.raises(ConfigError, match=r"the placeholder \{val_loss\} names a key the batch logs do not have; "
-                                          r"did you mean \{loss\}\? \(validation metrics exist only at epoch ends: "
-                                          r"use save_freq='epoch'\) Available keys: accuracy, batch, epoch, loss, step$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the placeholder \{val_loss\} names a key the batch logs do not have; "
+        r"did you mean \{loss\}\? \(validation metrics exist only at epoch ends: "
+        r"use save_freq='epoch'\) Available keys: accuracy, batch, epoch, loss, step$",
+    ):
         run([saver, epochs], *tiny_data)
     assert epochs.begun == 1 and not list(tmp_path.glob("*.keras"))  # long before the first save (step 100)
 
@@ -355,14 +403,18 @@ def test_a_missing_monitor_warns_and_saves_as_keras_does(tmp_path, tiny_data, vi
     every epoch (with mode='auto' Keras cannot even start: it cannot infer the direction of a
     metric it does not know); so does ours, naming the close match, on the same run."""
     keras_dir, ours_dir = tmp_path / "keras", tmp_path / "ours"
-    callback = keras.callbacks.ModelCheckpoint(str(keras_dir / "{epoch:02d}.keras"), monitor="val_acc",
-                                               mode="max", save_best_only=True)
+    callback = keras.callbacks.ModelCheckpoint(
+        str(keras_dir / "{epoch:02d}.keras"), monitor="val_acc", mode="max", save_best_only=True
+    )
     with pytest.warns(UserWarning, match="Can save best model only with val_acc available"):
         compiled_model().fit(*tiny_data, callbacks=[callback], **FIT)
 
     with caplog.at_level("WARNING", logger="corebus"):
-        run([ModelCheckpoint(ours_dir / "{epoch:02d}.keras", monitor="val_acc", mode="max", save_best_only=True)],
-            *tiny_data, via=via)
+        run(
+            [ModelCheckpoint(ours_dir / "{epoch:02d}.keras", monitor="val_acc", mode="max", save_best_only=True)],
+            *tiny_data,
+            via=via,
+        )
     assert files(ours_dir) == files(keras_dir) == [f"{e:02d}.keras" for e in range(1, FIT["epochs"] + 1)]
     (warning,) = [r.getMessage() for r in caplog.records if "val_acc" in r.getMessage()]  # once, not per epoch
     assert "monitor='val_acc' is not in the logs (did you mean monitor='val_accuracy'?)" in warning
@@ -386,8 +438,9 @@ def test_checkpoint_saved_event_is_the_same_in_both_modes(tmp_path, tiny_data):
     def plugins():
         return [ModelCheckpoint(tmp_path / next(runs) / "{epoch}-{val_loss:.4f}.keras"), Saved()]
 
-    (engine, _), (in_fit, history) = corebus.testing.fit_both_ways(plugins, x, y, batch_size=16, epochs=3,
-                                                                   validation_split=0.25)
+    (engine, _), (in_fit, history) = corebus.testing.fit_both_ways(
+        plugins, x, y, batch_size=16, epochs=3, validation_split=0.25
+    )
     for plugins_run, folder in ((engine, "engine"), (in_fit, "model_fit")):
         events = plugins_run[1].events
         assert [e[0] for e in events] == [str(tmp_path / folder / f) for f in files(tmp_path / folder)]
@@ -405,8 +458,10 @@ def test_resumed_run_continues_from_state_dict(tmp_path, tiny_data):
     x, y = tiny_data
 
     def plugins(folder):
-        return [ModelCheckpoint(tmp_path / folder / "best.keras", save_best_only=True),
-                ModelCheckpoint(tmp_path / folder / "{epoch:02d}.keras", save_top_k=2)]
+        return [
+            ModelCheckpoint(tmp_path / folder / "best.keras", save_best_only=True),
+            ModelCheckpoint(tmp_path / folder / "{epoch:02d}.keras", save_top_k=2),
+        ]
 
     straight = plugins("straight")
     make_trainer(straight, optimizer=keras.optimizers.SGD(LR)).fit(x, y, **FIT)
@@ -429,8 +484,12 @@ def test_resumed_run_continues_from_state_dict(tmp_path, tiny_data):
         assert plugin.best == pytest.approx(reference.best, rel=1e-6)
         assert [os.path.basename(p) for p, _ in plugin._top_k] == [os.path.basename(p) for p, _ in reference._top_k]
     for name in files(tmp_path / "straight"):
-        assert_same_arrays(keras.saving.load_model(tmp_path / "resumed" / name).get_weights(),
-                           keras.saving.load_model(tmp_path / "straight" / name).get_weights(), rtol=1e-6, atol=1e-7)
+        assert_same_arrays(
+            keras.saving.load_model(tmp_path / "resumed" / name).get_weights(),
+            keras.saving.load_model(tmp_path / "straight" / name).get_weights(),
+            rtol=1e-6,
+            atol=1e-7,
+        )
     restored = ModelCheckpoint(tmp_path / "resumed" / "{epoch}.keras", save_top_k=2)
     restored.load_state_dict(second[1].state_dict())
     assert restored.state_dict() == second[1].state_dict()
@@ -454,8 +513,9 @@ def test_background_falls_back_to_the_training_thread_when_the_model_cannot_be_c
     weights = WeightsAt()
     plugin = ModelCheckpoint(tmp_path / "{step}.weights.h5", save_weights_only=True, background=True)
     keras.utils.set_random_seed(0)
-    trainer = corebus.Trainer(Subclassed(), optimizer="sgd", loss="sparse_categorical_crossentropy",
-                              plugins=[weights, plugin], seed=0)
+    trainer = corebus.Trainer(
+        Subclassed(), optimizer="sgd", loss="sparse_categorical_crossentropy", plugins=[weights, plugin], seed=0
+    )
     trainer.fit(x, y, batch_size=16, epochs=2, verbose=0)
     assert "saving on the training thread instead" in caplog.text
     assert files(tmp_path) == ["12.weights.h5", "6.weights.h5"]

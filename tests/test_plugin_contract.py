@@ -35,8 +35,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "gradient_accumulation": {"steps": 2},
     "gradient_clipping": {"global_norm": 1.0},
     "lr_schedule": {"schedule": "cosine", "decay_steps": 10},
-    "mlflow": {"tracking_uri": "sqlite:///{tmp}/mlflow.db", "dir": "{tmp}/mlflow-spool",
-               "experiment_name": "contract"},
+    "mlflow": {"tracking_uri": "sqlite:///{tmp}/mlflow.db", "dir": "{tmp}/mlflow-spool", "experiment_name": "contract"},
     "progress": {"stream": io.StringIO},  # a fresh stream per instance
     "report": {"report_dir": "{tmp}/report"},
     "tensorboard": {"log_dir": "{tmp}/tb"},
@@ -48,8 +47,7 @@ REFUSES_OUTSIDE = {"ray_train": "only runs inside a Ray Train worker loop"}
 
 # Gaps this contract found in files under edit elsewhere when it was written: strict xfails,
 # listed in every run's summary (-ra), that fail as soon as the gap is closed, so the row goes.
-KNOWN_GAPS = {
-}
+KNOWN_GAPS = {}
 
 
 ENTRY_POINTS = sorted(importlib.metadata.entry_points(group="corebus.plugins"), key=lambda ep: ep.name)
@@ -58,8 +56,12 @@ N, BATCH = 48, 16  # 36 training samples after validation_split=0.25: 3 steps
 
 def names(check: str) -> list[Any]:
     """Every entry point's name, a known gap marked as a strict xfail."""
-    return [pytest.param(ep.name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[check, ep.name]))
-            if (check, ep.name) in KNOWN_GAPS else ep.name for ep in ENTRY_POINTS]
+    return [
+        pytest.param(ep.name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[check, ep.name]))
+        if (check, ep.name) in KNOWN_GAPS
+        else ep.name
+        for ep in ENTRY_POINTS
+    ]
 
 
 def make(name: str, tmp: Path) -> Any:
@@ -73,11 +75,19 @@ def make(name: str, tmp: Path) -> Any:
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true",
-                       "WANDB_CONSOLE": "off", "WANDB_DISABLE_CODE": "true", "WANDB_DISABLE_GIT": "true",
-                       "WANDB__DISABLE_STATS": "true", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-                       "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-                       "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}.items():
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wandb"),
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB__DISABLE_STATS": "true",
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+    }.items():
         monkeypatch.setenv(key, value)
     if "wandb" in sys.modules:  # an earlier test's W&B settings must not leak into this one
         sys.modules["wandb"].teardown()
@@ -124,8 +134,9 @@ def test_constructs_and_state_survives_json(name, run_dir):
 @pytest.mark.parametrize("name", [ep.name for ep in ENTRY_POINTS])
 def test_one_epoch_in_trainer_fit(name, run_dir):
     plugin = make(name, run_dir)
-    trainer = corebus.Trainer(tiny_model(), "sgd", "sparse_categorical_crossentropy", metrics=["accuracy"],
-                              plugins=[plugin], seed=0)
+    trainer = corebus.Trainer(
+        tiny_model(), "sgd", "sparse_categorical_crossentropy", metrics=["accuracy"], plugins=[plugin], seed=0
+    )
     if name in REFUSES_OUTSIDE:
         with pytest.raises(corebus.ConfigError, match=REFUSES_OUTSIDE[name]):
             trainer.fit(**fit_kwargs())

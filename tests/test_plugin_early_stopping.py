@@ -117,7 +117,10 @@ SEQUENCES = {
     "missing_metric_epochs": (dict(patience=1), float32s([1.0, None, 0.9, None, 0.95, 0.97])),
     "nan_first": (dict(patience=1), [math.nan, 1.0, 0.9]),
     "max_mode": (dict(monitor="val_accuracy", mode="max", patience=2), float32s([0.5, 0.6, 0.6, 0.7, 0.65, 0.6, 0.6])),
-    "auto_accuracy": (dict(monitor="val_accuracy", patience=1, restore_best_weights=True), float32s([0.5, 0.6, 0.55, 0.5])),
+    "auto_accuracy": (
+        dict(monitor="val_accuracy", patience=1, restore_best_weights=True),
+        float32s([0.5, 0.6, 0.55, 0.5]),
+    ),
     # float32(0.3) == 0.3 for Keras (it compares with keras.ops, in float32), but
     # 0.30000001192 > 0.3 in float64: the baseline never counts as beaten here.
     "float32_baseline": (dict(monitor="val_accuracy", mode="max", baseline=0.3, patience=2), float32s([0.3] * 6)),
@@ -208,7 +211,10 @@ def test_state_dict_is_json_and_round_trips_exactly():
     fresh = EarlyStopping(**kwargs)
     fresh.load_state_dict(state)
     assert (fresh.wait, fresh.best, fresh.best_epoch, fresh.stopped_epoch) == (
-        plugin.wait, plugin.best, plugin.best_epoch, plugin.stopped_epoch
+        plugin.wait,
+        plugin.best,
+        plugin.best_epoch,
+        plugin.stopped_epoch,
     )
     assert plugin.best_weights is not None
     for a, b in zip(fresh.best_weights, plugin.best_weights, strict=True):
@@ -233,8 +239,9 @@ def test_resumed_instance_stops_where_an_uninterrupted_one_does(mode):
             return trainer.fit(x, y, **FIT, **fit_kwargs)
         callback = corebus.KerasCallback([plugin])
         if not model.compiled:
-            model.compile(optimizer=keras.optimizers.SGD(lr), loss="sparse_categorical_crossentropy",
-                          metrics=["accuracy"])
+            model.compile(
+                optimizer=keras.optimizers.SGD(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+            )
         return model.fit(x, y, callbacks=[callback], **FIT, **fit_kwargs)
 
     whole = EarlyStopping(**kwargs)
@@ -260,7 +267,6 @@ def test_resumed_instance_stops_where_an_uninterrupted_one_does(mode):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-
 # --------------------------------------------------------------------- bad input
 
 
@@ -282,8 +288,11 @@ def test_missing_monitor_is_an_error_at_the_first_epoch_end_where_keras_warns_fo
     assert keras_history.epoch == [0, 1, 2]
     # corebus: one clear error at the first epoch end, saying why the key is missing.
     trainer = make_trainer([EarlyStopping(patience=0)])
-    with pytest.raises(ConfigError, match=r"monitor='val_loss' is not in the epoch logs \(this run has no "
-                                          r"validation data: pass validation_data=.*did you mean monitor='loss'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"monitor='val_loss' is not in the epoch logs \(this run has no "
+        r"validation data: pass validation_data=.*did you mean monitor='loss'",
+    ):
         trainer.fit(x, y, batch_size=16, epochs=3, verbose=0)
     assert trainer.epoch == 0
 
@@ -299,8 +308,15 @@ def test_misspelt_monitor_names_the_close_match_not_the_mode(way):
             if way == "engine":
                 make_trainer([plugin]).fit(x, y, batch_size=16, epochs=3, validation_split=0.25, verbose=0)
             else:
-                compiled("sgd").fit(x, y, batch_size=16, epochs=3, validation_split=0.25, verbose=0,
-                                    callbacks=[corebus.KerasCallback([plugin])])
+                compiled("sgd").fit(
+                    x,
+                    y,
+                    batch_size=16,
+                    epochs=3,
+                    validation_split=0.25,
+                    verbose=0,
+                    callbacks=[corebus.KerasCallback([plugin])],
+                )
         message = str(info.value)
         assert "did you mean monitor='val_accuracy'?" in message and "mode=" not in message
         assert "Available keys: accuracy, loss, val_accuracy, val_loss" in message
@@ -366,9 +382,12 @@ def test_vector_monitor_fails_in_keras_and_is_a_clear_error_here_through_the_ada
 
 def test_vector_monitor_is_a_clear_error_in_the_engine():
     x, y = noisy_data()
-    trainer = make_trainer([EarlyStopping(monitor="val_f1_score", mode="max", patience=2)],
-                           model=tiny_model(hidden=HIDDEN), loss="categorical_crossentropy",
-                           metrics=[keras.metrics.F1Score(average=None)])
+    trainer = make_trainer(
+        [EarlyStopping(monitor="val_f1_score", mode="max", patience=2)],
+        model=tiny_model(hidden=HIDDEN),
+        loss="categorical_crossentropy",
+        metrics=[keras.metrics.F1Score(average=None)],
+    )
     with pytest.raises(ConfigError, match="is a vector of shape"):
         trainer.fit(x, keras.utils.to_categorical(y, 3), **VECTOR_FIT)
 
@@ -389,7 +408,7 @@ def test_verbose_messages_go_where_keras_sends_them(capsys, caplog):
             keras_run(kwargs, 0.5, 8)
             theirs = capsys.readouterr().out, [r.getMessage() for r in caplog.records]
             engine_run(kwargs, 0.5, 8)
-            ours = capsys.readouterr().out, [r.getMessage() for r in caplog.records][len(theirs[1]):]
+            ours = capsys.readouterr().out, [r.getMessage() for r in caplog.records][len(theirs[1]) :]
             assert "early stopping" in (theirs[0] if interactive else " ".join(theirs[1]))
             assert ours == (theirs[0], theirs[1])
     finally:

@@ -41,8 +41,9 @@ def wrapped_fit(optimizer, plugins, batch_size=16):
     """model.fit with the corebus callback and its optimizer wrapper."""
     callback = corebus.KerasCallback(plugins)
     model = tiny_model()
-    model.compile(optimizer=callback.wrap_optimizer(optimizer), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=callback.wrap_optimizer(optimizer), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     model.fit(X, Y, batch_size=batch_size, callbacks=[callback], **FIT)
     return model, callback.context
 
@@ -140,13 +141,15 @@ def test_only_the_named_optimizer_accumulates_in_a_custom_step():
         for name, layer in (("first", first), ("second", second)):
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean(tf.square(model(inputs)))
-            trainer.apply_gradients(tape.gradient(loss, layer.trainable_variables), layer.trainable_variables,
-                                    optimizer=name)
+            trainer.apply_gradients(
+                tape.gradient(loss, layer.trainable_variables), layer.trainable_variables, optimizer=name
+            )
         return {"loss": loss}
 
     accumulation = GradientAccumulation(steps=4, optimizers=["second"])
-    trainer = corebus.Trainer(model, optimizer={"first": "sgd", "second": "sgd"}, train_step=step,
-                              plugins=[accumulation], seed=0)
+    trainer = corebus.Trainer(
+        model, optimizer={"first": "sgd", "second": "sgd"}, train_step=step, plugins=[accumulation], seed=0
+    )
     trainer.fit(x, batch_size=8, epochs=1, verbose=0)  # 8 micro-batches
     assert accumulation.gradient_accumulation_steps(optimizer_name="first") is None
     assert int(trainer.optimizers["first"].iterations.numpy()) == 8
@@ -158,8 +161,9 @@ def test_state_round_trip_and_resume_with_a_partial_accumulation():
     # (Keras carries it over too).
     x, y = X[:112], Y[:112]
     keras_model = tiny_model()
-    keras_model.compile(optimizer=keras.optimizers.SGD(gradient_accumulation_steps=4),
-                        loss="sparse_categorical_crossentropy")
+    keras_model.compile(
+        optimizer=keras.optimizers.SGD(gradient_accumulation_steps=4), loss="sparse_categorical_crossentropy"
+    )
     keras_model.fit(x, y, batch_size=16, **FIT)
 
     first = GradientAccumulation(steps=4)
@@ -254,8 +258,10 @@ def overwrite_model():
 
 def test_overwrite_with_gradient_variables_match_keras_accumulation():
     keras_model = overwrite_model()
-    keras_model.compile(optimizer=keras.optimizers.SGD(gradient_accumulation_steps=4, global_clipnorm=0.05),
-                        loss="sparse_categorical_crossentropy")
+    keras_model.compile(
+        optimizer=keras.optimizers.SGD(gradient_accumulation_steps=4, global_clipnorm=0.05),
+        loss="sparse_categorical_crossentropy",
+    )
     keras_model.fit(X, Y, batch_size=16, **FIT)
     plugins = lambda: [GradientAccumulation(4), GradientClipping(global_norm=0.05)]  # noqa: E731
     fitted = overwrite_model()
@@ -285,7 +291,9 @@ def test_gradient_histograms_with_accumulation_in_the_engine(tmp_path, caplog):
 
         @hookimpl
         def on_train_batch_end(self, trainer):
-            self.by_micro_step[trainer.micro_step] = [w.numpy().astype("float64") for w in trainer.model.trainable_weights]
+            self.by_micro_step[trainer.micro_step] = [
+                w.numpy().astype("float64") for w in trainer.model.trainable_weights
+            ]
 
     lr, spy = 0.1, Weights()
     logger = TensorBoardLogger(tmp_path, histogram_freq=1)

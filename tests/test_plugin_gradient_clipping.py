@@ -109,8 +109,11 @@ def two_optimizer_run(plugins, clip_generator_in_step=None):
         ones, zeros = tf.ones_like(batch[:, :1]), tf.zeros_like(batch[:, :1])
         with tf.GradientTape() as tape:
             d_loss = bce(ones, discriminator(batch)) + bce(zeros, discriminator(generator(z)))
-        trainer.apply_gradients(tape.gradient(d_loss, discriminator.trainable_variables),
-                                discriminator.trainable_variables, optimizer="discriminator")
+        trainer.apply_gradients(
+            tape.gradient(d_loss, discriminator.trainable_variables),
+            discriminator.trainable_variables,
+            optimizer="discriminator",
+        )
         with tf.GradientTape() as tape:
             g_loss = bce(ones, discriminator(generator(z)))
         grads = tape.gradient(g_loss, generator.trainable_variables)
@@ -122,7 +125,9 @@ def two_optimizer_run(plugins, clip_generator_in_step=None):
     trainer = corebus.Trainer(
         gan,
         optimizer={"discriminator": keras.optimizers.SGD(0.5), "generator": keras.optimizers.SGD(0.5)},
-        train_step=gan_step, plugins=plugins, seed=0,
+        train_step=gan_step,
+        plugins=plugins,
+        seed=0,
     )
     trainer.fit(noise, real, batch_size=16, epochs=2, shuffle=False, verbose=0)
     return generator.get_weights(), discriminator.get_weights()
@@ -166,8 +171,7 @@ def test_state_round_trip_and_a_resumed_instance_continues(tiny_data):
     # A fresh run from the epoch-1 weights (plain SGD has no slots to restore).
     model = tiny_model()
     model.set_weights(trainer.model.get_weights())
-    make_trainer([resumed], model=model).fit(x, y, batch_size=16, epochs=2, initial_epoch=1, shuffle=False,
-                                             verbose=0)
+    make_trainer([resumed], model=model).fit(x, y, batch_size=16, epochs=2, initial_epoch=1, shuffle=False, verbose=0)
     assert_weights_equal(model.get_weights(), uninterrupted.model.get_weights())
     assert resumed.last_norm == pytest.approx(whole.last_norm, rel=1e-6)
     assert resumed.last_norm != pytest.approx(state["last_norms"]["default"], rel=1e-6)
@@ -179,11 +183,11 @@ def test_config_and_repr_are_json_friendly():
     assert json.loads(json.dumps(config)) == {"value": 0.5, "optimizers": ["generator"], "log_norm": True}
     assert repr(clip) == "GradientClipping(value=0.5, optimizers=['generator'], log_norm=True)"
     assert repr(GradientClipping(**config)) == repr(clip)
-    assert GradientClipping(global_norm=1).get_config() == {
-        "global_norm": 1.0, "optimizers": None, "log_norm": False}
+    assert GradientClipping(global_norm=1).get_config() == {"global_norm": 1.0, "optimizers": None, "log_norm": False}
     assert GradientClipping(norm=1.0).state_dict() == {"last_norms": {}}
     assert json.dumps(GradientClipping(norm=np.float32(0.5)).get_config()) == (
-        '{"norm": 0.5, "optimizers": null, "log_norm": false}')
+        '{"norm": 0.5, "optimizers": null, "log_norm": false}'
+    )
 
 
 def test_activated_by_name_from_a_config_mapping(tiny_data):
@@ -237,16 +241,26 @@ def test_unknown_optimizer_name_fails_before_any_step(tiny_data):
 
 def embedding_model():
     keras.utils.set_random_seed(11)
-    return keras.Sequential([
-        keras.Input((5,), dtype="int32"), keras.layers.Embedding(50, 4), keras.layers.GlobalAveragePooling1D(),
-        keras.layers.Dense(3, activation="softmax"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(50, 4),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
 
 
-@pytest.mark.parametrize("mode, keras_name, threshold", [
-    ("global_norm", "global_clipnorm", 100.0), ("global_norm", "global_clipnorm", 0.01),
-    ("value", "clipvalue", 100.0), ("value", "clipvalue", 0.001), ("norm", "clipnorm", 0.01),
-])
+@pytest.mark.parametrize(
+    "mode, keras_name, threshold",
+    [
+        ("global_norm", "global_clipnorm", 100.0),
+        ("global_norm", "global_clipnorm", 0.01),
+        ("value", "clipvalue", 100.0),
+        ("value", "clipvalue", 0.001),
+        ("norm", "clipnorm", 0.01),
+    ],
+)
 def test_sparse_gradients_match_keras_clipping(mode, keras_name, threshold):
     # An Embedding's gradient is sparse; Adam updates differ for sparse and dense gradients,
     # so this shows whether a clip densifies exactly when Keras's does (also when nothing clips).
@@ -255,13 +269,16 @@ def test_sparse_gradients_match_keras_clipping(mode, keras_name, threshold):
     labels = (tokens[:, 0] % 3).astype("int32")
     fit = {"batch_size": 16, "epochs": 1, "shuffle": False, "verbose": 0}  # 8 steps
     reference = embedding_model()
-    reference.compile(optimizer=keras.optimizers.Adam(**{keras_name: threshold}), loss="sparse_categorical_crossentropy")
+    reference.compile(
+        optimizer=keras.optimizers.Adam(**{keras_name: threshold}), loss="sparse_categorical_crossentropy"
+    )
     reference.fit(tokens, labels, **fit)
     ours = embedding_model()
     ours.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     ours.fit(tokens, labels, callbacks=[corebus.KerasCallback([GradientClipping(**{mode: threshold})])], **fit)
-    trainer = make_trainer([GradientClipping(**{mode: threshold})], model=embedding_model(), optimizer="adam",
-                           metrics=[])
+    trainer = make_trainer(
+        [GradientClipping(**{mode: threshold})], model=embedding_model(), optimizer="adam", metrics=[]
+    )
     trainer.fit(tokens, labels, **fit)
     assert_weights_equal(ours.get_weights(), reference.get_weights())
     assert_weights_equal(trainer.model.get_weights(), reference.get_weights())

@@ -78,26 +78,46 @@ def installed_values(plugin, steps=STEPS, optimizer=None):
 
 
 KERAS_EQUIVALENTS = {
-    "exponential": (("exponential", dict(initial_learning_rate=0.1, decay_steps=7, decay_rate=0.8)),
-                    S.ExponentialDecay(0.1, 7, 0.8)),
-    "exponential_staircase": (("exponential", dict(initial_learning_rate=0.1, decay_steps=7, decay_rate=0.8, staircase=True)),
-                              S.ExponentialDecay(0.1, 7, 0.8, staircase=True)),
-    "cosine_alpha": (("cosine", dict(initial_learning_rate=0.1, decay_steps=60, alpha=0.1)),
-                     S.CosineDecay(0.1, 60, alpha=0.1)),
-    "cosine_warmup": (("cosine", dict(initial_learning_rate=0.0, decay_steps=60, alpha=0.05, warmup_target=0.2, warmup_steps=15)),
-                      S.CosineDecay(0.0, 60, alpha=0.05, warmup_target=0.2, warmup_steps=15)),
-    "cosine_restarts": (("cosine", dict(initial_learning_rate=0.1, first_decay_steps=10, t_mul=2.0, m_mul=0.7, alpha=0.01)),
-                        S.CosineDecayRestarts(0.1, 10, t_mul=2.0, m_mul=0.7, alpha=0.01)),
-    "cosine_restarts_t_mul_1": (("cosine", dict(initial_learning_rate=0.1, first_decay_steps=12, t_mul=1.0)),
-                                S.CosineDecayRestarts(0.1, 12, t_mul=1.0)),
-    "step_by_count": (("step", dict(initial_learning_rate=0.1, drop=0.5, decay_steps=6)),
-                      S.ExponentialDecay(0.1, 6, 0.5, staircase=True)),
-    "polynomial": (("polynomial", dict(initial_learning_rate=0.1, decay_steps=50, end_learning_rate=0.01, power=2.0)),
-                   S.PolynomialDecay(0.1, 50, end_learning_rate=0.01, power=2.0)),
-    "inverse_time": (("inverse_time", dict(initial_learning_rate=0.1, decay_steps=5, decay_rate=0.5)),
-                     S.InverseTimeDecay(0.1, 5, 0.5)),
-    "piecewise_constant": (("piecewise_constant", dict(boundaries=[10, 30], values=[0.1, 0.05, 0.01])),
-                           S.PiecewiseConstantDecay([10, 30], [0.1, 0.05, 0.01])),
+    "exponential": (
+        ("exponential", dict(initial_learning_rate=0.1, decay_steps=7, decay_rate=0.8)),
+        S.ExponentialDecay(0.1, 7, 0.8),
+    ),
+    "exponential_staircase": (
+        ("exponential", dict(initial_learning_rate=0.1, decay_steps=7, decay_rate=0.8, staircase=True)),
+        S.ExponentialDecay(0.1, 7, 0.8, staircase=True),
+    ),
+    "cosine_alpha": (
+        ("cosine", dict(initial_learning_rate=0.1, decay_steps=60, alpha=0.1)),
+        S.CosineDecay(0.1, 60, alpha=0.1),
+    ),
+    "cosine_warmup": (
+        ("cosine", dict(initial_learning_rate=0.0, decay_steps=60, alpha=0.05, warmup_target=0.2, warmup_steps=15)),
+        S.CosineDecay(0.0, 60, alpha=0.05, warmup_target=0.2, warmup_steps=15),
+    ),
+    "cosine_restarts": (
+        ("cosine", dict(initial_learning_rate=0.1, first_decay_steps=10, t_mul=2.0, m_mul=0.7, alpha=0.01)),
+        S.CosineDecayRestarts(0.1, 10, t_mul=2.0, m_mul=0.7, alpha=0.01),
+    ),
+    "cosine_restarts_t_mul_1": (
+        ("cosine", dict(initial_learning_rate=0.1, first_decay_steps=12, t_mul=1.0)),
+        S.CosineDecayRestarts(0.1, 12, t_mul=1.0),
+    ),
+    "step_by_count": (
+        ("step", dict(initial_learning_rate=0.1, drop=0.5, decay_steps=6)),
+        S.ExponentialDecay(0.1, 6, 0.5, staircase=True),
+    ),
+    "polynomial": (
+        ("polynomial", dict(initial_learning_rate=0.1, decay_steps=50, end_learning_rate=0.01, power=2.0)),
+        S.PolynomialDecay(0.1, 50, end_learning_rate=0.01, power=2.0),
+    ),
+    "inverse_time": (
+        ("inverse_time", dict(initial_learning_rate=0.1, decay_steps=5, decay_rate=0.5)),
+        S.InverseTimeDecay(0.1, 5, 0.5),
+    ),
+    "piecewise_constant": (
+        ("piecewise_constant", dict(boundaries=[10, 30], values=[0.1, 0.05, 0.01])),
+        S.PiecewiseConstantDecay([10, 30], [0.1, 0.05, 0.01]),
+    ),
 }
 
 
@@ -135,12 +155,16 @@ def test_step_decay_epoch_formula_and_warmup_wrapping():
     # warm-up from 0 to the schedule's first value over 10 steps, then the schedule from its step 0
     decay = S.ExponentialDecay(0.1, 7, 0.8)
     expected = [0.1 * s / 10 if s < 10 else float(decay(int(s) - 10)) for s in STEPS]
-    ours = installed_values(LRSchedule("exponential", initial_learning_rate=0.1, decay_steps=7, decay_rate=0.8, warmup_steps=10))
+    ours = installed_values(
+        LRSchedule("exponential", initial_learning_rate=0.1, decay_steps=7, decay_rate=0.8, warmup_steps=10)
+    )
     np.testing.assert_allclose(ours, expected, rtol=1e-6)
     # a warm-up target of its own, into a user schedule
     user = WarmUpSchedule()
     expected = [0.05 * s / 6 if s < 6 else float(user(int(s) - 6)) for s in STEPS]
-    np.testing.assert_allclose(installed_values(LRSchedule(user, warmup_steps=6, warmup_target=0.05)), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        installed_values(LRSchedule(user, warmup_steps=6, warmup_target=0.05)), expected, rtol=1e-6
+    )
 
 
 def test_initial_learning_rate_defaults_to_the_optimizers():
@@ -154,18 +178,28 @@ def test_per_step_function_is_traced_with_the_step():
 
 
 TRAINING = {
-    "exponential_staircase": (lambda: LRSchedule("exponential", initial_learning_rate=0.1, decay_steps=3, decay_rate=0.7,
-                                                 staircase=True),
-                              lambda: S.ExponentialDecay(0.1, 3, 0.7, staircase=True)),
-    "cosine_warmup": (lambda: LRSchedule("cosine", initial_learning_rate=0.01, decay_steps=12, alpha=0.1,
-                                         warmup_target=0.2, warmup_steps=8),
-                      lambda: S.CosineDecay(0.01, 12, alpha=0.1, warmup_target=0.2, warmup_steps=8)),
-    "user_warmup_schedule": (lambda: LRSchedule(WarmUpSchedule(d_model=4, warmup_steps=6)),
-                             lambda: WarmUpSchedule(d_model=4, warmup_steps=6)),
-    "step_function": (lambda: LRSchedule(lambda step: 0.2 / (1.0 + 0.1 * step)),
-                      lambda: FromFunction(lambda step: 0.2 / (1.0 + 0.1 * tf.cast(step, tf.float32)))),
-    "cyclical_triangular2": (lambda: LRSchedule("cyclical", base_lr=0.01, max_lr=0.3, step_size=3, mode="triangular2"),
-                             lambda: CyclicalLR(0.01, 0.3, 3, mode="triangular2")),
+    "exponential_staircase": (
+        lambda: LRSchedule("exponential", initial_learning_rate=0.1, decay_steps=3, decay_rate=0.7, staircase=True),
+        lambda: S.ExponentialDecay(0.1, 3, 0.7, staircase=True),
+    ),
+    "cosine_warmup": (
+        lambda: LRSchedule(
+            "cosine", initial_learning_rate=0.01, decay_steps=12, alpha=0.1, warmup_target=0.2, warmup_steps=8
+        ),
+        lambda: S.CosineDecay(0.01, 12, alpha=0.1, warmup_target=0.2, warmup_steps=8),
+    ),
+    "user_warmup_schedule": (
+        lambda: LRSchedule(WarmUpSchedule(d_model=4, warmup_steps=6)),
+        lambda: WarmUpSchedule(d_model=4, warmup_steps=6),
+    ),
+    "step_function": (
+        lambda: LRSchedule(lambda step: 0.2 / (1.0 + 0.1 * step)),
+        lambda: FromFunction(lambda step: 0.2 / (1.0 + 0.1 * tf.cast(step, tf.float32))),
+    ),
+    "cyclical_triangular2": (
+        lambda: LRSchedule("cyclical", base_lr=0.01, max_lr=0.3, step_size=3, mode="triangular2"),
+        lambda: CyclicalLR(0.01, 0.3, 3, mode="triangular2"),
+    ),
 }
 
 
@@ -175,7 +209,8 @@ def test_training_uses_the_schedule_at_every_step(case, tiny_data):
     x, y = tiny_data
     fit = dict(batch_size=24, epochs=5)  # 4 steps per epoch, 20 steps
     (engine, engine_history), (adapter, adapter_history) = fit_both_ways(
-        lambda: [make_plugin(), LRPerStep()], x, y, **fit)
+        lambda: [make_plugin(), LRPerStep()], x, y, **fit
+    )
     schedule = make_schedule()
     expected = [(step, float(schedule(step))) for step in range(20)]
     np.testing.assert_allclose(engine[1].rows, expected, rtol=1e-7)
@@ -189,15 +224,18 @@ def test_training_uses_the_schedule_at_every_step(case, tiny_data):
         for ours, theirs in zip(history.model.get_weights(), model.get_weights()):
             np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     # learning_rate in the epoch logs: the rate of the next step, as Keras reports it
-    np.testing.assert_allclose(engine_history.history["learning_rate"],
-                               [float(schedule(4 * (e + 1))) for e in range(5)], rtol=1e-7)
+    np.testing.assert_allclose(
+        engine_history.history["learning_rate"], [float(schedule(4 * (e + 1))) for e in range(5)], rtol=1e-7
+    )
 
 
 def classic_per_epoch(epoch, lr):
     return lr if epoch < 2 else lr * 0.5
 
 
-@pytest.mark.parametrize("function", [classic_per_epoch, lambda epoch: 0.2 * 0.7**epoch], ids=["epoch_lr", "epoch_only"])
+@pytest.mark.parametrize(
+    "function", [classic_per_epoch, lambda epoch: 0.2 * 0.7**epoch], ids=["epoch_lr", "epoch_only"]
+)
 def test_per_epoch_function_matches_learning_rate_scheduler(function, tiny_data):
     x, y = tiny_data
     fit = dict(batch_size=24, epochs=5)
@@ -217,10 +255,12 @@ def test_per_epoch_function_matches_learning_rate_scheduler(function, tiny_data)
 def test_named_schedule_per_epoch_and_steps_counting_updates(tiny_data):
     x, y = tiny_data
     history = make_trainer([LRSchedule("step", initial_learning_rate=0.1, drop=0.5, epochs_drop=2, per="epoch")]).fit(
-        x, y, batch_size=24, epochs=5, verbose=0)
+        x, y, batch_size=24, epochs=5, verbose=0
+    )
     # set at each epoch start, logged at its end: the classic formula at the epoch index
-    np.testing.assert_allclose(history.history["learning_rate"],
-                               [0.1 * 0.5 ** np.floor((1 + e) / 2) for e in range(5)], rtol=1e-7)
+    np.testing.assert_allclose(
+        history.history["learning_rate"], [0.1 * 0.5 ** np.floor((1 + e) / 2) for e in range(5)], rtol=1e-7
+    )
 
     class AccumulateTwo:
         @hookimpl
@@ -244,8 +284,12 @@ def test_two_schedules_are_an_error_naming_both(tiny_data):
     with pytest.raises(ConfigError, match=r"'LRSchedule' and 'LRSchedule#2' both control 'lr.schedule'"):
         make_trainer([first(), first()])
     with pytest.raises(ConfigError, match=r"'lr_schedule' and 'lr_schedule#2' both control"):
-        corebus.KerasCallback([{"name": "lr_schedule", "schedule": "cosine", "decay_steps": 9},
-                               {"name": "lr_schedule", "schedule": "step", "decay_steps": 3}])
+        corebus.KerasCallback(
+            [
+                {"name": "lr_schedule", "schedule": "cosine", "decay_steps": 9},
+                {"name": "lr_schedule", "schedule": "step", "decay_steps": 3},
+            ]
+        )
     # an optimizer built with its own schedule is the other owner
     built_in = keras.optimizers.SGD(S.ExponentialDecay(0.1, 5, 0.9))
     trainer = make_trainer([first()], optimizer=built_in)
@@ -259,8 +303,9 @@ def test_two_schedules_are_an_error_naming_both(tiny_data):
         callback = corebus.KerasCallback([{"name": "lr_schedule", "schedule": "step", "decay_steps": 3}])
         model.fit(x, y, verbose=0, callbacks=[callback])
     with pytest.raises(ConfigError, match="'optimizer' already owns"):
-        make_trainer([LRSchedule(classic_per_epoch, per="epoch")],
-                     optimizer=keras.optimizers.SGD(S.CosineDecay(0.1, 9))).fit(x, y, epochs=1, verbose=0)
+        make_trainer(
+            [LRSchedule(classic_per_epoch, per="epoch")], optimizer=keras.optimizers.SGD(S.CosineDecay(0.1, 9))
+        ).fit(x, y, epochs=1, verbose=0)
 
 
 def test_bad_input_fails_at_construction():
@@ -278,16 +323,22 @@ def test_bad_input_fails_at_construction():
     with pytest.raises(ConfigError, match="for schedule names only"):
         LRSchedule(S.CosineDecay(0.1, 10), decay_steps=5)
     with pytest.raises(ConfigError, match="rejected its params"):
-        corebus.Trainer(tiny_model(), "sgd", LOSS,
-                        plugins=[{"name": "lr_schedule", "schedule": "exponential", "decay_rate": 0.1}])
+        corebus.Trainer(
+            tiny_model(), "sgd", LOSS, plugins=[{"name": "lr_schedule", "schedule": "exponential", "decay_rate": 0.1}]
+        )
     with pytest.raises(ValueError):  # Keras rejects the same
         S.ExponentialDecay(0.1, 0, 0.5)
 
 
 def test_schedules_trace_in_graph_and_are_keras_serializable():
-    schedules = (StepDecay(0.1, drop=0.5, epochs_drop=2, steps_per_epoch=3), StepDecay(0.1, decay_steps=4),
-                 CyclicalLR(0.01, 0.1, 4, "exp_range", 0.95), LinearWarmup(5, after=S.CosineDecayRestarts(0.1, 10)),
-                 LinearWarmup(5, warmup_target=0.2), LinearWarmup(0, after=WarmUpSchedule()))
+    schedules = (
+        StepDecay(0.1, drop=0.5, epochs_drop=2, steps_per_epoch=3),
+        StepDecay(0.1, decay_steps=4),
+        CyclicalLR(0.01, 0.1, 4, "exp_range", 0.95),
+        LinearWarmup(5, after=S.CosineDecayRestarts(0.1, 10)),
+        LinearWarmup(5, warmup_target=0.2),
+        LinearWarmup(0, after=WarmUpSchedule()),
+    )
     step = tf.Variable(0, dtype=tf.int64)  # what an optimizer passes: its iterations
 
     for schedule in schedules:
@@ -361,6 +412,8 @@ def test_verbose_messages_go_where_keras_sends_them(interactive, capsys, caplog)
     finally:
         keras.config.enable_interactive_logging()
     # Same channel as Keras's LearningRateScheduler, same wording apart from the class name.
-    assert [part.replace("LearningRateScheduler", "LRSchedule") for part in (theirs[0], *theirs[1])] == \
-        [ours[0], *ours[1]]
+    assert [part.replace("LearningRateScheduler", "LRSchedule") for part in (theirs[0], *theirs[1])] == [
+        ours[0],
+        *ours[1],
+    ]
     assert bool(theirs[0]) is interactive and bool(theirs[1]) is not interactive

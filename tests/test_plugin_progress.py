@@ -36,8 +36,11 @@ class Slow:
 
 def wide_metrics():
     # Long names: together with the bar they are wider than an 80-column terminal.
-    return ["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="a_rather_long_top_two_accuracy"),
-            keras.metrics.SparseCategoricalCrossentropy(name="another_long_crossentropy_name")]
+    return [
+        "accuracy",
+        keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="a_rather_long_top_two_accuracy"),
+        keras.metrics.SparseCategoricalCrossentropy(name="another_long_crossentropy_name"),
+    ]
 
 
 def redraws(text):

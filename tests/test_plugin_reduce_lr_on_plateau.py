@@ -27,14 +27,22 @@ def _random_walk(seed, n=30):
 SEQUENCES = {
     "plateaus": ([1.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.85, 0.85, 0.85, 0.85, 0.85, 0.85], dict(factor=0.5, patience=2), 0.1),
     # differences of exactly min_delta, and ones that differ from it only below float32 precision
-    "min_delta_edges": ([1.0, 0.9, 0.8, 0.7, 0.6000001, 0.5, 0.4, 0.30000001, 0.2, 0.1], dict(min_delta=0.1, patience=1), 0.1),
+    "min_delta_edges": (
+        [1.0, 0.9, 0.8, 0.7, 0.6000001, 0.5, 0.4, 0.30000001, 0.2, 0.1],
+        dict(min_delta=0.1, patience=1),
+        0.1,
+    ),
     "default_min_delta_edges": (
         [1.0, 0.9999, 0.99989999, 0.99979, 0.9997, 0.99960001, 0.99950002, 0.9994, 0.99929999, 0.9992],
         dict(patience=1, factor=0.5),
         0.01,
     ),
     "cooldown": ([1.0] * 12, dict(patience=1, cooldown=2, factor=0.5), 0.1),
-    "cooldown_with_improvements": ([1.0, 1.0, 0.5, 0.5, 0.5, 0.4, 0.4, 0.4, 0.4, 0.4], dict(patience=1, cooldown=3, factor=0.5), 0.1),
+    "cooldown_with_improvements": (
+        [1.0, 1.0, 0.5, 0.5, 0.5, 0.4, 0.4, 0.4, 0.4, 0.4],
+        dict(patience=1, cooldown=3, factor=0.5),
+        0.1,
+    ),
     # the floor: clamped to min_lr, then no more reductions (and wait keeps growing, as in Keras)
     "min_lr_floor": ([1.0] * 10, dict(patience=1, factor=0.5, min_lr=0.003), 0.01),
     "min_lr_reached_exactly": ([1.0] * 8, dict(patience=1, factor=0.5, min_lr=0.025), 0.1),
@@ -60,8 +68,15 @@ def keras_trajectory(values, kwargs, lr0, monitor="val_loss"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Keras warns for every epoch missing the metric
             callback.on_epoch_end(epoch, logs)
-        rows.append((logs["learning_rate"], float(model.optimizer.learning_rate), callback.wait,
-                     callback.cooldown_counter, callback.best))
+        rows.append(
+            (
+                logs["learning_rate"],
+                float(model.optimizer.learning_rate),
+                callback.wait,
+                callback.cooldown_counter,
+                callback.best,
+            )
+        )
     return rows
 
 
@@ -120,8 +135,9 @@ def test_end_to_end_lr_trajectory_matches_keras(tiny_data):
     (_, engine), (_, adapter) = fit_both_ways(lambda: [ReduceLROnPlateau(**PLATEAU)], x, y, **FIT)
     model = tiny_model()
     model.compile(optimizer="sgd", loss=LOSS, metrics=["accuracy"])
-    reference = model.fit(x, y, shuffle=False, verbose=0,
-                          callbacks=[keras.callbacks.ReduceLROnPlateau(**PLATEAU)], **FIT)
+    reference = model.fit(
+        x, y, shuffle=False, verbose=0, callbacks=[keras.callbacks.ReduceLROnPlateau(**PLATEAU)], **FIT
+    )
     expected = reference.history["learning_rate"]
     assert len(set(expected)) >= 3  # reduced twice, then held at min_lr
     assert expected[-1] == pytest.approx(PLATEAU["min_lr"])
@@ -165,7 +181,10 @@ def test_plateau_scales_a_schedule_where_keras_crashes(tiny_data):
     schedule = keras.optimizers.schedules.ExponentialDecay(**decay)
     (engine, engine_history), (adapter, _) = fit_both_ways(
         lambda: [LRSchedule("exponential", **decay), ReduceLROnPlateau(**plateau), LRPerStep()],
-        x, y, batch_size=16, epochs=4,
+        x,
+        y,
+        batch_size=16,
+        epochs=4,
     )
     rows = engine[2].rows
     assert [r[0] for r in rows] == list(range(24))
@@ -174,9 +193,10 @@ def test_plateau_scales_a_schedule_where_keras_crashes(tiny_data):
     np.testing.assert_allclose([r[1:] for r in adapter[2].rows], [r[1:] for r in rows], rtol=1e-7)
     # the optimizer's own schedule is scaled the same way (no LRSchedule plugin needed)
     recorder = LRPerStep()
-    make_trainer([ReduceLROnPlateau(**plateau), recorder],
-                 optimizer=keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(**decay))).fit(
-        x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
+    make_trainer(
+        [ReduceLROnPlateau(**plateau), recorder],
+        optimizer=keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(**decay)),
+    ).fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
     np.testing.assert_allclose(recorder.rows, rows, rtol=1e-7)
     # and the compiled step really used those rates: replaying them in plain Keras gives the
     # same weights
@@ -199,8 +219,12 @@ def test_min_lr_clamps_the_scaled_schedule_at_the_reduction(tiny_data):
         def on_epoch_end(self, trainer):
             seen.append((trainer.global_step, trainer.lr.value))
 
-    plugins = [LRSchedule("exponential", initial_learning_rate=0.1, decay_steps=6, decay_rate=0.9),
-               ReduceLROnPlateau(monitor="loss", patience=0, min_delta=10.0, min_lr=0.004), recorder, AtEpochEnd()]
+    plugins = [
+        LRSchedule("exponential", initial_learning_rate=0.1, decay_steps=6, decay_rate=0.9),
+        ReduceLROnPlateau(monitor="loss", patience=0, min_delta=10.0, min_lr=0.004),
+        recorder,
+        AtEpochEnd(),
+    ]
     make_trainer(plugins).fit(x, y, batch_size=16, epochs=4, verbose=0)
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 6, 0.9)
     assert seen[0][1] == pytest.approx(float(schedule(6)), rel=1e-6)  # epoch 0 sets the best
@@ -232,8 +256,11 @@ def test_missing_metric_is_an_error_at_the_first_epoch_end(tiny_data):
     # Keras warns every epoch and never reduces; the issue asks for an error naming the keys.
     x, y = tiny_data
     plugin = ReduceLROnPlateau(monitor="val_loss", patience=0)
-    with pytest.raises(ConfigError, match=r"monitor='val_loss' is not in the epoch logs \(this run has no validation "
-                                          r"data.*Available keys: accuracy, learning_rate, loss"):
+    with pytest.raises(
+        ConfigError,
+        match=r"monitor='val_loss' is not in the epoch logs \(this run has no validation "
+        r"data.*Available keys: accuracy, learning_rate, loss",
+    ):
         make_trainer([plugin]).fit(x, y, batch_size=32, epochs=3, verbose=0)
     assert plugin.wait == 0
 

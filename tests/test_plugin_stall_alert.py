@@ -22,8 +22,9 @@ from webhook_receiver import Receiver
 FIT = dict(batch_size=8, shuffle=False, verbose=0)  # tiny_data: 96 samples, 12 steps per epoch
 TIMEOUT = 0.5
 # A stall detector only: the other detectors are tested one by one below.
-WATCHDOG = dict(timeout=TIMEOUT, first_step_timeout=30.0, grace=10.0, check_every=None, throughput_drop=None,
-                divergence_factor=None)
+WATCHDOG = dict(
+    timeout=TIMEOUT, first_step_timeout=30.0, grace=10.0, check_every=None, throughput_drop=None, divergence_factor=None
+)
 
 
 class Alerts:
@@ -121,7 +122,9 @@ def test_a_stall_inside_the_compiled_step_is_caught_with_the_engine_stack():
 def test_a_stall_in_model_fit_via_the_adapter():
     x, y = tiny_data()
     alerts = Alerts()
-    callback = corebus.KerasCallback([StallAlert(**WATCHDOG), alerts, SleepAt(7, TIMEOUT + 1.0, "on_train_batch_begin")])
+    callback = corebus.KerasCallback(
+        [StallAlert(**WATCHDOG), alerts, SleepAt(7, TIMEOUT + 1.0, "on_train_batch_begin")]
+    )
     model = tiny_model()
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     model.fit(x, y, epochs=1, callbacks=[callback], **FIT)
@@ -254,8 +257,9 @@ def test_divergence_by_growth_over_a_window():
 def test_divergence_above_a_threshold_is_caught_at_the_loss_check():
     first_loss = fit_regression([], 1).history["loss"][0]
     alerts = Alerts()
-    plugin = StallAlert(timeout=None, check_every=3, throughput_drop=None, divergence_factor=None,
-                        divergence_threshold=first_loss * 5)
+    plugin = StallAlert(
+        timeout=None, check_every=3, throughput_drop=None, divergence_factor=None, divergence_threshold=first_loss * 5
+    )
     fit_regression([plugin, ScaleWeights(3.0), alerts], epochs=3)  # epoch 1: 9x the first loss
     (divergence,) = alerts.alerts
     assert divergence.kind == "divergence" and divergence.step == 15  # first check of epoch 1
@@ -275,8 +279,14 @@ class SlowDownAfter:
 def test_throughput_drop_is_alerted_when_sustained():
     x, y = tiny_data()
     alerts = Alerts()
-    plugin = StallAlert(timeout=None, check_every=None, divergence_factor=None, throughput_drop=0.5,
-                        throughput_every=8, throughput_windows=3)
+    plugin = StallAlert(
+        timeout=None,
+        check_every=None,
+        divergence_factor=None,
+        throughput_drop=0.5,
+        throughput_every=8,
+        throughput_windows=3,
+    )
     make_trainer([plugin, alerts, SlowDownAfter(72, 0.03)]).fit(x, y, epochs=10, validation_split=0.0, **FIT)
     (drop,) = alerts.alerts
     assert drop.kind == "throughput_drop" and 72 + 3 * 8 <= drop.step <= 72 + 5 * 8
@@ -315,8 +325,13 @@ def test_bad_arguments(kwargs, match):
 def test_by_name_with_params_and_a_webhook_from_the_environment(monkeypatch):
     with Receiver() as receiver:
         monkeypatch.setenv("COREBUS_ALERT_WEBHOOK_URL", receiver.url)
-        trainer = make_trainer([{"name": "stall_alert", **WATCHDOG}, {"name": "alert_webhook", "format": "json"},
-                                SleepAt(2, TIMEOUT + 1.0)])
+        trainer = make_trainer(
+            [
+                {"name": "stall_alert", **WATCHDOG},
+                {"name": "alert_webhook", "format": "json"},
+                SleepAt(2, TIMEOUT + 1.0),
+            ]
+        )
         trainer.fit(*tiny_data(), epochs=1, **FIT)
         params = json.dumps(trainer.run_params())
         assert receiver.url not in params and "secret-token" not in params

@@ -35,8 +35,12 @@ CASES = {
 def keras_model(lr, steps_per_execution=1, wrap=None):
     model = tiny_model()
     optimizer = keras.optimizers.SGD(lr)
-    model.compile(optimizer=wrap(optimizer) if wrap else optimizer, loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=steps_per_execution)
+    model.compile(
+        optimizer=wrap(optimizer) if wrap else optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
     return model
 
 
@@ -55,8 +59,9 @@ def keras_reference(name, raise_error=False):
 
 def engine_fit(case, plugin, *others):
     x, y = data(case["inject_at"])
-    trainer = make_trainer([plugin, *others], optimizer=keras.optimizers.SGD(case["lr"]),
-                           steps_per_execution=case["steps_per_execution"])
+    trainer = make_trainer(
+        [plugin, *others], optimizer=keras.optimizers.SGD(case["lr"]), steps_per_execution=case["steps_per_execution"]
+    )
     return trainer, (lambda: trainer.fit(x, y, **FIT))
 
 

@@ -52,8 +52,9 @@ def mlflow_runs(db: Path) -> list[tuple[str, dict[str, list[tuple[int, float]]]]
         runs = connection.execute("select run_uuid, status from runs").fetchall()
         result = []
         for run_id, status in runs:
-            rows = connection.execute("select key, step, value from metrics where run_uuid = ? order by key, step",
-                                      (run_id,)).fetchall()
+            rows = connection.execute(
+                "select key, step, value from metrics where run_uuid = ? order by key, step", (run_id,)
+            ).fetchall()
             metrics: dict[str, list[tuple[int, float]]] = {}
             for key, step, value in rows:
                 if key != "epoch/steps_per_second":  # wall time of a run cut in two
@@ -77,19 +78,36 @@ def runs(tmp_path_factory):
         at = args.index("--signal-at-step")
         rest = [a for i, a in enumerate(args) if i not in (at, at + 1)]
         if "SIGKILL" in rest:
-            rest = rest[:rest.index("--signal")] + rest[rest.index("--signal") + 2:]
+            rest = rest[: rest.index("--signal")] + rest[rest.index("--signal") + 2 :]
         resumed, _ = run_worker(tmp / name, *rest)  # the same script, not signalled
-        return name, {"stopped": stopped, "seconds_to_exit": ended - sent["at"] if sent else None,
-                      "status_after_stop": status_after_stop, "snapshots_after_stop": snapshots, "resumed": resumed, "out": tmp / name}
+        return name, {
+            "stopped": stopped,
+            "seconds_to_exit": ended - sent["at"] if sent else None,
+            "status_after_stop": status_after_stop,
+            "snapshots_after_stop": snapshots,
+            "resumed": resumed,
+            "out": tmp / name,
+        }
 
     def uninterrupted(name, *args):
         done, _ = run_worker(tmp / name, *args)
         return name, {"resumed": done, "out": tmp / name}
 
-    jobs = [(uninterrupted, "fresh"), (stopped_then_resumed, "sigterm", "--signal-at-step", "17"),
-            (stopped_then_resumed, "sigusr1_in_window", "--signal-at-step", "7", "--signal", "SIGUSR1",
-             "--accumulate", "3"),
-            (stopped_then_resumed, "sigkill", "--signal-at-step", "22", "--signal", "SIGKILL")]
+    jobs = [
+        (uninterrupted, "fresh"),
+        (stopped_then_resumed, "sigterm", "--signal-at-step", "17"),
+        (
+            stopped_then_resumed,
+            "sigusr1_in_window",
+            "--signal-at-step",
+            "7",
+            "--signal",
+            "SIGUSR1",
+            "--accumulate",
+            "3",
+        ),
+        (stopped_then_resumed, "sigkill", "--signal-at-step", "22", "--signal", "SIGKILL"),
+    ]
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(pool.map(lambda job: job[0](*job[1:]), jobs))
 

@@ -16,16 +16,55 @@ import pytest
 import corebus
 
 USER_API = {
-    "Cadence", "ConfigError", "CorebusError", "KerasCallback", "LearningRateController", "MissingExtraError",
-    "Monitor", "PluginError", "Preempted", "RunContext", "Trainer", "hookimpl", "installed_plugins", "kit",
-    "load_plugin_config", "wrap_optimizer",
+    "Cadence",
+    "ConfigError",
+    "CorebusError",
+    "KerasCallback",
+    "LearningRateController",
+    "MissingExtraError",
+    "Monitor",
+    "PluginError",
+    "Preempted",
+    "RunContext",
+    "Trainer",
+    "hookimpl",
+    "installed_plugins",
+    "kit",
+    "load_plugin_config",
+    "wrap_optimizer",
 }
 KIT = {
-    "Alert", "AlertGate", "AlertOutbox", "BackendError", "BackendProcess", "BackgroundWorker",
-    "GradientPipelineOptimizer", "InProcessBackend", "LOGGER_FLUSH_SECONDS", "LazyLogs", "LogSink", "LoggedStep",
-    "PendingPoints", "PluginBus", "RetryLater", "RunLock", "RunSnapshot", "ScaledSchedule", "SnapshotError", "Spool",
-    "atomic_path", "check_writable", "compare_reports", "fsync_path", "optimizer_names", "read_spool", "redact",
-    "render_report", "replay_spool", "require_module", "write_report",
+    "Alert",
+    "AlertGate",
+    "AlertOutbox",
+    "BackendError",
+    "BackendProcess",
+    "BackgroundWorker",
+    "GradientPipelineOptimizer",
+    "InProcessBackend",
+    "LOGGER_FLUSH_SECONDS",
+    "LazyLogs",
+    "LogSink",
+    "LoggedStep",
+    "PendingPoints",
+    "PluginBus",
+    "RetryLater",
+    "RunLock",
+    "RunSnapshot",
+    "ScaledSchedule",
+    "SnapshotError",
+    "Spool",
+    "atomic_path",
+    "check_writable",
+    "compare_reports",
+    "fsync_path",
+    "optimizer_names",
+    "read_spool",
+    "redact",
+    "render_report",
+    "replay_spool",
+    "require_module",
+    "write_report",
 }
 MODULES = {"corebus": USER_API, "corebus.kit": KIT}
 
@@ -64,8 +103,10 @@ def test_every_builtin_imports_from_its_package(package):
 
 def test_import_corebus_and_the_kit_stays_light():
     """The kit is for plugin modules, which ``corebus plugins`` lists without TensorFlow."""
-    code = "import sys, corebus, corebus.kit; from corebus.kit import LogSink, atomic_path; " \
-           "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    code = (
+        "import sys, corebus, corebus.kit; from corebus.kit import LogSink, atomic_path; "
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

@@ -52,16 +52,33 @@ def tensorboard_scalars(directory):
 
     acc = event_accumulator.EventAccumulator(str(directory), size_guidance={event_accumulator.TENSORS: 0})
     acc.Reload()
-    return {tag: [(e.step, tf.make_ndarray(e.tensor_proto).item()) for e in acc.Tensors(tag)]
-            for tag in acc.Tags()["tensors"] if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
+    return {
+        tag: [(e.step, tf.make_ndarray(e.tensor_proto).item()) for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"]
+        if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+    }
 
 
 def test_keras_fit_callbacks(tmp_path):
     example = load_example("keras_fit_callbacks")
     epochs, lr = 3, 1e-3
     # min_delta=10: only the first epoch "improves", so the stop and the reductions are certain
-    results = example.main(["--epochs", str(epochs), "--patience", "1", "--min-delta", "10",
-                            "--learning-rate", str(lr), "--out", str(tmp_path), "--verbose", "0"])
+    results = example.main(
+        [
+            "--epochs",
+            str(epochs),
+            "--patience",
+            "1",
+            "--min-delta",
+            "10",
+            "--learning-rate",
+            str(lr),
+            "--out",
+            str(tmp_path),
+            "--verbose",
+            "0",
+        ]
+    )
     assert list(results) == ["checkpoint", "early_stopping", "plateau", "tensorboard", "combined"]
     (_, _), (x_val, y_val) = load_digits_split()
 
@@ -83,8 +100,9 @@ def test_keras_fit_callbacks(tmp_path):
 
     # plateau: halved at every epoch end after the first (patience 1, nothing improves)
     model, history, _ = results["plateau"]
-    np.testing.assert_allclose(history.history["learning_rate"], [lr * 0.5 ** max(0, e - 1) for e in range(epochs)],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        history.history["learning_rate"], [lr * 0.5 ** max(0, e - 1) for e in range(epochs)], rtol=1e-6
+    )
     assert float(model.optimizer.learning_rate) == pytest.approx(lr * 0.5 ** (epochs - 1), rel=1e-6)
 
     # tensorboard: Keras's tags, the History's values
@@ -92,14 +110,20 @@ def test_keras_fit_callbacks(tmp_path):
     train = tensorboard_scalars(tmp_path / "tensorboard" / "tensorboard" / "train")
     validation = tensorboard_scalars(tmp_path / "tensorboard" / "tensorboard" / "validation")
     np.testing.assert_allclose([v for _, v in train["epoch_loss"]], np.float32(history.history["loss"]), rtol=1e-6)
-    np.testing.assert_allclose([v for _, v in validation["epoch_loss"]], np.float32(history.history["val_loss"]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [v for _, v in validation["epoch_loss"]], np.float32(history.history["val_loss"]), rtol=1e-6
+    )
 
     # combined: every plugin acted in the same model.fit, clipping through the wrapped optimizer
     model, history, callback = results["combined"]
     assert history.epoch == [0, 1]
-    assert set(callback.bus.plugins) >= {"ReduceLROnPlateau", "EarlyStopping", "ModelCheckpoint",
-                                         "TensorBoardLogger", "GradientClipping"}
+    assert set(callback.bus.plugins) >= {
+        "ReduceLROnPlateau",
+        "EarlyStopping",
+        "ModelCheckpoint",
+        "TensorBoardLogger",
+        "GradientClipping",
+    }
     assert (tmp_path / "combined" / "checkpoints" / "last.weights.h5").exists()
     assert tensorboard_scalars(tmp_path / "combined" / "tensorboard" / "train")["epoch_loss"]
     assert float(model.optimizer.learning_rate) == pytest.approx(lr * 0.5, rel=1e-6)
@@ -111,8 +135,10 @@ def test_keras_fit_callbacks(tmp_path):
 @pytest.mark.parametrize("way", ["trainer", "keras"])
 def test_save_predictions(tmp_path, way):
     example = load_example("save_predictions")
-    saver, history = example.main(["--epochs", "5", "--every", "2", "--out", str(tmp_path), "--verbose", "0"]
-                                  + (["--keras"] if way == "keras" else []))
+    saver, history = example.main(
+        ["--epochs", "5", "--every", "2", "--out", str(tmp_path), "--verbose", "0"]
+        + (["--keras"] if way == "keras" else [])
+    )
     (_, _), (x_val, y_val) = load_digits_split()
     files = sorted((tmp_path / "predictions").iterdir())
     assert [f.name for f in files] == ["epoch002.npz", "epoch004.npz"] == saver.saved
@@ -135,8 +161,20 @@ def test_save_predictions(tmp_path, way):
 def test_lr_schedules(tmp_path):
     example = load_example("lr_schedules")
     epochs, steps, lr = 4, 5, 0.1
-    results = example.main(["--epochs", str(epochs), "--steps-per-epoch", str(steps), "--learning-rate", str(lr),
-                            "--out", str(tmp_path), "--verbose", "0"])
+    results = example.main(
+        [
+            "--epochs",
+            str(epochs),
+            "--steps-per-epoch",
+            str(steps),
+            "--learning-rate",
+            str(lr),
+            "--out",
+            str(tmp_path),
+            "--verbose",
+            "0",
+        ]
+    )
     saved = json.loads((tmp_path / "lr_schedules.json").read_text())
     assert saved == json.loads(json.dumps(results)) and saved["steps_per_epoch"] == steps
     total = epochs * steps
@@ -162,8 +200,9 @@ def test_lr_schedules(tmp_path):
 def test_custom_loop(tmp_path):
     example = load_example("custom_loop")
     epochs = 3
-    trainer = example.main(["--epochs", str(epochs), "--hidden", "32", "--patience", "5", "--out", str(tmp_path),
-                            "--verbose", "0"])
+    trainer = example.main(
+        ["--epochs", str(epochs), "--hidden", "32", "--patience", "5", "--out", str(tmp_path), "--verbose", "0"]
+    )
     history = trainer.history.history
     assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert len(history["val_loss"]) == epochs
@@ -177,7 +216,8 @@ def test_custom_loop(tmp_path):
     log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     assert float(-log_p[np.arange(len(y_val)), y_val].mean()) == pytest.approx(min(history["val_loss"]), rel=1e-4)
     assert float(np.mean(logits.argmax(axis=1) == y_val)) == pytest.approx(
-        history["val_accuracy"][int(np.argmin(history["val_loss"]))], abs=1e-6)
+        history["val_accuracy"][int(np.argmin(history["val_loss"]))], abs=1e-6
+    )
     with open(tmp_path / "history.csv") as f:
         rows = list(csv.DictReader(f))
     np.testing.assert_allclose([float(r["val_loss"]) for r in rows], history["val_loss"], rtol=1e-6)
@@ -189,9 +229,26 @@ def test_custom_loop(tmp_path):
 def test_gradients(tmp_path):
     example = load_example("gradients")
     lr, clip, k, batch = 0.05, 0.5, 4, 16
-    results = example.main(["--epochs", "1", "--samples", "256", "--learning-rate", str(lr), "--clip", str(clip),
-                            "--accumulate", str(k), "--batch-size", str(batch), "--out", str(tmp_path),
-                            "--verbose", "0"])
+    results = example.main(
+        [
+            "--epochs",
+            "1",
+            "--samples",
+            "256",
+            "--learning-rate",
+            str(lr),
+            "--clip",
+            str(clip),
+            "--accumulate",
+            str(k),
+            "--batch-size",
+            str(batch),
+            "--out",
+            str(tmp_path),
+            "--verbose",
+            "0",
+        ]
+    )
     # clipping: the gradients were above the threshold, and no SGD update moved further than lr * clip
     clipped = results["clipping"]
     norms = clipped.bus.plugins["UpdateNorms"].norms
@@ -218,14 +275,33 @@ def test_gradients(tmp_path):
 
 def test_adam_hyperparameters(tmp_path):
     example = load_example("adam_hyperparameters")
-    rows = example.main(["--learning-rates", "1e-3", "1e-2", "--beta-1", "0.9", "--epsilon", "1e-7", "1e-3",
-                         "--epochs", "2", "--steps-per-epoch", "5", "--out", str(tmp_path), "--verbose", "0"])
+    rows = example.main(
+        [
+            "--learning-rates",
+            "1e-3",
+            "1e-2",
+            "--beta-1",
+            "0.9",
+            "--epsilon",
+            "1e-7",
+            "1e-3",
+            "--epochs",
+            "2",
+            "--steps-per-epoch",
+            "5",
+            "--out",
+            str(tmp_path),
+            "--verbose",
+            "0",
+        ]
+    )
     grid = {(r["learning_rate"], r["beta_1"], r["epsilon"]) for r in rows}
     assert grid == {(lr, 0.9, eps) for lr in (1e-3, 1e-2) for eps in (1e-7, 1e-3)}
     for row in rows:  # each run really used its hyper-parameters
         config = row["optimizer_config"]
         assert (config["learning_rate"], config["beta_1"], config["epsilon"]) == pytest.approx(
-            (row["learning_rate"], row["beta_1"], row["epsilon"]))
+            (row["learning_rate"], row["beta_1"], row["epsilon"])
+        )
         assert math.isfinite(row["best_val_loss"]) and 1 <= row["best_epoch"] <= row["epochs_run"] == 2
     assert [r["best_val_loss"] for r in rows] == sorted(r["best_val_loss"] for r in rows)
     assert len({round(r["best_val_loss"], 6) for r in rows}) == len(rows)  # the knobs changed the outcome
@@ -241,8 +317,9 @@ def test_compare_optimizers(tmp_path):
 
     example = load_example("compare_optimizers")
     epochs = 2
-    histories = example.main(["--epochs", str(epochs), "--steps-per-epoch", "5", "--out", str(tmp_path),
-                              "--verbose", "0"])
+    histories = example.main(
+        ["--epochs", str(epochs), "--steps-per-epoch", "5", "--out", str(tmp_path), "--verbose", "0"]
+    )
     names = {"sgd", "sgd_momentum", "rmsprop", "adam", "adamw"}
     assert set(histories) == names
 
@@ -256,8 +333,10 @@ def test_compare_optimizers(tmp_path):
         points = sorted(client.get_metric_history(run.info.run_id, "epoch/val_loss"), key=lambda m: m.step)
         np.testing.assert_allclose([m.value for m in points], np.float32(histories[name]["val_loss"]), rtol=1e-6)
         assert len(points) == epochs
-        assert run.data.tags["optimizer"] == {"sgd": "SGD", "sgd_momentum": "SGD", "rmsprop": "RMSprop",
-                                              "adam": "Adam", "adamw": "AdamW"}[name]
+        assert (
+            run.data.tags["optimizer"]
+            == {"sgd": "SGD", "sgd_momentum": "SGD", "rmsprop": "RMSprop", "adam": "Adam", "adamw": "AdamW"}[name]
+        )
     # the optimizers really differ: momentum changes SGD's trajectory
     assert histories["sgd"]["val_loss"] != histories["sgd_momentum"]["val_loss"]
 
@@ -278,27 +357,37 @@ def test_plugin_package_installs_lists_and_passes_its_tests(tmp_path):
     import tomllib
 
     project = tomllib.loads((PACKAGE / "pyproject.toml").read_text())["project"]
-    (name, target), = project["entry-points"]["corebus.plugins"].items()
+    ((name, target),) = project["entry-points"]["corebus.plugins"].items()
     # built from a copy, so the source tree gets no build/ or *.egg-info
-    root = shutil.copytree(PACKAGE, tmp_path / "plugin_package",
-                           ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    root = shutil.copytree(
+        PACKAGE,
+        tmp_path / "plugin_package",
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache"),
+    )
     pip = [sys.executable, "-m", "pip"]
     subprocess.run(pip + ["install", "--no-deps", "--no-build-isolation", "-q", str(root)], check=True)
     try:
-        listing = subprocess.run([sys.executable, "-m", "corebus", "plugins", "--json"],
-                                 capture_output=True, text=True, check=True)
+        listing = subprocess.run(
+            [sys.executable, "-m", "corebus", "plugins", "--json"], capture_output=True, text=True, check=True
+        )
         info = next(p for p in json.loads(listing.stdout) if p["name"] == name)
         assert (info["distribution"], info["version"]) == (project["name"], project["version"])
         assert "on_epoch_end" in info["hooks"]
-        table = subprocess.run([sys.executable, "-m", "corebus", "plugins"], capture_output=True, text=True,
-                               check=True).stdout
+        table = subprocess.run(
+            [sys.executable, "-m", "corebus", "plugins"], capture_output=True, text=True, check=True
+        ).stdout
         assert any(line.split()[:2] == [name, project["name"]] for line in table.splitlines())
 
         # the package's own tests, run the way its author runs them (corebus.testing fixtures)
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         # (run from the folder above the copy, so the *installed* module is the one imported)
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                str(root / "tests")], cwd=tmp_path, capture_output=True, text=True, env=env)
+        tests = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests")],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
         summary = tests.stdout.strip().splitlines()[-1]
         assert re.match(r"\d+ passed", summary) and " failed" not in summary, summary
@@ -309,14 +398,28 @@ def test_plugin_package_installs_lists_and_passes_its_tests(tmp_path):
 
 # ---------------------------------------------------------------------- the recipes as a set
 
-RECIPES = ["keras_fit_callbacks", "save_predictions", "lr_schedules", "custom_loop", "gradients",
-           "adam_hyperparameters", "compare_optimizers"]
-PUBLIC_MODULES = {"corebus", "corebus.kit", "corebus.plugins", "corebus.integrations", "corebus.testing",
-                  "corebus.demo"}
+RECIPES = [
+    "keras_fit_callbacks",
+    "save_predictions",
+    "lr_schedules",
+    "custom_loop",
+    "gradients",
+    "adam_hyperparameters",
+    "compare_optimizers",
+]
+PUBLIC_MODULES = {
+    "corebus",
+    "corebus.kit",
+    "corebus.plugins",
+    "corebus.integrations",
+    "corebus.testing",
+    "corebus.demo",
+}
 
 
-@pytest.mark.parametrize("path", [EXAMPLES / f"{name}.py" for name in RECIPES]
-                         + [PACKAGE / "corebus_best_metric.py"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [EXAMPLES / f"{name}.py" for name in RECIPES] + [PACKAGE / "corebus_best_metric.py"], ids=lambda p: p.name
+)
 def test_recipes_use_only_the_public_api(path):
     import ast
 

@@ -52,8 +52,9 @@ def engine_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     x, y = tiny_data()
     plugins = {
-        "schedule": LRSchedule("exponential", initial_learning_rate=INITIAL_LR, decay_steps=10, decay_rate=0.9,
-                               warmup_steps=WARMUP),
+        "schedule": LRSchedule(
+            "exponential", initial_learning_rate=INITIAL_LR, decay_steps=10, decay_rate=0.9, warmup_steps=WARMUP
+        ),
         # min_delta=10: never an improvement, so it reduces at epochs 1, 3, 5, ... (cooldown 2)
         "plateau": ReduceLROnPlateau(monitor="loss", factor=0.5, patience=1, min_delta=10.0, cooldown=2),
         "stopper": EarlyStopping(monitor="val_accuracy", patience=2),
@@ -148,8 +149,9 @@ def test_model_fit_report_and_compare(engine_run, tmp_path):
     x, y = tiny_data()
     callback = corebus.KerasCallback([RunReport(tmp_path / "keras" / "report", log_every_n_steps=3)])
     model = tiny_model()
-    model.compile(optimizer=callback.wrap_optimizer("adam"), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=callback.wrap_optimizer("adam"), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     history = model.fit(x, y, batch_size=16, epochs=3, validation_split=0.25, verbose=0, callbacks=[callback])
     report = _read(tmp_path / "keras" / "report")
     for key, values in history.history.items():
@@ -189,7 +191,7 @@ def test_failed_run_is_reported_failed(tmp_path):
 
 
 def test_bad_params_and_missing_matplotlib_fail_before_training(tmp_path, monkeypatch):
-    (name, plugin), = resolve_all([{"name": "report", "report_dir": str(tmp_path / "r")}])
+    ((name, plugin),) = resolve_all([{"name": "report", "report_dir": str(tmp_path / "r")}])
     assert isinstance(plugin, RunReport) and plugin.runs_on == "chief" and plugin.gradient_taps == {"norm"}
     with pytest.raises(ConfigError, match="log_every_n_steps"):
         RunReport(tmp_path, log_every_n_steps=0)
@@ -211,8 +213,13 @@ class SlowEnd:
 
         time.sleep(0.2)
         trainer.model.save_weights(str(self.path))
-        trainer.bus.call("on_checkpoint_saved", trainer=trainer, filepath=str(self.path), step=trainer.global_step,
-                         metadata={"by": "slow_end"})
+        trainer.bus.call(
+            "on_checkpoint_saved",
+            trainer=trainer,
+            filepath=str(self.path),
+            step=trainer.global_step,
+            metadata={"by": "slow_end"},
+        )
 
 
 def test_report_is_written_after_every_other_plugins_train_end_and_counts_kept_checkpoints(tmp_path):
@@ -251,7 +258,8 @@ def test_explicit_name_wins_and_epochs_read_from_one(tmp_path):
     x, y = tiny_data(n=32)
     stopper = EarlyStopping(monitor="loss", patience=0, min_delta=10.0)  # stops at the second epoch
     make_trainer([RunReport(tmp_path / "r", log_every_n_steps=None, name="baseline"), stopper]).fit(
-        x, y, batch_size=16, epochs=5, verbose=0)
+        x, y, batch_size=16, epochs=5, verbose=0
+    )
     report = _read(tmp_path / "r")
     assert report["run"]["name"] == "baseline"
     assert [e["epoch"] for e in report["epochs"]] == [0, 1]  # JSON: Keras's indices, as History.epoch
@@ -267,9 +275,11 @@ def test_step_overlay_lies_beneath_the_epoch_curves_and_fades_when_dense():
     from corebus.app.report import _draw_curves
 
     steps = list(range(1, 2001))
-    report = {"run": {"first_step": 0}, "epochs": [{"epoch": e, "step": 400 * (e + 1), "logs": {"loss": 1.0 / (e + 1)}}
-                                                   for e in range(5)],
-              "batches": {"every": 1, "step": steps, "values": {"loss": [1.0] * len(steps)}}}
+    report = {
+        "run": {"first_step": 0},
+        "epochs": [{"epoch": e, "step": 400 * (e + 1), "logs": {"loss": 1.0 / (e + 1)}} for e in range(5)],
+        "batches": {"every": 1, "step": steps, "values": {"loss": [1.0] * len(steps)}},
+    }
     figure = _draw_curves(report)
     lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
     overlay, epoch_curve = lines["loss (every 1 steps)"], lines["loss"]

@@ -30,7 +30,9 @@ def run_worker(out, *args):
 
 def final(out):
     arrays = np.load(Path(out) / "final.npz")
-    return [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k.split("_")[1]))], json.loads(Path(out, "final.json").read_text())
+    return [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k.split("_")[1]))], json.loads(
+        Path(out, "final.json").read_text()
+    )
 
 
 def scenario(tmp, name, kill_args, mode="engine"):
@@ -105,9 +107,12 @@ def test_a_capture_keeps_its_values_while_training_goes_on(tmp_path):
     snapshot = RunSnapshot.capture(trainer)
     at_capture = {name: array.copy() for name, array in snapshot.arrays.items()}
     trainer.fit(x, y, batch_size=32, epochs=1, verbose=0)
-    moved = [name for name, array in at_capture.items()
-             if name.startswith("model/") and not np.array_equal(array, np.asarray(
-                 trainer._state_variables()["model"][int(name.split("/")[1])].numpy()))]
+    moved = [
+        name
+        for name, array in at_capture.items()
+        if name.startswith("model/")
+        and not np.array_equal(array, np.asarray(trainer._state_variables()["model"][int(name.split("/")[1])].numpy()))
+    ]
     assert moved  # training changed the weights after the capture ...
     for name, array in snapshot.arrays.items():  # ... and the capture still holds the old values
         np.testing.assert_array_equal(array, at_capture[name], err_msg=name)
@@ -123,7 +128,9 @@ def test_snapshot_from_another_model_is_refused_and_kept(tmp_path):
     from corebus.plugins import BackupAndRestore
 
     other = make_trainer([BackupAndRestore(str(tmp_path / "backup"))], model=tiny_model(hidden=5))
-    with pytest.raises(SnapshotError, match=r"different setup: model variable 0 .* shape \[4, 8\] in the snapshot but \[4, 5\] here"):
+    with pytest.raises(
+        SnapshotError, match=r"different setup: model variable 0 .* shape \[4, 8\] in the snapshot but \[4, 5\] here"
+    ):
         other.fit(x, y, batch_size=32, epochs=1, verbose=0)
     assert sorted(p.name for p in path.iterdir()) == before
 

@@ -108,13 +108,25 @@ def canary_run(mlflow_server, tmp_path_factory):  # noqa: F811
     config_dir, work = root / "config", root / "work"  # the config holds secrets as written: not an output
     config_dir.mkdir()
     work.mkdir()
-    env = {**os.environ, "CANARY_VAR": VAR_VALUE, "WANDB_MODE": "offline", "WANDB_DIR": str(work / "wandb-env"),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "CANARY_VAR": VAR_VALUE,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(work / "wandb-env"),
+        "PYTHONUNBUFFERED": "1",
+    }
     with Receiver(answers=[503]) as receiver:
         config = config_dir / "canary.toml"
-        config.write_text(CONFIG.format(runs=work / "runs", password=PASSWORD, port=mlflow_server.port,
-                                        dead_port=free_port(), webhook_port=receiver.server.server_address[1],
-                                        token=TOKEN))
+        config.write_text(
+            CONFIG.format(
+                runs=work / "runs",
+                password=PASSWORD,
+                port=mlflow_server.port,
+                dead_port=free_port(),
+                webhook_port=receiver.server.server_address[1],
+                token=TOKEN,
+            )
+        )
         command = [sys.executable, "-m", "corebus", "run", str(config)]
         plan = subprocess.run(command + ["--print-plan"], cwd=work, env=env, capture_output=True, timeout=300)
         run = subprocess.run(command, cwd=work, env=env, capture_output=True, timeout=600)

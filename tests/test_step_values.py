@@ -46,7 +46,7 @@ def test_engine_logs_each_steps_own_loss_and_accuracy(tiny_data):
     make_trainer([spy], optimizer=keras.optimizers.SGD(LR)).fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
     assert len(spy.values) == 12 and all({"loss", "accuracy", "grad_norm"} <= set(v) for v in spy.values)
     for epoch in range(2):
-        values, running = spy.values[epoch * 6:(epoch + 1) * 6], spy.running[epoch * 6:(epoch + 1) * 6]
+        values, running = spy.values[epoch * 6 : (epoch + 1) * 6], spy.running[epoch * 6 : (epoch + 1) * 6]
         for name in ("loss", "accuracy"):
             own = np.array([v[name] for v in values])
             # Keras's running mean is the mean of the steps' own values (equal batch sizes)
@@ -62,11 +62,12 @@ def test_accuracy_of_a_step_is_that_batchs_accuracy(tiny_data):
     class Predictions:
         @hookimpl
         def on_train_batch_begin(self, trainer, batch):
-            seen.append(np.argmax(trainer.model.predict_on_batch(x[batch * 16:(batch + 1) * 16]), axis=1))
+            seen.append(np.argmax(trainer.model.predict_on_batch(x[batch * 16 : (batch + 1) * 16]), axis=1))
 
     make_trainer([Predictions(), spy], optimizer=keras.optimizers.SGD(LR)).fit(
-        x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
-    expected = [np.mean(p == y[i * 16:(i + 1) * 16]) for i, p in enumerate(seen)]
+        x, y, batch_size=16, epochs=1, verbose=0, shuffle=False
+    )
+    expected = [np.mean(p == y[i * 16 : (i + 1) * 16]) for i, p in enumerate(seen)]
     np.testing.assert_allclose([v["accuracy"] for v in spy.values], expected, rtol=1e-6)
 
 
@@ -75,7 +76,9 @@ def test_grad_norm_is_the_norm_of_the_update_before_clipping(tiny_data, clip):
     x, y = tiny_data
     spy = StepSpy()
     plugins = [spy] + ([{"name": "gradient_clipping", "global_norm": clip}] if clip else [])
-    make_trainer(plugins, optimizer=keras.optimizers.SGD(LR)).fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    make_trainer(plugins, optimizer=keras.optimizers.SGD(LR)).fit(
+        x, y, batch_size=16, epochs=1, verbose=0, shuffle=False
+    )
     applied = [np.linalg.norm(b - a) / LR for a, b in zip(spy.weights, spy.weights[1:])]  # SGD: dw = -lr * g
     norms = [v["grad_norm"] for v in spy.values]
     if clip is None:
@@ -90,8 +93,11 @@ def test_grad_norm_in_model_fit_through_the_adapter(tiny_data):
     spy = StepSpy()
     callback = corebus.KerasCallback([spy])
     model = tiny_model()
-    model.compile(optimizer=callback.wrap_optimizer(keras.optimizers.SGD(LR)),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=callback.wrap_optimizer(keras.optimizers.SGD(LR)),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[callback])
     applied = [np.linalg.norm(b - a) / LR for a, b in zip(spy.weights, spy.weights[1:])]
     np.testing.assert_allclose([v["grad_norm"] for v in spy.values], applied, rtol=1e-4)
@@ -142,8 +148,9 @@ def test_custom_step_values_and_named_optimizer_norms(tiny_data):
         trainer.apply_gradients(grads, trainer.model.trainable_variables, optimizer="main")
         return {"loss": loss}
 
-    trainer = corebus.Trainer(model, optimizer={"main": keras.optimizers.SGD(LR)}, train_step=step,
-                              plugins=[spy], seed=0)
+    trainer = corebus.Trainer(
+        model, optimizer={"main": keras.optimizers.SGD(LR)}, train_step=step, plugins=[spy], seed=0
+    )
     trainer.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     applied = [np.linalg.norm(b - a) / LR for a, b in zip(spy.weights, spy.weights[1:])]
     np.testing.assert_allclose([v["grad_norm/main"] for v in spy.values], applied, rtol=1e-4)
@@ -189,10 +196,12 @@ def test_step_values_carry_the_learning_rate_after_each_update(tiny_data, mode):
         make_trainer([spy], optimizer=keras.optimizers.SGD(schedule), steps_per_execution=2).fit(x, y, **fit)
     else:
         model = tiny_model()
-        model.compile(optimizer=keras.optimizers.SGD(schedule), loss="sparse_categorical_crossentropy", steps_per_execution=2)
+        model.compile(
+            optimizer=keras.optimizers.SGD(schedule), loss="sparse_categorical_crossentropy", steps_per_execution=2
+        )
         model.fit(x, y, callbacks=[corebus.KerasCallback([spy])], **fit)
     # 12 steps in calls of 2: the LR after steps 2, 4, ... 12
-    np.testing.assert_allclose(spy.logged, [0.1 * 0.9 ** step for step in range(2, 13, 2)], rtol=1e-6)
+    np.testing.assert_allclose(spy.logged, [0.1 * 0.9**step for step in range(2, 13, 2)], rtol=1e-6)
     np.testing.assert_allclose(spy.logged, spy.eager, rtol=1e-6)
 
 

@@ -24,13 +24,17 @@ def dashboard(parent):
     multiplexer.AddRunsFromDirectory(str(parent))
     multiplexer.Reload()
     provider = data_provider.MultiplexerDataProvider(multiplexer, str(parent))
-    context = backend_context.Context(base_plugin.TBContext(data_provider=provider, multiplexer=multiplexer,
-                                                            logdir=str(parent)))
+    context = backend_context.Context(
+        base_plugin.TBContext(data_provider=provider, multiplexer=multiplexer, logdir=str(parent))
+    )
     request_context = tb_context.RequestContext()
     experiment = get_experiment.Handler(request_context, context, "", api_pb2.GetExperimentRequest()).run()
     request = api_pb2.ListSessionGroupsRequest(
-        start_index=0, slice_size=100, aggregation_type=api_pb2.AGGREGATION_AVG,
-        allowed_statuses=[api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE])
+        start_index=0,
+        slice_size=100,
+        aggregation_type=api_pb2.AGGREGATION_AVG,
+        allowed_statuses=[api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE],
+    )
     for info in experiment.hparam_infos:
         request.col_params.add(hparam=info.name)
     for info in experiment.metric_infos:
@@ -65,8 +69,7 @@ def assert_metrics(metrics, history):
     shown = {key: value for key, value in metrics.items() if key[0] == ""}
     expected = expected_metrics(history)
     assert sorted(shown) == sorted(expected)
-    np.testing.assert_allclose([shown[k] for k in sorted(expected)], [expected[k] for k in sorted(expected)],
-                               rtol=1e-6)
+    np.testing.assert_allclose([shown[k] for k in sorted(expected)], [expected[k] for k in sorted(expected)], rtol=1e-6)
 
 
 def test_runs_compare_in_the_hparams_dashboard(tmp_path):
@@ -79,13 +82,23 @@ def test_runs_compare_in_the_hparams_dashboard(tmp_path):
     experiment, sessions = dashboard(tmp_path)
     assert sorted(sessions) == ["lr_0.05", "lr_0.5"]
     names = {info.name for info in experiment.hparam_infos}
-    assert {"optimizer.default.learning_rate", "optimizer.default.name", "fit.batch_size", "fit.epochs",
-            "model.loss", "model.trainable_params", "plugins.TensorBoardLogger.hparams"} <= names
+    assert {
+        "optimizer.default.learning_rate",
+        "optimizer.default.name",
+        "fit.batch_size",
+        "fit.epochs",
+        "model.loss",
+        "model.trainable_params",
+        "plugins.TensorBoardLogger.hparams",
+    } <= names
     for run, history in histories.items():
         hparams, metrics = sessions[run]
         assert hparams["optimizer.default.learning_rate"] == pytest.approx(float(run.removeprefix("lr_")))
         assert (hparams["fit.batch_size"], hparams["fit.epochs"], hparams["model.loss"]) == (
-            16, 3, "sparse_categorical_crossentropy")
+            16,
+            3,
+            "sparse_categorical_crossentropy",
+        )
         assert_metrics(metrics, history)
         # the epoch curves of train/ and validation/ belong to the same session
         assert metrics["validation", "epoch_loss"] == pytest.approx(history["val_loss"][-1], rel=1e-6)
@@ -97,8 +110,7 @@ def test_runs_compare_in_the_hparams_dashboard(tmp_path):
 def test_hparams_inside_model_fit_come_from_keras_history(tmp_path):
     x, y = tiny_data()
     model = tiny_model()
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     logger = TensorBoardLogger(tmp_path / "fit", hparams=True, write_graph=False)
     history = model.fit(x, y, callbacks=[corebus.KerasCallback([logger])], **FIT).history
     _, sessions = dashboard(tmp_path)
@@ -116,9 +128,15 @@ def test_no_hparams_session_by_default(tmp_path):
 
 
 def test_params_become_hparam_values():
-    params = {"fit": {"batch_size": 16, "validation": True, "steps": None},
-              "optimizer": {"default": {"learning_rate": 0.1, "name": "sgd"}},
-              "model": {"metrics": ["accuracy", "auc"]}}
-    assert flatten_params(params) == {"fit.batch_size": 16, "fit.validation": True,
-                                      "optimizer.default.learning_rate": 0.1, "optimizer.default.name": "sgd",
-                                      "model.metrics": '["accuracy", "auc"]'}
+    params = {
+        "fit": {"batch_size": 16, "validation": True, "steps": None},
+        "optimizer": {"default": {"learning_rate": 0.1, "name": "sgd"}},
+        "model": {"metrics": ["accuracy", "auc"]},
+    }
+    assert flatten_params(params) == {
+        "fit.batch_size": 16,
+        "fit.validation": True,
+        "optimizer.default.learning_rate": 0.1,
+        "optimizer.default.name": "sgd",
+        "model.metrics": '["accuracy", "auc"]',
+    }

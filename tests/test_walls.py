@@ -50,8 +50,9 @@ def room_violations(path: Path, room: str) -> list[str]:
     for module, _ in imports(path):
         parts = module.split(".")
         if parts[0] == "corebus" and len(parts) > 1 and parts[1] in ROOMS and parts[1] not in ROOM_MAY_IMPORT[room]:
-            found.append(f"{room}/{path.name} imports {module}: the {room} room may import only "
-                         f"{sorted(ROOM_MAY_IMPORT[room])}")
+            found.append(
+                f"{room}/{path.name} imports {module}: the {room} room may import only {sorted(ROOM_MAY_IMPORT[room])}"
+            )
         if module.startswith("."):
             found.append(f"{room}/{path.name}: relative import {module}; spell the room (corebus.{room}...)")
     return found
@@ -93,8 +94,10 @@ def wall_violations(path: Path, room: str) -> list[str]:
         elif module == "corebus.kit":
             found += [f"{path.name}: {name} is not in corebus.kit" for name in sorted(set(names) - kit)]
         elif module.startswith("corebus.") and not module.startswith(f"corebus.{room}"):
-            found.append(f"{path.name} imports engine internals ({module}); "
-                         "use `from corebus import ...` or `from corebus.kit import ...`")
+            found.append(
+                f"{path.name} imports engine internals ({module}); "
+                "use `from corebus import ...` or `from corebus.kit import ...`"
+            )
     return found
 
 
@@ -106,10 +109,13 @@ def test_plugins_use_only_the_public_api():
 
 def test_the_wall_check_flags_internals_and_passes_the_kit(tmp_path):
     source = tmp_path / "plugin.py"
-    source.write_text("from corebus.kit import LogSink, atomic_path\n"
-                      "from corebus import hookimpl, Spool\n")  # Spool: a kit name, old spelling
+    source.write_text(
+        "from corebus.kit import LogSink, atomic_path\nfrom corebus import hookimpl, Spool\n"
+    )  # Spool: a kit name, old spelling
     assert wall_violations(source, "plugins") == []
-    source.write_text("from corebus.delivery.sinks import Spool\nfrom corebus import _LAZY\nfrom corebus.kit import lr_owner\n")
+    source.write_text(
+        "from corebus.delivery.sinks import Spool\nfrom corebus import _LAZY\nfrom corebus.kit import lr_owner\n"
+    )
     found = "\n".join(wall_violations(source, "plugins"))
     for expected in ("(corebus.delivery.sinks)", "_LAZY is not public API", "lr_owner is not in corebus.kit"):
         assert expected in found, found
@@ -126,4 +132,5 @@ def test_plugins_reach_no_private_keras_attribute():
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.Attribute):
                     assert node.attr not in PRIVATE_KERAS, (
-                        f"{path.name}:{node.lineno} reads .{node.attr}; use trainer.lr / trainer.lr_for(name)")
+                        f"{path.name}:{node.lineno} reads .{node.attr}; use trainer.lr / trainer.lr_for(name)"
+                    )

@@ -44,7 +44,7 @@ def iter_records(path: str | Path) -> list[Any]:
         if (crc, length, kind) == (0, 0, 0):  # zero padding at the end of a block
             pos += BLOCK - pos % BLOCK
             continue
-        chunk = data[pos + CHUNK.size: pos + CHUNK.size + length]
+        chunk = data[pos + CHUNK.size : pos + CHUNK.size + length]
         if len(chunk) < length:
             break  # torn tail (writer still running or killed)
         if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
@@ -153,7 +153,7 @@ def run_files(wandb_dir: str | Path, run_id: str | None = None) -> list[Path]:
 
     def started(path: Path) -> tuple[str, int]:
         stamp = path.parent.name.split("-run-", 1)[1][:15]
-        suffix = path.parent.name.rsplit(path.stem[len("run-"):], 1)[1].lstrip("-")
+        suffix = path.parent.name.rsplit(path.stem[len("run-") :], 1)[1].lstrip("-")
         return stamp, int(suffix or 0)
 
     pattern = f"*-run-*/run-{run_id}.wandb" if run_id else "*-run-*/run-*.wandb"

@@ -30,9 +30,16 @@ class Receiver:
                 answer = receiver.answers.pop(0) if receiver.answers else 200
                 status, headers = (answer, {}) if isinstance(answer, int) else answer
                 with receiver._arrived:
-                    receiver.requests.append({"time": time.time(), "path": self.path, "status": status,
-                                              "headers": dict(self.headers), "json": json.loads(body),
-                                              "peer": self.client_address})
+                    receiver.requests.append(
+                        {
+                            "time": time.time(),
+                            "path": self.path,
+                            "status": status,
+                            "headers": dict(self.headers),
+                            "json": json.loads(body),
+                            "peer": self.client_address,
+                        }
+                    )
                     receiver._arrived.notify_all()
                 if receiver.hang:
                     receiver._released.wait(60)

@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config")
     run.add_argument("--print-plan", action="store_true", help="validate, print the hook plan, do not train")
     run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
-    run.add_argument("--workers", type=int, metavar="N", help="train on N Ray Train workers (pip install \"corebus[ray]\")")
+    run.add_argument(
+        "--workers", type=int, metavar="N", help='train on N Ray Train workers (pip install "corebus[ray]")'
+    )
     run.add_argument("--address", metavar="ADDR", help="the Ray cluster to use (default: start a local one)")
     run.set_defaults(func=_cmd_run)
     sync = sub.add_parser("sync", help="replay undelivered logger records (spools) of a run directory")
@@ -174,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("path", help="the report directory, the run directory holding report/, or report.json")
     report.add_argument("--out", help="write there instead of beside report.json")
     report.set_defaults(func=_cmd_report)
-    compare = sub.add_parser("compare", help="overlay several runs' curves (loss, metric, LR, accuracy) in one PNG + HTML")
+    compare = sub.add_parser(
+        "compare", help="overlay several runs' curves (loss, metric, LR, accuracy) in one PNG + HTML"
+    )
     compare.add_argument("runs", nargs="+", help="run or report directories (labels are their names)")
     compare.add_argument("--out", default="corebus-runs/compare", help="output directory")
     compare.add_argument("--metric", default="val_loss", help="the epoch metric to compare (default val_loss)")

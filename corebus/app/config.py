@@ -77,19 +77,29 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "optimizer": Key(_IDENTIFIER, 'a Keras optimizer name or { name = "adam", learning_rate = 1e-3 }'),
         "loss": Key(_IDENTIFIER, "a Keras loss name (or its config table)"),
         "metrics": Key(list[_IDENTIFIER], "a list of Keras metric names"),
-        "steps_per_execution": _COUNT, "jit_compile": Key(bool), "seed": Key(int), "profile": Key(bool),
+        "steps_per_execution": _COUNT,
+        "jit_compile": Key(bool),
+        "seed": Key(int),
+        "profile": Key(bool),
         "mixed_precision": Key(Literal["mixed_float16", "mixed_bfloat16"], '"mixed_float16" or "mixed_bfloat16"'),
     },
     "fit": {
-        "epochs": Key(Annotated[int, Ge(0)], "an integer >= 0"), "batch_size": _COUNT,
+        "epochs": Key(Annotated[int, Ge(0)], "an integer >= 0"),
+        "batch_size": _COUNT,
         "verbose": Key(Literal[0, 1, 2], "0, 1 or 2"),
-        "validation_split": Key(Annotated[float, Interval(ge=0, lt=1)], "a fraction in [0, 1)"), "shuffle": Key(bool),
+        "validation_split": Key(Annotated[float, Interval(ge=0, lt=1)], "a fraction in [0, 1)"),
+        "shuffle": Key(bool),
         "initial_epoch": Key(Annotated[int, Ge(0)], "an integer >= 0"),
-        "steps_per_epoch": _COUNT, "validation_steps": _COUNT, "validation_batch_size": _COUNT, "validation_freq": _COUNT,
+        "steps_per_epoch": _COUNT,
+        "validation_steps": _COUNT,
+        "validation_batch_size": _COUNT,
+        "validation_freq": _COUNT,
     },
     # The run's directory is <dir>/<name>: relative plugin paths land there, so runs of other names keep theirs.
-    "run": {"name": Key(str, "a folder name (no / or \\)", lambda v: bool(v) and not re.search(r"[/\\]", v)),
-            "dir": Key(str, "a folder")},
+    "run": {
+        "name": Key(str, "a folder name (no / or \\)", lambda v: bool(v) and not re.search(r"[/\\]", v)),
+        "dir": Key(str, "a folder"),
+    },
 }
 REQUIRED = {"model": ("factory",), "data": ("factory",)}
 DEFAULT_RUNS_DIR = "corebus-runs"
@@ -120,10 +130,18 @@ class RunConfig:
         optimizer = trainer_args.pop("optimizer", None)
         if isinstance(optimizer, dict):
             optimizer = _optimizer(optimizer)
-        trainer = Trainer(model, optimizer, trainer_args.pop("loss", None), trainer_args.pop("metrics", None),
-                          plugins=self.plugins, **trainer_args)
-        fit = {**_fit_data(self.factory("data")(**self.sections["data"].get("params", {})), self.path),
-               **self.sections.get("fit", {})}
+        trainer = Trainer(
+            model,
+            optimizer,
+            trainer_args.pop("loss", None),
+            trainer_args.pop("metrics", None),
+            plugins=self.plugins,
+            **trainer_args,
+        )
+        fit = {
+            **_fit_data(self.factory("data")(**self.sections["data"].get("params", {})), self.path),
+            **self.sections.get("fit", {}),
+        }
         return trainer, fit
 
 
@@ -150,8 +168,10 @@ def load_run_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None
         for required in REQUIRED.get(section, ()):
             if required not in table:
                 raise ConfigError(f"{path}: {section}.{required} is required ({keys[required].allowed})")
-        sections[section] = {k: _check(path, f"{section}.{k}", keys, k, _interpolate(v, f"{section}.{k}", path, secrets))
-                             for k, v in table.items()}
+        sections[section] = {
+            k: _check(path, f"{section}.{k}", keys, k, _interpolate(v, f"{section}.{k}", path, secrets))
+            for k, v in table.items()
+        }
     for section in ("model", "data"):  # fail now, not mid-run
         factory = _import(sections[section]["factory"], f"{path}: {section}.factory", path)
         problem = check_call(factory, sections[section].get("params", {}), sections[section]["factory"])
@@ -161,8 +181,10 @@ def load_run_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None
     run = sections["run"]
     run_dir = Path(run.get("dir", DEFAULT_RUNS_DIR)) / run.get("name", path.stem)
     templates = specs_from(data.get("plugins", []), str(path))
-    plugins = [_plugin(path, i, _interpolate(dict(t), f"plugins[{i}]", path, secrets), run_dir, secrets)
-               for i, t in enumerate(templates)]
+    plugins = [
+        _plugin(path, i, _interpolate(dict(t), f"plugins[{i}]", path, secrets), run_dir, secrets)
+        for i, t in enumerate(templates)
+    ]
     return RunConfig(path, sections, plugins, templates, secrets, run_dir)
 
 
@@ -171,7 +193,9 @@ def _plugin(path: Path, i: int, spec: dict[str, Any], run_dir: Path, secrets: Ma
 
     where = f"{path}: plugins[{i}] ({spec['name']})"
     try:
-        params = _under_run_dir(load_plugin_class(spec["name"]), {k: v for k, v in spec.items() if k != "name"}, run_dir)
+        params = _under_run_dir(
+            load_plugin_class(spec["name"]), {k: v for k, v in spec.items() if k != "name"}, run_dir
+        )
         return spec["name"], instantiate(spec["name"], params)
     except MissingExtraError:
         raise
@@ -205,20 +229,29 @@ def _check_keras_identifiers(path: Path, trainer: Mapping[str, Any]) -> None:
             getter(value)
         except (ValueError, TypeError) as exc:
             if isinstance(value, str):
-                raise ConfigError(f"{path}: {where} = {value!r}: Keras has no {kind} of that name"
-                                  f"{closest(value, names)}") from None
+                raise ConfigError(
+                    f"{path}: {where} = {value!r}: Keras has no {kind} of that name{closest(value, names)}"
+                ) from None
             raise ConfigError(f"{path}: {where} = {value!r}: {exc}") from None
 
     def public(module: Any, *extra: str) -> list[str]:
-        return [*extra, *(n for n in dir(module) if not n.startswith("_") and n not in ("get", "serialize", "deserialize"))]
+        return [
+            *extra,
+            *(n for n in dir(module) if not n.startswith("_") and n not in ("get", "serialize", "deserialize")),
+        ]
 
     if "loss" in trainer:
         resolve("loss", "trainer.loss", trainer["loss"], keras.losses.get, public(keras.losses))
     # compile() also takes these four names and picks the metric from the loss
     for i, metric in enumerate(trainer.get("metrics", [])):
         if metric not in ("accuracy", "acc", "crossentropy", "ce"):
-            resolve("metric", f"trainer.metrics[{i}]", metric, keras.metrics.get,
-                    public(keras.metrics, "accuracy", "acc", "crossentropy", "ce"))
+            resolve(
+                "metric",
+                f"trainer.metrics[{i}]",
+                metric,
+                keras.metrics.get,
+                public(keras.metrics, "accuracy", "acc", "crossentropy", "ce"),
+            )
     optimizer = trainer.get("optimizer")
     if isinstance(optimizer, str):
         resolve("optimizer", "trainer.optimizer", optimizer, keras.optimizers.get, public(keras.optimizers))
@@ -227,15 +260,22 @@ def _check_keras_identifiers(path: Path, trainer: Mapping[str, Any]) -> None:
         resolve("optimizer", "trainer.optimizer.name", name, keras.optimizers.get, public(keras.optimizers))
         cls = type(keras.optimizers.get(name))
         # Keras optimizers pass **kwargs up to their base class: the names along the MRO are the allowed ones
-        allowed = list(dict.fromkeys(
-            p.name for c in cls.__mro__ if "__init__" in vars(c)
-            for p in inspect.signature(c.__init__).parameters.values()
-            if p.name not in ("self", "name") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)))
+        allowed = list(
+            dict.fromkeys(
+                p.name
+                for c in cls.__mro__
+                if "__init__" in vars(c)
+                for p in inspect.signature(c.__init__).parameters.values()
+                if p.name not in ("self", "name") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            )
+        )
         for key in optimizer:
             if key != "name" and key not in allowed:
                 hint = " (did you mean learning_rate?)" if key == "lr" else closest(key, allowed)  # Keras 2's name
-                raise ConfigError(f"{path}: trainer.optimizer.{key}: {cls.__name__} has no such parameter"
-                                  f"{hint}; allowed: name, {', '.join(allowed)}")
+                raise ConfigError(
+                    f"{path}: trainer.optimizer.{key}: {cls.__name__} has no such parameter"
+                    f"{hint}; allowed: name, {', '.join(allowed)}"
+                )
         try:
             _optimizer(optimizer)
         except (ValueError, TypeError) as exc:
@@ -262,6 +302,7 @@ def _check(path: Path, where: str, keys: Mapping[str, Key], key: str, value: Any
 def _interpolate(value: Any, where: str, path: Path, secrets: dict[str, str]) -> Any:
     """``${VAR}`` -> the environment's value (registered as a secret), recursively."""
     if isinstance(value, str):
+
         def replace(match: re.Match) -> str:
             name = match.group(1)
             if name not in os.environ:
@@ -316,8 +357,10 @@ def _fit_data(value: Any, path: Path) -> dict[str, Any]:
         return {"x": value[0], "validation_data": value[1]}
     if len(value) in (2, 3):
         return dict(zip(("x", "y", "sample_weight"), value))
-    raise ConfigError(f"{path}: data.factory returned a {len(value)}-tuple; return (x, y), "
-                      "((x, y), (x_val, y_val)), a tf.data.Dataset or a dict of fit arguments")
+    raise ConfigError(
+        f"{path}: data.factory returned a {len(value)}-tuple; return (x, y), "
+        "((x, y), (x_val, y_val)), a tf.data.Dataset or a dict of fit arguments"
+    )
 
 
 def describe_config(config: RunConfig) -> str:
@@ -325,8 +368,10 @@ def describe_config(config: RunConfig) -> str:
     lines = [f"run config {config.path} (run directory {config.run_dir})"]
     for section, values in config.sections.items():
         if values:
-            lines.append(f"  [{section}] " + ", ".join(f"{k}={redact_text(_hide(repr(v), config.secrets))}"
-                                                       for k, v in values.items()))
+            lines.append(
+                f"  [{section}] "
+                + ", ".join(f"{k}={redact_text(_hide(repr(v), config.secrets))}" for k, v in values.items())
+            )
     for template in config.templates:
         # ``${VAR}`` is kept as written; a secret written literally (a URL password, a token
         # in a webhook's query) is hidden as everywhere else.

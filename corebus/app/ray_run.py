@@ -20,14 +20,16 @@ WHAT = "corebus run --workers"
 def scaling_plan(workers: int, address: str | None, storage: Path) -> str:
     """What ``--print-plan`` shows of the Ray side of the run."""
     where = f"the Ray cluster at {address}" if address else f"a local Ray cluster (ray.init(num_cpus={workers}))"
-    return "\n".join([
-        f"ray: TensorflowTrainer on {where}",
-        f"  ScalingConfig(num_workers={workers}, use_gpu=False, resources_per_worker={{'CPU': 1}})",
-        "  each worker: MultiWorkerMirroredStrategy (TF_CONFIG set by Ray), the config's model built in its scope",
-        f"  RunConfig(storage_path={str(storage)!r}); FailureConfig(max_failures=0): "
-        "rerun with the same name to resume",
-        "  plugins: ray_train added (epoch metrics, run-snapshot checkpoints); loggers write from the chief only",
-    ])
+    return "\n".join(
+        [
+            f"ray: TensorflowTrainer on {where}",
+            f"  ScalingConfig(num_workers={workers}, use_gpu=False, resources_per_worker={{'CPU': 1}})",
+            "  each worker: MultiWorkerMirroredStrategy (TF_CONFIG set by Ray), the config's model built in its scope",
+            f"  RunConfig(storage_path={str(storage)!r}); FailureConfig(max_failures=0): "
+            "rerun with the same name to resume",
+            "  plugins: ray_train added (epoch metrics, run-snapshot checkpoints); loggers write from the chief only",
+        ]
+    )
 
 
 def _ray_overrides(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -35,8 +37,9 @@ def _ray_overrides(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     return {**overrides, "run.dir": str(config.run_dir.parent.resolve())}
 
 
-def run_on_ray(path: str, overrides: dict[str, Any], workers: int, address: str | None,
-               print_plan: bool) -> dict[str, Any]:
+def run_on_ray(
+    path: str, overrides: dict[str, Any], workers: int, address: str | None, print_plan: bool
+) -> dict[str, Any]:
     """Train the config on ``workers`` Ray Train workers; returns the last epoch's metrics."""
     from corebus.app.config import describe_config, load_run_config
     from corebus.bus.registry import instantiate
@@ -65,15 +68,18 @@ def run_on_ray(path: str, overrides: dict[str, Any], workers: int, address: str 
         else:
             ray.init(num_cpus=workers, include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"--address {address}: no Ray cluster there ({type(exc).__name__}: {exc}); start one "
-                          "with `ray start --head` and pass its address, or leave --address out for a local "
-                          "cluster") from None
+        raise ConfigError(
+            f"--address {address}: no Ray cluster there ({type(exc).__name__}: {exc}); start one "
+            "with `ray start --head` and pass its address, or leave --address out for a local "
+            "cluster"
+        ) from None
     try:
         trainer = tensorflow_train.TensorflowTrainer(
             _worker_loop,
             train_loop_config={"config": str(Path(path).resolve()), "overrides": _ray_overrides(config, overrides)},
             scaling_config=train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-            run_config=train.RunConfig(name=config.run_dir.name, storage_path=str(storage)))
+            run_config=train.RunConfig(name=config.run_dir.name, storage_path=str(storage)),
+        )
         result = trainer.fit()
     finally:
         ray.shutdown()
@@ -90,8 +96,10 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
-        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc}); start one with `ray start "
-                          "--head` and pass its address, or leave --address out for a local cluster") from None
+        raise ConfigError(
+            f"--address {address}: no Ray cluster answers there ({exc}); start one with `ray start "
+            "--head` and pass its address, or leave --address out for a local cluster"
+        ) from None
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:

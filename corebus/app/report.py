@@ -54,9 +54,11 @@ def load_report(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     try:
         report = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{str(file)!r} is not a readable report ({exc}); re-run training to write it again") from None
+        raise ConfigError(
+            f"{str(file)!r} is not a readable report ({exc}); re-run training to write it again"
+        ) from None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
-        raise ConfigError(f"{str(file)!r} is not a corebus run report (no \"format\": \"{FORMAT}\")")
+        raise ConfigError(f'{str(file)!r} is not a corebus run report (no "format": "{FORMAT}")')
     return report, file
 
 
@@ -72,8 +74,13 @@ def render_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list
     """Draw the PNGs that have data and ``report.html`` embedding them; returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    drawers = {"curves": _draw_curves, "learning_rate": _draw_lr, "grad_norm": _draw_grad_norm,
-               "timeline": _draw_timeline, "overhead": _draw_overhead}
+    drawers = {
+        "curves": _draw_curves,
+        "learning_rate": _draw_lr,
+        "grad_norm": _draw_grad_norm,
+        "timeline": _draw_timeline,
+        "overhead": _draw_overhead,
+    }
     images: dict[str, bytes] = {}
     for name in PLOTS:
         figure = drawers[name](report)
@@ -93,8 +100,12 @@ def best_epoch(report: Mapping[str, Any]) -> dict[str, Any] | None:
     """EarlyStopping's best epoch when it ran, else the epoch of the lowest ``val_loss`` (or ``loss``)."""
     stopper = report.get("early_stopping")
     if stopper and stopper.get("best") is not None:
-        return {"monitor": stopper["monitor"], "epoch": stopper["best_epoch"], "value": stopper["best"],
-                "source": stopper.get("plugin", "early_stopping")}
+        return {
+            "monitor": stopper["monitor"],
+            "epoch": stopper["best_epoch"],
+            "value": stopper["best"],
+            "source": stopper.get("plugin", "early_stopping"),
+        }
     epochs = report.get("epochs") or []
     for monitor in ("val_loss", "loss"):
         points = [(e["logs"][monitor], e["epoch"]) for e in epochs if _finite(e["logs"].get(monitor))]
@@ -110,8 +121,11 @@ def _summary(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows = [("run", str(run.get("name", ""))), ("status", str(run.get("status", "")))]
     if run.get("error"):
         rows.append(("error", str(run["error"])))
-    rows += [("epochs", str(len(epochs))), ("steps", str(run.get("global_step", ""))),
-             ("time", f"{run.get('seconds', 0):.1f} s")]
+    rows += [
+        ("epochs", str(len(epochs))),
+        ("steps", str(run.get("global_step", ""))),
+        ("time", f"{run.get('seconds', 0):.1f} s"),
+    ]
     if epochs:
         rows += [(f"final {k}", _fmt(v)) for k, v in epochs[-1]["logs"].items() if not k.startswith(_NOT_CURVES)]
     best = best_epoch(report)
@@ -123,7 +137,9 @@ def _summary(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("early stopping", f"stopped at epoch {stopped + 1}" if stopped else "did not stop early"))
     lr = report.get("lr", {})
     reductions = lr.get("reductions") or []
-    rows.append(("LR reductions", ", ".join(f"epoch {r['epoch'] + 1} x{_fmt(r['factor'])}" for r in reductions) or "none"))
+    rows.append(
+        ("LR reductions", ", ".join(f"epoch {r['epoch'] + 1} x{_fmt(r['factor'])}" for r in reductions) or "none")
+    )
     for warmup in lr.get("warmup") or []:
         rows.append(("warm-up", f"{warmup['end_step']} steps ({warmup['optimizer']}, {warmup['plugin']})"))
     rows.append(("checkpoints", _checkpoint_counts(report)))
@@ -138,7 +154,7 @@ def _summary(report: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _checkpoint_counts(report: Mapping[str, Any]) -> str:
-    """"N saved, M kept": distinct files saved, and those still on disk at the end."""
+    """ "N saved, M kept": distinct files saved, and those still on disk at the end."""
     run = report.get("run", {})
     saved = run.get("checkpoints_saved")
     if saved is None:  # a report written before the counts existed: events only
@@ -197,9 +213,15 @@ def _draw_curves(report: Mapping[str, Any]) -> Any:
             steps, values = _series(batches, name)
             # Beneath the epoch curves and fainter the denser it is: at small batch sizes
             # thousands of noisy points would otherwise cover them.
-            ax.plot(_step_to_epoch(report)(steps), values, color="tab:gray", lw=0.6, zorder=1,
-                    alpha=max(0.08, min(0.35, 60 / max(len(values), 1))),
-                    label=f"{name} (every {batches.get('every')} steps)")
+            ax.plot(
+                _step_to_epoch(report)(steps),
+                values,
+                color="tab:gray",
+                lw=0.6,
+                zorder=1,
+                alpha=max(0.08, min(0.35, 60 / max(len(values), 1))),
+                label=f"{name} (every {batches.get('every')} steps)",
+            )
         for key, style in ((name, "o-"), (f"val_{name}", "s--")):
             points = [(xi, e["logs"][key]) for xi, e in zip(x, epochs) if key in e["logs"]]
             if points:
@@ -237,8 +259,15 @@ def _draw_lr(report: Mapping[str, Any]) -> Any:
         ax.plot(*zip(*points), "o", ms=4, mfc="none", label=f"{key} at epoch end")
     for r in lr.get("reductions") or []:
         ax.axvline(r["step"], color="tab:red", ls="--", lw=1)
-        ax.annotate(f"plateau x{_fmt(r['factor'])}\nepoch {r['epoch'] + 1}", (r["step"], 1.0),
-                    xycoords=("data", "axes fraction"), fontsize=7, color="tab:red", va="top", ha="right")
+        ax.annotate(
+            f"plateau x{_fmt(r['factor'])}\nepoch {r['epoch'] + 1}",
+            (r["step"], 1.0),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            color="tab:red",
+            va="top",
+            ha="right",
+        )
     for w in lr.get("warmup") or []:
         ax.axvline(w["end_step"], color="tab:green", ls=":", lw=1.2, label=f"warm-up end (step {w['end_step']})")
     ax.set(title="learning rate", xlabel="global step")
@@ -287,7 +316,9 @@ def _draw_timeline(report: Mapping[str, Any]) -> Any:
         ax.plot(step, 3, "o", color=_LEVEL_COLORS.get(a.get("level"), "black"))
         ax.annotate(a.get("kind", ""), (step, 3), fontsize=7, xytext=(3, 4), textcoords="offset points")
     stopper = report.get("early_stopping") or {}
-    stopped = next((e["step"] for e in epochs if stopper.get("stopped_epoch") and e["epoch"] == stopper["stopped_epoch"]), None)
+    stopped = next(
+        (e["step"] for e in epochs if stopper.get("stopped_epoch") and e["epoch"] == stopper["stopped_epoch"]), None
+    )
     if stopped is not None:
         ax.axvline(stopped, color="black", ls="--", lw=1, label=f"early stop (epoch {stopper['stopped_epoch'] + 1})")
         ax.legend(fontsize=7, loc="lower right")
@@ -326,10 +357,12 @@ def _draw_overhead(report: Mapping[str, Any]) -> Any:
 
 # ---------------------------------------------------------------------- HTML
 
-_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
-        "img{max-width:100%;display:block;margin:1em 0}.failed{color:#b00}")
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
+    "img{max-width:100%;display:block;margin:1em 0}.failed{color:#b00}"
+)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -343,34 +376,73 @@ def _img(name: str, png: bytes) -> str:
 
 
 def _page(title: str, body: list[str]) -> str:
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def _report_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
     run = report.get("run", {})
     status = str(run.get("status", ""))
-    body = [f"<h1>corebus run report: {html.escape(str(run.get('name', '')))}</h1>",
-            f"<p class=\"{'failed' if status != 'finished' else ''}\">status: <b>{html.escape(status)}</b></p>",
-            "<h2>Summary</h2>", _table(("", ""), _summary(report))]
+    body = [
+        f"<h1>corebus run report: {html.escape(str(run.get('name', '')))}</h1>",
+        f'<p class="{"failed" if status != "finished" else ""}">status: <b>{html.escape(status)}</b></p>',
+        "<h2>Summary</h2>",
+        _table(("", ""), _summary(report)),
+    ]
     body += [f"<h2>{name.replace('_', ' ')}</h2>{_img(name, png)}" for name, png in images.items()]
     epochs = report.get("epochs") or []
     if epochs:
         keys = list(dict.fromkeys(k for e in epochs for k in e["logs"]))
-        body += ["<h2>Epochs</h2>", _table(["epoch", "step"] + keys,
-                                           [[e["epoch"] + 1, e["step"]] + [e["logs"].get(k, "") for k in keys] for e in epochs])]
+        body += [
+            "<h2>Epochs</h2>",
+            _table(
+                ["epoch", "step"] + keys,
+                [[e["epoch"] + 1, e["step"]] + [e["logs"].get(k, "") for k in keys] for e in epochs],
+            ),
+        ]
     if report.get("checkpoints"):
-        body += ["<h2>Checkpoints</h2>", _table(("step", "epoch", "file", "kept", "metadata"), [
-            (c["step"], (c.get("epoch") or 0) + 1, c["filepath"], {True: "yes", False: "deleted"}.get(c.get("kept"), "?"),
-             json.dumps(c.get("metadata"), default=str))
-            for c in report["checkpoints"]])]
+        body += [
+            "<h2>Checkpoints</h2>",
+            _table(
+                ("step", "epoch", "file", "kept", "metadata"),
+                [
+                    (
+                        c["step"],
+                        (c.get("epoch") or 0) + 1,
+                        c["filepath"],
+                        {True: "yes", False: "deleted"}.get(c.get("kept"), "?"),
+                        json.dumps(c.get("metadata"), default=str),
+                    )
+                    for c in report["checkpoints"]
+                ],
+            ),
+        ]
     if report.get("alerts"):
-        body += ["<h2>Alerts</h2>", _table(("step", "epoch", "level", "kind", "title", "text"), [
-            (a.get("step"), "" if a.get("epoch") is None else a["epoch"] + 1, a.get("level"), a.get("kind"),
-             a.get("title"), a.get("text")) for a in report["alerts"]])]
+        body += [
+            "<h2>Alerts</h2>",
+            _table(
+                ("step", "epoch", "level", "kind", "title", "text"),
+                [
+                    (
+                        a.get("step"),
+                        "" if a.get("epoch") is None else a["epoch"] + 1,
+                        a.get("level"),
+                        a.get("kind"),
+                        a.get("title"),
+                        a.get("text"),
+                    )
+                    for a in report["alerts"]
+                ],
+            ),
+        ]
     if report.get("profile"):
-        rows = [(name, hook, t["calls"], f"{t['seconds'] * 1e3:.2f}") for name, hooks in report["profile"].items()
-                for hook, t in hooks.items()]
+        rows = [
+            (name, hook, t["calls"], f"{t['seconds'] * 1e3:.2f}")
+            for name, hooks in report["profile"].items()
+            for hook, t in hooks.items()
+        ]
         body += ["<h2>Plugin overhead</h2>", _table(("plugin", "hook", "calls", "ms"), rows)]
     return _page(f"{run.get('name', '') or 'run'} - corebus run report", body)
 
@@ -400,8 +472,9 @@ def _maximize(metric: str) -> bool:
     return any(word in metric for word in ("acc", "auc", "precision", "recall", "f1", "iou"))
 
 
-def compare_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                    metric: str = "val_loss") -> list[Path]:
+def compare_reports(
+    paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, metric: str = "val_loss"
+) -> list[Path]:
     """Overlay several runs (loss, ``metric``, learning rate, accuracy) in ``compare.png``, with
     ``compare.html`` and ``compare.json``; runs are labelled by their directory names."""
     runs, labels = [], []
@@ -426,8 +499,11 @@ def compare_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                 if "learning_rate" in (batches.get("values") or {}):
                     ax.plot(*_series(batches, "learning_rate"), color=color, label=label)
                 else:
-                    points = [(e["step"], e["logs"]["learning_rate"]) for e in report.get("epochs") or []
-                              if "learning_rate" in e["logs"]]
+                    points = [
+                        (e["step"], e["logs"]["learning_rate"])
+                        for e in report.get("epochs") or []
+                        if "learning_rate" in e["logs"]
+                    ]
                     if points:
                         ax.plot(*zip(*points), "o-", color=color, ms=3, label=label)
                 continue
@@ -436,8 +512,10 @@ def compare_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                 points = [(e["epoch"] + 1, e["logs"][key]) for e in report.get("epochs") or [] if key in e["logs"]]
                 if points:
                     ax.plot(*zip(*points), style, color=color, label=label if key == panel else f"{label} ({key})")
-        ax.set(title=panel + (" (val dashed)" if panel == "accuracy" else ""),
-               xlabel="global step" if panel == "learning_rate" else "epoch")
+        ax.set(
+            title=panel + (" (val dashed)" if panel == "accuracy" else ""),
+            xlabel="global step" if panel == "learning_rate" else "epoch",
+        )
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     png = _png(figure)
@@ -447,18 +525,29 @@ def compare_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         points = [(e["logs"][metric], e["epoch"]) for e in report.get("epochs") or [] if _finite(e["logs"].get(metric))]
         best = pick(points) if points else (None, None)
         final = (report.get("epochs") or [{"logs": {}}])[-1]["logs"]
-        summary.append({"label": label, "path": str(path), "status": report.get("run", {}).get("status"),
-                        "epochs": len(report.get("epochs") or []), f"best_{metric}": best[0],
-                        "best_epoch": None if best[1] is None else best[1] + 1,
-                        **{f"final_{k}": final.get(k) for k in ("loss", metric) if k in final}})
+        summary.append(
+            {
+                "label": label,
+                "path": str(path),
+                "status": report.get("run", {}).get("status"),
+                "epochs": len(report.get("epochs") or []),
+                f"best_{metric}": best[0],
+                "best_epoch": None if best[1] is None else best[1] + 1,
+                **{f"final_{k}": final.get(k) for k in ("loss", metric) if k in final},
+            }
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.png").write_bytes(png)
-    (out_dir / "compare.json").write_text(json.dumps({"metric": metric, "labels": labels, "runs": summary}, indent=1),
-                                          encoding="utf-8")
+    (out_dir / "compare.json").write_text(
+        json.dumps({"metric": metric, "labels": labels, "runs": summary}, indent=1), encoding="utf-8"
+    )
     header = list(dict.fromkeys(k for row in summary for k in row))
-    body = [f"<h1>corebus compare: {html.escape(', '.join(labels))}</h1>",
-            f"<p>{'highest' if pick is max else 'lowest'} {html.escape(metric)} per run</p>",
-            _table(header, [[row.get(k) for k in header] for row in summary]), _img("compare", png)]
+    body = [
+        f"<h1>corebus compare: {html.escape(', '.join(labels))}</h1>",
+        f"<p>{'highest' if pick is max else 'lowest'} {html.escape(metric)} per run</p>",
+        _table(header, [[row.get(k) for k in header] for row in summary]),
+        _img("compare", png),
+    ]
     (out_dir / "compare.html").write_text(_page("corebus compare", body), encoding="utf-8")
     return [out_dir / "compare.png", out_dir / "compare.html", out_dir / "compare.json"]

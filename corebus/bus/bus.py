@@ -66,17 +66,16 @@ class PluginBus:
         self._tracing = bool(os.environ.get("COREBUS_TRACE"))
         if self._tracing:
             self._enable_tracing()
-        self._callers = {hook: self._make_caller(getattr(self.pm.hook, hook), self._tracing)
-                         for hook in hookspecs.__all__}
+        self._callers = {
+            hook: self._make_caller(getattr(self.pm.hook, hook), self._tracing) for hook in hookspecs.__all__
+        }
 
     # ------------------------------------------------------------------ registration
 
     def _register(self, name: str, plugin: object) -> None:
         policy = getattr(plugin, "error_policy", "raise")
         if policy not in ERROR_POLICIES:
-            raise ConfigError(
-                f"plugin {name!r}: error_policy={policy!r} is not one of {', '.join(ERROR_POLICIES)}"
-            )
+            raise ConfigError(f"plugin {name!r}: error_policy={policy!r} is not one of {', '.join(ERROR_POLICIES)}")
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
@@ -110,7 +109,9 @@ class PluginBus:
             impls = caller._hookimpls
             wrappers = [i for i in impls if i.wrapper or i.hookwrapper]
             plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
-            call_order = sorted(plain, key=lambda i: (0 if i.tryfirst else 2 if i.trylast else 1, position.get(i.plugin_name, 0)))
+            call_order = sorted(
+                plain, key=lambda i: (0 if i.tryfirst else 2 if i.trylast else 1, position.get(i.plugin_name, 0))
+            )
             impls[:] = list(reversed(call_order)) + wrappers
 
     def _guard(self, name: str, plugin: object, hook: str, function: Callable, policy: str) -> Callable:
@@ -134,8 +135,14 @@ class PluginBus:
             # disable: one warning per streak, then silence until the K-th consecutive failure
             bus.streaks[name] += 1
             if bus.streaks[name] == 1:
-                log.warning("plugin %r failed in %s: %s: %s (it is disabled after %d failures in a row)",
-                            name, hook, type(exc).__name__, exc, max_failures)
+                log.warning(
+                    "plugin %r failed in %s: %s: %s (it is disabled after %d failures in a row)",
+                    name,
+                    hook,
+                    type(exc).__name__,
+                    exc,
+                    max_failures,
+                )
             else:
                 log.debug("plugin %r failed in %s again: %s: %s", name, hook, type(exc).__name__, exc)
             if bus.streaks[name] >= max_failures:
@@ -182,8 +189,11 @@ class PluginBus:
     def disable(self, name: str) -> None:
         """Stop calling a plugin (after too many failures under the ``disable`` policy)."""
         if name not in self.disabled:
-            log.warning("plugin %r disabled after %d failures in a row; the run goes on without it",
-                        name, self.streaks[name] or self.failures[name])
+            log.warning(
+                "plugin %r disabled after %d failures in a row; the run goes on without it",
+                name,
+                self.streaks[name] or self.failures[name],
+            )
             self.disabled.add(name)
 
     def _enable_tracing(self) -> None:
@@ -322,8 +332,10 @@ def _unknown_hooks_message(name: str, callers: Iterable[Any]) -> str:
             continue
         close = difflib.get_close_matches(caller.name, hookspecs.__all__, n=1)
         parts.append(f"{caller.name}" + (f" (did you mean {close[0]}?)" if close else ""))
-    return (f"plugin {name!r}: @hookimpl method {', '.join(parts)} is no corebus hook, so it would never be "
-            f"called; rename it to a hook of corebus.bus.hookspecs, or mark it @hookimpl(optionalhook=True)")
+    return (
+        f"plugin {name!r}: @hookimpl method {', '.join(parts)} is no corebus hook, so it would never be "
+        f"called; rename it to a hook of corebus.bus.hookspecs, or mark it @hookimpl(optionalhook=True)"
+    )
 
 
 def _unique_names(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:

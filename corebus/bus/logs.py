@@ -92,8 +92,9 @@ class LazyLogs(Mapping, metaclass=_CountsFetches):
         return LazyLogs(names, self._source, positions)
 
     @classmethod
-    def _of_call(cls, names: tuple[str, ...], positions: tuple[int, ...], source: _Packed,
-                 derive: tuple | None = None) -> "LazyLogs":
+    def _of_call(
+        cls, names: tuple[str, ...], positions: tuple[int, ...], source: _Packed, derive: tuple | None = None
+    ) -> "LazyLogs":
         """The engine's per-call constructor (tuples made once per trace, no copies).
 
         ``derive``: ``(((name, position), ...), earlier source, rows before, rows now)``:

@@ -32,8 +32,15 @@ class Monitor:
     have is a :class:`ConfigError` naming the close match; see there).
     """
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "auto", min_delta: float = 0.0, *,
-                 owner: str = "plugin", strict: bool = False):
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        mode: str = "auto",
+        min_delta: float = 0.0,
+        *,
+        owner: str = "plugin",
+        strict: bool = False,
+    ):
         if mode not in MODES:
             raise ConfigError(f"{owner}: mode={mode!r} is unknown; use one of {', '.join(MODES)}")
         if not isinstance(monitor, str) or not monitor:
@@ -109,7 +116,6 @@ class Monitor:
             self._warned = True
         return None
 
-
     def current(self, logs: Mapping[str, Any] | None, trainer: Any = None) -> float | None:
         """The monitored value at an epoch end, checked: a scalar, or ``None`` to skip this epoch.
 
@@ -130,8 +136,10 @@ class Monitor:
             if self.strict or ran_validation or not self.monitor.startswith("val_") or has_validation is False:
                 raise ConfigError(self._missing_message(keys, has_validation is False and not ran_validation))
             if has_validation is None and not self._warned:
-                log.warning(f"{self.owner}: monitor={self.monitor!r} is not in the logs of this epoch (no "
-                            f"validation ran); available metrics: {', '.join(keys) or '(none)'}")
+                log.warning(
+                    f"{self.owner}: monitor={self.monitor!r} is not in the logs of this epoch (no "
+                    f"validation ran); available metrics: {', '.join(keys) or '(none)'}"
+                )
                 self._warned = True
             return None
         value = np.asarray(logs[self.monitor])
@@ -139,7 +147,8 @@ class Monitor:
             raise ConfigError(
                 f"{self.owner}: monitor={self.monitor!r} is a vector of shape {value.shape} (one value per "
                 "class or output), not one number; Keras's own callbacks cannot compare it either. Monitor a "
-                "metric that reduces to one number, e.g. F1Score(average='macro') or its mean in a custom metric")
+                "metric that reduces to one number, e.g. F1Score(average='macro') or its mean in a custom metric"
+            )
         return float(value.reshape(()))
 
     def _missing_message(self, keys: list[str], no_validation: bool) -> str:

@@ -121,9 +121,7 @@ def load_plugin_class(name: str) -> type:
         raise
     except ImportError as exc:
         if ep.extras:
-            raise MissingExtraError(
-                f"plugin {name!r}", exc.name or str(exc), ep.extras[0]
-            ) from exc
+            raise MissingExtraError(f"plugin {name!r}", exc.name or str(exc), ep.extras[0]) from exc
         raise ConfigError(f"plugin {name!r} could not be imported: {exc}") from exc
 
 
@@ -142,8 +140,10 @@ def instantiate(name: str, params: Mapping[str, Any]) -> object:
     hints = type_hints(cls)
     for key, value in params.items():
         if key in hints and not matches(hints[key], value):
-            raise ConfigError(f"plugin {name!r} ({cls.__qualname__}): {key} = {value!r}: expected "
-                              f"{hint_text(hints[key])}. Accepted: {cls.__qualname__}{_signature_text(cls)}")
+            raise ConfigError(
+                f"plugin {name!r} ({cls.__qualname__}): {key} = {value!r}: expected "
+                f"{hint_text(hints[key])}. Accepted: {cls.__qualname__}{_signature_text(cls)}"
+            )
     try:
         return cls(**params)
     except MissingExtraError:
@@ -177,8 +177,7 @@ def resolve(spec: PluginSpec) -> object:
         name = params.pop("name", None)
         if not isinstance(name, str):
             raise ConfigError(
-                f"plugin mapping {dict(spec)!r} has no 'name': write "
-                '{"name": "<entry-point name>", **params}'
+                f'plugin mapping {dict(spec)!r} has no \'name\': write {{"name": "<entry-point name>", **params}}'
             )
         return instantiate(name, params)
     if inspect.isclass(spec):
@@ -197,9 +196,7 @@ def resolve_all(specs: Any) -> list[tuple[str, object]]:
     """
     if specs is None:
         return []
-    if isinstance(specs, (os.PathLike,)) or (
-        isinstance(specs, str) and specs.endswith((".toml", ".yaml", ".yml"))
-    ):
+    if isinstance(specs, (os.PathLike,)) or (isinstance(specs, str) and specs.endswith((".toml", ".yaml", ".yml"))):
         specs = load_plugin_config(specs)
     if isinstance(specs, (str, Mapping)) or not hasattr(specs, "__iter__"):
         specs = [specs]

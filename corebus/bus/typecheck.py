@@ -99,8 +99,7 @@ def check_call(function: Callable[..., Any], params: Mapping[str, Any], what: st
     names = {p.name for p in accepted}
     for key in params:
         if key not in names and not takes_any:
-            return (f"{key}: {what} has no such parameter{closest(key, names)}; "
-                    f"allowed: {allowed or '(none)'}")
+            return f"{key}: {what} has no such parameter{closest(key, names)}; allowed: {allowed or '(none)'}"
     missing = [p.name for p in accepted if p.default is p.empty and p.name not in params]
     if missing:
         return f"{missing[0]}: {what} requires it; allowed: {allowed}"

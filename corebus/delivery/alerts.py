@@ -128,7 +128,8 @@ class AlertGate:
             self.last_step[kind] = alert.step
             self.open.add(kind)
             if held:
-                note = f"({held} more '{kind}' alert{'s' if held > 1 else ''} held back by the cooldown since the last one)"
+                plural = "s" if held > 1 else ""
+                note = f"({held} more '{kind}' alert{plural} held back by the cooldown since the last one)"
                 alert = dataclasses.replace(alert, text=f"{alert.text}\n{note}" if alert.text else note)
             return alert
 
@@ -170,8 +171,7 @@ class AlertOutbox:
     one, puts alerts in from ``on_alert`` and closes it from its last end hook.
     """
 
-    def __init__(self, name: str, deliver: Any, min_level: str = "info", owner: str = "notifier",
-                 **sink_options: Any):
+    def __init__(self, name: str, deliver: Any, min_level: str = "info", owner: str = "notifier", **sink_options: Any):
         from corebus.errors import ConfigError
 
         if min_level not in LEVELS:

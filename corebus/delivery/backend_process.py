@@ -100,9 +100,18 @@ class BackendProcess:
             # Its own session: a Ctrl-C meant for training must not kill the writer of the
             # run's final status; it exits when the parent closes the pipe or dies.
             self._process = subprocess.Popen(
-                [sys.executable, "-c", "from corebus.delivery.backend_process import main; main()",
-                 str(to_child_r), str(from_child_w), str(self.niceness)],
-                pass_fds=(to_child_r, from_child_w), close_fds=True, start_new_session=True)
+                [
+                    sys.executable,
+                    "-c",
+                    "from corebus.delivery.backend_process import main; main()",
+                    str(to_child_r),
+                    str(from_child_w),
+                    str(self.niceness),
+                ],
+                pass_fds=(to_child_r, from_child_w),
+                close_fds=True,
+                start_new_session=True,
+            )
         finally:
             os.close(to_child_r)
             os.close(from_child_w)

@@ -60,7 +60,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     # Keras picks the format from the ending, and weights files must end in ".weights.h5".
     keep = ".weights.h5" if final.name.endswith(".weights.h5") else final.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name[: -len(keep) or None]}.", suffix=".tmp" + keep, dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{final.name[: -len(keep) or None]}.", suffix=".tmp" + keep, dir=final.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()  # writers (Keras, h5py) create the file themselves
@@ -228,10 +230,19 @@ class RunLock:
         left = self._holder()
         if left and left.get("pid") != os.getpid():
             dead = left.get("host") == socket.gethostname() and not _pid_alive(int(left.get("pid", 0)))
-            log.warning("%s: taking over %s from %s, which %s", self.owner, self.target, self._describe(left),
-                        "is no longer running" if dead else "no longer holds its lock")
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "owner": self.owner,
-                  "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+            log.warning(
+                "%s: taking over %s from %s, which %s",
+                self.owner,
+                self.target,
+                self._describe(left),
+                "is no longer running" if dead else "no longer holds its lock",
+            )
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "owner": self.owner,
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         with atomic_path(self.sidecar) as tmp:
             tmp.write_text(json.dumps(record), encoding="utf-8")
 
@@ -266,5 +277,7 @@ class RunLock:
     def _describe(holder: dict[str, Any] | None) -> str:
         if not holder:
             return "holder not recorded yet"
-        return (f"{holder.get('owner', '?')} on host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
-                f"since {holder.get('since', '?')}")
+        return (
+            f"{holder.get('owner', '?')} on host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+            f"since {holder.get('since', '?')}"
+        )

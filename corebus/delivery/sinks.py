@@ -170,8 +170,9 @@ def read_spool(path: str | os.PathLike) -> tuple[Record, list[Record]]:
     return header, records
 
 
-def replay_spool(path: str | os.PathLike, send: Callable[[list[Record]], None], *, what: str,
-                 batch_size: int = 200) -> int:
+def replay_spool(
+    path: str | os.PathLike, send: Callable[[list[Record]], None], *, what: str, batch_size: int = 200
+) -> int:
     """Deliver a spool's records through ``send`` in order, ``batch_size`` at a time, for
     ``corebus sync``; returns how many were delivered. It stops at the first failure and
     leaves the undelivered rest in the spool for the next sync (the file goes once empty).
@@ -184,12 +185,19 @@ def replay_spool(path: str | os.PathLike, send: Callable[[list[Record]], None], 
     sent = 0
     try:
         while sent < len(records):
-            batch = records[sent:sent + batch_size]
+            batch = records[sent : sent + batch_size]
             send(batch)
             sent += len(batch)
     except Exception as exc:
-        log.warning("%s: replay of %s stopped after %d of %d records: %s: %s",
-                    what, path, sent, len(records), type(exc).__name__, exc)
+        log.warning(
+            "%s: replay of %s stopped after %d of %d records: %s: %s",
+            what,
+            path,
+            sent,
+            len(records),
+            type(exc).__name__,
+            exc,
+        )
     finally:
         spool.replace(records[sent:])
     return sent
@@ -241,8 +249,17 @@ class LogSink:
         self._accepted = 0
         self._settled = 0
         self._settled_changed = threading.Condition()
-        self.stats = {"queued": 0, "sent": 0, "retries": 0, "failures": 0, "spooled": 0, "overflow": 0,
-                      "send_seconds": 0.0, "sends": 0, "max_queue_depth": 0}
+        self.stats = {
+            "queued": 0,
+            "sent": 0,
+            "retries": 0,
+            "failures": 0,
+            "spooled": 0,
+            "overflow": 0,
+            "send_seconds": 0.0,
+            "sends": 0,
+            "max_queue_depth": 0,
+        }
         self._thread = threading.Thread(target=self._run, name=f"corebus-sink-{name}", daemon=True)
         self._thread.start()
 
@@ -315,19 +332,29 @@ class LogSink:
             log.warning(
                 "%s: %d records could not be delivered within %.0f s and are spooled in %s; "
                 "replay them with: corebus sync %s",
-                self.name, remaining, timeout, self.spool.path, self.spool.path.parent,
+                self.name,
+                remaining,
+                timeout,
+                self.spool.path,
+                self.spool.path.parent,
             )
         elif remaining:  # without a spool nothing can replay them: say only that
-            log.warning("%s: %d records could not be delivered within %.0f s and are lost (this sink has no spool)",
-                        self.name, remaining, timeout)
+            log.warning(
+                "%s: %d records could not be delivered within %.0f s and are lost (this sink has no spool)",
+                self.name,
+                remaining,
+                timeout,
+            )
         log.info("%s sink: %s", self.name, self.describe_stats())
         return remaining == 0
 
     def describe_stats(self) -> str:
         s = self.stats
         latency = s["send_seconds"] / s["sends"] * 1e3 if s["sends"] else 0.0
-        return (f"queued {s['queued']}, sent {s['sent']}, retries {s['retries']}, spooled {s['spooled']}, "
-                f"overflow {s['overflow']}, max queue depth {s['max_queue_depth']}, mean send latency {latency:.1f} ms")
+        return (
+            f"queued {s['queued']}, sent {s['sent']}, retries {s['retries']}, spooled {s['spooled']}, "
+            f"overflow {s['overflow']}, max queue depth {s['max_queue_depth']}, mean send latency {latency:.1f} ms"
+        )
 
     # ---------------------------------------------------------------- worker thread
 
@@ -366,7 +393,9 @@ class LogSink:
             else:
                 self._backoff = min(self.max_backoff, max(0.5, self._backoff * 2))
             self._retry_at = time.monotonic() + self._backoff
-            log.warning("%s: send failed (%s: %s); retrying in %.1f s", self.name, type(exc).__name__, exc, self._backoff)
+            log.warning(
+                "%s: send failed (%s: %s); retrying in %.1f s", self.name, type(exc).__name__, exc, self._backoff
+            )
             return False
         self.stats["sends"] += 1
         self.stats["send_seconds"] += time.perf_counter() - start
@@ -385,7 +414,7 @@ class LogSink:
             self.stats["retries"] += 1
             if not self._deliver(batch):
                 return False
-            pending = pending[len(batch):]
+            pending = pending[len(batch) :]
             if self.spool is not None:
                 self.spool.pop_front(len(batch))
             else:
@@ -462,7 +491,8 @@ def register_secret(value: str) -> None:
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@:]*):[^\s/@]*@")
 _QUERY_SECRET = re.compile(
     r"(?i)(?P<head>[?&;][\w.\-]*(?:token|key|secret|password|passwd|pwd|sig|signature|auth|credential)[\w.\-]*=)"
-    r"[^&#\s'\"]+")
+    r"[^&#\s'\"]+"
+)
 _WEBHOOK_PATH = re.compile(r"(?P<head>/services/|/api/webhooks/\d+/)[\w\-/]+")
 
 
@@ -476,14 +506,18 @@ def redact_text(text: str) -> str:
     return _WEBHOOK_PATH.sub(r"\g<head>***", text)
 
 
-def redact(config: Any, secret_words: tuple[str, ...] = ("url", "token", "key", "secret", "password", "webhook")) -> Any:
+def redact(
+    config: Any, secret_words: tuple[str, ...] = ("url", "token", "key", "secret", "password", "webhook")
+) -> Any:
     """Replace values whose key names a secret with ``"***"``, and the secrets inside any other
     string (see :func:`redact_text`), recursively; a plain string is redacted the same way."""
     if isinstance(config, str):
         return redact_text(config)
     if isinstance(config, dict):
         return {
-            k: "***" if any(w in str(k).lower() for w in secret_words) and v not in (None, "") else redact(v, secret_words)
+            k: "***"
+            if any(w in str(k).lower() for w in secret_words) and v not in (None, "")
+            else redact(v, secret_words)
             for k, v in config.items()
         }
     if isinstance(config, (list, tuple)):

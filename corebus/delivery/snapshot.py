@@ -81,14 +81,24 @@ def _check_state(state: dict[str, Any], path: Path) -> None:
     for key in ("micro_step", "global_step", "epoch", "next_batch"):
         need(integer(state.get(key)), f"{key!r} must be a non-negative integer, not {state.get(key)!r}")
     layout = state.get("layout")
-    need(isinstance(layout, dict) and all(isinstance(v, list) for v in layout.values()),
-         "'layout' must map groups to lists of variables")
+    need(
+        isinstance(layout, dict) and all(isinstance(v, list) for v in layout.values()),
+        "'layout' must map groups to lists of variables",
+    )
     for group, saved in layout.items():
-        need(all(isinstance(e, list) and len(e) == 3 and isinstance(e[1], list) for e in saved),
-             f"layout of {group!r} must list [name, shape, dtype] entries")
+        need(
+            all(isinstance(e, list) and len(e) == 3 and isinstance(e[1], list) for e in saved),
+            f"layout of {group!r} must list [name, shape, dtype] entries",
+        )
     rng = state.get("rng")
-    need(isinstance(rng, dict) and isinstance(rng.get("python"), list) and len(rng["python"]) == 3
-         and isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 4, "'rng' is not an RNG state")
+    need(
+        isinstance(rng, dict)
+        and isinstance(rng.get("python"), list)
+        and len(rng["python"]) == 3
+        and isinstance(rng.get("numpy"), list)
+        and len(rng["numpy"]) == 4,
+        "'rng' is not an RNG state",
+    )
     for key in ("lr", "plugins"):
         need(isinstance(state.get(key, {}), dict), f"{key!r} must be a mapping")
 
@@ -195,8 +205,10 @@ class RunSnapshot:
             raise SnapshotError(f"snapshot {manifest_file} is missing or corrupt: {exc}") from exc
         files = manifest.get("files") if isinstance(manifest, dict) else None
         if not isinstance(files, dict) or set(files) != set(_FILES):
-            raise SnapshotError(f"snapshot {manifest_file} is corrupt: its 'files' map must list exactly "
-                                f"{', '.join(_FILES)} (it lists {sorted(files) if isinstance(files, dict) else files!r})")
+            raise SnapshotError(
+                f"snapshot {manifest_file} is corrupt: its 'files' map must list exactly "
+                f"{', '.join(_FILES)} (it lists {sorted(files) if isinstance(files, dict) else files!r})"
+            )
         for file, expected in files.items():
             actual = _sha256(path / file) if (path / file).is_file() else "missing"
             if actual != expected:
@@ -214,7 +226,9 @@ class RunSnapshot:
         expected_arrays = {f"{group}/{i}" for group, saved in state["layout"].items() for i in range(len(saved))}
         missing = sorted((expected_arrays | {"rng/numpy"}) - set(arrays))
         if missing:
-            raise SnapshotError(f"snapshot {path / 'arrays.npz'} lacks arrays its state lists: {', '.join(missing[:5])}")
+            raise SnapshotError(
+                f"snapshot {path / 'arrays.npz'} lacks arrays its state lists: {', '.join(missing[:5])}"
+            )
         return cls(arrays, state, path)
 
     @classmethod

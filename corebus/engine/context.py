@@ -78,8 +78,11 @@ def _constructor_parameters(cls: type) -> set[str]:
         signature = inspect.signature(cls.__init__)
     except (TypeError, ValueError):
         return set()
-    return {name for name, p in signature.parameters.items()
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"}
+    return {
+        name
+        for name, p in signature.parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"
+    }
 
 
 def _model_summary(context: Any) -> dict[str, Any]:
@@ -91,8 +94,11 @@ def _model_summary(context: Any) -> dict[str, Any]:
             return {k: names(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [names(v) for v in value]
-        return value if isinstance(value, str) or value is None else getattr(
-            value, "name", getattr(value, "__name__", type(value).__name__))
+        return (
+            value
+            if isinstance(value, str) or value is None
+            else getattr(value, "name", getattr(value, "__name__", type(value).__name__))
+        )
 
     config: dict[str, Any] = {}
     if getattr(model, "compiled", False):
@@ -210,7 +216,13 @@ class RunContext:
         self._stop_training = bool(value)
 
     def alert(
-        self, kind: str, title: str, text: str = "", level: str = "warning", *, details: str = "",
+        self,
+        kind: str,
+        title: str,
+        text: str = "",
+        level: str = "warning",
+        *,
+        details: str = "",
         resolves: str | None = None,
     ) -> Alert | None:
         """Raise an alert on the bus (``on_alert``), from any thread.
@@ -223,8 +235,16 @@ class RunContext:
 
         run = getattr(self, "run_name", None) or getattr(self.model, "name", None) or ""
         alert = Alert(
-            kind=kind, title=title, text=text, level=level, step=self.global_step, epoch=self.epoch,
-            run=str(run), details=details, resolves=resolves, rank=self.rank,
+            kind=kind,
+            title=title,
+            text=text,
+            level=level,
+            step=self.global_step,
+            epoch=self.epoch,
+            run=str(run),
+            details=details,
+            resolves=resolves,
+            rank=self.rank,
         )
         return AlertGate.of(self).dispatch(self, alert)
 
@@ -247,7 +267,8 @@ class RunContext:
         step_takers = [impl.plugin for _, impl in bus.implementations("on_log_steps")]
         self._batch_on_log = bus.caller_without("on_log", step_takers)
         self._batch_log_cadences = _log_cadences(
-            impl.plugin for _, impl in bus.implementations("on_log") if impl.plugin not in step_takers)
+            impl.plugin for _, impl in bus.implementations("on_log") if impl.plugin not in step_takers
+        )
         self._step_log_cadences = _log_cadences(step_takers)
         self._accumulation = self.accumulation_steps("default")
 
@@ -315,8 +336,14 @@ class RunContext:
         values = logs if step_values is None else step_values
         self._batch_ended(batch, steps_done, logs, values if log_now else None, values if hold else None)
 
-    def _batch_ended(self, batch: int, steps_done: int, logs: Mapping[str, Any] | None,
-                     log_values: Mapping[str, Any] | None, held_values: Any = None) -> None:
+    def _batch_ended(
+        self,
+        batch: int,
+        steps_done: int,
+        logs: Mapping[str, Any] | None,
+        log_values: Mapping[str, Any] | None,
+        held_values: Any = None,
+    ) -> None:
         """Advance the steps, then ``on_train_batch_end`` (``logs``), then the batch records:
         ``held_values`` held for ``on_log_steps`` and, when ``log_values`` is given (a batch
         ``on_log`` is due), ``on_log`` (neither when ``on_train_batch_end`` raised)."""
@@ -381,8 +408,10 @@ class RunContext:
         Inside the compiled step (after the update) it is what ``lr.value`` reads after it."""
         import keras
 
-        return {self.learning_rate_key(name): keras.ops.convert_to_tensor(lr_owner(optimizer).learning_rate)
-                for name, optimizer in self.optimizers.items()}
+        return {
+            self.learning_rate_key(name): keras.ops.convert_to_tensor(lr_owner(optimizer).learning_rate)
+            for name, optimizer in self.optimizers.items()
+        }
 
     def _epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         self._hand_over_step_logs()  # a logger's batch points come before the epoch's
@@ -435,8 +464,12 @@ class RunContext:
         try:  # the records of the steps trained still reach the loggers, which then close
             self._hand_over_step_logs()
         except Exception as exc:  # never hide the exception that ended training
-            log.warning("on_log_steps failed while training ended with %s: %s: %s",
-                        type(exception).__name__, type(exc).__name__, exc)
+            log.warning(
+                "on_log_steps failed while training ended with %s: %s: %s",
+                type(exception).__name__,
+                type(exc).__name__,
+                exc,
+            )
         self._emit("on_exception", exception=exception)
 
     def _test_begin(self) -> None:
@@ -497,12 +530,17 @@ class RunContext:
                 config = plugin.get_config()
             else:
                 accepted = _constructor_parameters(type(plugin))
-                config = {k: v for k, v in vars(plugin).items()
-                          if k in accepted and _plain(v)}
+                config = {k: v for k, v in vars(plugin).items() if k in accepted and _plain(v)}
             plugins[name] = jsonable(config)
         optimizer = {name: jsonable(opt.get_config()) for name, opt in self.optimizers.items()}
-        return redact({"fit": jsonable(self.params), "optimizer": optimizer, "plugins": plugins,
-                       "model": jsonable(_model_summary(self))})
+        return redact(
+            {
+                "fit": jsonable(self.params),
+                "optimizer": optimizer,
+                "plugins": plugins,
+                "model": jsonable(_model_summary(self)),
+            }
+        )
 
     # ---------------------------------------------------------------- run snapshots
 

@@ -95,9 +95,7 @@ class ArrayData:
             if other is not None:
                 m = _num_samples(other, name)
                 if m != n:
-                    raise ConfigError(
-                        f"x has {n} samples but {name} has {m}: they must have the same length"
-                    )
+                    raise ConfigError(f"x has {n} samples but {name} has {m}: they must have the same length")
         if n == 0:
             raise ConfigError("x has no samples")
         self.num_samples = n
@@ -110,7 +108,8 @@ class ArrayData:
         if strategy is not None and self.batch_size % strategy.num_replicas_in_sync:
             raise ConfigError(
                 f"batch_size={self.batch_size} is the global batch: it must split evenly over the "
-                f"{strategy.num_replicas_in_sync} replicas of the strategy")
+                f"{strategy.num_replicas_in_sync} replicas of the strategy"
+            )
         # Under a strategy every replica must run every step (collectives): the last partial
         # batch is dropped, so each replica gets batch_size / replicas rows every step.
         full_steps = math.ceil(n / self.batch_size) if strategy is None else n // self.batch_size
@@ -121,9 +120,7 @@ class ArrayData:
         self.spans = EpochSpans(steps, full_steps)
         self.has_sample_weight = sample_weight is not None
         parts = tuple(p for p in (x, y, sample_weight) if p is not None)
-        self._tensors = keras.tree.map_structure(
-            lambda a: None if a is None else tf.convert_to_tensor(a), parts
-        )
+        self._tensors = keras.tree.map_structure(lambda a: None if a is None else tf.convert_to_tensor(a), parts)
         self._positions: tf.data.Dataset | None = None  # built on the first iterator()
         self._order: tf.Tensor | None = None
 
@@ -135,7 +132,7 @@ class ArrayData:
         if self.shuffle == "batch":  # Keras's rule: batches keep their rows, shuffled within each
             order = np.arange(self.num_samples, dtype=np.int64)
             for start in range(0, self.num_samples, self.batch_size):
-                rng.shuffle(order[start:start + self.batch_size])
+                rng.shuffle(order[start : start + self.batch_size])
             return order
         return rng.permutation(self.num_samples)
 
@@ -172,8 +169,11 @@ class ArrayData:
         self._order = None
         indices = self.order(data_pass)[skip_batches * self.batch_size :]
         indices = indices[: (start + steps - skip_batches) * self.batch_size]
-        return iter(self.strategy.distribute_datasets_from_function(
-            lambda ctx: _replica_batches(indices, self.batch_size, ctx).with_options(_INDEX_OPTIONS)))
+        return iter(
+            self.strategy.distribute_datasets_from_function(
+                lambda ctx: _replica_batches(indices, self.batch_size, ctx).with_options(_INDEX_OPTIONS)
+            )
+        )
 
     @property
     def source(self) -> Any:
@@ -226,7 +226,7 @@ def _replica_batches(indices: np.ndarray, global_batch: int, context: Any) -> tf
     per_pipeline = per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
     first = context.input_pipeline_id * per_pipeline
     batches = tf.data.Dataset.from_tensor_slices(indices).batch(global_batch, drop_remainder=True)
-    return batches.map(lambda batch: batch[first:first + per_pipeline]).unbatch().batch(per_replica)
+    return batches.map(lambda batch: batch[first : first + per_pipeline]).unbatch().batch(per_replica)
 
 
 class DatasetData:
@@ -234,19 +234,27 @@ class DatasetData:
     or the dataset Keras's own data adapter makes of a generator, an iterator or a
     ``keras.utils.PyDataset`` (``adapter``: its epoch hooks run as in ``model.fit``)."""
 
-    def __init__(self, dataset: tf.data.Dataset, *, steps: int | None = None, strategy: Any = None,
-                 persistent: bool = True, adapter: Any = None, num_batches: int | None = None):
+    def __init__(
+        self,
+        dataset: tf.data.Dataset,
+        *,
+        steps: int | None = None,
+        strategy: Any = None,
+        persistent: bool = True,
+        adapter: Any = None,
+        num_batches: int | None = None,
+    ):
         self._dataset = dataset
         self.strategy = strategy
         self.adapter = adapter
         cardinality = int(dataset.cardinality()) if num_batches is None else num_batches
         if cardinality == 0:
-            raise ConfigError("the training data is empty (a dataset with no batches): check its source "
-                              "and any filter()/take()/batch(drop_remainder=True) that removes every row")
-        if cardinality == tf.data.INFINITE_CARDINALITY and not steps and adapter is None:
             raise ConfigError(
-                "the dataset is infinite (repeat()): pass steps_per_epoch so epochs have an end"
+                "the training data is empty (a dataset with no batches): check its source "
+                "and any filter()/take()/batch(drop_remainder=True) that removes every row"
             )
+        if cardinality == tf.data.INFINITE_CARDINALITY and not steps and adapter is None:
+            raise ConfigError("the dataset is infinite (repeat()): pass steps_per_epoch so epochs have an end")
         self.known_steps = cardinality if cardinality is not None and cardinality >= 0 else None
         self.steps = min(steps, self.known_steps) if steps and self.known_steps else steps or self.known_steps
         self.spans = EpochSpans(steps, self.known_steps)
@@ -343,8 +351,9 @@ def make_data(
         if y is not None:
             raise ConfigError("x is a tf.data.Dataset: it must yield (x, y) itself; do not pass y")
         if sample_weight is not None:
-            raise ConfigError("x is a tf.data.Dataset: it must yield (x, y, sample_weight) itself; "
-                              "do not pass sample_weight")
+            raise ConfigError(
+                "x is a tf.data.Dataset: it must yield (x, y, sample_weight) itself; do not pass sample_weight"
+            )
         if class_weight is not None:
             from keras.src.trainers.data_adapters.tf_dataset_adapter import make_class_weight_map_fn
 
@@ -363,7 +372,8 @@ def _array_like(x: Any) -> bool:
     leaves = [leaf for leaf in keras.tree.flatten(x) if leaf is not None]
     return bool(leaves) and all(
         isinstance(leaf, (np.ndarray, tf.Tensor, list, tuple, int, float)) or hasattr(leaf, "__array__")
-        for leaf in leaves)
+        for leaf in leaves
+    )
 
 
 def _class_weights(y: Any, sample_weight: Any, class_weight: Mapping) -> Any:
@@ -371,8 +381,9 @@ def _class_weights(y: Any, sample_weight: Any, class_weight: Mapping) -> Any:
     from keras.src.trainers.data_adapters.data_adapter_utils import class_weight_to_sample_weights
 
     if sample_weight is not None:
-        raise ConfigError("pass class_weight or sample_weight, not both (as in Keras): fold the class "
-                          "weights into sample_weight")
+        raise ConfigError(
+            "pass class_weight or sample_weight, not both (as in Keras): fold the class weights into sample_weight"
+        )
     if y is None or isinstance(y, (dict, list, tuple)):
         raise ConfigError("class_weight needs one array of targets y (a single-output model)")
     return class_weight_to_sample_weights(np.asarray(y), class_weight)
@@ -383,17 +394,31 @@ def _keras_adapted(x, y, sample_weight, batch_size, steps, shuffle, class_weight
     from keras.src.trainers.data_adapters import get_data_adapter
 
     if strategy is not None:
-        raise ConfigError(f"under a tf.distribute strategy pass a tf.data.Dataset or arrays, not "
-                          f"{type(x).__name__}: wrap a generator with tf.data.Dataset.from_generator")
+        raise ConfigError(
+            f"under a tf.distribute strategy pass a tf.data.Dataset or arrays, not "
+            f"{type(x).__name__}: wrap a generator with tf.data.Dataset.from_generator"
+        )
     try:
-        adapter = get_data_adapter(x, y, sample_weight=sample_weight, batch_size=batch_size,
-                                   steps_per_epoch=steps, shuffle=shuffle, class_weight=class_weight)
+        adapter = get_data_adapter(
+            x,
+            y,
+            sample_weight=sample_weight,
+            batch_size=batch_size,
+            steps_per_epoch=steps,
+            shuffle=shuffle,
+            class_weight=class_weight,
+        )
         dataset = adapter.get_tf_dataset()
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"cannot read x of type {type(x).__name__}: {exc}") from exc
     num_batches = adapter.num_batches
-    return DatasetData(dataset, steps=steps, persistent=persistent, adapter=adapter,
-                       num_batches=num_batches if num_batches is not None else tf.data.UNKNOWN_CARDINALITY)
+    return DatasetData(
+        dataset,
+        steps=steps,
+        persistent=persistent,
+        adapter=adapter,
+        num_batches=num_batches if num_batches is not None else tf.data.UNKNOWN_CARDINALITY,
+    )
 
 
 def split_validation(x: Any, y: Any, sample_weight: Any, validation_split: float) -> tuple:
@@ -401,15 +426,16 @@ def split_validation(x: Any, y: Any, sample_weight: Any, validation_split: float
     if not 0.0 < validation_split < 1.0:
         raise ConfigError(f"validation_split={validation_split!r} must be between 0 and 1")
     if _is_dataset(x) or not _array_like(x):
-        raise ConfigError(f"validation_split needs arrays, and x is {type(x).__name__}: pass validation_data=... "
-                          "instead (as model.fit requires)")
+        raise ConfigError(
+            f"validation_split needs arrays, and x is {type(x).__name__}: pass validation_data=... "
+            "instead (as model.fit requires)"
+        )
     x, y, sample_weight = _to_arrays(x), _to_arrays(y), _to_arrays(sample_weight)
     n = _num_samples(x, "x")
     split_at = int(math.floor(n * (1.0 - validation_split)))
     if split_at in (0, n):
         raise ConfigError(
-            f"validation_split={validation_split} leaves an empty train or validation set "
-            f"with {n} samples"
+            f"validation_split={validation_split} leaves an empty train or validation set with {n} samples"
         )
 
     def head(structure):

@@ -146,27 +146,45 @@ class GradientPipeline:
     # Under a tf.distribute strategy these are created in its scope before the first step
     # (prepare): the norm is the replicas' mean, captured gradients are the first replica's.
     def _norm_variable(self, name: str) -> tf.Variable:
-        return self._variable(self._norms, name, lambda: tf.Variable(
-            0.0, trainable=False, name="grad_norm", aggregation=tf.VariableAggregation.MEAN))
+        return self._variable(
+            self._norms,
+            name,
+            lambda: tf.Variable(0.0, trainable=False, name="grad_norm", aggregation=tf.VariableAggregation.MEAN),
+        )
 
     def _capture_variables(self, name: str, variables: list) -> list[tf.Variable]:
         if self._capture_on is None:
             with tf.init_scope():
                 first = tf.VariableAggregation.ONLY_FIRST_REPLICA
                 self._capture_on = tf.Variable(False, trainable=False, name="capture_gradients", aggregation=first)
-                self._captured = tf.Variable(0, dtype=tf.int64, trainable=False, name="captured_updates",
-                                             aggregation=first)
-                self._copied = tf.Variable(0, dtype=tf.int64, trainable=False, name="copied_updates",
-                                           aggregation=first)
-        return self._variable(self._captures, name, lambda: (list(variables), [
-            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="captured_gradient",
-                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA) for v in variables]))[1]
+                self._captured = tf.Variable(
+                    0, dtype=tf.int64, trainable=False, name="captured_updates", aggregation=first
+                )
+                self._copied = tf.Variable(0, dtype=tf.int64, trainable=False, name="copied_updates", aggregation=first)
+        return self._variable(
+            self._captures,
+            name,
+            lambda: (
+                list(variables),
+                [
+                    tf.Variable(
+                        tf.zeros(v.shape, v.dtype),
+                        trainable=False,
+                        name="captured_gradient",
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                    )
+                    for v in variables
+                ],
+            ),
+        )[1]
 
     def norm_logs(self) -> dict[str, Any]:
         """The ``"norm"`` tap's values under their log names: ``grad_norm`` for the default
         optimizer, ``grad_norm/<name>`` for named ones (empty before the first trace)."""
-        return {"grad_norm" if name == "default" else f"grad_norm/{name}": variable.value()
-                for name, variable in self._norms.items()}
+        return {
+            "grad_norm" if name == "default" else f"grad_norm/{name}": variable.value()
+            for name, variable in self._norms.items()
+        }
 
     def gradient_norm(self, name: str = "default") -> float | None:
         """The last update's global gradient norm (``"norm"`` tap), or ``None`` before one."""
@@ -206,8 +224,7 @@ class GradientPipeline:
         if name not in self._accumulators:
             with tf.init_scope():
                 accumulators = [
-                    tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="grad_accumulator")
-                    for v in variables
+                    tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="grad_accumulator") for v in variables
                 ]
                 count = tf.Variable(0, dtype=tf.int64, trainable=False, name="accumulated_micro_batches")
             self._accumulators[name] = (accumulators, count)

@@ -47,7 +47,8 @@ class KerasCallbacks:
             if not isinstance(cb, keras.callbacks.Callback):
                 raise ConfigError(
                     f"callbacks=[...] takes keras.callbacks.Callback objects, got {type(cb).__name__}; "
-                    "pass corebus plugins as plugins=[...]")
+                    "pass corebus plugins as plugins=[...]"
+                )
         self.callbacks = callbacks
         self.model = model
         self.list = keras.callbacks.CallbackList(callbacks, add_history=False, add_progbar=False, model=model)
@@ -63,7 +64,8 @@ class KerasCallbacks:
         """The plugin for ``callbacks``, with batch hooks only where some callback has them."""
         plain = cls(callbacks, model)
         wanted = {
-            hook: function for hook, (methods, function) in _BATCH_HOOKS.items()
+            hook: function
+            for hook, (methods, function) in _BATCH_HOOKS.items()
             if any(_overrides(plain.callbacks, m) for m in methods)
         }
         if not wanted:

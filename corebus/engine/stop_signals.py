@@ -30,8 +30,10 @@ def signal_numbers(names: Any) -> tuple[int, ...]:
         try:
             numbers.append(int(signal.Signals[name] if isinstance(name, str) else signal.Signals(name)))
         except (KeyError, ValueError):
-            raise ConfigError(f"stop_signals: {name!r} is not a signal of this platform "
-                              "(use names such as 'SIGTERM', 'SIGUSR1', or () for none)") from None
+            raise ConfigError(
+                f"stop_signals: {name!r} is not a signal of this platform "
+                "(use names such as 'SIGTERM', 'SIGUSR1', or () for none)"
+            ) from None
     return tuple(numbers)
 
 

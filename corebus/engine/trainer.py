@@ -60,7 +60,7 @@ def _views(names: tuple[str, ...]) -> tuple[tuple, tuple, tuple, tuple]:
     """Names and positions of the batch logs and of ``on_log``'s step values in a packed vector."""
     position = {name: i for i, name in enumerate(names)}
     logs = [n for n in names if not n.startswith(STEP_VALUE)]
-    extra = [n[len(STEP_VALUE):] for n in names if n.startswith(STEP_VALUE) and n[len(STEP_VALUE):] not in position]
+    extra = [n[len(STEP_VALUE) :] for n in names if n.startswith(STEP_VALUE) and n[len(STEP_VALUE) :] not in position]
     step_names = logs + sorted(extra)
     step_positions = [position.get(STEP_VALUE + n, position.get(n)) for n in step_names]
     return tuple(logs), tuple(position[n] for n in logs), tuple(step_names), tuple(step_positions)
@@ -89,8 +89,14 @@ class _HeldCall(NamedTuple):
     layout: _CallLayout
 
 
-def _step_logs(layout: _CallLayout, source: _Packed, before: tuple[_Packed, int, _CallLayout | None] | None,
-               begin: int, n: int, rows: ArrayData | None) -> LazyLogs:
+def _step_logs(
+    layout: _CallLayout,
+    source: _Packed,
+    before: tuple[_Packed, int, _CallLayout | None] | None,
+    begin: int,
+    n: int,
+    rows: ArrayData | None,
+) -> LazyLogs:
     """``on_log``'s step values of the call of batches ``begin..begin+n-1`` (a view of its packed
     vector: one fetch, on first read).
 
@@ -102,8 +108,14 @@ def _step_logs(layout: _CallLayout, source: _Packed, before: tuple[_Packed, int,
     call), the running mean is what is logged.
     """
     derive = None
-    if layout.derived and rows is not None and before is not None and before[1] == begin \
-            and before[2] is layout and begin > 0:
+    if (
+        layout.derived
+        and rows is not None
+        and before is not None
+        and before[1] == begin
+        and before[2] is layout
+        and begin > 0
+    ):
         derive = (layout.derived, before[0], rows.samples_before(begin), rows.samples_before(begin + n))
     return LazyLogs._of_call(layout.step_names, layout.step_positions, source, derive)
 
@@ -128,10 +140,13 @@ def _scalar(value: Any) -> tf.Tensor:
 
 def _check_validation_freq(freq: Any) -> None:
     if isinstance(freq, bool) or not (
-            (isinstance(freq, int) and freq >= 1)
-            or (isinstance(freq, (list, tuple, set, range)) and all(isinstance(e, int) and e >= 1 for e in freq))):
-        raise ConfigError(f"validation_freq={freq!r}: pass an integer >= 1 (validate every N epochs) or a "
-                          "list of 1-based epochs to validate after, as model.fit takes")
+        (isinstance(freq, int) and freq >= 1)
+        or (isinstance(freq, (list, tuple, set, range)) and all(isinstance(e, int) and e >= 1 for e in freq))
+    ):
+        raise ConfigError(
+            f"validation_freq={freq!r}: pass an integer >= 1 (validate every N epochs) or a "
+            "list of 1-based epochs to validate after, as model.fit takes"
+        )
 
 
 def _should_validate(epoch: int, freq: Any) -> bool:
@@ -157,8 +172,10 @@ def _build_error(model: keras.Model, data: Any, exc: Exception) -> str:
         except Exception:  # the batch itself is what failed: say what Keras said
             got = "?"
         expected = [tuple(i.shape) for i in getattr(model, "inputs", None) or []] or "(not declared)"
-        return (f"the input does not fit the model: batches of x have shape {got}, the model takes {expected}. "
-                f"Check x's feature dimensions (Keras said: {text.splitlines()[0]})")
+        return (
+            f"the input does not fit the model: batches of x have shape {got}, the model takes {expected}. "
+            f"Check x's feature dimensions (Keras said: {text.splitlines()[0]})"
+        )
     return f"bad optimizer/loss/metrics for this model and data: {text}"
 
 
@@ -246,8 +263,7 @@ class Trainer(RunContext):
         super().__init__()
         if not isinstance(model, keras.Model):
             raise ConfigError(
-                f"model must be a keras.Model (Sequential, functional or subclassed), "
-                f"got {type(model).__name__}"
+                f"model must be a keras.Model (Sequential, functional or subclassed), got {type(model).__name__}"
             )
         if steps_per_execution is None:
             steps_per_execution = getattr(model, "steps_per_execution", 1) if model.compiled else 1
@@ -260,8 +276,11 @@ class Trainer(RunContext):
         self.model = model
         self.strategy = strategy
         self.steps_per_execution = steps_per_execution
-        self._compile_args = {"loss_weights": loss_weights, "weighted_metrics": weighted_metrics,
-                              "auto_scale_loss": auto_scale_loss}
+        self._compile_args = {
+            "loss_weights": loss_weights,
+            "weighted_metrics": weighted_metrics,
+            "auto_scale_loss": auto_scale_loss,
+        }
         self.run_eagerly = bool(run_eagerly if run_eagerly is not None else model.compiled and model.run_eagerly)
         self._jit_compile_arg = jit_compile
         # Keras's global seed state decides (keras.utils.set_random_seed seeds Python's random):
@@ -329,11 +348,16 @@ class Trainer(RunContext):
             return
         if not isinstance(strategy, tf.distribute.Strategy):
             raise ConfigError(f"strategy must be a tf.distribute.Strategy, got {type(strategy).__name__}")
-        outside = [v.path for v in self.model.weights if not strategy.extended.variable_created_in_scope(getattr(v, "value", v))]
+        outside = [
+            v.path
+            for v in self.model.weights
+            if not strategy.extended.variable_created_in_scope(getattr(v, "value", v))
+        ]
         if outside:
             raise ConfigError(
                 f"the model's variables ({outside[0]}, ...) were not created in the strategy's scope: "
-                "build the model inside `with strategy.scope():`")
+                "build the model inside `with strategy.scope():`"
+            )
         self.num_replicas = strategy.num_replicas_in_sync
         resolver = getattr(strategy, "cluster_resolver", None)
         spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
@@ -358,13 +382,15 @@ class Trainer(RunContext):
                     raise ConfigError("no loss: pass loss=... (e.g. 'sparse_categorical_crossentropy')")
                 self._compile(optimizer if optimizer is not None else "rmsprop", loss, metrics)
             if self.mixed_precision == "mixed_float16" and not isinstance(
-                    self.model.optimizer, keras.optimizers.LossScaleOptimizer):
+                self.model.optimizer, keras.optimizers.LossScaleOptimizer
+            ):
                 self.model.optimizer = keras.optimizers.LossScaleOptimizer(self.model.optimizer)
             self.optimizers = {"default": self.model.optimizer}
             self.loss = self.model.loss
         else:
-            if not isinstance(optimizer, Mapping) and (loss is not None or any(
-                    v is not None for k, v in self._compile_args.items() if k != "auto_scale_loss")):
+            if not isinstance(optimizer, Mapping) and (
+                loss is not None or any(v is not None for k, v in self._compile_args.items() if k != "auto_scale_loss")
+            ):
                 # a custom step may use model.compute_loss / compute_metrics, as in keras.io's guides
                 self._compile(optimizer or "adam", loss, metrics)
                 optimizer = self.model.optimizer
@@ -373,8 +399,11 @@ class Trainer(RunContext):
                 self.optimizers = {name: keras.optimizers.get(spec) for name, spec in specs.items()}
                 if self.mixed_precision == "mixed_float16":
                     self.optimizers = {
-                        name: o if isinstance(o, keras.optimizers.LossScaleOptimizer)
-                        else keras.optimizers.LossScaleOptimizer(o) for name, o in self.optimizers.items()}
+                        name: o
+                        if isinstance(o, keras.optimizers.LossScaleOptimizer)
+                        else keras.optimizers.LossScaleOptimizer(o)
+                        for name, o in self.optimizers.items()
+                    }
                 self.loss = keras.losses.get(loss) if loss is not None else None
                 self.metrics = [keras.metrics.get(m) for m in (metrics or [])]
             except (ValueError, TypeError) as exc:
@@ -382,10 +411,15 @@ class Trainer(RunContext):
 
     def _compile(self, optimizer: Any, loss: Any, metrics: Any) -> None:
         try:
-            self.model.compile(optimizer=optimizer, loss=loss, metrics=metrics, run_eagerly=self.run_eagerly,
-                               steps_per_execution=self.steps_per_execution,
-                               jit_compile=False if self._jit_compile_arg == "auto" and self.run_eagerly
-                               else self._jit_compile_arg, **self._compile_args)
+            self.model.compile(
+                optimizer=optimizer,
+                loss=loss,
+                metrics=metrics,
+                run_eagerly=self.run_eagerly,
+                steps_per_execution=self.steps_per_execution,
+                jit_compile=False if self._jit_compile_arg == "auto" and self.run_eagerly else self._jit_compile_arg,
+                **self._compile_args,
+            )
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"bad optimizer/loss/metrics (or other compile arguments): {exc}") from exc
 
@@ -409,15 +443,19 @@ class Trainer(RunContext):
         # compiled into it follows all plugins, wherever they run.
         self._use_bus(bus, compiled_for=everywhere)
         if self.strategy is not None and any(self.accumulation_steps(n) > 1 for n in self.optimizers):
-            raise ConfigError("gradient accumulation under a tf.distribute strategy is not supported yet: "
-                              "raise the global batch size instead (or train without a strategy)")
-        if self._model_train_step and any(everywhere.implementations(h) for h in (
-                "transform_gradients", "gradient_accumulation_steps")):
+            raise ConfigError(
+                "gradient accumulation under a tf.distribute strategy is not supported yet: "
+                "raise the global batch size instead (or train without a strategy)"
+            )
+        if self._model_train_step and any(
+            everywhere.implementations(h) for h in ("transform_gradients", "gradient_accumulation_steps")
+        ):
             raise ConfigError(
                 f"{type(self.model).__name__} overrides train_step, which applies its gradients itself: gradient "
                 "plugins cannot reach them. Pass the step as Trainer(train_step=...) calling "
                 "trainer.apply_gradients(...), or train it with model.fit and corebus.KerasCallback (which "
-                "wraps the model's optimizer)")
+                "wraps the model's optimizer)"
+            )
         # Gradient hooks are compiled into the step: a different set of them needs a new trace.
         self._gradient_signature = tuple(
             id(impl.plugin)
@@ -636,8 +674,14 @@ class Trainer(RunContext):
                     logs = self._metrics_or(None) or {}
                     # The cut-short call packed nothing: on_log's learning rate is read here (if due).
                     due = self._batch_log_due(done) or self._batch_log_due(done, held=True)
-                    step_values = None if not due else {
-                        **logs, **{key: float(np.asarray(rate)) for key, rate in self.learning_rate_logs().items()}}
+                    step_values = (
+                        None
+                        if not due
+                        else {
+                            **logs,
+                            **{key: float(np.asarray(rate)) for key, rate in self.learning_rate_logs().items()},
+                        }
+                    )
                     self._train_batch_end(begin + done - 1, done, logs, step_values)
                     return logs
                 break
@@ -649,8 +693,9 @@ class Trainer(RunContext):
             if per_call_logs:
                 log_now = self._batch_log_due(n)
                 logs, step_values = self._call_logs(packed, rows, begin, n, batch_end_hook, log_now or hold)
-                self._batch_ended(begin + n - 1, n, logs, step_values if log_now else None,
-                                  step_values if hold else None)
+                self._batch_ended(
+                    begin + n - 1, n, logs, step_values if log_now else None, step_values if hold else None
+                )
             else:
                 self._advance(n)
                 if holds:  # on_log_steps subscribers only: a call's record is made at hand-over
@@ -680,16 +725,21 @@ class Trainer(RunContext):
             log_names, log_positions, step_names, step_positions = _views(names)
             custom = self._user_train_step is not None or self._model_train_step
             means = set() if custom else _mean_metric_names(self.model)
-            packed_own = {name[len(STEP_VALUE):] for name in names if name.startswith(STEP_VALUE)}
+            packed_own = {name[len(STEP_VALUE) :] for name in names if name.startswith(STEP_VALUE)}
             # running means whose own value the step does not pack: derived from two calls
-            derived = tuple((name, position) for name, position in zip(log_names, log_positions)
-                            if name in means and name not in packed_own)
-            layout = self._layout = _CallLayout(list(names), log_names, log_positions, step_names, step_positions,
-                                                derived)
+            derived = tuple(
+                (name, position)
+                for name, position in zip(log_names, log_positions)
+                if name in means and name not in packed_own
+            )
+            layout = self._layout = _CallLayout(
+                list(names), log_names, log_positions, step_names, step_positions, derived
+            )
         return layout
 
-    def _call_logs(self, packed: Any, rows: ArrayData | None, begin: int, n: int, want_logs: bool,
-                   want_values: bool) -> tuple[LazyLogs | None, LazyLogs | None]:
+    def _call_logs(
+        self, packed: Any, rows: ArrayData | None, begin: int, n: int, want_logs: bool, want_values: bool
+    ) -> tuple[LazyLogs | None, LazyLogs | None]:
         """The batch logs (Keras's running means) and on_log's step values (:func:`_step_logs`)
         of one call, each only when wanted (views of one packed vector: one fetch, on first read)."""
         layout = self._call_layout()
@@ -712,8 +762,9 @@ class Trainer(RunContext):
                 before = values.before
                 if before is not None:
                     before = (source_of(before[0]), before[1], before[2])
-                values = _step_logs(values.layout, source_of(values.packed), before, values.begin, values.n,
-                                    values.rows)
+                values = _step_logs(
+                    values.layout, source_of(values.packed), before, values.begin, values.n, values.rows
+                )
             records.append(LoggedStep(step, previous_step, at, values))
         return records
 
@@ -730,8 +781,7 @@ class Trainer(RunContext):
             chosen = metric_logs
         else:
             chosen = logs
-        return {k: float(np.asarray(v)) if np.ndim(v) == 0 else np.asarray(v)
-                for k, v in sorted(dict(chosen).items())}
+        return {k: float(np.asarray(v)) if np.ndim(v) == 0 else np.asarray(v) for k, v in sorted(dict(chosen).items())}
 
     def _metric_results(self) -> dict[str, Any]:
         """``model.get_metrics_result()`` as one compiled call and one host fetch (eagerly it is
@@ -752,7 +802,7 @@ class Trainer(RunContext):
         out, at = {}, 0
         for name, shape in shapes:
             size = int(np.prod(shape)) if shape else 1
-            out[name] = flat[at].item() if not shape else flat[at:at + size].reshape(shape).astype(np.float32)
+            out[name] = flat[at].item() if not shape else flat[at : at + size].reshape(shape).astype(np.float32)
             at += size
         return out
 
@@ -828,21 +878,32 @@ class Trainer(RunContext):
             (x, y, sample_weight), validation_data = split_validation(x, y, sample_weight, validation_split)
         self.fit_inputs = {"x": x, "y": y, "validation_data": validation_data}  # what loggers record (mlflow.data)
         data = make_data(
-            x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=self.seed, steps=steps_per_epoch,
-            strategy=self.strategy, class_weight=class_weight,
+            x,
+            y,
+            sample_weight,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            steps=steps_per_epoch,
+            strategy=self.strategy,
+            class_weight=class_weight,
         )
         self._check_targets(x, y, data)
         data.spans.first = initial_epoch
         val_data = None
         if validation_data is not None:
             if isinstance(validation_data, tf.data.Dataset) or not isinstance(validation_data, (tuple, list)):
-                val_data = make_data(validation_data, steps=validation_steps, strategy=self.strategy,
-                                     persistent=False)
+                val_data = make_data(validation_data, steps=validation_steps, strategy=self.strategy, persistent=False)
             else:
                 val_x, val_y, val_sw = keras.utils.unpack_x_y_sample_weight(tuple(validation_data))
                 val_data = make_data(
-                    val_x, val_y, val_sw, batch_size=validation_batch_size or batch_size, steps=validation_steps,
-                    strategy=self.strategy, persistent=False,
+                    val_x,
+                    val_y,
+                    val_sw,
+                    batch_size=validation_batch_size or batch_size,
+                    steps=validation_steps,
+                    strategy=self.strategy,
+                    persistent=False,
                 )
         verbose = _verbosity(verbose, data)
         bus = self._make_bus(["history"] + (["progress"] if verbose else []), callbacks)
@@ -893,7 +954,12 @@ class Trainer(RunContext):
                     self._epoch_begin(epoch)
                 last = self._run_epoch(data, epoch, skip)
                 data.epoch_done()
-                if last is None and epoch == start_epoch and not skip and self.micro_step == self._counter_at_epoch_start:
+                if (
+                    last is None
+                    and epoch == start_epoch
+                    and not skip
+                    and self.micro_step == self._counter_at_epoch_start
+                ):
                     raise ConfigError("the first epoch got no batches: the training data is empty")
                 skip = 0
                 epoch_logs = self._metrics_or(last)
@@ -928,9 +994,14 @@ class Trainer(RunContext):
         if self.loss_not_finite is not None or not isinstance(loss, float) or np.isfinite(loss):
             return
         self.loss_not_finite = (epoch, self._counter_at_epoch_start + 1, self.micro_step)
-        log.warning("the loss is %s at the end of epoch %d (it turned non-finite between steps %d and %d); "
-                    "training goes on: add the terminate_on_nan plugin (or keras.callbacks.TerminateOnNaN) "
-                    "to stop at the first such step", loss, epoch + 1, *self.loss_not_finite[1:])
+        log.warning(
+            "the loss is %s at the end of epoch %d (it turned non-finite between steps %d and %d); "
+            "training goes on: add the terminate_on_nan plugin (or keras.callbacks.TerminateOnNaN) "
+            "to stop at the first such step",
+            loss,
+            epoch + 1,
+            *self.loss_not_finite[1:],
+        )
 
     def _check_targets(self, x: Any, y: Any, data: Any) -> None:
         """``fit(x)`` without targets, for a compiled loss that needs them: say so before training."""
@@ -939,8 +1010,10 @@ class Trainer(RunContext):
         if _overrides_step(self.model, "train_step"):
             return
         if getattr(self.model, "loss", None) is not None:
-            raise ConfigError("fit got x but no targets (y=None) for a model compiled with a loss: pass y=..., "
-                              "or a dataset that yields (x, y)")
+            raise ConfigError(
+                "fit got x but no targets (y=None) for a model compiled with a loss: pass y=..., "
+                "or a dataset that yields (x, y)"
+            )
 
     def evaluate(
         self,
@@ -954,8 +1027,9 @@ class Trainer(RunContext):
         return_dict: bool = False,
     ) -> Any:
         """Evaluate like ``model.evaluate``: a scalar, a list in metric order, or a dict."""
-        data = make_data(x, y, sample_weight, batch_size=batch_size, steps=steps, strategy=self.strategy,
-                         persistent=False)
+        data = make_data(
+            x, y, sample_weight, batch_size=batch_size, steps=steps, strategy=self.strategy, persistent=False
+        )
         verbose = _verbosity(verbose)
         self._make_bus(["progress"] if verbose else [], callbacks)
         self.params = {"epochs": 1, "steps": data.steps, "verbose": verbose}
@@ -970,8 +1044,14 @@ class Trainer(RunContext):
         if self.model.compiled:
             self.model._symbolic_build(data_batch=data.first_batch())
 
-    def predict(self, x: Any, batch_size: int | None = None, verbose: Any = "auto", steps: int | None = None,
-                callbacks: Any = None) -> Any:
+    def predict(
+        self,
+        x: Any,
+        batch_size: int | None = None,
+        verbose: Any = "auto",
+        steps: int | None = None,
+        callbacks: Any = None,
+    ) -> Any:
         """Predict like ``model.predict``: numpy outputs for every sample."""
         data = make_data(x, batch_size=batch_size, steps=steps, persistent=False)
         verbose = _verbosity(verbose)
@@ -1001,9 +1081,7 @@ class Trainer(RunContext):
         self._predict_end()
         if not outputs:
             raise ConfigError("predict got no batches")
-        return keras.tree.map_structure_up_to(
-            outputs[0], lambda *parts: np.concatenate(parts), *outputs
-        )
+        return keras.tree.map_structure_up_to(outputs[0], lambda *parts: np.concatenate(parts), *outputs)
 
     def _batches_of_one(self, steps: int | None) -> Any:
         begin = 0

@@ -34,7 +34,7 @@ class BestMetric:
     :param path: the JSON file to write (its directory is created).
     """
 
-    runs_on = "chief"      # under tf.distribute: one writer, on the chief worker
+    runs_on = "chief"  # under tf.distribute: one writer, on the chief worker
     error_policy = "warn"  # a failed write is logged; training goes on
 
     def __init__(self, monitor: str = "val_loss", mode: str = "auto", path: str | os.PathLike = "best_metric.json"):
@@ -82,9 +82,15 @@ class BestMetric:
     # ---------------------------------------------------------------- file and state
 
     def summary(self, finished: bool = False) -> dict[str, Any]:
-        return {"monitor": self.monitor, "mode": self.mode, "best": self.best,
-                "epoch": None if self.best_epoch is None else self.best_epoch + 1, "step": self.best_step,
-                "epochs_seen": self.epochs_seen, "finished": finished}
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best": self.best,
+            "epoch": None if self.best_epoch is None else self.best_epoch + 1,
+            "step": self.best_step,
+            "epochs_seen": self.epochs_seen,
+            "finished": finished,
+        }
 
     def _write(self, finished: bool) -> None:
         with atomic_path(self.path) as tmp:
@@ -92,8 +98,12 @@ class BestMetric:
 
     def state_dict(self) -> dict[str, Any]:
         """Saved with every run snapshot (``backup`` plugin), restored on resume."""
-        return {"best": self.best, "best_epoch": self.best_epoch, "best_step": self.best_step,
-                "epochs_seen": self.epochs_seen}
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
+            "epochs_seen": self.epochs_seen,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch = state["best"], state["best_epoch"]

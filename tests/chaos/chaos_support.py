@@ -53,8 +53,13 @@ def tensorboard_points(out: Path) -> Points:
                 points[(f"{run}/graph", event.step)].append("graph")  # its bytes vary (attribute order)
             for value in event.summary.value:
                 tensor = value.tensor
-                read = (tensor.float_val[0] if tensor.float_val else tensor.double_val[0] if tensor.double_val
-                        else b"".join(tensor.string_val).decode(errors="replace"))
+                read = (
+                    tensor.float_val[0]
+                    if tensor.float_val
+                    else tensor.double_val[0]
+                    if tensor.double_val
+                    else b"".join(tensor.string_val).decode(errors="replace")
+                )
                 if isinstance(read, str):  # text (checkpoint paths, run params) names the run's folder
                     read = read.replace(str(out), "OUT")
                 if value.metadata.plugin_data.plugin_name in ("graphs", "graph_keras_model"):
@@ -115,15 +120,26 @@ def read_all(out: Path) -> dict[str, Any]:
     """``{logger: points}`` plus ``mlflow_statuses`` and ``wandb_run_ids``."""
     mlflow, statuses = mlflow_points(out)
     wandb, ids = wandb_points(out)
-    return {"csv": csv_points(out), "tensorboard": tensorboard_points(out), "mlflow": mlflow, "wandb": wandb,
-            "report": report_points(out), "mlflow_statuses": statuses, "wandb_run_ids": ids}
+    return {
+        "csv": csv_points(out),
+        "tensorboard": tensorboard_points(out),
+        "mlflow": mlflow,
+        "wandb": wandb,
+        "report": report_points(out),
+        "mlflow_statuses": statuses,
+        "wandb_run_ids": ids,
+    }
 
 
 def is_batch_accuracy(logger: str, series: str) -> bool:
     """A step's own accuracy: derived from two running means (corebus/engine/trainer.py ``_step_logs``),
     so the first step a resumed process trains has no step before it and logs the running mean."""
-    return series in {"tensorboard": ("train/batch_accuracy",), "mlflow": ("accuracy",),
-                      "wandb": ("batch/accuracy",), "report": ("batch/accuracy",)}.get(logger, ())
+    return series in {
+        "tensorboard": ("train/batch_accuracy",),
+        "mlflow": ("accuracy",),
+        "wandb": ("batch/accuracy",),
+        "report": ("batch/accuracy",),
+    }.get(logger, ())
 
 
 def compare(logger: str, reference: Points, ours: Points, resumed_at: set[int]) -> dict[str, Any]:
@@ -135,7 +151,7 @@ def compare(logger: str, reference: Points, ours: Points, resumed_at: set[int]) 
         want, got = reference.get(key, []), ours.get(key, [])
         missing += max(0, len(want) - len(got))
         duplicated += max(0, len(got) - len(want))
-        if want and got and got[:len(want)] != want[:len(got)]:
+        if want and got and got[: len(want)] != want[: len(got)]:
             series, step = key
             if not (is_batch_accuracy(logger, series) and step - 1 in resumed_at):
                 differing.append((key, str(want)[:200], str(got)[:200]))
@@ -207,10 +223,14 @@ def check_run(out: Path, reference_out: Path, reference: dict[str, Any] | None =
     ours = read_all(out)
     weights, ref_weights = np.load(out / "final.npz"), np.load(reference_out / "final.npz")
     identical = sorted(weights.files) == sorted(ref_weights.files) and all(
-        np.array_equal(weights[k], ref_weights[k]) for k in ref_weights.files)
+        np.array_equal(weights[k], ref_weights[k]) for k in ref_weights.files
+    )
     resumed_at = {p["restored_step"] for p in processes(out) if p.get("restored_step") is not None}
-    result = {"identical_weights": identical, "mlflow_statuses": ours["mlflow_statuses"],
-              "wandb_run_ids": len(ours["wandb_run_ids"])}
+    result = {
+        "identical_weights": identical,
+        "mlflow_statuses": ours["mlflow_statuses"],
+        "wandb_run_ids": len(ours["wandb_run_ids"]),
+    }
     for logger in LOGGERS:
         result[logger] = compare(logger, reference[logger], ours[logger], resumed_at)
     return result

@@ -23,9 +23,12 @@ class CrashAfterEpoch1:
 
 
 def plugins(tmp_path):
-    return [ModelCheckpoint(str(tmp_path / "ckpt" / "{epoch}.weights.h5"), monitor="loss", save_weights_only=True,
-                            save_top_k=1),
-            BackupAndRestore(str(tmp_path / "backup"), background=False)]
+    return [
+        ModelCheckpoint(
+            str(tmp_path / "ckpt" / "{epoch}.weights.h5"), monitor="loss", save_weights_only=True, save_top_k=1
+        ),
+        BackupAndRestore(str(tmp_path / "backup"), background=False),
+    ]
 
 
 @pytest.fixture
@@ -76,8 +79,10 @@ def test_a_top_k_path_outside_the_checkpoint_directory_is_refused_and_never_touc
     assert f"skipping unusable snapshot: {interrupted}" in caplog.text
 
 
-@pytest.mark.parametrize("craft", ["dotdot_name", "absolute_name", "empty_files", "manifest_json", "state_json",
-                                   "wrong_type", "missing_file"])
+@pytest.mark.parametrize(
+    "craft",
+    ["dotdot_name", "absolute_name", "empty_files", "manifest_json", "state_json", "wrong_type", "missing_file"],
+)
 def test_a_malformed_newest_snapshot_falls_back_to_the_previous_one(tmp_path, interrupted, caplog, craft):
     outside = tmp_path / "outside.json"
     outside.write_text("{}")

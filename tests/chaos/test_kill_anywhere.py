@@ -30,8 +30,10 @@ from chaos_support import check_run, read_all, run_chain, run_worker  # noqa: E4
 SEED = int(os.environ.get("COREBUS_CHAOS_SEED", "28"))
 # Five kills in CI (each chain runs beside the other, the uninterrupted run before the shorter);
 # a kill at a plain step is the soak's (benchmarks/soak.py), as is every mix of these.
-CHAINS = {"write_epoch_log_epoch_end": ["write", "epoch_log", "epoch_end"],
-          "validation_train_end": ["validation", "train_end"]}
+CHAINS = {
+    "write_epoch_log_epoch_end": ["write", "epoch_log", "epoch_end"],
+    "validation_train_end": ["validation", "train_end"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,11 @@ def runs(tmp_path_factory):
     for name, run in done.items():
         assert run["last"].returncode == 0, f"{name}: {run['last'].stderr[-3000:]}"
     reference = read_all(tmp / "uninterrupted")
-    return {name: dict(run, out=tmp / name, check=check_run(tmp / name, tmp / "uninterrupted", reference))
-            for name, run in done.items() if name != "uninterrupted"}
+    return {
+        name: dict(run, out=tmp / name, check=check_run(tmp / name, tmp / "uninterrupted", reference))
+        for name, run in done.items()
+        if name != "uninterrupted"
+    }
 
 
 @pytest.mark.slow

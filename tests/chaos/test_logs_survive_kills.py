@@ -18,8 +18,9 @@ WORKER = Path(__file__).parents[1] / "workers" / "resume_worker.py"
 
 
 def run_worker(out, *args, timeout=600):
-    return subprocess.run([sys.executable, str(WORKER), str(out), *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(WORKER), str(out), *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +33,13 @@ def runs(tmp_path_factory):
         killed = run_worker(out, *kill_args) if kill_args else None
         return name, (killed, run_worker(out), out)
 
-    jobs = [("uninterrupted", []), ("kill_60", ["--kill-at-step", "60"]),
-            # the 13th snapshot is step 48's, taken after epoch 3's row: the row outlives it
-            ("kill_writing_48", ["--kill-during-write", "13"]), ("kill_in_train_end", ["--kill-in-train-end"])]
+    jobs = [
+        ("uninterrupted", []),
+        ("kill_60", ["--kill-at-step", "60"]),
+        # the 13th snapshot is step 48's, taken after epoch 3's row: the row outlives it
+        ("kill_writing_48", ["--kill-during-write", "13"]),
+        ("kill_in_train_end", ["--kill-in-train-end"]),
+    ]
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(pool.map(go, jobs))
 

@@ -11,16 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from corebus import ConfigError, RunLock
+from corebus import ConfigError
 from corebus.plugins import BackupAndRestore, CSVLogger, ModelCheckpoint
-from corebus.testing import make_trainer, tiny_data
+from corebus.testing import make_trainer, tiny_data  # noqa: F401 (tiny_data: a fixture)
 
 WORKER = Path(__file__).parents[1] / "workers" / "resume_worker.py"
 
 
 def worker(out, *args, **popen):
-    return subprocess.Popen([sys.executable, str(WORKER), str(out), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def wait_for(path, process, seconds=120):
@@ -75,8 +80,11 @@ def test_a_checkpoint_directory_held_by_another_process_is_refused(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         x, y = tiny_data()
         trainer = make_trainer([ModelCheckpoint(str(ckpt / "{epoch}.keras"), monitor="loss")])
-        with pytest.raises(ConfigError, match=rf"ModelCheckpoint: .*ckpt' is used by another run \(ModelCheckpoint on "
-                                              rf"host .*, pid {holder.pid}, since"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"ModelCheckpoint: .*ckpt' is used by another run \(ModelCheckpoint on "
+            rf"host .*, pid {holder.pid}, since",
+        ):
             trainer.fit(x, y, epochs=1, verbose=0)
         assert trainer.global_step == 0 and not list(ckpt.glob("*.keras"))
     finally:
@@ -86,9 +94,12 @@ def test_a_checkpoint_directory_held_by_another_process_is_refused(tmp_path):
 
 def test_plugins_of_one_run_share_a_directory_and_leave_no_lock_behind(tmp_path):
     x, y = tiny_data()
-    plugins = [ModelCheckpoint(str(tmp_path / "best.keras"), monitor="loss", save_best_only=True),
-               ModelCheckpoint(str(tmp_path / "{epoch}.keras"), monitor="loss"),
-               BackupAndRestore(str(tmp_path / "backup")), CSVLogger(tmp_path / "log.csv")]
+    plugins = [
+        ModelCheckpoint(str(tmp_path / "best.keras"), monitor="loss", save_best_only=True),
+        ModelCheckpoint(str(tmp_path / "{epoch}.keras"), monitor="loss"),
+        BackupAndRestore(str(tmp_path / "backup")),
+        CSVLogger(tmp_path / "log.csv"),
+    ]
     make_trainer(plugins).fit(x, y, epochs=2, verbose=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1.keras", "2.keras", "best.keras", "log.csv"]
 
@@ -104,9 +115,12 @@ def test_a_lock_is_given_back_when_training_fails(tmp_path):
     x, y = tiny_data()
     with pytest.raises(PluginError, match="boom"):
         make_trainer([CSVLogger(tmp_path / "log.csv"), ModelCheckpoint(str(tmp_path / "c" / "m.keras")), Fails()]).fit(
-            x, y, epochs=1, verbose=0)
+            x, y, epochs=1, verbose=0
+        )
     assert not list(tmp_path.rglob(".*lock*"))
     # another process can take both now
-    code = ("import sys; from corebus import RunLock; RunLock(sys.argv[1], 't', directory=False).acquire(); "
-            "RunLock(sys.argv[2], 't').acquire()")
+    code = (
+        "import sys; from corebus import RunLock; RunLock(sys.argv[1], 't', directory=False).acquire(); "
+        "RunLock(sys.argv[2], 't').acquire()"
+    )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "log.csv"), str(tmp_path / "c")], check=True)

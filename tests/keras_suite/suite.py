@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 import keras
 import numpy as np
-import pytest
 
 import corebus
 from corebus.testing import tiny_data, tiny_model
@@ -30,16 +29,31 @@ class Run:
         return self.model.get_weights()
 
 
-def compiled(lr: float = 0.01, loss: str = "sparse_categorical_crossentropy", metrics=("accuracy",),
-             model: Any = None, optimizer: Any = None) -> Any:
+def compiled(
+    lr: float = 0.01,
+    loss: str = "sparse_categorical_crossentropy",
+    metrics=("accuracy",),
+    model: Any = None,
+    optimizer: Any = None,
+) -> Any:
     model = model if model is not None else tiny_model()
-    model.compile(optimizer=optimizer if optimizer is not None else keras.optimizers.SGD(lr), loss=loss,
-                  metrics=list(metrics))
+    model.compile(
+        optimizer=optimizer if optimizer is not None else keras.optimizers.SGD(lr), loss=loss, metrics=list(metrics)
+    )
     return model
 
 
-def run(way: str, make: Callable[[], Any], *, x=None, y=None, model_fn: Callable[[], Any] = compiled,
-        raises: type[BaseException] | tuple = (), extra: Callable[[], list] = list, **fit: Any) -> Run:
+def run(
+    way: str,
+    make: Callable[[], Any],
+    *,
+    x=None,
+    y=None,
+    model_fn: Callable[[], Any] = compiled,
+    raises: type[BaseException] | tuple = (),
+    extra: Callable[[], list] = list,
+    **fit: Any,
+) -> Run:
     """Fit once ``way``; ``make`` builds the Keras callback (keras ways) or the plugin (others)."""
     if x is None:
         x, y = tiny_data(n=48)
@@ -80,8 +94,9 @@ def same_weights(a: Run, b: Run, rtol: float = 1e-4) -> None:
 ALL_WAYS = ("keras", *WAYS)
 
 
-def fit_with(way: str, model: Any, x: Any, y: Any = None, *, callbacks: Any = (), plugins: Any = (),
-             extra: Any = (), **fit: Any) -> Any:
+def fit_with(
+    way: str, model: Any, x: Any, y: Any = None, *, callbacks: Any = (), plugins: Any = (), extra: Any = (), **fit: Any
+) -> Any:
     """One ``fit`` of ``model`` ``way``: the keras ways get ``callbacks`` (Keras callbacks), the
     adapter and the engine get ``plugins`` (corebus plugins); ``extra`` Keras callbacks (spies,
     interrupters) go to every way, after the others."""

@@ -74,8 +74,7 @@ def steps(model):
 
 
 def backup(way, directory, **kwargs):
-    return (keras.callbacks.BackupAndRestore if way.startswith("keras") else BackupAndRestore)(str(directory),
-                                                                                               **kwargs)
+    return (keras.callbacks.BackupAndRestore if way.startswith("keras") else BackupAndRestore)(str(directory), **kwargs)
 
 
 def fit(way, model, callbacks, **kwargs):
@@ -112,8 +111,9 @@ def test_backup_dir_is_required(backup_dir):
 
 
 def test_a_run_interrupted_at_an_epoch_end_resumes_after_the_last_whole_epoch(tmp_path):
-    results = {way: interrupted_and_resumed(way, tmp_path / way / "subdir", Interrupt(at_epoch=2), 6)
-               for way in ALL_WAYS}
+    results = {
+        way: interrupted_and_resumed(way, tmp_path / way / "subdir", Interrupt(at_epoch=2), 6) for way in ALL_WAYS
+    }
     oracle = results["keras"][2]
     for way, (at_stop, history, model) in results.items():
         assert at_stop == 6, way  # two epochs of three batches
@@ -134,8 +134,9 @@ def test_the_engines_resumed_history_holds_every_epoch_of_the_run(tmp_path):
 @pytest.mark.parametrize("way", ALL_WAYS)
 def test_a_run_interrupted_after_a_batch_resumes(tmp_path, way, caplog):
     with caplog.at_level(logging.WARNING, "corebus"):
-        at_stop, history, model = interrupted_and_resumed(way, tmp_path / "subdir", Interrupt(at_batch=2), 2,
-                                                          save_freq=1)
+        at_stop, history, model = interrupted_and_resumed(
+            way, tmp_path / "subdir", Interrupt(at_batch=2), 2, save_freq=1
+        )
     assert at_stop == 2
     assert history.epoch[-1] == 4
     if way == "engine":
@@ -165,8 +166,9 @@ def test_a_corrupt_newest_backup_falls_back_to_the_one_before(tmp_path, way):
     # Keras keeps the previous backup with double_checkpoint=True; the plugin always keeps two.
     # (background=False: the newest snapshot is on disk when fit raises; see the test below)
     kwargs = {"double_checkpoint": True} if way.startswith("keras") else {"background": False}
-    at_stop, history, model = interrupted_and_resumed(way, tmp_path / "subdir", Interrupt(at_epoch=2), 6,
-                                                      corrupt=corrupt_the_newest, **kwargs)
+    at_stop, history, model = interrupted_and_resumed(
+        way, tmp_path / "subdir", Interrupt(at_epoch=2), 6, corrupt=corrupt_the_newest, **kwargs
+    )
     assert at_stop == 6
     # from the backup of the first epoch (the engine's History holds the whole run)
     assert history.epoch == ([0, 1, 2, 3, 4] if way == "engine" else [1, 2, 3, 4])
@@ -185,8 +187,11 @@ def test_an_error_raised_by_terminate_on_nan_keeps_the_backup(tmp_path, way):
     directory = tmp_path / "backups"
     directory.mkdir()
     (directory / "checkpoint.txt").write_text("dummy checkpoint")
-    stop = keras.callbacks.TerminateOnNaN(raise_error=True) if way.startswith("keras") else \
-        TerminateOnNaN(raise_error=True)
+    stop = (
+        keras.callbacks.TerminateOnNaN(raise_error=True)
+        if way.startswith("keras")
+        else TerminateOnNaN(raise_error=True)
+    )
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
@@ -194,8 +199,7 @@ def test_an_error_raised_by_terminate_on_nan_keeps_the_backup(tmp_path, way):
     # Keras raises its RuntimeError; a corebus plugin's error comes as PluginError naming the
     # plugin, the hook and the RuntimeError (README.md)
     with pytest.raises((RuntimeError, PluginError)) as raised:
-        fit_with(way, model, np.array([[1.0]]), np.array([[np.inf]]), epochs=1,
-                 **{key: [backup(way, directory), stop]})
+        fit_with(way, model, np.array([[1.0]]), np.array([[np.inf]]), epochs=1, **{key: [backup(way, directory), stop]})
     assert "NaN or Inf loss" in str(raised.value)
     assert (directory / "checkpoint.txt").read_text() == "dummy checkpoint"
 
@@ -238,8 +242,7 @@ def keras_rerun(tmp_path_factory):
     return killed_by_the_error("keras", tmp_path_factory.mktemp("keras") / "subdir")
 
 
-@pytest.mark.parametrize("way", [
-    "adapter", "engine"])
+@pytest.mark.parametrize("way", ["adapter", "engine"])
 def test_a_process_killed_by_the_error_resumes_where_keras_does(tmp_path, way, keras_rerun):
     trained, model = killed_by_the_error(way, tmp_path / "subdir")
     assert keras_rerun[0] == [2, 3, 4]  # Keras's backup of the second epoch is on disk

@@ -108,8 +108,9 @@ def exploding():
     # Huge constant weights: the first batch's loss is not finite.
     keras.utils.set_random_seed(1337)
     big = keras.initializers.Constant(1e5)
-    model = keras.Sequential([keras.layers.Dense(2, activation="relu", kernel_initializer=big) for _ in range(5)]
-                             + [keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [keras.layers.Dense(2, activation="relu", kernel_initializer=big) for _ in range(5)] + [keras.layers.Dense(2)]
+    )
     model.compile(loss="mean_squared_error", optimizer="sgd")
     return model
 
@@ -121,8 +122,16 @@ def test_a_stop_by_terminate_on_nan_leaves_a_valid_file_with_the_nan_row(tmp_pat
     path = tmp_path / "log.csv"
     stop = keras.callbacks.TerminateOnNaN() if way.startswith("keras") else TerminateOnNaN()
     key = "callbacks" if way.startswith("keras") else "plugins"
-    history = fit_with(way, exploding(), X, labels, batch_size=4, validation_data=(X_VAL, val_labels), epochs=20,
-                       **{key: [stop, logger(way, path)]})
+    history = fit_with(
+        way,
+        exploding(),
+        X,
+        labels,
+        batch_size=4,
+        validation_data=(X_VAL, val_labels),
+        epochs=20,
+        **{key: [stop, logger(way, path)]},
+    )
     loss = history.history["loss"]
     assert len(loss) == 1 and not np.isfinite(loss[0])
     rows = cells(path)

@@ -1,12 +1,11 @@
 """EarlyStopping, following keras/src/callbacks/early_stopping_test.py (see README.md)."""
 
 import keras
-import numpy as np
 import pytest
 from suite import compiled, four, same_weights
 
 from corebus.plugins.early_stopping import EarlyStopping
-from corebus.testing import make_trainer, tiny_data
+from corebus.testing import make_trainer, tiny_data  # noqa: F401 (tiny_data: a fixture)
 
 WAYS = ("keras_in_trainer", "adapter", "engine")
 
@@ -14,8 +13,13 @@ WAYS = ("keras_in_trainer", "adapter", "engine")
 @pytest.mark.parametrize("monitor, mode", [("loss", "min"), ("accuracy", "auto"), ("val_loss", "auto")])
 def test_monitor_and_mode_decide_the_stop_epoch(monitor, mode):
     kwargs = dict(monitor=monitor, mode=mode, patience=1, min_delta=0.01)
-    runs = four(lambda: keras.callbacks.EarlyStopping(**kwargs), lambda: EarlyStopping(**kwargs),
-                epochs=8, validation_split=0.25, model_fn=lambda: compiled(lr=0.05))
+    runs = four(
+        lambda: keras.callbacks.EarlyStopping(**kwargs),
+        lambda: EarlyStopping(**kwargs),
+        epochs=8,
+        validation_split=0.25,
+        model_fn=lambda: compiled(lr=0.05),
+    )
     for way in WAYS:
         assert runs[way].epochs == runs["keras"].epochs, way
         assert runs[way].obj.stopped_epoch == runs["keras"].obj.stopped_epoch, way
@@ -54,15 +58,24 @@ def test_state_is_cleared_at_train_begin():
     plugin = EarlyStopping(monitor="loss", patience=3, restore_best_weights=True)
     plugin.best, plugin.wait, plugin.stopped_epoch, plugin.best_epoch, plugin.best_weights = 0.1, 3, 5, 5, [1]
     plugin.on_train_begin()
-    assert (plugin.best, plugin.wait, plugin.stopped_epoch, plugin.best_epoch, plugin.best_weights) == \
-        (None, 0, 0, 0, None)
+    assert (plugin.best, plugin.wait, plugin.stopped_epoch, plugin.best_epoch, plugin.best_weights) == (
+        None,
+        0,
+        0,
+        0,
+        None,
+    )
 
 
 def test_unreached_baseline_stops_after_patience():
     # lr=0: the first epoch sets the best but not the baseline, so the wait is never restarted.
     kwargs = dict(monitor="loss", patience=3, baseline=1e-6)
-    runs = four(lambda: keras.callbacks.EarlyStopping(**kwargs), lambda: EarlyStopping(**kwargs), epochs=20,
-                model_fn=lambda: compiled(lr=0.0))
+    runs = four(
+        lambda: keras.callbacks.EarlyStopping(**kwargs),
+        lambda: EarlyStopping(**kwargs),
+        epochs=20,
+        model_fn=lambda: compiled(lr=0.0),
+    )
     assert runs["keras"].epochs == [0, 1, 2]
     for way in WAYS:
         assert runs[way].epochs == runs["keras"].epochs, way
@@ -71,8 +84,13 @@ def test_unreached_baseline_stops_after_patience():
 def test_restore_best_weights_gives_the_best_epochs_weights():
     # A too large learning rate: the validation loss gets worse after its best epoch.
     kwargs = dict(monitor="val_loss", patience=2, restore_best_weights=True)
-    runs = four(lambda: keras.callbacks.EarlyStopping(**kwargs), lambda: EarlyStopping(**kwargs), epochs=12,
-                validation_split=0.25, model_fn=lambda: compiled(lr=3.0))
+    runs = four(
+        lambda: keras.callbacks.EarlyStopping(**kwargs),
+        lambda: EarlyStopping(**kwargs),
+        epochs=12,
+        validation_split=0.25,
+        model_fn=lambda: compiled(lr=3.0),
+    )
     assert runs["keras"].obj.stopped_epoch > 0
     for way in WAYS:
         assert runs[way].epochs == runs["keras"].epochs, way
@@ -83,8 +101,12 @@ def test_restore_best_weights_gives_the_best_epochs_weights():
 @pytest.mark.parametrize("start_from_epoch, patience", [(2, 0)])
 def test_start_from_epoch_delays_the_watch(start_from_epoch, patience):
     kwargs = dict(monitor="loss", patience=patience, start_from_epoch=start_from_epoch)
-    runs = four(lambda: keras.callbacks.EarlyStopping(**kwargs), lambda: EarlyStopping(**kwargs), epochs=10,
-                model_fn=lambda: compiled(lr=0.0))
+    runs = four(
+        lambda: keras.callbacks.EarlyStopping(**kwargs),
+        lambda: EarlyStopping(**kwargs),
+        epochs=10,
+        model_fn=lambda: compiled(lr=0.0),
+    )
     assert len(runs["keras"].epochs) >= start_from_epoch + patience
     for way in WAYS:
         assert runs[way].epochs == runs["keras"].epochs, way

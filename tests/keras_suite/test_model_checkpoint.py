@@ -29,9 +29,14 @@ def classifier(metrics=None, functional=False):
         hidden = keras.layers.Dense(5, activation="relu")(inputs)
         model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
     else:  # Keras's idiom: no Input, built by the first batch
-        model = keras.Sequential([keras.layers.Dense(5, activation="relu"), keras.layers.Dense(3, activation="softmax")])
-    model.compile(loss="categorical_crossentropy", optimizer="sgd",
-                  metrics=metrics or [keras.metrics.CategoricalAccuracy(name="acc")])
+        model = keras.Sequential(
+            [keras.layers.Dense(5, activation="relu"), keras.layers.Dense(3, activation="softmax")]
+        )
+    model.compile(
+        loss="categorical_crossentropy",
+        optimizer="sgd",
+        metrics=metrics or [keras.metrics.CategoricalAccuracy(name="acc")],
+    )
     return model
 
 
@@ -55,11 +60,14 @@ def files_of_every_way(tmp_path, name, model_fn=classifier, **kwargs):
     return files
 
 
-@pytest.mark.parametrize("monitor, mode, save_best_only", [
-    ("val_loss", "auto", False), ("val_loss", "min", False), ("val_acc", "max", False), ("val_acc", "max", True)])
+@pytest.mark.parametrize(
+    "monitor, mode, save_best_only",
+    [("val_loss", "auto", False), ("val_loss", "min", False), ("val_acc", "max", False), ("val_acc", "max", True)],
+)
 def test_saves_into_a_new_subdirectory_whatever_the_monitor_and_mode(tmp_path, monitor, mode, save_best_only):
-    files = files_of_every_way(tmp_path, "subdir/checkpoint.keras", monitor=monitor, mode=mode,
-                               save_best_only=save_best_only)
+    files = files_of_every_way(
+        tmp_path, "subdir/checkpoint.keras", monitor=monitor, mode=mode, save_best_only=save_best_only
+    )
     assert files["keras"] == ["subdir/checkpoint.keras"]
     for way in WAYS:
         assert files[way] == files["keras"], way
@@ -68,8 +76,9 @@ def test_saves_into_a_new_subdirectory_whatever_the_monitor_and_mode(tmp_path, m
 @pytest.mark.parametrize("monitor, mode", [("val_loss", "auto"), ("val_acc", "max")])
 def test_save_best_only_saves_the_same_epochs(tmp_path, monitor, mode):
     keras.utils.set_random_seed(0)
-    files = files_of_every_way(tmp_path, "ckpt.{epoch:02d}.keras", monitor=monitor, mode=mode, save_best_only=True,
-                               epochs=6)
+    files = files_of_every_way(
+        tmp_path, "ckpt.{epoch:02d}.keras", monitor=monitor, mode=mode, save_best_only=True, epochs=6
+    )
     assert files["keras"]  # the first epoch always improves on nothing
     for way in WAYS:
         assert files[way] == files["keras"], way
@@ -99,8 +108,15 @@ def test_an_unknown_mode():
 @pytest.mark.parametrize("name", ["checkpoint.epoch{epoch:02d}.keras", "checkpoint.epoch{epoch:02d}.weights.h5"])
 def test_an_integer_save_freq_saves_every_n_batches(tmp_path, name):
     # 30 rows in batches of 6: 5 batches an epoch, so a save every third epoch
-    files = files_of_every_way(tmp_path, name, monitor="val_acc", save_freq=15, epochs=10, batch_size=6,
-                               save_weights_only=name.endswith(".weights.h5"))
+    files = files_of_every_way(
+        tmp_path,
+        name,
+        monitor="val_acc",
+        save_freq=15,
+        epochs=10,
+        batch_size=6,
+        save_weights_only=name.endswith(".weights.h5"),
+    )
     assert files["keras"] == [name.format(epoch=e) for e in (3, 6, 9)]
     for way in WAYS:
         assert files[way] == files["keras"], way
@@ -116,28 +132,47 @@ def test_save_freq_must_be_epoch_or_an_integer():
         ModelCheckpoint("m.weights.h5", save_weights_only=True, save_freq=save_freq)
 
 
-@pytest.mark.parametrize("name", ["checkpoint.epoch{epoch:02d}batch{batch:02d}.keras",
-                                  "checkpoint.epoch{epoch:02d}batch{batch:02d}.weights.h5"])
+@pytest.mark.parametrize(
+    "name",
+    ["checkpoint.epoch{epoch:02d}batch{batch:02d}.keras", "checkpoint.epoch{epoch:02d}batch{batch:02d}.weights.h5"],
+)
 def test_the_batch_in_the_file_name(tmp_path, name):
     # 30 rows in batches of 15: two batches an epoch, a save after each
-    files = files_of_every_way(tmp_path, name, monitor="val_loss", save_freq=1, epochs=5, batch_size=15,
-                               save_weights_only=name.endswith(".weights.h5"))
+    files = files_of_every_way(
+        tmp_path,
+        name,
+        monitor="val_loss",
+        save_freq=1,
+        epochs=5,
+        batch_size=15,
+        save_weights_only=name.endswith(".weights.h5"),
+    )
     assert files["keras"] == sorted(name.format(epoch=e, batch=b) for e in range(1, 6) for b in (1, 2))
     for way in WAYS:
         assert files[way] == files["keras"], way
 
 
-@pytest.mark.parametrize("monitor, mode, threshold, saved", [
-    ("val_acc", "max", -0.01, True),  # any accuracy beats -0.01
-    ("val_loss", "auto", None, True),
-    ("val_loss", "min", 0, False),  # no loss beats 0
-    ("val_loss", "auto", 0, False),
-    ("val_auc", "auto", 1, False),  # auto: an AUC is maximised, and none beats 1
-])
+@pytest.mark.parametrize(
+    "monitor, mode, threshold, saved",
+    [
+        ("val_acc", "max", -0.01, True),  # any accuracy beats -0.01
+        ("val_loss", "auto", None, True),
+        ("val_loss", "min", 0, False),  # no loss beats 0
+        ("val_loss", "auto", 0, False),
+        ("val_auc", "auto", 1, False),  # auto: an AUC is maximised, and none beats 1
+    ],
+)
 def test_initial_value_threshold(tmp_path, monitor, mode, threshold, saved):
     metrics = [keras.metrics.AUC(name="auc")] if monitor == "val_auc" else None
-    files = files_of_every_way(tmp_path, "checkpoint.keras", model_fn=lambda: classifier(metrics), monitor=monitor,
-                               mode=mode, save_best_only=True, initial_value_threshold=threshold)
+    files = files_of_every_way(
+        tmp_path,
+        "checkpoint.keras",
+        model_fn=lambda: classifier(metrics),
+        monitor=monitor,
+        mode=mode,
+        save_best_only=True,
+        initial_value_threshold=threshold,
+    )
     assert files["keras"] == (["checkpoint.keras"] if saved else [])
     for way in WAYS:
         assert files[way] == files["keras"], way

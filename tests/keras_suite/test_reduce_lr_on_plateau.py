@@ -13,19 +13,29 @@ def lrs(r):
     return [round(float(v), 8) for v in r.history.history["learning_rate"]]
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(monitor="val_loss", factor=0.5, patience=1, min_delta=10.0),              # reduces with model.fit
-    dict(monitor="val_loss", factor=0.1, patience=1, min_delta=10.0, min_lr=0.002),  # honours min_lr
-    dict(monitor="val_loss", factor=0.5, patience=1, min_delta=10.0, cooldown=2),     # cooldown
-], ids=["reduces", "min_lr", "cooldown"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(monitor="val_loss", factor=0.5, patience=1, min_delta=10.0),  # reduces with model.fit
+        dict(monitor="val_loss", factor=0.1, patience=1, min_delta=10.0, min_lr=0.002),  # honours min_lr
+        dict(monitor="val_loss", factor=0.5, patience=1, min_delta=10.0, cooldown=2),  # cooldown
+    ],
+    ids=["reduces", "min_lr", "cooldown"],
+)
 def test_learning_rate_trajectory(kwargs):
-    runs = four(lambda: keras.callbacks.ReduceLROnPlateau(**kwargs), lambda: ReduceLROnPlateau(**kwargs),
-                epochs=5, validation_split=0.25, model_fn=lambda: compiled(lr=0.1))
+    runs = four(
+        lambda: keras.callbacks.ReduceLROnPlateau(**kwargs),
+        lambda: ReduceLROnPlateau(**kwargs),
+        epochs=5,
+        validation_split=0.25,
+        model_fn=lambda: compiled(lr=0.1),
+    )
     assert lrs(runs["keras"])[-1] < 0.1
     for way in WAYS:
         assert lrs(runs[way]) == lrs(runs["keras"]), way
         assert float(runs[way].model.optimizer.learning_rate) == pytest.approx(
-            float(runs["keras"].model.optimizer.learning_rate)), way
+            float(runs["keras"].model.optimizer.learning_rate)
+        ), way
 
 
 def test_optimizer_with_a_schedule():
@@ -46,8 +56,11 @@ def test_verbose_message(capsys):
     kwargs = dict(monitor="loss", factor=0.5, patience=0, min_delta=10.0, verbose=1)
     outputs = {}
     for way in ("keras", *WAYS):
-        make = (lambda: keras.callbacks.ReduceLROnPlateau(**kwargs)) if way.startswith("keras") else \
-            (lambda: ReduceLROnPlateau(**kwargs))
+        make = (
+            (lambda: keras.callbacks.ReduceLROnPlateau(**kwargs))
+            if way.startswith("keras")
+            else (lambda: ReduceLROnPlateau(**kwargs))
+        )
         run(way, make, epochs=2)
         outputs[way] = capsys.readouterr().out
     assert "ReduceLROnPlateau reducing learning rate to" in outputs["keras"]

@@ -25,8 +25,11 @@ class EndSpy(keras.callbacks.Callback):
 
 
 def make(way, **kwargs):
-    return (lambda: keras.callbacks.TerminateOnNaN(**kwargs)) if way.startswith("keras") else \
-        (lambda: TerminateOnNaN(**kwargs))
+    return (
+        (lambda: keras.callbacks.TerminateOnNaN(**kwargs))
+        if way.startswith("keras")
+        else (lambda: TerminateOnNaN(**kwargs))
+    )
 
 
 @pytest.mark.parametrize("way", ["keras", *WAYS])
@@ -40,8 +43,17 @@ def test_stops_gracefully_and_ends_training(way):
 @pytest.mark.parametrize("way", ["keras", *WAYS])
 def test_raise_error_raises_at_the_bad_batch_and_skips_train_end(way):
     EndSpy.ended = False
-    r = run(way, make(way, raise_error=True), x=X, y=Y_INF_SECOND, batch_size=1, epochs=2, model_fn=regression,
-            extra=lambda: [EndSpy()], raises=Exception)
+    r = run(
+        way,
+        make(way, raise_error=True),
+        x=X,
+        y=Y_INF_SECOND,
+        batch_size=1,
+        epochs=2,
+        model_fn=regression,
+        extra=lambda: [EndSpy()],
+        raises=Exception,
+    )
     assert r.error is not None and "batch 1" in str(r.error)
     assert not EndSpy.ended
 

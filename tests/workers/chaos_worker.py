@@ -59,8 +59,14 @@ class Killer:
     def die(self, trainer=None) -> None:
         trainer = trainer or self.trainer
         backup = next(p for p in trainer.bus.plugins.values() if type(p).__name__ == "BackupAndRestore")
-        record = {"pid": os.getpid(), "kill": self.where, "killed_at_step": trainer.global_step,
-                  "epoch": trainer.epoch, "steps": self.steps, "restored_step": backup.restored_step}
+        record = {
+            "pid": os.getpid(),
+            "kill": self.where,
+            "killed_at_step": trainer.global_step,
+            "epoch": trainer.epoch,
+            "steps": self.steps,
+            "restored_step": backup.restored_step,
+        }
         with open(self.out / "process.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         os.kill(os.getpid(), signal.SIGKILL)
@@ -111,10 +117,17 @@ def kill_during_write(k: int, killer: Killer) -> None:
 
 def wandb_environment(out: Path) -> None:
     for name, value in {
-        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_CODE": "true",
-        "WANDB_DISABLE_GIT": "true", "WANDB__DISABLE_STATS": "true", "WANDB__DISABLE_META": "true",
-        "WANDB__DISABLE_MACHINE_INFO": "true", "WANDB_DATA_DIR": str(out / "wandb-data"),
-        "WANDB_CACHE_DIR": str(out / "wandb-cache"), "WANDB_CONFIG_DIR": str(out / "wandb-config"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB__DISABLE_STATS": "true",
+        "WANDB__DISABLE_META": "true",
+        "WANDB__DISABLE_MACHINE_INFO": "true",
+        "WANDB_DATA_DIR": str(out / "wandb-data"),
+        "WANDB_CACHE_DIR": str(out / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(out / "wandb-config"),
         "WANDB_ARTIFACT_DIR": str(out / "wandb-artifacts"),
     }.items():
         os.environ[name] = value
@@ -134,23 +147,46 @@ def main() -> int:
     if killer.kind == "write":
         kill_during_write(killer.at, killer)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dropout(0.2), keras.layers.Dense(3, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
     plugins = [
         {"name": "backup", "backup_dir": str(out / "backup"), "save_freq": SAVE_FREQ, "background": True},
-        {"name": "checkpoint", "filepath": str(out / "ckpt" / "w-{epoch:02d}.weights.h5"), "save_weights_only": True,
-         "monitor": "val_loss", "save_top_k": 2},
+        {
+            "name": "checkpoint",
+            "filepath": str(out / "ckpt" / "w-{epoch:02d}.weights.h5"),
+            "save_weights_only": True,
+            "monitor": "val_loss",
+            "save_top_k": 2,
+        },
         {"name": "csv_logger", "filename": str(out / "history.csv")},
         {"name": "tensorboard", "log_dir": str(out / "tb"), "update_freq": 1},
-        {"name": "mlflow", "tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment_name": "chaos",
-         "dir": str(out / "mlflow"), "run_name": "chaos", "log_every_n_steps": 1},
+        {
+            "name": "mlflow",
+            "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+            "experiment_name": "chaos",
+            "dir": str(out / "mlflow"),
+            "run_name": "chaos",
+            "log_every_n_steps": 1,
+        },
         {"name": "wandb", "project": "chaos", "mode": "offline", "dir": str(out), "log_every_n_steps": 1},
         {"name": "report", "report_dir": str(out / "report"), "log_every_n_steps": 1},
         killer,
     ]
     x, y = tiny_data(n=N)
-    trainer = corebus.Trainer(model, optimizer=keras.optimizers.Adam(0.02), loss="sparse_categorical_crossentropy",
-                              metrics=["accuracy"], plugins=plugins, seed=0)
+    trainer = corebus.Trainer(
+        model,
+        optimizer=keras.optimizers.Adam(0.02),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        plugins=plugins,
+        seed=0,
+    )
     record = {"pid": os.getpid(), "kill": args.kill}
     try:
         trainer.fit(x, y, batch_size=BATCH, epochs=EPOCHS, validation_split=0.25, verbose=0)
@@ -158,9 +194,14 @@ def main() -> int:
         record["finished"] = True
     finally:
         backup = next(p for p in trainer.bus.plugins.values() if type(p).__name__ == "BackupAndRestore")
-        record.update(steps=killer.steps, restored_step=getattr(backup, "restored_step", None),
-                      wandb_run_id=next((getattr(p, "run_id", None) for p in trainer.bus.plugins.values()
-                                         if type(p).__name__ == "WandbLogger"), None))
+        record.update(
+            steps=killer.steps,
+            restored_step=getattr(backup, "restored_step", None),
+            wandb_run_id=next(
+                (getattr(p, "run_id", None) for p in trainer.bus.plugins.values() if type(p).__name__ == "WandbLogger"),
+                None,
+            ),
+        )
         with open(out / "process.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
     return 0

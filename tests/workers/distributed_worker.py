@@ -36,7 +36,9 @@ args = parser.parse_args()
 
 if args.mode == "multiworker":
     workers = [f"127.0.0.1:{port}" for port in args.ports.split(",")]
-    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": args.rank}})
+    os.environ["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": args.rank}}
+    )
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -91,8 +93,11 @@ class SignalOnOneWorker:
 
     @hookimpl
     def on_exception(self, trainer, exception):
-        (out / f"rank{args.rank}-stopped.json").write_text(json.dumps({
-            "exception": type(exception).__name__, "global_step": trainer.global_step, "epochs": seen.epochs}))
+        (out / f"rank{args.rank}-stopped.json").write_text(
+            json.dumps(
+                {"exception": type(exception).__name__, "global_step": trainer.global_step, "epochs": seen.epochs}
+            )
+        )
 
 
 class KillAt:
@@ -104,8 +109,9 @@ class KillAt:
 
 def build():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
-                             keras.layers.Dense(3, activation="softmax")])
+    return keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3, activation="softmax")]
+    )
 
 
 if strategy is not None:
@@ -121,21 +127,46 @@ plugins = [
     SignalOnOneWorker(),
     {"name": "gradient_clipping", "global_norm": 5.0},
     {"name": "early_stopping", "monitor": "val_loss", "patience": 1, "min_delta": args.es_min_delta},
-    {"name": "checkpoint", "filepath": str(out / "ckpt" / "ep{epoch:02d}.weights.h5"), "save_weights_only": True,
-     "monitor": "val_loss"},
-    {"name": "mlflow", "tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment_name": "dist",
-     "dir": str(out / f"mlflow-spool-{args.rank}"), "log_every_n_steps": 2},
+    {
+        "name": "checkpoint",
+        "filepath": str(out / "ckpt" / "ep{epoch:02d}.weights.h5"),
+        "save_weights_only": True,
+        "monitor": "val_loss",
+    },
+    {
+        "name": "mlflow",
+        "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+        "experiment_name": "dist",
+        "dir": str(out / f"mlflow-spool-{args.rank}"),
+        "log_every_n_steps": 2,
+    },
 ]
 if args.backup:
     plugins += [{"name": "backup", "backup_dir": str(out / "backup"), "save_freq": 3, "background": False}, KillAt()]
-trainer = corebus.Trainer(model, keras.optimizers.SGD(0.2), "sparse_categorical_crossentropy", ["accuracy"],
-                          plugins=plugins, strategy=strategy, seed=0)
+trainer = corebus.Trainer(
+    model,
+    keras.optimizers.SGD(0.2),
+    "sparse_categorical_crossentropy",
+    ["accuracy"],
+    plugins=plugins,
+    strategy=strategy,
+    seed=0,
+)
 x, y = tiny_data(120)  # validation_split 0.2: 96 train (8 steps of 12), 24 validation (2 of 12)
 history = trainer.fit(x, y, batch_size=12, epochs=args.epochs, validation_split=0.2, verbose=0, shuffle=True)
 np.savez(out / f"rank{args.rank}.npz", *[w.numpy() for w in model.weights])
-(out / f"rank{args.rank}.json").write_text(json.dumps({
-    "history": history.history, "global_step": trainer.global_step, "epochs": seen.epochs,
-    "is_chief": trainer.is_chief, "rank": trainer.rank, "num_workers": trainer.num_workers,
-    "num_replicas": trainer.num_replicas, "plugins": list(trainer.bus.plugins),
-}))
+(out / f"rank{args.rank}.json").write_text(
+    json.dumps(
+        {
+            "history": history.history,
+            "global_step": trainer.global_step,
+            "epochs": seen.epochs,
+            "is_chief": trainer.is_chief,
+            "rank": trainer.rank,
+            "num_workers": trainer.num_workers,
+            "num_replicas": trainer.num_replicas,
+            "plugins": list(trainer.bus.plugins),
+        }
+    )
+)
 sys.exit(0)

@@ -67,15 +67,25 @@ def main():
         {"name": "backup", "backup_dir": str(out / "backup"), "save_freq": "epoch"},
         {"name": "csv_logger", "filename": str(out / "history.csv")},
         {"name": "tensorboard", "log_dir": str(out / "tb"), "update_freq": 1},
-        {"name": "mlflow", "tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment_name": "preempt", "dir": str(out / "mlflow"),
-         "run_name": "preempt"},
+        {
+            "name": "mlflow",
+            "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+            "experiment_name": "preempt",
+            "dir": str(out / "mlflow"),
+            "run_name": "preempt",
+        },
         watcher,
     ]
     if args.accumulate > 1:
         plugins.append({"name": "gradient_accumulation", "steps": args.accumulate})
-    trainer = corebus.Trainer(model, optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
-                              metrics=["accuracy"], plugins=plugins,
-                              stop_signals=("SIGTERM", "SIGUSR1"))
+    trainer = corebus.Trainer(
+        model,
+        optimizer=keras.optimizers.Adam(0.01),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        plugins=plugins,
+        stop_signals=("SIGTERM", "SIGUSR1"),
+    )
     record = {"pid": os.getpid(), "seed": trainer.seed}
     try:
         trainer.fit(x, y, batch_size=16, epochs=4, validation_split=0.25, verbose=0)

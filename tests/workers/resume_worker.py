@@ -36,12 +36,14 @@ EPOCHS, BATCH, SAVE_FREQ = 6, 16, 5
 
 def model():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([
-        keras.Input((4,)),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dropout(0.2),  # exercises the seed-generator state
-        keras.layers.Dense(3, activation="softmax"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.2),  # exercises the seed-generator state
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
 
 
 class KillAt:
@@ -118,9 +120,11 @@ def plugins(args):
     ]
     if args.kill_in_train_end:
         chosen.append(KillInTrainEnd())
-    for name, params in (("early_stopping", {"patience": 2, "min_delta": 0.01, "restore_best_weights": True}),
-                         ("reduce_lr_on_plateau", {"patience": 1, "factor": 0.5, "min_delta": 0.01}),
-                         ("lr_schedule", {"schedule": "exponential", "decay_steps": 10, "decay_rate": 0.9})):
+    for name, params in (
+        ("early_stopping", {"patience": 2, "min_delta": 0.01, "restore_best_weights": True}),
+        ("reduce_lr_on_plateau", {"patience": 1, "factor": 0.5, "min_delta": 0.01}),
+        ("lr_schedule", {"schedule": "exponential", "decay_steps": 10, "decay_rate": 0.9}),
+    ):
         chosen.append(corebus.bus.registry.resolve(dict(name=name, **params)))
     return chosen
 
@@ -141,17 +145,27 @@ def main():
     active = plugins(args)
     this_process = ThisProcess(args.step_sleep)
     if args.mode == "engine":
-        trainer = corebus.Trainer(model(), optimizer=keras.optimizers.Adam(0.02), loss="sparse_categorical_crossentropy",
-                                  metrics=["accuracy"], plugins=active + [this_process], seed=0)
+        trainer = corebus.Trainer(
+            model(),
+            optimizer=keras.optimizers.Adam(0.02),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            plugins=active + [this_process],
+            seed=0,
+        )
         history = trainer.fit(x, y, batch_size=BATCH, epochs=EPOCHS, validation_split=0.25, verbose=0)
         weights = trainer.model.get_weights()
     else:
         m = model()
         callback = corebus.KerasCallback(active + [this_process])
-        m.compile(optimizer=callback.wrap_optimizer(keras.optimizers.Adam(0.02)), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-        history = m.fit(x, y, batch_size=BATCH, epochs=EPOCHS, validation_split=0.25, verbose=0, shuffle=False,
-                        callbacks=[callback])
+        m.compile(
+            optimizer=callback.wrap_optimizer(keras.optimizers.Adam(0.02)),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        history = m.fit(
+            x, y, batch_size=BATCH, epochs=EPOCHS, validation_split=0.25, verbose=0, shuffle=False, callbacks=[callback]
+        )
         weights = m.get_weights()
     np.savez(Path(args.out) / "final.npz", *weights)
     states = {type(p).__name__: p.state_dict() for p in active if hasattr(p, "state_dict")}
@@ -161,8 +175,9 @@ def main():
         # Keras's own History callback in model.fit starts empty on every fit, resumed or not.
         states["history"] = history.history
     Path(args.out, "final.json").write_text(json.dumps(states, sort_keys=True, default=float))
-    Path(args.out, "process.json").write_text(json.dumps({"steps": this_process.steps,
-                                                          "restored_step": active[0].restored_step}))
+    Path(args.out, "process.json").write_text(
+        json.dumps({"steps": this_process.steps, "restored_step": active[0].restored_step})
+    )
     return 0
 
 

@@ -27,8 +27,15 @@ def test_keeps_the_best_epoch_in_a_file(make_trainer, tiny_data, recorder, tmp_p
     val_loss = history.history["val_loss"]
     best_epoch = min(range(len(val_loss)), key=val_loss.__getitem__)
     saved = read(tmp_path / "best.json")
-    assert saved == {"monitor": "val_loss", "mode": "min", "best": pytest.approx(val_loss[best_epoch]),
-                     "epoch": best_epoch + 1, "step": (best_epoch + 1) * 5, "epochs_seen": 4, "finished": True}
+    assert saved == {
+        "monitor": "val_loss",
+        "mode": "min",
+        "best": pytest.approx(val_loss[best_epoch]),
+        "epoch": best_epoch + 1,
+        "step": (best_epoch + 1) * 5,
+        "epochs_seen": 4,
+        "finished": True,
+    }
     # the recorder saw the same epochs, and the run ended normally
     assert [e[1] for e in recorder.events if e[0] == "on_epoch_end"] == [0, 1, 2, 3]
     assert recorder.names()[-1] == "on_train_end"
@@ -38,8 +45,9 @@ def test_max_mode_for_accuracy(make_trainer, tiny_data, tmp_path):
     x, y = tiny_data
     plugin = BestMetric(monitor="val_accuracy", path=tmp_path / "best.json")
     assert plugin.mode == "max"  # "auto" reads the name
-    history = make_trainer([plugin], optimizer="adam").fit(x, y, batch_size=16, epochs=3, validation_split=0.25,
-                                                           verbose=0)
+    history = make_trainer([plugin], optimizer="adam").fit(
+        x, y, batch_size=16, epochs=3, validation_split=0.25, verbose=0
+    )
     assert read(tmp_path / "best.json")["best"] == pytest.approx(max(history.history["val_accuracy"]))
 
 
@@ -47,7 +55,8 @@ def test_same_result_in_trainer_fit_and_model_fit(tiny_data, tmp_path):
     x, y = tiny_data
     paths = iter([tmp_path / "engine.json", tmp_path / "keras.json"])
     (engine, _), (keras_plugins, _) = fit_both_ways(
-        lambda: [BestMetric(monitor="loss", path=next(paths))], x, y, batch_size=32, epochs=3)
+        lambda: [BestMetric(monitor="loss", path=next(paths))], x, y, batch_size=32, epochs=3
+    )
     assert engine[0].best_epoch == keras_plugins[0].best_epoch
     assert engine[0].best == pytest.approx(keras_plugins[0].best, rel=1e-5)
     assert read(tmp_path / "engine.json")["step"] == read(tmp_path / "keras.json")["step"]
