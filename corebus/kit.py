@@ -7,6 +7,9 @@ hooks takes its building blocks from here, the same ones the built-ins use:
 - **Files**: :func:`atomic_path` (write to a temp file, fsync, rename), :func:`fsync_path`,
   :func:`check_writable` (fail before training, not at the first write), :class:`RunLock` (one
   run owns a directory), :class:`BackgroundWorker` (one writer thread, bounded, joined at the end).
+- **Object storage** (``s3://bucket/prefix``, through fsspec): :func:`is_remote`,
+  :func:`check_remote_writable` (a missing bucket or refused credentials fail before training),
+  :func:`mirror_directory` (upload a local directory's new or changed files).
 - **Loggers**: :class:`LogSink` (a bounded queue and a worker thread with retries and a spool,
   so a slow backend never blocks a step), :class:`Spool` / :func:`read_spool` /
   :func:`replay_spool`, :class:`RetryLater`, :class:`PendingPoints` (read many steps' lazy logs
@@ -46,6 +49,7 @@ from corebus.delivery.sinks import (
     replay_spool,
 )
 from corebus.delivery.snapshot import RunSnapshot, SnapshotError
+from corebus.delivery.storage import check_remote_writable, is_remote, mirror_directory
 from corebus.engine.context import optimizer_names
 from corebus.errors import require_module
 
@@ -81,9 +85,12 @@ __all__ = [
     "SnapshotError",
     "Spool",
     "atomic_path",
+    "check_remote_writable",
     "check_writable",
     "compare_reports",
     "fsync_path",
+    "is_remote",
+    "mirror_directory",
     "optimizer_names",
     "read_spool",
     "redact",
