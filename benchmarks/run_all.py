@@ -36,6 +36,7 @@ BENCHMARKS = [
     ("bench_snapshot.py", [], ["--steps", "100", "--repeats", "1"]),
     ("bench_watchdog.py", [], ["--epochs", "20", "--repeats", "2", "--latency-runs", "2"]),
     ("bench_distributed.py", [], ["--epochs", "10", "--repeats", "2"]),
+    ("bench_ray.py", [], ["--epochs", "4", "--repeats", "1"]),
 ]
 
 
