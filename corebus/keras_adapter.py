@@ -2,7 +2,7 @@
 
 The same plugin instances, the same hook arguments and order, the same stop and learning-rate
 semantics as in :class:`corebus.Trainer`: the adapter translates Keras callback calls into the
-shared dispatch of :class:`corebus.RunContext`.
+shared lifecycle of :class:`corebus.RunContext`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from corebus.bus.logs import LazyLogs
 from corebus.engine.context import RunContext
 from corebus.engine.gradients import GradientPipelineOptimizer, unwrap, wrap_optimizer
 from corebus.engine.optimizer_chain import optimizer_chain
+from corebus.engine.run_state import RunState
 from corebus.errors import ConfigError, CorebusError
 
 #: Hooks compiled into the step through the gradient pipeline.
@@ -31,6 +32,9 @@ class KerasRunContext(RunContext):
     def __init__(self) -> None:
         super().__init__()
         self._first_batch = 0
+        # Resume in model.fit is per epoch and Keras resets metrics at every epoch start (its
+        # compiled metrics are not even built yet when a snapshot is restored): leave them out.
+        self.run_state = RunState(self, metrics=False)
 
     @property
     def stop_training(self) -> bool:
@@ -40,13 +44,6 @@ class KerasRunContext(RunContext):
     def stop_training(self, value: bool) -> None:
         if self.model is not None:
             self.model.stop_training = bool(value)
-
-    def _state_variables(self) -> dict[str, list[Any]]:
-        # Resume in model.fit is per epoch and Keras resets metrics at every epoch start (its
-        # compiled metrics are not even built yet when a snapshot is restored): leave them out.
-        groups = super()._state_variables()
-        groups.pop("metrics", None)
-        return groups
 
     def _attach(self, model: Any, params: dict[str, Any]) -> None:
         self.model = model
@@ -179,7 +176,7 @@ class KerasCallback(keras.callbacks.Callback):
             batch = min(batch, steps - 1)
         steps_done = batch - ctx._first_batch + 1
         logs = dict(logs or {})
-        if not (ctx._batch_log_due(steps_done) or ctx._batch_log_due(steps_done, held=True)):
+        if not (ctx.dispatch.batch_log_due(steps_done) or ctx.dispatch.batch_log_due(steps_done, held=True)):
             ctx._train_batch_end(batch, steps_done, LazyLogs.from_tensors(logs))
             return
         # Keras hands callbacks running means only; on_log's gradient norm and learning rate

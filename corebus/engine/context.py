@@ -1,30 +1,25 @@
-"""What every hook receives as ``trainer``: the run's state and the event dispatch.
+"""What every hook receives as ``trainer``: the run's state, with the objects that do its jobs.
 
 Both the engine (:class:`corebus.Trainer`) and the Keras adapter (:class:`corebus.KerasCallback`)
-drive plugins through the methods here, so a plugin sees the same arguments, the same order
-and the same step numbers in ``Trainer.fit`` and in ``model.fit``.
+drive plugins through the lifecycle methods here, so a plugin sees the same arguments, the same
+order and the same step numbers in ``Trainer.fit`` and in ``model.fit``. Calling the hooks is
+the job of the context's :class:`~corebus.engine.dispatch.Dispatch`; saving and restoring it
+the job of its :class:`~corebus.engine.run_state.RunState`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from corebus.bus.bus import PluginBus
-from corebus.bus.logs import LazyLogs, LoggedStep
-from corebus.delivery import sinks
+from corebus.bus.logs import LazyLogs
 from corebus.delivery.alerts import Alert
+from corebus.engine.dispatch import GRADIENT_TAPS, Dispatch
 from corebus.engine.optimizer_chain import lr_owner
-
-log = logging.getLogger("corebus")
-
-
-#: What a plugin may ask the gradient pipeline for (``gradient_taps = {...}``); see
-#: :class:`corebus.engine.gradients.GradientPipeline`.
-GRADIENT_TAPS = ("norm", "values")
+from corebus.engine.run_params import run_params
+from corebus.engine.run_state import RunState
 
 
 def optimizer_names(value: Any, owner: str) -> list[str] | None:
@@ -35,88 +30,6 @@ def optimizer_names(value: Any, owner: str) -> list[str] | None:
     if names is not None and (not names or not all(isinstance(n, str) and n for n in names)):
         raise ConfigError(f"{owner} optimizers={value!r} must be None or a non-empty list of names")
     return names
-
-
-_EVERY_CALL = object()
-
-
-def _log_cadences(plugins: Any) -> tuple[Any, ...] | None:
-    """The cadences of the batch records ``plugins`` use, or ``None`` (every call) when one of
-    them does not declare ``batch_log_cadence``. Declared ``None``: none."""
-    cadences = []
-    for plugin in plugins:
-        cadence = getattr(plugin, "batch_log_cadence", _EVERY_CALL)
-        if cadence is _EVERY_CALL:
-            return None
-        if cadence is not None:
-            cadences.append(cadence)
-    return tuple(cadences)
-
-
-def _takes_batch_records(bus: PluginBus) -> bool:
-    """Whether some ``on_log`` / ``on_log_steps`` subscriber of ``bus`` takes batch records
-    (declares a ``batch_log_cadence`` that is not ``None``, or none at all)."""
-    plugins = [impl.plugin for hook in ("on_log", "on_log_steps") for _, impl in bus.implementations(hook)]
-    cadences = _log_cadences(plugins)
-    return cadences is None or len(cadences) > 0
-
-
-#: ``on_log_steps`` records are handed over at least this often (bounds the tensors held).
-HELD_STEPS_MAX = 1000
-
-
-def _plain(value: Any) -> bool:
-    """A config value worth logging as a run param: a scalar, or a list/tuple of scalars."""
-    scalar = (int, float, str, bool, type(None))
-    return isinstance(value, scalar) or (isinstance(value, (list, tuple)) and all(isinstance(v, scalar) for v in value))
-
-
-def _constructor_parameters(cls: type) -> set[str]:
-    import inspect
-
-    try:
-        signature = inspect.signature(cls.__init__)
-    except (TypeError, ValueError):
-        return set()
-    return {
-        name
-        for name, p in signature.parameters.items()
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"
-    }
-
-
-def _model_summary(context: Any) -> dict[str, Any]:
-    """Loss, metrics and parameter counts of the run's model (names, not objects)."""
-    model = context.model
-
-    def names(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: names(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [names(v) for v in value]
-        return (
-            value
-            if isinstance(value, str) or value is None
-            else getattr(value, "name", getattr(value, "__name__", type(value).__name__))
-        )
-
-    config: dict[str, Any] = {}
-    if getattr(model, "compiled", False):
-        try:
-            config = model.get_compile_config() or {}
-        except Exception:  # a compile argument Keras cannot serialise: names below
-            config = {}
-    summary: dict[str, Any] = {
-        "loss": names(config.get("loss") or getattr(model, "loss", None) or getattr(context, "loss", None)),
-        "metrics": names(config.get("metrics") or getattr(context, "metrics", None) or []),
-    }
-    if getattr(model, "built", False) and model.weights:
-        import numpy as np
-
-        trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
-        total = sum(int(np.prod(v.shape)) for v in model.weights)
-        summary.update(total_params=total, trainable_params=trainable, non_trainable_params=total - trainable)
-    return summary
 
 
 class RunContext:
@@ -139,7 +52,8 @@ class RunContext:
     supports_mid_epoch_resume = True
 
     def __init__(self) -> None:
-        self.bus: PluginBus = PluginBus()
+        self.dispatch = Dispatch(self)
+        self.run_state = RunState(self)
         self.model: Any = None
         self.optimizers: dict[str, Any] = {}
         self.global_step = 0
@@ -154,20 +68,23 @@ class RunContext:
         self._stop_training = False
         self._lr: Any = None
         self._lr_by_name: dict[str, Any] = {}
-        self._callers: dict[str, Any] = {}
-        self._batch_on_log: Any = None  # on_log for batch records: subscribers without on_log_steps
-        self._batch_log_cadences: tuple[Any, ...] | None = None  # None: every train call is logged
-        self._step_log_cadences: tuple[Any, ...] | None = ()  # of the on_log_steps subscribers
-        self._held_steps: list[tuple[int, int, float, Any]] = []  # on_log_steps records to hand over
-        self._hand_over_at = 0.0
-        self._at_epoch_end = False
+        self._at_epoch_end = False  # position: a snapshot now resumes at the next epoch's start
         self._resume_at: tuple[int, int] | None = None
-        self.gradient_taps: frozenset[str] = frozenset()
         # where this process stands under tf.distribute (one process, one replica: 0, 1, 1, True)
         self.rank = 0
         self.num_workers = 1
         self.num_replicas = 1
         self.is_chief = True
+
+    @property
+    def bus(self) -> PluginBus:
+        """The run's plugin bus."""
+        return self.dispatch.bus
+
+    @property
+    def gradient_taps(self) -> frozenset[str]:
+        """What the run's plugins ask the gradient pipeline for (:data:`GRADIENT_TAPS`)."""
+        return self.dispatch.gradient_taps
 
     # ---------------------------------------------------------------- state plugins use
 
@@ -248,28 +165,11 @@ class RunContext:
         )
         return AlertGate.of(self).dispatch(self, alert)
 
-    # ---------------------------------------------------------------- dispatch
+    # ---------------------------------------------------------------- steps
 
     def _use_bus(self, bus: PluginBus, compiled_for: PluginBus | None = None) -> None:
-        """Dispatch through ``bus``; gradient taps follow ``compiled_for`` (default ``bus``): under
-        tf.distribute the chief's plugins decide what every worker's step computes."""
-        from corebus.errors import ConfigError
-
-        taps = {}
-        for name, plugin in (compiled_for or bus).plugins.items():
-            for tap in getattr(plugin, "gradient_taps", ()) or ():
-                if tap not in GRADIENT_TAPS:
-                    raise ConfigError(f"plugin {name!r}: gradient_taps has {tap!r}; use any of {GRADIENT_TAPS}")
-                taps[tap] = name
-        self.bus = bus
-        self.gradient_taps = frozenset(taps)
-        self._callers = {hook: bus.caller(hook) for hook in bus._callers}
-        step_takers = [impl.plugin for _, impl in bus.implementations("on_log_steps")]
-        self._batch_on_log = bus.caller_without("on_log", step_takers)
-        self._batch_log_cadences = _log_cadences(
-            impl.plugin for _, impl in bus.implementations("on_log") if impl.plugin not in step_takers
-        )
-        self._step_log_cadences = _log_cadences(step_takers)
+        """Dispatch through ``bus``; gradient taps follow ``compiled_for`` (see :meth:`Dispatch.use`)."""
+        self.dispatch.use(bus, compiled_for)
         self._accumulation = self.accumulation_steps("default")
 
     def _start_steps(self, micro_step: int) -> None:
@@ -291,112 +191,16 @@ class RunContext:
         if self._pipeline is None:
             from corebus.engine.gradients import GradientPipeline
 
-            self._pipeline = GradientPipeline(self)
+            self._pipeline = GradientPipeline(self.dispatch)
         return self._pipeline
 
     def accumulation_steps(self, optimizer_name: str = "default") -> int:
         """Micro-batches per optimizer update (the ``gradient_accumulation_steps`` hook)."""
-        caller = self._callers.get("gradient_accumulation_steps")
-        steps = caller(trainer=self, optimizer_name=optimizer_name) if caller is not None else None
-        if steps is None:
-            return 1
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {steps!r}")
-        return steps
+        return self.dispatch.accumulation_steps(optimizer_name)
 
-    def _emit(self, hook: str, **kwargs: Any) -> None:
-        caller = self._callers.get(hook)
-        if caller is not None:
-            caller(trainer=self, **kwargs)
-
-    def _train_begin(self) -> None:
-        self.mode = "train"
-        if self._held_steps:  # left by a model.fit that raised (Keras has no exception hook)
-            self._hand_over_step_logs()
-        self._hand_over_at = 0.0  # the first record goes at once
-        self._emit("on_train_begin", logs={})
-
-    def _epoch_begin(self, epoch: int) -> None:
-        self._epoch_clock = (time.perf_counter(), self.global_step)
-        self.epoch = epoch
-        self.mode = "train"
-        self._emit("on_epoch_begin", epoch=epoch, logs={})
-
-    def _train_batch_begin(self, batch: int) -> None:
-        self.batch = batch
-        self._emit("on_train_batch_begin", batch=batch, logs={})
-
-    def _train_batch_end(
-        self, batch: int, steps_done: int, logs: Mapping[str, Any], step_values: Mapping[str, Any] | None = None
-    ) -> None:
-        """``steps_done`` batches were trained in the call that just ended. ``step_values`` are
-        what ``on_log`` gets: the last step's own values where known (default: ``logs``)."""
-        log_now = self._batch_log_due(steps_done)
-        hold = self._batch_log_due(steps_done, held=True)
-        values = logs if step_values is None else step_values
-        self._batch_ended(batch, steps_done, logs, values if log_now else None, values if hold else None)
-
-    def _batch_ended(
-        self,
-        batch: int,
-        steps_done: int,
-        logs: Mapping[str, Any] | None,
-        log_values: Mapping[str, Any] | None,
-        held_values: Any = None,
-    ) -> None:
-        """Advance the steps, then ``on_train_batch_end`` (``logs``), then the batch records:
-        ``held_values`` held for ``on_log_steps`` and, when ``log_values`` is given (a batch
-        ``on_log`` is due), ``on_log`` (neither when ``on_train_batch_end`` raised)."""
-        self.batch = batch
-        self._advance(steps_done)
-        on_batch_end = self._callers.get("on_train_batch_end")
-        if on_batch_end is not None:
-            self._unlogged_step = (held_values, log_values)  # a snapshot in the hook logs them first
-            try:
-                on_batch_end(trainer=self, batch=batch, logs=logs)
-            finally:
-                (held_values, log_values), self._unlogged_step = self._unlogged_step, None
-        if held_values is not None:
-            self._hold_step_log(held_values)
-        if log_values is not None:
-            self._batch_on_log(trainer=self, kind="batch", step=self.global_step, logs=log_values)
-
-    def _batch_log_due(self, steps_done: int, held: bool = False) -> bool:
-        """Whether the train call of ``steps_done`` batches that is ending gets a batch ``on_log``
-        (``held``: an ``on_log_steps`` record): some subscriber's ``batch_log_cadence`` has a
-        step in it (or one declares none)."""
-        if held:
-            caller, cadences = self._callers.get("on_log_steps"), self._step_log_cadences
-        else:
-            caller, cadences = self._batch_on_log, self._batch_log_cadences
-        if caller is None:
-            return False
-        if cadences is None:
-            return True
-        step_after = self._global_step_at(self.micro_step + steps_done)
-        for cadence in cadences:
-            if cadence.due(self.global_step, step_after):
-                return True
-        return False
-
-    def _hold_step_log(self, values: Any) -> None:
-        """Keep the batch record of the call that just ended (steps advanced) for
-        ``on_log_steps``; hand the records over when due."""
-        held = self._held_steps
-        held.append((self.global_step, self.previous_global_step, time.time(), values))
-        if len(held) >= HELD_STEPS_MAX or time.monotonic() >= self._hand_over_at:
-            self._hand_over_step_logs()
-
-    def _hand_over_step_logs(self) -> None:
-        """Give the ``on_log_steps`` subscribers the records held, if any."""
-        held, self._held_steps = self._held_steps, []
-        self._hand_over_at = time.monotonic() + sinks.LOGGER_FLUSH_SECONDS
-        if held:
-            self._callers["on_log_steps"](trainer=self, records=self._logged_steps(held))
-
-    def _logged_steps(self, held: list[tuple[int, int, float, Any]]) -> list[LoggedStep]:
-        """The held entries as records (the engine holds its calls' raw output: made lazy here)."""
-        return [LoggedStep(*entry) for entry in held]
+    def transform_gradients(self, gradients: list, variables: list, optimizer_name: str = "default") -> list:
+        """Run the gradient pipeline (trace time, inside the compiled step)."""
+        return self.dispatch.transform_gradients(gradients, variables, optimizer_name)
 
     def learning_rate_key(self, optimizer_name: str) -> str:
         """The log name of an optimizer's learning rate: ``learning_rate``, or
@@ -413,63 +217,72 @@ class RunContext:
             for name, optimizer in self.optimizers.items()
         }
 
+    def run_params(self) -> dict[str, Any]:
+        """What loggers record as run parameters (:func:`corebus.engine.run_params.run_params`):
+        configuration only, JSON-safe, secrets redacted."""
+        return run_params(self)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _emit(self, hook: str, **kwargs: Any) -> None:
+        self.dispatch.emit(hook, **kwargs)
+
+    def _train_begin(self) -> None:
+        self.mode = "train"
+        if self.dispatch.held:  # left by a model.fit that raised (Keras has no exception hook)
+            self.dispatch.hand_over()
+        self.dispatch.hand_over_at = 0.0  # the first record goes at once
+        self._emit("on_train_begin", logs={})
+
+    def _epoch_begin(self, epoch: int) -> None:
+        self.dispatch.epoch_clock = (time.perf_counter(), self.global_step)
+        self.epoch = epoch
+        self.mode = "train"
+        self._emit("on_epoch_begin", epoch=epoch, logs={})
+
+    def _train_batch_begin(self, batch: int) -> None:
+        self.batch = batch
+        self._emit("on_train_batch_begin", batch=batch, logs={})
+
+    def _train_batch_end(
+        self, batch: int, steps_done: int, logs: Mapping[str, Any], step_values: Mapping[str, Any] | None = None
+    ) -> None:
+        """``steps_done`` batches were trained in the call that just ended. ``step_values`` are
+        what ``on_log`` gets: the last step's own values where known (default: ``logs``)."""
+        log_now = self.dispatch.batch_log_due(steps_done)
+        hold = self.dispatch.batch_log_due(steps_done, held=True)
+        values = logs if step_values is None else step_values
+        self._batch_ended(batch, steps_done, logs, values if log_now else None, values if hold else None)
+
+    def _batch_ended(
+        self,
+        batch: int,
+        steps_done: int,
+        logs: Mapping[str, Any] | None,
+        log_values: Mapping[str, Any] | None,
+        held_values: Any = None,
+    ) -> None:
+        """Advance the steps, then ``on_train_batch_end`` and the batch records
+        (:meth:`Dispatch.batch_ended`)."""
+        self.batch = batch
+        self._advance(steps_done)
+        self.dispatch.batch_ended(batch, logs, log_values, held_values)
+
     def _epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
-        self._hand_over_step_logs()  # a logger's batch points come before the epoch's
+        self.dispatch.hand_over()  # a logger's batch points come before the epoch's
         self._at_epoch_end = True
-        self._epoch_record = logs  # logged here, or earlier by a snapshot of the epoch end
         try:
-            self._emit("on_epoch_end", epoch=epoch, logs=logs)
-        except BaseException:
-            self._epoch_record = None
-            raise
+            self.dispatch.epoch_end(epoch, logs)
         finally:
             self._at_epoch_end = False
-        self._log_epoch_record()
-
-    def _log_before_snapshot(self) -> None:
-        """The records of the steps a snapshot holds reach the loggers before their
-        ``state_dict()`` is taken (the step ending now, the held steps, the epoch ending now):
-        a logger that makes what it got durable there logs each point once across a kill."""
-        unlogged = getattr(self, "_unlogged_step", None)
-        if unlogged is not None:
-            self._unlogged_step = (None, None)
-            held, values = unlogged
-            if held is not None:
-                self._hold_step_log(held)
-            if values is not None:
-                self._batch_on_log(trainer=self, kind="batch", step=self.global_step, logs=values)
-        if self._held_steps:
-            self._hand_over_step_logs()
-        if self._at_epoch_end:
-            self._log_epoch_record()
-
-    def _log_epoch_record(self) -> None:
-        logs, self._epoch_record = getattr(self, "_epoch_record", None), None
-        if logs is not None and self._callers.get("on_log") is not None:
-            record = dict(logs)
-            for name in self.optimizers:
-                key = self.learning_rate_key(name)
-                if key not in record:
-                    record[key] = self.lr_for(name).value
-            started, step_at_start = getattr(self, "_epoch_clock", (None, 0))
-            if started is not None and self.global_step > step_at_start:
-                record["steps_per_second"] = (self.global_step - step_at_start) / (time.perf_counter() - started)
-            self._emit("on_log", kind="epoch", step=self.global_step, logs=record)
+        self.dispatch.log_epoch_record()
 
     def _train_end(self, logs: dict[str, float] | None) -> None:
-        self._hand_over_step_logs()
+        self.dispatch.hand_over()
         self._emit("on_train_end", logs=logs)
 
     def _exception(self, exception: BaseException) -> None:
-        try:  # the records of the steps trained still reach the loggers, which then close
-            self._hand_over_step_logs()
-        except Exception as exc:  # never hide the exception that ended training
-            log.warning(
-                "on_log_steps failed while training ended with %s: %s: %s",
-                type(exception).__name__,
-                type(exc).__name__,
-                exc,
-            )
+        self.dispatch.hand_over_on_exception(exception)
         self._emit("on_exception", exception=exception)
 
     def _test_begin(self) -> None:
@@ -500,89 +313,18 @@ class RunContext:
         self._emit("on_predict_end", logs={})
         self.mode = "train"
 
-    def transform_gradients(self, gradients: list, variables: list, optimizer_name: str = "default") -> list:
-        """Run the gradient pipeline (trace time, inside the compiled step)."""
-        if self.bus.caller("transform_gradients") is None:
-            return list(gradients)
-        return self.bus.chain(
-            "transform_gradients",
-            "gradients",
-            list(gradients),
-            trainer=self,
-            variables=list(variables),
-            optimizer_name=optimizer_name,
-        )
-
-    def run_params(self) -> dict[str, Any]:
-        """What loggers record as run parameters: configuration only (the fit arguments, each
-        optimizer's config, each plugin's constructor arguments or ``get_config()``, and the
-        model's loss, metrics and parameter counts, as ``mlflow.tensorflow.autolog`` logs
-        them), JSON-safe, with secret-looking values redacted. A plugin's running state
-        (``wait``, ``best``...) is not configuration and stays out."""
-        from corebus.delivery.sinks import redact
-
-        def jsonable(value: Any) -> Any:
-            return json.loads(json.dumps(value, default=str))
-
-        plugins = {}
-        for name, plugin in self.bus.plugins.items():
-            if callable(getattr(plugin, "get_config", None)):
-                config = plugin.get_config()
-            else:
-                accepted = _constructor_parameters(type(plugin))
-                config = {k: v for k, v in vars(plugin).items() if k in accepted and _plain(v)}
-            plugins[name] = jsonable(config)
-        optimizer = {name: jsonable(opt.get_config()) for name, opt in self.optimizers.items()}
-        return redact(
-            {
-                "fit": jsonable(self.params),
-                "optimizer": optimizer,
-                "plugins": plugins,
-                "model": jsonable(_model_summary(self)),
-            }
-        )
-
     # ---------------------------------------------------------------- run snapshots
 
     def _state_variables(self) -> dict[str, list[Any]]:
         """Every variable a run snapshot must hold, in a stable order, by group."""
-        from corebus.engine.lr import ScaledSchedule
-
-        groups: dict[str, list[Any]] = {"model": list(self.model.variables)}
-        for name in sorted(self.optimizers):
-            optimizer = self.optimizers[name]
-            groups[f"optimizer.{name}"] = list(optimizer.variables)
-            learning_rate = lr_owner(optimizer)._learning_rate
-            if isinstance(learning_rate, ScaledSchedule):
-                groups[f"optimizer.{name}"].append(learning_rate.multiplier)
-        groups["metrics"] = [v for metric in self.model.metrics for v in metric.variables]
-        groups["gradient_pipeline"] = self.gradient_pipeline.state_variables()
-        return groups
+        return self.run_state.variables()
 
     def _run_state(self) -> dict[str, Any]:
         """The JSON part of a run snapshot: position, LR controllers, plugin states."""
-        self._log_before_snapshot()
-        epoch, next_batch = (self.epoch + 1, 0) if self._at_epoch_end else (self.epoch, self.batch + 1)
-        return {
-            "micro_step": self.micro_step,
-            "global_step": self.global_step,
-            "epoch": epoch,
-            "next_batch": next_batch,
-            "stop_training": self.stop_training,
-            "lr": {name: self.lr_for(name).state_dict() for name in sorted(self.optimizers)},
-            "plugins": self.bus.state_dict(),
-        }
+        return self.run_state.state()
 
     def _load_run_state(self, state: dict[str, Any]) -> None:
-        self._start_steps(int(state["micro_step"]))
-        for name, lr_state in state.get("lr", {}).items():
-            if name in self.optimizers:
-                self.lr_for(name).load_state_dict(lr_state)
-        self.bus.load_state_dict(state.get("plugins", {}))
-        self.epoch = int(state["epoch"])
-        self.stop_training = bool(state.get("stop_training", False))
-        self._resume_at = (int(state["epoch"]), int(state["next_batch"]))
-        self._emit("on_state_restored", step=self.global_step, state=state)
+        self.run_state.load(state)
 
 
-__all__ = ["RunContext", "LazyLogs"]
+__all__ = ["RunContext", "LazyLogs", "GRADIENT_TAPS"]

@@ -19,9 +19,10 @@ from corebus.engine.optimizer_chain import lr_owner
 
 
 class PipelineOwner(Protocol):
-    """What the pipeline needs from the run it serves (:class:`corebus.RunContext` is one):
-    the plugins' gradient hooks, called with the run as ``trainer``, and the requested taps
-    (``corebus.engine.context.GRADIENT_TAPS``)."""
+    """What the pipeline needs from the run it serves: the plugins' gradient hooks and the
+    requested taps (``corebus.engine.dispatch.GRADIENT_TAPS``). The run's
+    :class:`corebus.engine.dispatch.Dispatch` is one: the pipeline holds the bus's dispatch,
+    never the run context."""
 
     gradient_taps: frozenset[str]
 
@@ -33,7 +34,7 @@ class PipelineOwner(Protocol):
 class GradientPipeline:
     """Accumulate (if asked) -> tap -> transform (clip...) -> apply, built at trace time.
 
-    One instance per run context, shared by the engine's step and the ``model.fit`` optimizer
+    One instance per run, shared by the engine's step and the ``model.fit`` optimizer
     wrapper, so both paths compute exactly the same update.
 
     **Taps** let loggers see the gradients without a host round-trip per step. A plugin asks
@@ -51,8 +52,8 @@ class GradientPipeline:
       call before the one that switched capturing on.
     """
 
-    def __init__(self, context: PipelineOwner):
-        self.context = context
+    def __init__(self, hooks: PipelineOwner):
+        self.hooks = hooks
         self._accumulators: dict[str, tuple[list[Any], tf.Variable]] = {}
         self._norms: dict[str, tf.Variable] = {}
         self._captures: dict[str, tuple[list[Any], list[Any]]] = {}
@@ -80,12 +81,12 @@ class GradientPipeline:
         # their new value: as in Keras, they are neither clipped nor counted in a norm, and
         # under accumulation they take the largest micro-batch value, not the mean.
         overwrite = [bool(getattr(v, "overwrite_with_gradient", False)) for v in variables]
-        steps = self.context.accumulation_steps(name)
+        steps = self.hooks.accumulation_steps(name)
 
         def transformed(grads):
             plain = [None if o else g for g, o in zip(grads, overwrite)]
             self._tap(plain, variables, name, always=steps > 1)
-            out = self.context.transform_gradients(plain, variables, name)
+            out = self.hooks.transform_gradients(plain, variables, name)
             return [g if o else t for t, g, o in zip(out, grads, overwrite)]
 
         if steps <= 1:
@@ -114,7 +115,7 @@ class GradientPipeline:
         tf.cond(count % steps == 0, update, accumulate)
 
     def _tap(self, gradients: list, variables: list, name: str, always: bool = False) -> None:
-        taps = self.context.gradient_taps
+        taps = self.hooks.gradient_taps
         if "norm" in taps:
             present = [g for g in gradients if g is not None]
             if present:
@@ -213,11 +214,11 @@ class GradientPipeline:
     def prepare(self, optimizer: Any, variables: list, name: str = "default") -> None:
         """Create accumulators (a snapshot may be restored into them) and tap variables before
         the first step."""
-        if self.context.accumulation_steps(name) > 1:
+        if self.hooks.accumulation_steps(name) > 1:
             self._state(name, variables)
-        if "norm" in self.context.gradient_taps:
+        if "norm" in self.hooks.gradient_taps:
             self._norm_variable(name)
-        if "values" in self.context.gradient_taps and variables:
+        if "values" in self.hooks.gradient_taps and variables:
             self._capture_variables(name, variables)
 
     def _state(self, name: str, variables: list) -> tuple[list[Any], tf.Variable]:
@@ -244,11 +245,11 @@ class GradientPipelineOptimizer(keras.optimizers.Optimizer):
     so ``keras.saving.load_model`` reads the file without corebus.
     """
 
-    def __init__(self, inner_optimizer: Any, context: PipelineOwner | None = None, name: str | None = None):
+    def __init__(self, inner_optimizer: Any, context: Any = None, name: str | None = None):
         inner = keras.optimizers.get(inner_optimizer)
         super().__init__(learning_rate=0.0, name=name or f"corebus_{inner.name}")
         self._inner = inner
-        self._context = context
+        self._context = context  # the run context: its gradient_pipeline applies the update
         self.traced = False  # whether a step has applied gradients through it (set at trace time)
 
     @property
