@@ -10,7 +10,9 @@ hooks takes its building blocks from here, the same ones the built-ins use:
 - **Object storage** (``s3://bucket/prefix``, through fsspec): :func:`is_remote`,
   :func:`check_remote_writable` (a missing bucket or refused credentials fail before training),
   :func:`mirror_directory` (upload a local directory's new or changed files).
-- **Loggers**: :class:`LogSink` (a bounded queue and a worker thread with retries and a spool,
+- **Loggers**: :class:`LoggerOutbox` / :class:`OutboxTarget` (a logger's one delivery path:
+  lazy open, spool, staging, snapshot flush, replay), :func:`step_points` / :func:`scalar_values`, :func:`run_status`,
+  :class:`LogSink` (a bounded queue and a worker thread with retries and a spool,
   so a slow backend never blocks a step), :class:`Spool` / :func:`read_spool` /
   :func:`replay_spool`, :class:`RetryLater`, :class:`PendingPoints` (read many steps' lazy logs
   at once), :data:`LOGGER_FLUSH_SECONDS`, :class:`LoggedStep` and :class:`LazyLogs` (what
@@ -38,10 +40,10 @@ from corebus.bus.logs import LazyLogs, LoggedStep
 from corebus.delivery.alerts import Alert, AlertGate, AlertOutbox
 from corebus.delivery.backend_process import BackendError, BackendProcess, InProcessBackend
 from corebus.delivery.io import BackgroundWorker, RunLock, atomic_path, check_writable, fsync_path
+from corebus.delivery.outbox import LoggerOutbox, OutboxTarget, PendingPoints, run_status, scalar_values, step_points
 from corebus.delivery.sinks import (
     LOGGER_FLUSH_SECONDS,
     LogSink,
-    PendingPoints,
     RetryLater,
     Spool,
     read_spool,
@@ -76,6 +78,8 @@ __all__ = [
     "LazyLogs",
     "LogSink",
     "LoggedStep",
+    "LoggerOutbox",
+    "OutboxTarget",
     "PendingPoints",
     "PluginBus",
     "RetryLater",
@@ -97,6 +101,9 @@ __all__ = [
     "render_report",
     "replay_spool",
     "require_module",
+    "run_status",
+    "scalar_values",
+    "step_points",
     "write_report",
 ]
 

@@ -10,31 +10,28 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from corebus import (
-    LOGGER_FLUSH_SECONDS,
+from corebus import Cadence, ConfigError, hookimpl
+from corebus.kit import (
     BackendProcess,
-    Cadence,
-    ConfigError,
     InProcessBackend,
+    LoggerOutbox,
     LogSink,
-    Monitor,
-    PendingPoints,
-    Spool,
+    OutboxTarget,
     check_writable,
-    hookimpl,
     read_spool,
     redact,
-    replay_spool,
     require_module,
+    run_status,
+    scalar_values,
+    step_points,
 )
 
-from .mlflow_model import check_model_options, dataset_records, fit_inputs, input_example, save_example
+from .mlflow_model import ModelRecorder, check_model_options
 from .mlflow_writer import (
     MAX_TAG,
     _Writer,
@@ -209,7 +206,9 @@ class MLflowLogger:
         self.shutdown_timeout = float(shutdown_timeout)
         # a tag may carry a ${VAR} secret or a credential URL: tags are shown to everyone
         self.tags = {clean_key(k): redact(str(v))[:MAX_TAG] for k, v in (tags or {}).items()}
-        self.sink: LogSink | None = None
+        self._outbox = LoggerOutbox(
+            "mlflow", self._open_run, owner="MLflowLogger", shutdown_timeout=self.shutdown_timeout
+        )
         self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
         self._writer = _Writer(
             self.tracking_uri, self.experiment_name, run_name, artifact_location=self.artifact_location
@@ -223,20 +222,18 @@ class MLflowLogger:
         self._phase = "idle"  # -> "begun" (on_train_begin) -> "open" (sink running) -> "idle"
         self._params: dict[str, Any] = {}
         self._names: dict[str, str] = {}
-        # One record per LOGGER_FLUSH_SECONDS, not one per step: an MLflow request costs the
-        # client (GIL time) and the server far more than its payload does.
-        self._points = PendingPoints()
-        self._staged = 0
         self._uploaded: set[str] = set()  # checkpoint files uploaded and not yet seen deleted ("kept")
-        self._early_alerts: list[dict[str, Any]] = []
-        self._example: Any = None  # the training rows the model's signature comes from
-        self._datasets: list[dict[str, Any]] = []
-        self._best: dict[str, Any] | None = None  # the best checkpoint seen (log_model="best")
+        self._model = ModelRecorder()  # training rows, datasets, the best checkpoint (log_model, log_datasets)
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run id, once the worker created (or found) the run."""
         return self._writer.run_ids.get(self._key) if self._key else None
+
+    @property
+    def sink(self) -> LogSink | None:
+        """The sink of the last run opened (kept after the run for its ``stats``)."""
+        return self._outbox.sink
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -267,8 +264,7 @@ class MLflowLogger:
             self._key = uuid.uuid4().hex
             self._uploaded = set()
         self._params = run_params(trainer)
-        self._points = PendingPoints()
-        self._inputs(trainer)
+        self._model.begin(trainer, self.log_model, self.log_datasets)
         # The run is opened at the first event, not here: a snapshot restored later in
         # on_train_begin (BackupAndRestore) may still hand us the interrupted run to continue.
         self._phase = "begun"
@@ -282,10 +278,14 @@ class MLflowLogger:
     def on_log_steps(self, records):
         if self.batch_log_cadence is None or (self._phase != "open" and not self._ready()):
             return
-        for record in self.batch_log_cadence.picks(records):
-            self._points.add(record.step, record.logs, record.time)  # read at hand-off (PendingPoints)
-        if self._points:
-            self._put("metrics")
+        # The engine hands the records over every LOGGER_FLUSH_SECONDS: one sink record (one
+        # request) for all of them; an MLflow request costs far more than its payload does.
+        points = [
+            [step, int(at * 1000), self._metrics(values)]
+            for step, at, values in step_points(records, self.batch_log_cadence)
+        ]
+        if points:
+            self._put("metrics", points=points)
 
     @hookimpl
     def on_log(self, trainer, step, logs):  # epoch records (batch records come to on_log_steps)
@@ -293,13 +293,12 @@ class MLflowLogger:
             return
         values = {f"epoch/{name}": value for name, value in logs.items()}
         values["epoch"] = trainer.epoch
-        if self._points.add(step, values):
-            self._put("metrics")
+        # Consecutive metrics records go out in one log_batch (the writer joins them).
+        self._put("metrics", points=[[int(step), _now_ms(), self._metrics(scalar_values(values))]])
 
     @hookimpl
     def on_alert(self, alert):
-        # May come from a watchdog thread while the training thread logs: hand the record to
-        # the sink's queue directly (thread-safe), never through the point batching.
+        # May come from a watchdog thread while the training thread logs: the outbox is thread-safe.
         record = {
             "type": "alert",
             "run": self._key,
@@ -311,20 +310,20 @@ class MLflowLogger:
             "time": alert.time,
         }
         if self._phase == "open":
-            self.sink.put(record)
-        elif self._phase == "begun":  # before the first step (a hung compilation): sent on open
-            self._early_alerts.append(record)
+            self._outbox.put(record)
+        elif self._phase == "begun":  # before the first step (a hung compilation): sent on open, to its run
+            self._outbox.hold(record)
 
     @hookimpl
     def on_checkpoint_saved(self, trainer, filepath, metadata):
         if not self._ready():
             return
         if self.log_model == "best":
-            self._track_best(trainer, filepath, metadata or {})
+            self._model.track_best(trainer, filepath, metadata or {}, self._outbox.stage)
         if self.log_checkpoints is False:
             return
         self._forget_deleted()
-        self._put("artifact", path=str(self._stage(filepath)), artifact_path="checkpoints")
+        self._put("artifact", path=str(self._outbox.stage(filepath)), artifact_path="checkpoints")
         if self.log_checkpoints == "kept":
             self._uploaded.add(os.path.abspath(filepath))
 
@@ -336,7 +335,10 @@ class MLflowLogger:
             return
         if self.log_model:
             try:
-                self._put_model(trainer)
+                self._put(
+                    "model",
+                    **self._model.record(trainer, self._outbox.stage, self.log_model, self.registered_model_name),
+                )
             except Exception as exc:  # e.g. a subclassed model Keras cannot serialise
                 log.warning("MLflowLogger: could not save the final model (%s: %s)", type(exc).__name__, exc)
         self._finish("FINISHED")
@@ -345,17 +347,15 @@ class MLflowLogger:
     def on_exception(self, exception):
         if self._ready():
             # a stop request (Ctrl-C, a signal turned into SystemExit) is not a failure
-            self._finish("KILLED" if isinstance(exception, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            self._finish(run_status(exception))
 
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
         # A snapshot counts as complete only when the points up to its step are delivered or
         # spooled: hand over what is held and wait for the sink (bounded), as TensorBoard does.
-        if self._phase == "open" and self.sink is not None:
-            if self._points:
-                self._put("metrics")
-            self.sink.flush(self.shutdown_timeout)
+        if self._phase == "open":
+            self._outbox.flush()
         return {"run_key": self._key, "run_id": self.run_id, "checkpoints": sorted(self._uploaded)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -372,46 +372,54 @@ class MLflowLogger:
     def _ready(self) -> bool:
         """Open the run on the first event after on_train_begin; False when no run is going."""
         if self._phase == "begun":
-            resumed, self._restored = self._restored, False
-            self._key = self._key or uuid.uuid4().hex
-            spool = Spool(
-                Path(self.dir) / f"mlflow-{self._key}.spool.jsonl",
-                {"plugin": "mlflow", "config": self._writer.config()},
-            )
-            self._backend = (
-                BackendProcess(
-                    _Writer,
-                    self.tracking_uri,
-                    self.experiment_name,
-                    self.run_name,
-                    artifact_location=self.artifact_location,
-                )
-                if self.isolate_sdk
-                else InProcessBackend(self._writer)
-            )
-            self.sink = LogSink(
-                f"mlflow-{self._key[:8]}",
-                self._send,
-                spool=spool,
-                flush_interval=LOGGER_FLUSH_SECONDS,
-                shutdown_timeout=self.shutdown_timeout,
-            )
-            mlflow_env(self.tracking_uri, +1)
-            self._phase = "open"
-            self._put(
-                "start",
-                ts=_now_ms(),
-                run_name=self.run_name,
-                tags=self.tags,
-                resumed=resumed,
-                system_metrics=self.system_metrics,
-            )
-            self._put("params", params=flatten(self._params))
-            if self._datasets:
-                self._put("datasets", datasets=self._datasets)
-            while self._early_alerts:
-                self.sink.put({**self._early_alerts.pop(0), "run": self._key})
+            self._outbox.open()
         return self._phase == "open"
+
+    def _open_run(self) -> OutboxTarget:
+        """The outbox's opener: the writer's backend (a child process or here) and the run's
+        first records; the spool is ``<dir>/mlflow-<run key>.spool.jsonl``."""
+        resumed, self._restored = self._restored, False
+        self._key = self._key or uuid.uuid4().hex
+        self._backend = (
+            BackendProcess(
+                _Writer,
+                self.tracking_uri,
+                self.experiment_name,
+                self.run_name,
+                artifact_location=self.artifact_location,
+            )
+            if self.isolate_sdk
+            else InProcessBackend(self._writer)
+        )
+        mlflow_env(self.tracking_uri, +1)
+        self._phase = "open"
+        first = [
+            {
+                "type": "start",
+                "ts": _now_ms(),
+                "run_name": self.run_name,
+                "tags": self.tags,
+                "resumed": resumed,
+                "system_metrics": self.system_metrics,
+            },
+            {"type": "params", "params": flatten(self._params)},
+        ]
+        if self._model.datasets:
+            first.append({"type": "datasets", "datasets": self._model.datasets})
+        for record in first:
+            self._outbox.hold(record)  # every held record gets the run key at the open
+        self._outbox.name = f"mlflow-{self._key[:8]}"  # names the sink's thread: several loggers may run
+        header = {"plugin": "mlflow", "config": self._writer.config()}
+        return OutboxTarget(
+            self._send, self.dir, f"mlflow-{self._key}", header, fields={"run": self._key}, close=self._close_run
+        )
+
+    def _close_run(self) -> None:
+        try:
+            self._backend.close()
+        finally:
+            self._backend = None
+            mlflow_env(self.tracking_uri, -1)
 
     def _send(self, records: list[dict[str, Any]]) -> None:
         """The sink's send; the run ids known here go along and come back (a child has its own)."""
@@ -438,11 +446,7 @@ class MLflowLogger:
             raise RuntimeError(message) from None
 
     def _put(self, kind: str, **fields: Any) -> None:
-        if kind != "metrics" and self._points:  # keep the order: metrics logged before come first
-            self._put("metrics")
-        if kind == "metrics":
-            fields["points"] = [[step, ts, self._metrics(values)] for step, ts, values in self._points.take()]
-        self.sink.put({"type": kind, "run": self._key, **fields})
+        self._outbox.put({"type": kind, "run": self._key, **fields})
 
     def _metrics(self, values: dict[str, float]) -> dict[str, float]:
         out = {}
@@ -458,84 +462,6 @@ class MLflowLogger:
             out[key] = number
         return out
 
-    def _inputs(self, trainer: Any) -> None:
-        """A few training rows (signature, input example) and the dataset records, taken once
-        before the first step."""
-        self._example, self._datasets, self._best = None, [], None
-        inputs = fit_inputs(trainer)
-        if inputs is None:
-            if self.log_datasets:
-                log.warning(
-                    "MLflowLogger: log_datasets needs the data, which Keras does not show callbacks "
-                    "inside model.fit; use corebus.Trainer(...).fit to record them"
-                )
-            return
-        if self.log_model:
-            self._example = input_example(inputs.get("x"))
-        if self.log_datasets:
-            try:
-                self._datasets = dataset_records(inputs)
-            except Exception as exc:  # never a reason to stop training
-                log.warning("MLflowLogger: could not describe the datasets (%s: %s)", type(exc).__name__, exc)
-
-    def _track_best(self, trainer: Any, filepath: str, metadata: dict[str, Any]) -> None:
-        """Keep a link to the best ranked checkpoint (by the checkpoint plugin's own monitor and
-        mode): ``save_top_k`` may delete it from disk before the end of training."""
-        value, name = metadata.get("value"), metadata.get("monitor")
-        if value is None or not name or metadata.get("last"):
-            return
-        mode = next(
-            (
-                getattr(p, "mode", "auto")
-                for p in trainer.bus.plugins.values()
-                if getattr(p, "monitor", None) == name and hasattr(p, "mode")
-            ),
-            "auto",
-        )
-        monitor = Monitor(name, mode if isinstance(mode, str) else "auto", owner="MLflowLogger")
-        if self._best is not None:
-            monitor.resolve(trainer.model)
-            if not monitor.better(value, self._best["value"]):
-                return
-            shutil.rmtree(Path(self._best["path"]).parent, ignore_errors=True)
-        self._best = {
-            "path": str(self._stage(filepath)),
-            "kind": metadata.get("kind", "model"),
-            "value": value,
-            "monitor": name,
-            "epoch": metadata.get("epoch"),
-        }
-
-    def _put_model(self, trainer: Any) -> None:
-        """The final model as a ``.keras`` file (training thread, at the end); the sink turns it
-        into an MLflow Model (with the best checkpoint's weights for ``"best"``)."""
-        path = self._stage(None, "model.keras")
-        trainer.model.save(str(path))
-        example = None
-        if self._example is not None:
-            example = path.parent / "example.npz"
-            save_example(self._example, example)
-        best = self._best
-        if self.log_model == "best" and best is None:
-            log.warning(
-                "MLflowLogger: log_model='best' but no checkpoint with a monitored value was announced "
-                "(add a ModelCheckpoint with a monitor); logging the last weights"
-            )
-        self._put(
-            "model",
-            key=uuid.uuid4().hex,
-            path=str(path),
-            example=example and str(example),
-            best=best and {"path": best["path"], "kind": best["kind"]},
-            weights="best" if best else "last",
-            monitor=best and best["monitor"],
-            best_value=best and best["value"],
-            best_epoch=best and best["epoch"],
-            registered_model_name=self.registered_model_name,
-            step=trainer.global_step,
-        )
-        self._best = None
-
     def _forget_deleted(self) -> None:
         """Checkpoints uploaded earlier whose file the checkpoint plugin has deleted since
         (``save_top_k``) leave the run too (``log_checkpoints="kept"``)."""
@@ -546,35 +472,12 @@ class MLflowLogger:
                 if not any(os.path.basename(p) == name for p in self._uploaded):
                     self._put("forget", artifact=f"checkpoints/{name}")
 
-    def _stage(self, source: str | None, name: str | None = None) -> Path:
-        """A private path for a file waiting for upload (a hard link to ``source`` if given)."""
-        self._staged += 1
-        target = Path(self.dir) / f"mlflow-{self._key}-artifacts" / str(self._staged) / (name or Path(source).name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source is not None:
-            if Path(source).is_dir():
-                shutil.copytree(source, target)
-            else:
-                try:
-                    os.link(source, target)  # O(1), and immune to the original being rotated away
-                except OSError:
-                    shutil.copy2(source, target)
-        return target
-
     def _finish(self, status: str) -> None:
         if self.log_checkpoints == "kept":
             self._forget_deleted()
         self._put("status", status=status, ts=_now_ms())
         self._phase = "idle"
-        try:
-            self.sink.close(self.shutdown_timeout)
-        finally:
-            self._backend.close()
-            self._backend = None
-            mlflow_env(self.tracking_uri, -1)
-            staged = Path(self.dir) / f"mlflow-{self._key}-artifacts"
-            if staged.is_dir() and not any(staged.iterdir()):
-                staged.rmdir()
+        self._outbox.close()  # then _close_run
 
     @classmethod
     def replay_spool(cls, path: str | os.PathLike) -> int:
@@ -582,8 +485,7 @@ class MLflowLogger:
         many were delivered. Delivered records leave the spool; metrics the server already has
         (same key and step) are skipped."""
         require_module("mlflow", extra="mlflow", what="MLflowLogger")
-        header, records = read_spool(path)
-        config = header.get("config", {})
+        config = read_spool(path)[0].get("config", {})
         writer = _Writer(
             config["tracking_uri"],
             config["experiment_name"],
@@ -593,13 +495,9 @@ class MLflowLogger:
         )
         mlflow_env(writer.tracking_uri, +1)
         try:
-            sent = replay_spool(path, writer.send, what="MLflowLogger")
+            return LoggerOutbox.replay(path, writer.send, owner="MLflowLogger")
         finally:
             mlflow_env(writer.tracking_uri, -1)
-        staged = Path(str(path).replace(".spool.jsonl", "-artifacts"))
-        if sent == len(records) and staged.is_dir() and not any(staged.iterdir()):
-            staged.rmdir()
-        return sent
 
 
 def _absolute_location(location: str) -> str:

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from corebus import Monitor
 
 log = logging.getLogger("corebus")
 
@@ -54,6 +59,95 @@ def check_model_options(log_model: Any, registered_model_name: Any, system_metri
     if system_metrics is not False and importlib.util.find_spec("psutil") is None:
         raise ConfigError('MLflowLogger: system_metrics needs psutil; pip install "corebus[mlflow]"')
     return system_metrics
+
+
+class ModelRecorder:
+    """The training-thread side of ``log_model`` / ``log_datasets``: a few training rows (the
+    signature and input example) and the dataset records, taken once before the first step; a
+    staged link to the best checkpoint seen; at the end, the final model's record for the writer.
+    ``stage`` is the logger's :meth:`corebus.kit.LoggerOutbox.stage`."""
+
+    def __init__(self) -> None:
+        self.example: Any = None
+        self.datasets: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None  # the best checkpoint seen (log_model="best")
+
+    def begin(self, trainer: Any, log_model: Any, log_datasets: bool) -> None:
+        self.example, self.datasets, self.best = None, [], None
+        inputs = fit_inputs(trainer)
+        if inputs is None:
+            if log_datasets:
+                log.warning(
+                    "MLflowLogger: log_datasets needs the data, which Keras does not show callbacks "
+                    "inside model.fit; use corebus.Trainer(...).fit to record them"
+                )
+            return
+        if log_model:
+            self.example = input_example(inputs.get("x"))
+        if log_datasets:
+            try:
+                self.datasets = dataset_records(inputs)
+            except Exception as exc:  # never a reason to stop training
+                log.warning("MLflowLogger: could not describe the datasets (%s: %s)", type(exc).__name__, exc)
+
+    def track_best(self, trainer: Any, filepath: str, metadata: dict[str, Any], stage: Callable[..., Path]) -> None:
+        """Keep a link to the best ranked checkpoint (by the checkpoint plugin's own monitor and
+        mode): ``save_top_k`` may delete it from disk before the end of training."""
+        value, name = metadata.get("value"), metadata.get("monitor")
+        if value is None or not name or metadata.get("last"):
+            return
+        mode = next(
+            (
+                getattr(p, "mode", "auto")
+                for p in trainer.bus.plugins.values()
+                if getattr(p, "monitor", None) == name and hasattr(p, "mode")
+            ),
+            "auto",
+        )
+        monitor = Monitor(name, mode if isinstance(mode, str) else "auto", owner="MLflowLogger")
+        if self.best is not None:
+            monitor.resolve(trainer.model)
+            if not monitor.better(value, self.best["value"]):
+                return
+            shutil.rmtree(Path(self.best["path"]).parent, ignore_errors=True)
+        self.best = {
+            "path": str(stage(filepath)),
+            "kind": metadata.get("kind", "model"),
+            "value": value,
+            "monitor": name,
+            "epoch": metadata.get("epoch"),
+        }
+
+    def record(
+        self, trainer: Any, stage: Callable[..., Path], log_model: Any, registered_model_name: str | None
+    ) -> dict[str, Any]:
+        """The final model saved as a staged ``.keras`` file (training thread, at the end) and the
+        fields of its ``model`` record; the writer makes it an MLflow Model (with the best
+        checkpoint's weights for ``"best"``)."""
+        path = stage(None, "model.keras")
+        trainer.model.save(str(path))
+        example = None
+        if self.example is not None:
+            example = path.parent / "example.npz"
+            save_example(self.example, example)
+        best, self.best = self.best, None
+        if log_model == "best" and best is None:
+            log.warning(
+                "MLflowLogger: log_model='best' but no checkpoint with a monitored value was announced "
+                "(add a ModelCheckpoint with a monitor); logging the last weights"
+            )
+        return {
+            "key": uuid.uuid4().hex,
+            "path": str(path),
+            "example": example and str(example),
+            "best": best and {"path": best["path"], "kind": best["kind"]},
+            "weights": "best" if best else "last",
+            "monitor": best and best["monitor"],
+            "best_value": best and best["value"],
+            "best_epoch": best and best["epoch"],
+            "registered_model_name": registered_model_name,
+            "step": trainer.global_step,
+        }
 
 
 def fit_inputs(trainer: Any) -> dict[str, Any] | None:

@@ -13,22 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corebus import (
-    LOGGER_FLUSH_SECONDS,
-    Cadence,
-    ConfigError,
-    LogSink,
-    Monitor,
-    PendingPoints,
-    Spool,
+from corebus import Cadence, ConfigError, Monitor, hookimpl
+from corebus.kit import (
+    LoggerOutbox,
+    OutboxTarget,
     atomic_path,
     check_writable,
-    hookimpl,
     read_spool,
-    replay_spool,
+    redact,
     require_module,
+    run_status,
+    step_points,
 )
-from corebus.kit import redact
 
 from .wandb_run import InThread, RunWriter
 
@@ -42,6 +38,8 @@ log = logging.getLogger("corebus")
 MODES = ("online", "offline", "disabled")
 CHECKPOINT_POLICIES = ("kept", "all", False)
 RUN_ID = re.compile(r"[a-z0-9]{1,64}")  # W&B's own ids; a snapshot's run id also names files here
+# run.finish's exit code per status: the SDK has no "killed" API, 255 is its own Ctrl-C code.
+EXIT_CODES = {"FINISHED": 0, "FAILED": 1, "KILLED": 255}
 
 
 class WandbLogger:
@@ -179,10 +177,9 @@ class WandbLogger:
         self.isolate_sdk = (
             (self.mode != "disabled" and BackendProcess is not None) if isolate_sdk is None else bool(isolate_sdk)
         )
-        self._sink: LogSink | None = None
+        self._outbox = LoggerOutbox("wandb", self._open_run, owner="WandbLogger", shutdown_timeout=shutdown_timeout)
         self._writer: Any = None  # the run's RunWriter behind call()/close(), in a child or here
         self._started = False
-        self._points = PendingPoints()
         self._kept: dict[str, tuple[int, dict[str, Any]]] = {}  # path -> (step, metadata) announced this fit
         self._best: dict[str, Any] | None = None  # {"monitor", "value", "epoch", "step"}
         self._monitors: dict[str, Monitor | None] = {}
@@ -211,12 +208,13 @@ class WandbLogger:
     @hookimpl
     def on_train_begin(self, trainer: Any) -> None:
         check_writable(self.dir, "WandbLogger")
+        if self._outbox.is_open:  # the last model.fit raised: Keras told no callback
+            log.warning("WandbLogger: the previous fit ended without on_train_end; closing run %s", self.run_id)
+            self._outbox.close()
         alphabet = string.ascii_lowercase + string.digits
         self.run_id = self._resume_id or "".join(secrets.choice(alphabet) for _ in range(8))
         self._params = trainer.run_params()  # configuration only (RunContext.run_params)
-        self._resumed_step = None
-        self._sink = None  # opened at the first record: a snapshot restore may still change run_id
-        self._points = PendingPoints()
+        self._resumed_step = None  # the outbox opens at the first record: a snapshot restore may still change run_id
         self._kept = {}
         self._model = trainer.model
         if self._resume_id is None:
@@ -238,18 +236,18 @@ class WandbLogger:
     def on_epoch_begin(self) -> None:
         # The first hook after every on_train_begin (a snapshot restore has chosen the run id):
         # W&B's runtime clock starts at wandb.init, so the run starts with the fit.
-        if self._started and self._sink is None:
-            self._open_sink()
+        if self._started and not self._outbox.is_open:
+            self._outbox.open()
             self._start_run()
 
     @hookimpl
     def on_log_steps(self, records: list[Any]) -> None:
         if self.batch_log_cadence is None:
             return
-        for record in self.batch_log_cadence.picks(records):
-            self._points.add(record.step, record.logs, record.time)  # read at hand-off (PendingPoints)
-        if self._points:
-            self._hand_over_points()
+        for step, at, values in step_points(records, self.batch_log_cadence):
+            values = {f"batch/{name}": value for name, value in values.items()}
+            values["_timestamp"] = at  # when the step ran, not when W&B gets the row
+            self._put({"type": "log", "step": step, "values": values})
 
     @hookimpl
     def on_log(self, trainer: Any, step: int, logs: Any) -> None:  # epoch records (batch ones: on_log_steps)
@@ -282,8 +280,8 @@ class WandbLogger:
 
     @hookimpl
     def on_alert(self, alert: Any) -> None:
-        # May come from a watchdog thread: the points stay with the training thread (an
-        # alert goes to the run's summary, not its history, so the order does not matter).
+        # May come from a watchdog thread: the outbox takes it from any thread (an alert goes
+        # to the run's summary, not its history, so its order among the points does not matter).
         self._put(
             {
                 "type": "alert",
@@ -294,32 +292,22 @@ class WandbLogger:
                 "step": alert.step,
                 "epoch": alert.epoch,
                 "time": alert.time,
-            },
-            points_first=False,
+            }
         )
 
     @hookimpl(trylast=True)  # after the checkpoint plugin's last save and rotation
     def on_train_end(self) -> None:
-        self._end(0, "FINISHED")
+        self._end("FINISHED")
 
     @hookimpl
     def on_exception(self, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            self._end(255, "KILLED")
-        else:
-            self._end(1, "FAILED", f"{type(exception).__name__}: {exception}"[:1000])
+        status = run_status(exception)  # KILLED for Ctrl-C or a stop signal (corebus.Preempted)
+        self._end(status, f"{type(exception).__name__}: {exception}"[:1000] if status == "FAILED" else None)
 
     def state_dict(self) -> dict[str, Any]:
         # Taken for a run snapshot: the points of the steps it holds reach W&B (or the spool)
         # first, so a kill after the snapshot loses none of them.
-        if self._sink is not None:
-            if self._points:
-                self._hand_over_points()
-            if not self._sink.flush(self.shutdown_timeout):
-                log.warning(
-                    "WandbLogger: points not delivered within %.0f s of a snapshot; a kill now may lose them",
-                    self.shutdown_timeout,
-                )
+        self._outbox.flush()
         return {"run_id": self.run_id, "best": self._best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -375,7 +363,10 @@ class WandbLogger:
         return None if monitor is None or metadata.get("value") is None else self._direction(monitor)
 
     def _put_artifact(self, filepath: str, metadata: dict[str, Any], aliases: list[str]) -> None:
-        path, staged = self._stage(filepath)
+        # Hard-linked aside (O(1)): a checkpoint rotated away (save_top_k) before the worker
+        # uploads it is still there. A directory goes as it is (the writer removes staged files).
+        staged = not Path(filepath).is_dir()
+        path = str(self._outbox.stage(filepath)) if staged else filepath
         self._put(
             {
                 "type": "artifact",
@@ -390,13 +381,7 @@ class WandbLogger:
 
     # ---------------------------------------------------------------- delivery
 
-    def _hand_over_points(self) -> None:
-        for step, ms, values in self._points.take():
-            values = {f"batch/{name}": v for name, v in values.items()}
-            values["_timestamp"] = ms / 1000  # when the step ran, not when W&B gets the row
-            self._put({"type": "log", "step": step, "values": values})
-
-    def _put(self, record: dict[str, Any], points_first: bool = True) -> None:
+    def _put(self, record: dict[str, Any]) -> None:
         if (
             record["type"] == "log"
             and self._delivered_through is not None
@@ -410,25 +395,17 @@ class WandbLogger:
             if not any(not k.startswith("_") for k in values):
                 return
             record = {**record, "values": values}
-        if points_first and self._points:  # keep the order: points logged before go first (W&B steps only grow)
-            self._hand_over_points()
-        if self._sink is None:
-            self._open_sink()
-        self._sink.put(record)
+        self._outbox.put(record)
 
-    def _open_sink(self) -> None:
-        header = {"plugin": "wandb", "config": {**self.get_config(), "run_id": self.run_id}}
-        spool = Spool(Path(self.dir) / f"wandb-{self.run_id}.spool.jsonl", header)
+    def _open_run(self) -> OutboxTarget:
+        """The outbox's opener: the run's writer (in a child process or here), its config first;
+        the spool is ``<dir>/wandb-<run id>.spool.jsonl``."""
         settings = self._writer_settings()
-        self._writer = BackendProcess(RunWriter, **settings) if self.isolate_sdk else InThread(RunWriter(**settings))
-        self._sink = LogSink(
-            "wandb",
-            self._send,
-            spool=spool,
-            flush_interval=LOGGER_FLUSH_SECONDS,
-            shutdown_timeout=self.shutdown_timeout,
-        )
-        self._sink.put({"type": "config", "values": self._params, "resumed_step": self._resumed_step})
+        writer = BackendProcess(RunWriter, **settings) if self.isolate_sdk else InThread(RunWriter(**settings))
+        self._writer = writer
+        self._outbox.hold({"type": "config", "values": self._params, "resumed_step": self._resumed_step})
+        header = {"plugin": "wandb", "config": {**self.get_config(), "run_id": self.run_id}}
+        return OutboxTarget(self._send, self.dir, f"wandb-{self.run_id}", header, close=writer.close)
 
     def _start_run(self) -> None:
         """``wandb.init`` now, waiting up to ``start_timeout`` (on a helper thread, so a hung
@@ -455,33 +432,17 @@ class WandbLogger:
         else:
             log.info("WandbLogger: run %s started in %.2f s", self.run_id, time.perf_counter() - began)
 
-    def _end(self, exit_code: int, status: str, error: str | None = None) -> None:
+    def _end(self, status: str, error: str | None = None) -> None:
         if not self._started:  # fit failed before this plugin's on_train_begin: no run to end
             return
         self._started = False
         if self.log_checkpoints == "kept":
             self._put_kept()
-        self._put({"type": "finish", "exit_code": exit_code, "status": status, "error": error})
-        sink, self._sink = self._sink, None
-        try:
-            if sink.close(self.shutdown_timeout) and status == "FINISHED":
-                self._step_file().unlink(missing_ok=True)  # no process will resume this run
-        finally:
-            self._writer.close()
-            self._writer = None
+        self._put({"type": "finish", "exit_code": EXIT_CODES[status], "status": status, "error": error})
+        if self._outbox.close() and status == "FINISHED":  # closes the writer too
+            self._step_file().unlink(missing_ok=True)  # no process will resume this run
+        self._writer = None
         self._resume_id = None  # the next fit of this instance is a new run
-
-    def _stage(self, filepath: str) -> tuple[str, bool]:
-        """Hard-link the file aside (O(1)), so a checkpoint rotated away before the worker
-        uploads it (save_top_k) is still there; directories and cross-device paths as-is."""
-        staging = Path(self.dir) / f"wandb-{self.run_id}.staging"
-        target = staging / f"{secrets.token_hex(6)}-{Path(filepath).name}"
-        try:
-            staging.mkdir(parents=True, exist_ok=True)
-            os.link(filepath, target)
-            return str(target), True
-        except OSError:
-            return str(filepath), False
 
     def _writer_settings(self) -> dict[str, Any]:
         return {
@@ -525,7 +486,7 @@ class WandbLogger:
         writer = RunWriter(**{**logger._writer_settings(), "run_id": run_id})
         # One record per call: W&B calls are not idempotent, so a failure must leave exactly
         # the records after the last one delivered.
-        sent = replay_spool(path, writer.send, what="WandbLogger", batch_size=1)
+        sent = LoggerOutbox.replay(path, writer.send, owner="WandbLogger", batch_size=1)
         if sent == len(records) and writer.run is not None:  # the run's status never came: it did not finish
             writer.send([{"type": "finish", "exit_code": 1, "status": "FAILED", "error": "no final status recorded"}])
         return sent

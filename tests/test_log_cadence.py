@@ -89,16 +89,16 @@ def test_the_loggers_declare_their_cadence(tmp_path):
 
 class HandOffSpy:
     """Runs after the logger's on_log_steps: the steps each hand-over brought, and how many
-    points the logger still holds afterwards (not handed to its sink)."""
+    records the logger's sink had taken by then (the logger holds none back)."""
 
     def __init__(self, logger):
-        self.logger, self.deliveries, self.held = logger, [], []
+        self.logger, self.deliveries, self.queued = logger, [], []
         self.batch_log_cadence = logger.batch_log_cadence
 
     @hookimpl(trylast=True)
     def on_log_steps(self, records):
         self.deliveries.append([record.step for record in records])
-        self.held.append(len(self.logger._points))
+        self.queued.append(self.logger._outbox.stats.get("queued", 0))
 
 
 def _logger(kind, tmp_path):
@@ -126,13 +126,14 @@ def test_loggers_get_batch_records_in_bulk_at_the_interval_and_before_each_epoch
     spy = HandOffSpy(_logger(kind, tmp_path / "held"))
     _train(mode, [spy.logger, spy], 1, tiny_data)
     assert spy.deliveries == [[4], [8, 12]]  # steps 4, 8 and 12; epoch 0 ends at step 6
-    assert spy.held == [0, 0]
+    assert 0 < spy.queued[0] < spy.queued[1]  # each hand-over reached the sink at once
 
     # Once the interval has passed, a record goes at its own step (here 0 s: every one).
     monkeypatch.setattr("corebus.delivery.sinks.LOGGER_FLUSH_SECONDS", 0.0)
     spy = HandOffSpy(_logger(kind, tmp_path / "at_once"))
     _train(mode, [spy.logger, spy], 1, tiny_data)
-    assert spy.deliveries == [[4], [8], [12]] and spy.held == [0, 0, 0]
+    assert spy.deliveries == [[4], [8], [12]]
+    assert 0 < spy.queued[0] < spy.queued[1] < spy.queued[2]
 
 
 class StepsSpy:

@@ -170,7 +170,7 @@ def test_a_resumed_wandb_run_still_logs_what_its_last_delivered_step_lacked(tmp_
     logger.run_id = "abc123"
     (tmp_path / "wandb-abc123.step").write_text(json.dumps({"step": 12, "keys": ["_timestamp", "batch/loss"]}))
     logger.on_state_restored(step=10)
-    logger._sink = sink = Recorder()
+    logger._outbox = sink = Recorder()
     for step, values in (
         (11, {"batch/loss": 1.0}),
         (12, {"batch/loss": 1.0, "_timestamp": 5.0}),

@@ -46,6 +46,8 @@ KIT = {
     "LazyLogs",
     "LogSink",
     "LoggedStep",
+    "LoggerOutbox",
+    "OutboxTarget",
     "PendingPoints",
     "PluginBus",
     "RetryLater",
@@ -67,6 +69,9 @@ KIT = {
     "render_report",
     "replay_spool",
     "require_module",
+    "run_status",
+    "scalar_values",
+    "step_points",
     "write_report",
 }
 MODULES = {"corebus": USER_API, "corebus.kit": KIT}

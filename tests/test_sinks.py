@@ -1,7 +1,9 @@
 """The shared delivery machinery: a slow or dead backend never blocks, nothing is lost."""
 
+import shutil
 import threading
 import time
+from pathlib import Path
 
 from corebus import LogSink, Spool, read_spool, redact, replay_spool
 
@@ -141,3 +143,102 @@ def test_replay_waits_for_a_slow_backend_and_keeps_what_a_failure_left(tmp_path,
 
     assert replay_spool(path, delivered.extend, what="x") == 2  # the next sync delivers the rest
     assert [r["step"] for r in delivered] == [0, 1, 2, 3, 4] and not path.exists()
+
+
+# ---------------------------------------------------------------------- LoggerOutbox: every logger's delivery
+
+
+def test_a_logger_outbox_opens_at_its_first_record_and_sends_held_records_first(tmp_path):
+    from corebus.kit import LoggerOutbox, OutboxTarget
+
+    backend, opened = Backend(), []
+
+    def opener():  # a logger's: decided only now (a snapshot restore may have changed the run)
+        opened.append(True)
+        outbox.hold({"type": "start"})  # the run's first record
+        return OutboxTarget(backend.send, tmp_path, "run-7", {"plugin": "x"}, fields={"run": "7"})
+
+    outbox = LoggerOutbox("x", opener, owner="XLogger", shutdown_timeout=5)
+    outbox.hold({"type": "alert", "run": None})  # before the run is settled (a watchdog's alert)
+    assert not outbox.is_open and not opened and outbox.flush() and outbox.stats == {}
+    outbox.put({"type": "metrics", "run": "7"})
+    assert outbox.is_open and opened == [True]
+    assert outbox.flush()
+    assert backend.received == [
+        {"type": "start", "run": "7"},
+        {"type": "alert", "run": "7"},
+        {"type": "metrics", "run": "7"},
+    ]
+    assert outbox.close() and not outbox.is_open and outbox.stats["sent"] == 3
+    outbox.put({"type": "metrics", "run": "7"})  # the next fit opens it again
+    assert opened == [True, True]
+    outbox.close()
+
+
+def test_a_logger_outbox_spools_what_a_dead_backend_did_not_take_and_replays_it(tmp_path, caplog):
+    from corebus.kit import LoggerOutbox, OutboxTarget
+
+    backend = Backend()
+    backend.up = False
+    closed = []
+    target = OutboxTarget(backend.send, tmp_path, "run-1", {"plugin": "x"}, close=lambda: closed.append(True))
+    outbox = LoggerOutbox("x", lambda: target, owner="XLogger", shutdown_timeout=0.5)
+    for record in records(3):
+        outbox.put(record)
+    assert outbox.flush()  # spooled on disk counts: a kill now loses nothing
+    assert not outbox.close() and closed == [True]
+    assert read_spool(tmp_path / "run-1.spool.jsonl")[1] == records(3)
+    backend.up = True
+    assert LoggerOutbox.replay(tmp_path / "run-1.spool.jsonl", backend.send, owner="XLogger") == 3
+    assert backend.received == records(3) and not (tmp_path / "run-1.spool.jsonl").exists()
+
+
+def test_a_logger_outbox_says_when_a_snapshot_flush_ran_out_of_time(tmp_path, caplog):
+    from corebus.kit import LoggerOutbox, OutboxTarget
+
+    backend = Backend()
+    backend.delay = 1.0
+    outbox = LoggerOutbox(
+        "x", lambda: OutboxTarget(backend.send, tmp_path, "slow", {}), owner="XLogger", shutdown_timeout=0.2
+    )
+    outbox.put(records(1)[0])
+    assert not outbox.flush()
+    assert "XLogger: records not delivered within 0 s of a snapshot" in caplog.text
+    outbox.shutdown_timeout = 5
+    assert outbox.close()
+
+
+def test_staged_files_survive_their_rotation_and_the_staging_folder_goes_when_empty(tmp_path):
+    from corebus.kit import LoggerOutbox, OutboxTarget
+
+    uploaded = []
+
+    def send(batch):  # an uploader removes what it sent, with its folder (as MLflow's writer does)
+        for record in batch:
+            uploaded.append(Path(record["path"]).read_text())
+            shutil.rmtree(Path(record["path"]).parent)
+
+    outbox = LoggerOutbox("x", lambda: OutboxTarget(send, tmp_path, "run-2", {}), owner="XLogger", shutdown_timeout=5)
+    checkpoint = tmp_path / "ckpt" / "001.weights.h5"
+    checkpoint.parent.mkdir()
+    checkpoint.write_text("weights of step 1")
+    staged = [outbox.stage(checkpoint), outbox.stage(checkpoint)]
+    checkpoint.unlink()  # rotated away (save_top_k) before the upload
+    assert [p.parent.parent for p in staged] == [tmp_path / "run-2.staging"] * 2 and staged[0] != staged[1]
+    assert staged[0].name == "001.weights.h5" and staged[0].read_text() == "weights of step 1"
+    for path in staged:
+        outbox.put({"path": str(path)})
+    assert outbox.close()
+    assert uploaded == ["weights of step 1"] * 2 and not (tmp_path / "run-2.staging").exists()
+
+
+def test_run_status_says_how_a_run_ended():
+    import signal
+
+    from corebus import Preempted
+    from corebus.kit import run_status
+
+    assert run_status(None) == "FINISHED"
+    assert run_status(ValueError("boom")) == "FAILED"
+    assert run_status(KeyboardInterrupt()) == "KILLED"
+    assert run_status(Preempted(signal.SIGTERM)) == "KILLED"

@@ -29,8 +29,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from corebus.bus.logs import LazyLogs, read_all
-
 log = logging.getLogger("corebus")
 
 Record = dict[str, Any]
@@ -40,58 +38,6 @@ SPOOL_SUFFIX = ".spool.jsonl"
 #: instead of every 0.5 s measured 0.77 -> 0.89 of the no-logger step rate in a 1,100 steps/s
 #: run with all three attached. Dashboards lag by at most this much; close() delivers at once.
 LOGGER_FLUSH_SECONDS = 2.0
-
-
-class PendingPoints:
-    """Metric points ``(step, time ms, values)`` held on the training thread until a logger
-    hands them to its sink: every ``interval`` seconds or ``max_points`` points.
-
-    Values stay as logged (a step's :class:`corebus.LazyLogs`) until :meth:`take`. Reading a
-    step's values right after its dispatch waits for the device to finish it (80-100 µs a
-    read on the CPU benchmark); at hand-off the steps are long done and a read costs 5-20 µs
-    (stacking many steps into one transfer measured slower: 25 µs a step). And one sink
-    record per interval, not one per point, bounds the worker wake-ups that take the
-    interpreter lock from the training loop.
-    """
-
-    def __init__(self, interval: float | None = None, max_points: int = 250):
-        self.interval = LOGGER_FLUSH_SECONDS if interval is None else interval
-        self.max_points = max_points
-        self._points: list[tuple[int, int, Any]] = []
-        # Counted from the last hand-off, so the first point, and one after a quiet spell (a
-        # sparse cadence, a long validation), goes at once: add() is called only when due.
-        self._handed_at = float("-inf")
-
-    def add(self, step: int, values: Any, at: float | None = None) -> bool:
-        """Hold one point (logged at ``at``, ``time.time()`` by default); ``True`` when the
-        points are due for hand-off (call :meth:`take`)."""
-        self._points.append((int(step), int((time.time() if at is None else at) * 1000), values))
-        return len(self._points) >= self.max_points or time.monotonic() - self._handed_at >= self.interval
-
-    def take(self) -> list[tuple[int, int, dict[str, float]]]:
-        """The points held, oldest first, with values read as floats; a value that is not a
-        scalar (Keras lets a metric return a vector) is left out, as no scalar chart can show it."""
-        points, self._points = self._points, []
-        self._handed_at = time.monotonic()
-        return [(step, ms, _floats(values)) for step, ms, values in points]
-
-    def __len__(self) -> int:
-        return len(self._points)
-
-
-def _floats(values: Any) -> dict[str, float]:
-    if type(values) is LazyLogs:  # the engine's step values: floats already
-        return values.to_dict()
-    read = read_all(values)
-    if all(type(value) is float for value in read.values()):
-        return read
-    out = {}
-    for name, value in read.items():
-        try:
-            out[name] = float(value)
-        except (TypeError, ValueError):
-            continue
-    return out
 
 
 class Spool:
