@@ -201,7 +201,7 @@ def test_bulk_records_are_handed_over_when_training_fails(tiny_data, monkeypatch
 
 def test_bulk_records_are_bounded(tiny_data, monkeypatch):  # noqa: F811
     monkeypatch.setattr("corebus.delivery.sinks.LOGGER_FLUSH_SECONDS", 60.0)
-    monkeypatch.setattr("corebus.engine.context.HELD_STEPS_MAX", 2)
+    monkeypatch.setattr("corebus.engine.dispatch.HELD_STEPS_MAX", 2)
     spy = StepsSpy()
     _train("engine", [spy], 1, tiny_data)
     assert [event[1] for event in spy.events if event[0] == "steps"] == [
