@@ -10,7 +10,6 @@ snapshots (:mod:`corebus.engine.run_state`), and setup checks (:mod:`corebus.eng
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,8 +38,6 @@ from corebus.engine.packed_logs import STEP_VALUE, PackedLogs, _mean_metric_name
 from corebus.engine.run_state import RunState
 from corebus.engine.step import CompiledStep
 from corebus.errors import ConfigError
-
-log = logging.getLogger("corebus")
 
 TrainStep = Callable[["Trainer", Any], Mapping[str, Any]]
 
