@@ -2,37 +2,41 @@
 
 from __future__ import annotations
 
-import base64
-import functools
-import itertools
 import json
 import logging
 import os
-import socket
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from corebus import (
-    LOGGER_FLUSH_SECONDS,
-    Cadence,
-    ConfigError,
-    LogSink,
-    PendingPoints,
-    Spool,
+from corebus import Cadence, ConfigError, hookimpl
+from corebus.kit import (
+    LoggerOutbox,
+    OutboxTarget,
+    check_remote_writable,
     check_writable,
-    hookimpl,
-    replay_spool,
+    is_remote,
+    read_spool,
     require_module,
+    run_status,
+    step_points,
+)
+
+from .tensorboard_events import (
+    MIRROR,
+    EventFiles,
+    buckets,
+    download_missing,
+    event_writer,
+    graph_records,
+    mirror,
+    scalars,
+    staging_for,
+    text_record,
 )
 
 log = logging.getLogger("corebus")
-
-SPOOL_NAME = "tensorboard.spool.jsonl"
-HISTOGRAM_BUCKETS = 30  # tf.summary.histogram's default
 
 
 class TensorBoardLogger:
@@ -84,6 +88,13 @@ class TensorBoardLogger:
     ``corebus sync <log_dir>`` writes them later. ``shutdown_timeout`` bounds how long the end
     of ``fit`` waits for the writer. A resumed run (``load_state_dict``) keeps writing into the
     original ``log_dir``. Under ``tf.distribute`` only the chief should log.
+
+    ``log_dir`` may be an object-store URL (``s3://bucket/prefix``; credentials from the
+    environment, see ``corebus.kit.check_remote_writable``): it is checked before training, the
+    event files are written to a local staging directory (``staging_dir``, default a folder per
+    URL under the system's temp dir; the spool sits beside them) and uploaded, new or changed
+    files only, at every epoch end and snapshot (by the writer thread) and at the end of ``fit``.
+    A run resumed on another machine first downloads the event files already in the store.
     """
 
     runs_on = "chief"  # under tf.distribute: one writer, not one per worker
@@ -104,6 +115,7 @@ class TensorBoardLogger:
         write_gradients: bool = True,
         write_grad_norm: bool = False,
         hparams: bool = False,
+        staging_dir: str | os.PathLike | None = None,
     ):
         require_module("tensorboard", extra="tensorboard", what="TensorBoardLogger")
         update_freq = 1 if update_freq == "batch" else update_freq
@@ -116,7 +128,10 @@ class TensorBoardLogger:
                 f"TensorBoardLogger: histogram_freq={histogram_freq!r} must be an integer >= 0 (0 disables)"
             )
         self.log_dir = os.fspath(log_dir)
-        check_writable(self.log_dir, "TensorBoardLogger")
+        self.staging_dir = None if staging_dir is None else os.path.abspath(os.fspath(staging_dir))
+        if is_remote(self.log_dir):  # a missing bucket or refused credentials: one error now
+            check_remote_writable(self.log_dir, "TensorBoardLogger")
+        check_writable(self._local_dir(), "TensorBoardLogger")
         self.histogram_freq = histogram_freq
         self.write_graph = bool(write_graph)
         self.write_steps_per_second = bool(write_steps_per_second)
@@ -137,12 +152,12 @@ class TensorBoardLogger:
             # Not needed in this configuration: unsubscribed, so a step calls no hook of ours
             # (the bus registers only methods; a hook no plugin implements costs nothing).
             self.on_train_batch_begin = self.on_train_batch_end = None
-        self._sink: LogSink | None = None
-        self._files: _EventFiles | None = None
+        self._outbox = LoggerOutbox(
+            "tensorboard", self._open_files, owner="TensorBoardLogger", shutdown_timeout=self.shutdown_timeout
+        )
+        self._files: EventFiles | None = None
         self._training = False
-        self._pending: list[dict[str, Any]] = []
         self._resumed = False
-        self._points = PendingPoints()
         self._graph_pending = False
         self._profiler = "idle"  # -> "running" -> "done" (or "done" when it could not start)
         self._call_steps = 1
@@ -151,7 +166,7 @@ class TensorBoardLogger:
 
     def get_config(self) -> dict[str, Any]:
         return {
-            "log_dir": os.path.abspath(self.log_dir),
+            "log_dir": self.log_dir if is_remote(self.log_dir) else os.path.abspath(self.log_dir),
             "histogram_freq": self.histogram_freq,
             "write_graph": self.write_graph,
             "write_steps_per_second": self.write_steps_per_second,
@@ -161,6 +176,7 @@ class TensorBoardLogger:
             "write_gradients": self.write_gradients,
             "write_grad_norm": self.write_grad_norm,
             "hparams": self.hparams,
+            "staging_dir": self.staging_dir,
         }
 
     # ---------------------------------------------------------------- hooks
@@ -178,10 +194,10 @@ class TensorBoardLogger:
         # `accumulation` consecutive micro-batches hold one update, and an epoch whose length
         # is no multiple of it ends inside an accumulation window (its last call updates nothing).
         self._capture_from_end = int(per_call) + trainer.accumulation_steps() - 1
-        # Held until the first write opens the sink: a snapshot restored later in this hook
+        # Held until the first write opens the files: a snapshot restored later in this hook
         # (BackupAndRestore) may still point log_dir at the run being resumed.
-        self._points = PendingPoints()
-        self._pending = [_text("run_params", 0, "```\n" + json.dumps(trainer.run_params(), indent=2) + "\n```")]
+        params = "```\n" + json.dumps(trainer.run_params(), indent=2) + "\n```"
+        self._outbox.hold(text_record("run_params", 0, params))
         self._resumed = False  # until a snapshot restore (load_state_dict, later in on_train_begin)
 
     @hookimpl
@@ -216,10 +232,8 @@ class TensorBoardLogger:
         self._write_graph_once(trainer)
         if self.batch_log_cadence is None:
             return
-        for record in self.batch_log_cadence.picks(records):
-            self._points.add(record.step, record.logs, record.time)  # read at hand-off (PendingPoints)
-        if self._points:
-            self._hand_over_points()
+        for step, _, values in step_points(records, self.batch_log_cadence):
+            self._put(scalars("train", step, {f"batch_{name}": value for name, value in values.items()}))
 
     @hookimpl
     def on_log(self, trainer, logs):  # epoch records (batch records come to on_log_steps)
@@ -228,27 +242,29 @@ class TensorBoardLogger:
         train = {f"epoch_{k}": float(v) for k, v in logs.items() if not k.startswith("val_")}
         if not self.write_steps_per_second:
             train.pop("epoch_steps_per_second", None)
-        self._put(_scalars("train", epoch, train))
+        self._put(scalars("train", epoch, train))
         val = {f"epoch_{k[4:]}": float(v) for k, v in logs.items() if k.startswith("val_")}
         if val:
-            self._put(_scalars("validation", epoch, val))
+            self._put(scalars("validation", epoch, val))
         if self.histogram_freq and epoch % self.histogram_freq == 0:
             self._put_weights(trainer.model, epoch)
             if "values" in self.gradient_taps:
                 self._put_gradients(trainer, epoch)
+        if is_remote(self.log_dir):  # the epoch's files to the store, on the writer thread
+            self._put(dict(MIRROR))
 
     @hookimpl
     def on_test_end(self, trainer, logs):
         if trainer.optimizer is not None and logs:
             values = {f"evaluation_{k}_vs_iterations": float(v) for k, v in logs.items()}
-            self._put(_scalars("validation", trainer.global_step, values))
+            self._put(scalars("validation", trainer.global_step, values))
         if not self._training:  # a standalone evaluate: nothing else will close the sink
             self._close()
 
     @hookimpl
     def on_checkpoint_saved(self, filepath, step, metadata):
         text = f"`{os.fspath(filepath)}` " + json.dumps(metadata, default=str)
-        self._put(_text("checkpoints", step, text))
+        self._put(text_record("checkpoints", step, text))
 
     @hookimpl
     def on_train_end(self, trainer):
@@ -256,22 +272,16 @@ class TensorBoardLogger:
 
     @hookimpl
     def on_exception(self, trainer, exception):
-        if isinstance(exception, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, a stop signal (corebus.Preempted)
-            self._finish(trainer, "KILLED")
-        else:
-            self._finish(trainer, f"FAILED ({type(exception).__name__}: {exception})")
+        status = run_status(exception)  # KILLED for Ctrl-C or a stop signal (corebus.Preempted)
+        self._finish(trainer, status if status == "KILLED" else f"{status} ({type(exception).__name__}: {exception})")
 
     def state_dict(self) -> dict[str, Any]:
         # Taken for a run snapshot: the points of the steps it holds are written first (or
-        # spooled), so a kill after the snapshot loses none of them.
-        if self._sink is not None:
-            if self._points:
-                self._hand_over_points()
-            if not self._sink.flush(self.shutdown_timeout):
-                log.warning(
-                    "TensorBoardLogger: points not written within %.0f s of a snapshot; a kill now may lose them",
-                    self.shutdown_timeout,
-                )
+        # spooled), so a kill after the snapshot loses none of them; a remote log_dir gets them
+        # uploaded by then too (the writer thread uploads; this waits for it).
+        if self._outbox.is_open and is_remote(self.log_dir):
+            self._put(dict(MIRROR))
+        self._outbox.flush()
         return {"log_dir": self.log_dir}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -283,41 +293,49 @@ class TensorBoardLogger:
 
     @classmethod
     def replay_spool(cls, path: str | os.PathLike) -> int:
-        """Write the records of a spool into the event files beside it; returns how many."""
+        """Write the records of a spool into the event files beside it (and upload them, for a
+        remote ``log_dir``); returns how many."""
         require_module("tensorboard", extra="tensorboard", what="TensorBoardLogger")
-        files = _EventFiles(Path(path).parent)
+        url = read_spool(path)[0].get("config", {}).get("log_dir")
+        url = url if is_remote(url) else None
+        local = Path(path).parent / "events" if url else Path(path).parent
+        files = EventFiles(local)
         try:
-            return replay_spool(path, files.write, what="TensorBoardLogger")
+            return LoggerOutbox.replay(path, event_writer(files, url), owner="TensorBoardLogger")
         finally:
             files.close()
+            if url:
+                mirror(str(local), url)
 
     def _write_graph_once(self, trainer: Any) -> None:
         if self._graph_pending:  # at the first record: the model is built (a subclassed one at its first step)
             self._graph_pending = False
-            for record in _graph_records(trainer.model):
+            for record in graph_records(trainer.model):
                 self._put(record)
 
-    def _hand_over_points(self) -> None:
-        for step, _, values in self._points.take():
-            self._put(_scalars("train", step, {f"batch_{name}": value for name, value in values.items()}))
-
     def _put(self, record: dict[str, Any]) -> None:
-        if self._points:  # keep the order: batch points logged before come first
-            self._hand_over_points()
-        if self._sink is None:
-            self._files = _EventFiles(self.log_dir, skip_written=self._resumed)
-            spool = Spool(Path(self.log_dir) / SPOOL_NAME, {"plugin": "tensorboard", "config": self.get_config()})
-            self._sink = LogSink(
-                "tensorboard",
-                self._files.write,
-                spool=spool,
-                flush_interval=LOGGER_FLUSH_SECONDS,
-                shutdown_timeout=self.shutdown_timeout,
-            )
-            for pending in self._pending:
-                self._sink.put(pending)
-            self._pending = []
-        self._sink.put(record)
+        self._outbox.put(record)
+
+    def _open_files(self) -> OutboxTarget:
+        """The outbox's opener: this run's event files (a resumed run skips what its killed
+        predecessor wrote after its snapshot), spooled to ``<log_dir>/tensorboard.spool.jsonl``."""
+        local, url = self._local_dir(), self.log_dir if is_remote(self.log_dir) else None
+        if url and self._resumed:
+            try:
+                download_missing(url, local)
+            except Exception as exc:  # never a reason to stop training; at worst values repeat
+                log.warning("TensorBoardLogger: could not read the event files in %s (%s)", url, exc)
+        files = self._files = EventFiles(local, skip_written=self._resumed)
+        header = {"plugin": "tensorboard", "config": self.get_config()}
+        # A remote log_dir's spool sits beside its staged event files, not among them (not uploaded).
+        directory = os.path.dirname(local) if url else local
+        return OutboxTarget(event_writer(files, url), directory, "tensorboard", header, close=files.close)
+
+    def _local_dir(self) -> str:
+        """Where the event files are written: ``log_dir``, or a remote one's local staging copy."""
+        if is_remote(self.log_dir):
+            return os.path.join(staging_for(self.log_dir, self.staging_dir), "events")
+        return self.log_dir
 
     def _put_weights(self, model: Any, epoch: int) -> None:
         # Weights change with the next step, so they are copied (and bucketed) here.
@@ -326,10 +344,10 @@ class TensorBoardLogger:
             for weight in layer.weights:
                 name = weight.path.replace(":", "_")
                 values = np.asarray(weight.numpy(), dtype=np.float64).reshape(-1)
-                histograms[f"{name}/histogram"] = _buckets(values).tolist()
+                histograms[f"{name}/histogram"] = buckets(values).tolist()
                 norms[f"{name}/norm"] = float(np.linalg.norm(values))
         self._put({"type": "histograms", "run": "train", "step": epoch, "values": histograms})
-        self._put(_scalars("train", epoch, norms))
+        self._put(scalars("train", epoch, norms))
 
     def _put_gradients(self, trainer: Any, epoch: int) -> None:
         pipeline = trainer.gradient_pipeline
@@ -340,11 +358,11 @@ class TensorBoardLogger:
             for variable, gradient in pipeline.captured_gradients(optimizer):
                 name = prefix + variable.path.replace(":", "_")
                 values = np.asarray(gradient, dtype=np.float64).reshape(-1)
-                histograms[f"{name}/gradient_histogram"] = _buckets(values).tolist()
+                histograms[f"{name}/gradient_histogram"] = buckets(values).tolist()
                 norms[f"{name}/gradient_norm"] = float(np.linalg.norm(values))
         if histograms:
             self._put({"type": "histograms", "run": "train", "step": epoch, "values": histograms})
-            self._put(_scalars("train", epoch, norms))
+            self._put(scalars("train", epoch, norms))
         elif trainer.accumulation_steps() > 1 and (trainer.params.get("steps") or 0) < trainer.accumulation_steps():
             # An epoch shorter than the accumulation window may hold no update at all.
             log.info("TensorBoardLogger: epoch %d had no optimizer update; no gradient histogram", epoch)
@@ -359,25 +377,26 @@ class TensorBoardLogger:
     def _finish(self, trainer: Any, status: str) -> None:
         if self._profiler == "running":
             self._stop_profiler(trainer.global_step)
-        self._put(_text("run_status", trainer.global_step, status))
+        self._put(text_record("run_status", trainer.global_step, status))
         self._training = False
-        self._close()
+        self._outbox.close()
         if self.hparams:  # the HParams dashboard session, written last (tensorboard_hparams.py)
             from .tensorboard_hparams import write_hparams
 
-            write_hparams(self.log_dir, trainer)
+            write_hparams(self._local_dir(), trainer)
+        self._close()
 
     def _close(self) -> None:
-        if self._sink is not None:
-            self._sink.close(self.shutdown_timeout)
-            self._files.close()
-        self._sink = self._files = None
+        self._outbox.close()
+        self._files = None
+        if is_remote(self.log_dir):  # the last upload: on this thread, the run is over
+            mirror(self._local_dir(), self.log_dir)
 
     def _start_profiler(self, first_step: int) -> None:
         import tensorflow as tf
 
         try:
-            tf.profiler.experimental.start(os.path.join(self.log_dir, "train"))
+            tf.profiler.experimental.start(os.path.join(self._local_dir(), "train"))
         except Exception as exc:  # another profiler running: not worth failing the run (Keras)
             log.error("TensorBoardLogger: failed to start the profiler: %s", exc)
             self._profiler = "done"
@@ -393,189 +412,6 @@ class TensorBoardLogger:
             tf.profiler.experimental.stop()
         except Exception as exc:
             log.error("TensorBoardLogger: failed to stop the profiler: %s", exc)
-
-
-class _EventFiles:
-    """The ``train`` and ``validation`` event files of one log_dir, used from one thread.
-
-    Events are built as protobufs and framed as TFRecords in plain Python, the format
-    ``tf.summary`` writes (same tags, plugin metadata and tensors). TensorFlow's summary ops
-    would run eager ops, about half a millisecond per scalar, on a thread that shares the
-    interpreter lock with the training loop.
-    """
-
-    _serial = itertools.count()  # two writers opened in the same second get different files
-
-    def __init__(self, log_dir: str | os.PathLike, skip_written: bool = False):
-        """``skip_written``: for a resumed run, values already in the event files (same run,
-        tag and step: written by the interrupted process after its snapshot) are not written again."""
-        self.log_dir = os.fspath(log_dir)
-        self._writers: dict[str, Any] = {}
-        self._written = _written(self.log_dir) if skip_written else None
-
-    def write(self, records: list[dict[str, Any]]) -> None:
-        from tensorboard.compat.proto import event_pb2
-
-        # Open every file first, so a failure (a full disk) leaves no half-written batch.
-        for run in sorted({record["run"] for record in records}):
-            if run not in self._writers:
-                self._writers[run] = self._open(os.path.join(self.log_dir, run))
-        written = self._written
-        for record in records:
-            step = int(record.get("step", 0))
-            event = event_pb2.Event(wall_time=time.time(), step=step)
-            if record["type"] == "graph":
-                if written is not None and (record["run"], _GRAPH, step) in written:
-                    continue
-                event.graph_def = base64.b64decode(record["graph_def"])
-            else:
-                values = _summary_values(record)
-                if written is not None:
-                    values = [v for v in values if (record["run"], v.tag, step) not in written]
-                    if not values:
-                        continue
-                event.summary.value.extend(values)
-            self._writers[record["run"]].write(event.SerializeToString())
-        for writer in self._writers.values():
-            writer.flush()
-
-    def close(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        self._writers = {}
-
-    @classmethod
-    def _open(cls, directory: str) -> Any:
-        import tensorflow as tf
-        from tensorboard.compat.proto import event_pb2
-
-        os.makedirs(directory, exist_ok=True)
-        name = (
-            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(cls._serial)}.v2"
-        )
-        # TFRecord framing in C++: TensorBoard's own RecordWriter computes its CRC32C checksums
-        # in plain Python, 15 µs a record of interpreter-lock time taken from the training loop.
-        writer = tf.io.TFRecordWriter(os.path.join(directory, name))
-        writer.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
-        return writer
-
-
-_GRAPH = "\0graph"  # the op graph event has no tag
-
-
-def _written(log_dir: str) -> set[tuple[str, str, int]]:
-    """``(run, tag, step)`` of every value in the event files under ``log_dir`` (a torn last
-    record of a killed writer ends its file's reading)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    written = set()
-    for path in sorted(Path(log_dir).glob("*/events.out.tfevents.*")):
-        run = path.parent.name
-        for event in EventFileLoader(str(path)).Load():
-            if event.HasField("graph_def"):
-                written.add((run, _GRAPH, event.step))
-            for value in event.summary.value:
-                written.add((run, value.tag, event.step))
-    return written
-
-
-def _summary_values(record: dict[str, Any]) -> list[Any]:
-    """The ``Summary.Value`` protos ``tf.summary`` would write for one record."""
-    from tensorboard.compat.proto import summary_pb2
-    from tensorboard.plugins.histogram import metadata as histogram_metadata
-    from tensorboard.plugins.text.summary_v2 import text_pb
-    from tensorboard.util import tensor_util
-
-    kind, values = record["type"], record.get("values", {})
-    if kind == "scalars":
-        return [_scalar_value(tag, number) for tag, number in values.items()]
-    if kind == "text":
-        return [value for tag, text in values.items() for value in text_pb(tag, text).value]
-    if kind == "histograms":
-        metadata = histogram_metadata.create_summary_metadata(display_name=None, description=None)
-        return [
-            summary_pb2.Summary.Value(
-                tag=tag, metadata=metadata, tensor=tensor_util.make_tensor_proto(np.asarray(buckets, np.float64))
-            )
-            for tag, buckets in values.items()
-        ]
-    if kind == "keras_model":
-        metadata = summary_pb2.SummaryMetadata(  # what Keras writes for its conceptual graph
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="graph_keras_model", content=b"1")
-        )
-        return [
-            summary_pb2.Summary.Value(
-                tag="keras",
-                metadata=metadata,
-                tensor=tensor_util.make_tensor_proto(np.array(record["json"], dtype=object)),
-            )
-        ]
-    raise ValueError(f"unknown TensorBoard record type {kind!r}")
-
-
-def _scalar_value(tag: str, number: float) -> Any:
-    """``tensorboard.summary.scalar_pb(tag, number).value[0]``, the same bytes, built directly:
-    that goes through numpy and costs 20 µs of interpreter-lock time a scalar, this about 3."""
-    from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
-
-    tensor = tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(), float_val=[float(number)]
-    )
-    return summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=_scalar_metadata())
-
-
-@functools.cache
-def _scalar_metadata() -> Any:
-    from tensorboard.compat.proto import summary_pb2
-
-    return summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-
-
-def _scalars(run: str, step: int, values: dict[str, float]) -> dict[str, Any]:
-    return {"type": "scalars", "run": run, "step": int(step), "values": values}
-
-
-def _text(tag: str, step: int, text: str) -> dict[str, Any]:
-    return {"type": "text", "run": "train", "step": int(step), "values": {tag: text}}
-
-
-def _buckets(data: np.ndarray, count: int = HISTOGRAM_BUCKETS) -> np.ndarray:
-    """``tf.summary.histogram``'s buckets ([left, right, count] rows), computed in numpy."""
-    data = data[np.isfinite(data)]
-    if data.size == 0:
-        return np.zeros((count, 3))
-    low, high = data.min(), data.max()
-    if low == high:
-        counts = np.zeros(count)
-        counts[-1] = data.size
-        return np.stack([np.full(count, high), np.full(count, high), counts], axis=1)
-    indices = np.minimum(np.floor((data - low) / ((high - low) / count)).astype(np.int64), count - 1)
-    edges = np.linspace(low, high, count + 1)
-    edges[-1] = high
-    return np.stack([edges[:-1], edges[1:], np.bincount(indices, minlength=count).astype(np.float64)], axis=1)
-
-
-def _graph_records(model: Any) -> list[dict[str, Any]]:
-    """The conceptual graph (model JSON, as Keras writes it) and the forward pass's op graph."""
-    import tensorflow as tf
-
-    records = []
-    if type(model).__name__ in ("Functional", "Sequential"):
-        try:
-            records.append({"type": "keras_model", "run": "train", "step": 0, "json": model.to_json()})
-        except Exception as exc:  # as Keras: a model that cannot serialise still trains
-            warnings.warn(f"Model failed to serialize as JSON. Ignoring... {exc}", stacklevel=2)
-    inputs = getattr(model, "inputs", None)
-    if inputs:
-        try:
-            specs = [tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in inputs]
-            forward = tf.function(lambda *xs: model(xs[0] if len(xs) == 1 else list(xs), training=False))
-            graph_def = forward.get_concrete_function(*specs).graph.as_graph_def()
-            encoded = base64.b64encode(graph_def.SerializeToString()).decode()
-            records.append({"type": "graph", "run": "train", "graph_def": encoded})
-        except Exception as exc:
-            log.warning("TensorBoardLogger: could not trace the model's graph: %s", exc)
-    return records
 
 
 def _profile_window(profile_batch: Any) -> tuple[int, int] | None:

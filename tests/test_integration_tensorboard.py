@@ -413,11 +413,11 @@ def test_write_gradients_false_adds_no_tap(tmp_path):
 def test_scalars_are_the_bytes_tensorboard_writes():
     from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 
-    from corebus.integrations.tensorboard import _scalar_value
+    from corebus.integrations.tensorboard_events import scalar_value
 
     for number in (0.5, 1e-7, -2.0, 1e30, 123456789.123, 0.0, float("inf"), float("nan")):
         assert (
-            _scalar_value("batch_loss", number).SerializeToString()
+            scalar_value("batch_loss", number).SerializeToString()
             == scalar_pb("batch_loss", number).value[0].SerializeToString()
         )
 
