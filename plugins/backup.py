@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 from corebus import Cadence, ConfigError, Preempted, hookimpl
-from corebus.kit import BackgroundWorker, RunLock, RunSnapshot, check_writable
+from corebus.kit import BackgroundWorker, RunLock, RunSnapshot, check_writable, is_remote
 
 log = logging.getLogger("corebus")
 
@@ -26,7 +25,9 @@ class BackupAndRestore:
     In ``model.fit`` (through ``KerasCallback``) Keras restarts epochs from their first batch,
     so there snapshots are written at epoch ends only and resume is per epoch.
 
-    :param backup_dir: directory for the snapshots (created; must be writable).
+    :param backup_dir: directory for the snapshots (created; must be writable), or a storage URL
+        such as ``s3://bucket/prefix``: there each snapshot is uploaded with its manifest last,
+        and only a snapshot whose manifest lists every object with its sha256 is restored.
     :param save_freq: ``"epoch"``, or an integer number of global steps between snapshots.
     :param delete_checkpoint: delete the snapshots when training ends normally (Keras default).
     :param background: write snapshots off the training thread.
@@ -49,7 +50,8 @@ class BackupAndRestore:
             raise ConfigError(f"BackupAndRestore: save_freq={save_freq!r}; use 'epoch' or a positive number of steps")
         if not backup_dir:
             raise ConfigError("BackupAndRestore: backup_dir is required")
-        self.backup_dir = Path(backup_dir)
+        # A storage URL stays a string: Path would fold "s3://" into "s3:/".
+        self.backup_dir: Path | str = backup_dir if is_remote(backup_dir) else Path(backup_dir)
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
         self.background = background
@@ -57,7 +59,7 @@ class BackupAndRestore:
         self._worker: BackgroundWorker | None = None
         self.restored_step: int | None = None
         self.snapshots_written = 0
-        self._last_path: Path | None = None
+        self._last_path: Path | str | None = None
         self._lock = RunLock(self.backup_dir, "BackupAndRestore")
 
     @hookimpl(trylast=True)
@@ -123,11 +125,10 @@ class BackupAndRestore:
         self._close()
         if failed is not None:
             raise failed
-        if self.delete_checkpoint and trainer.is_chief and self.backup_dir.exists():
-            for snapshot in self.backup_dir.glob("snapshot-*"):
-                shutil.rmtree(snapshot, ignore_errors=True)
-        self._lock.release()
         if self.delete_checkpoint and trainer.is_chief:
+            RunSnapshot.remove_all(self.backup_dir)
+        self._lock.release()
+        if self.delete_checkpoint and trainer.is_chief and isinstance(self.backup_dir, Path):
             with contextlib.suppress(OSError):  # as Keras: no empty backup_dir left behind
                 self.backup_dir.rmdir()
         return result
@@ -146,7 +147,7 @@ class BackupAndRestore:
         finally:
             self._lock.release()
 
-    def snapshot_now(self, trainer: Any) -> Path | None:
+    def snapshot_now(self, trainer: Any) -> Path | str | None:
         """Write a snapshot of the run as it is now and wait until it is on disk.
 
         For a stop requested between steps (e.g. SIGTERM answered at the next step boundary):
@@ -167,7 +168,11 @@ class BackupAndRestore:
             self._worker.flush()  # at most one snapshot in flight
         snapshot = RunSnapshot.capture(trainer)
         self.snapshots_written += 1
-        self._last_path = self.backup_dir / snapshot.directory_name
+        self._last_path = (
+            f"{self.backup_dir.rstrip('/')}/{snapshot.directory_name}"
+            if isinstance(self.backup_dir, str)
+            else self.backup_dir / snapshot.directory_name
+        )
         # In model.fit (no exception hook: a process may die of an error right after this
         # epoch end) the snapshot is on disk before training goes on, as Keras's own backup is.
         if not self.background or not trainer.supports_mid_epoch_resume:

@@ -1,12 +1,14 @@
 """A local S3-compatible server for the tests: moto in server mode, a real HTTP server on 127.0.0.1.
 
-The server runs with authentication on: the only credentials it accepts are an IAM user's access
-key it creates at start, so a test can also see a store refuse wrong credentials. Callers put the
-returned :class:`S3Server`'s ``env`` into the environment (``AWS_ENDPOINT_URL`` and the keys).
+At start the server creates an IAM user and its access key: the credentials callers put into the
+environment (:attr:`S3Server.env`, with ``AWS_ENDPOINT_URL``). Its signature checks are on only
+inside :meth:`S3Server.checking_credentials` (there it refuses any other key): moto 5.2's check
+rejects valid signatures of listings with a ``delimiter``, which every prefix listing sends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -42,6 +44,24 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def _set_auth(self, free_requests: str) -> None:
+        request = urllib.request.Request(
+            f"{self.endpoint}/moto-api/reset-auth",
+            data=free_requests.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
+        urllib.request.urlopen(request, timeout=5).read()
+
+    @contextlib.contextmanager
+    def checking_credentials(self):
+        """Within: the server accepts only the created user's key, as a real store does."""
+        self._set_auth("0")
+        try:
+            yield
+        finally:
+            self._set_auth("inf")
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -65,9 +85,6 @@ def start() -> S3Server:
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        # Three unauthenticated calls create the IAM user, its key and its policy; from then on the
-        # server checks every request's signature and the user's permissions.
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
     )
     deadline = time.monotonic() + 60
     while True:
@@ -79,18 +96,20 @@ def start() -> S3Server:
                 process.kill()
                 raise RuntimeError("the local S3 server (python -m moto.server) did not start") from None
             time.sleep(0.2)
+    server = S3Server(endpoint, process)
     anonymous = {"aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap", "region_name": "us-east-1"}
     iam = boto3.client("iam", endpoint_url=endpoint, **anonymous)
     iam.create_user(UserName="corebus-test")
     key = iam.create_access_key(UserName="corebus-test")["AccessKey"]
     iam.put_user_policy(UserName="corebus-test", PolicyName="s3", PolicyDocument=json.dumps(_POLICY))
-    env = {
+    server.env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
         "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    return S3Server(endpoint, process, env)
+    server._set_auth("inf")
+    return server
 
 
 def environment(server: S3Server) -> dict[str, str]:

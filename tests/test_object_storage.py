@@ -3,15 +3,22 @@ against a real S3-compatible server (moto in server mode on 127.0.0.1, authentic
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import s3_server
 
 from corebus import ConfigError
 from corebus.delivery import storage
-from corebus.kit import check_remote_writable, is_remote, mirror_directory
+from corebus.kit import RunSnapshot, SnapshotError, check_remote_writable, is_remote, mirror_directory
 
 
 @pytest.fixture(scope="session")
@@ -61,11 +68,13 @@ def test_a_missing_bucket_is_one_error_naming_it_and_the_fix(bucket):
 
 
 @pytest.mark.parametrize("variable", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
-def test_refused_credentials_are_one_error_without_the_secret(bucket, monkeypatch, variable):
-    secret = "wrong-Secret-Value-0123456789"
-    monkeypatch.setenv(variable, secret)
-    with pytest.raises(ConfigError, match=r"refused the credentials.*AWS_ACCESS_KEY_ID") as info:
-        check_remote_writable(f"s3://{bucket}/runs")
+def test_refused_credentials_are_one_error_without_the_secret(s3, bucket, monkeypatch, variable):
+    with s3.checking_credentials():
+        check_remote_writable(f"s3://{bucket}/runs")  # the created user's key is accepted
+        secret = "wrong-Secret-Value-0123456789"
+        monkeypatch.setenv(variable, secret)
+        with pytest.raises(ConfigError, match=r"refused the credentials.*AWS_ACCESS_KEY_ID") as info:
+            check_remote_writable(f"s3://{bucket}/runs")
     if variable == "AWS_SECRET_ACCESS_KEY":
         assert secret not in str(info.value)
 
@@ -113,3 +122,106 @@ def test_mirror_directory_to_a_missing_bucket_is_a_config_error(bucket, tmp_path
     (tmp_path / "a").write_text("a")
     with pytest.raises(ConfigError, match="does not exist"):
         mirror_directory(tmp_path, "s3://no-such-bucket-here/tb")
+
+
+# ---------------------------------------------------------------------- run snapshots and backups
+
+BACKUP_WORKER = Path(__file__).parent / "workers" / "s3_backup_worker.py"
+
+
+def test_a_snapshot_on_s3_is_complete_only_with_its_manifest(s3, bucket):
+    url = f"s3://{bucket}/run"
+    first = RunSnapshot({"rng/numpy": np.arange(3)}, _state(12))
+    second = RunSnapshot({"rng/numpy": np.arange(3)}, _state(15))
+    assert first.write(url) == f"{url}/snapshot-000000000012"
+    second.write(url)
+    stored = objects(s3, bucket)
+    assert set(stored) == {
+        f"run/snapshot-0000000000{s}/{f}" for s in (12, 15) for f in ("arrays.npz", "state.json", "manifest.json")
+    }
+    manifest = json.loads(stored["run/snapshot-000000000015/manifest.json"])
+    assert manifest["files"]["state.json"] == hashlib.sha256(stored["run/snapshot-000000000015/state.json"]).hexdigest()
+    assert RunSnapshot.latest(url).micro_step == 15
+
+    client = s3.client()
+    client.delete_object(Bucket=bucket, Key="run/snapshot-000000000015/manifest.json")  # upload cut short
+    assert RunSnapshot.latest(url).micro_step == 12
+    client.put_object(Bucket=bucket, Key="run/snapshot-000000000015/manifest.json", Body=json.dumps(manifest))
+    client.put_object(Bucket=bucket, Key="run/snapshot-000000000015/state.json", Body=b"{}")  # object changed
+    assert RunSnapshot.latest(url).micro_step == 12
+    with pytest.raises(SnapshotError, match=r"snapshot-000000000015/state.json is corrupt"):
+        RunSnapshot.load(f"{url}/snapshot-000000000015")
+
+    RunSnapshot({"rng/numpy": np.arange(3)}, _state(20)).write(url, keep=2)  # the oldest goes
+    assert sorted({k.split("/")[1] for k in objects(s3, bucket)}) == ["snapshot-000000000015", "snapshot-000000000020"]
+    assert RunSnapshot.remove_leftovers(url) == []  # both have their manifest
+    RunSnapshot.remove_all(url)
+    assert objects(s3, bucket) == {}
+
+
+def _state(step: int) -> dict:
+    import random
+
+    python = random.getstate()
+    return {
+        "format": 1,
+        "micro_step": step,
+        "global_step": step,
+        "epoch": 0,
+        "next_batch": step,
+        "layout": {},
+        "rng": {"python": [python[0], list(python[1]), python[2]], "numpy": ["MT19937", 0, 0, 0.0]},
+    }
+
+
+def run_backup_worker(out, url, server, *args):
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, str(BACKUP_WORKER), str(out), url, *args],
+        stdout=subprocess.PIPE,
+        stderr=open(out / "stderr.txt", "w"),  # a file: a pipe nobody reads could stall the worker
+        text=True,
+        env=s3_server.environment(server),
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_upload_leaves_the_previous_snapshot_and_resume_is_exact(s3, bucket, tmp_path):
+    """A real worker process is killed while its 4th snapshot (step 16, the first epoch's end) is
+    half uploaded; a reader takes the step-15 one, and the rerun ends with weights identical to an
+    uninterrupted run's."""
+    url = f"s3://{bucket}/killed"
+    reference = run_backup_worker(tmp_path / "reference", f"s3://{bucket}/reference", s3)
+    killed = run_backup_worker(tmp_path / "killed", url, s3, "--hang-in-upload", "4")
+    try:
+        line = killed.stdout.readline()  # printed once the first object of the snapshot is stored
+    finally:
+        os.kill(killed.pid, signal.SIGKILL)
+    assert killed.wait(timeout=30) == -signal.SIGKILL
+    stderr = (tmp_path / "killed" / "stderr.txt").read_text()
+    assert line.startswith("MID-UPLOAD snapshot-000000000016"), (line, stderr[-3000:])
+
+    half = objects(s3, bucket, "killed/snapshot-000000000016/")
+    assert set(half) == {"killed/snapshot-000000000016/arrays.npz"}  # no manifest: incomplete
+    with pytest.raises(SnapshotError, match="incomplete: it has no manifest.json"):
+        RunSnapshot.load(f"{url}/snapshot-000000000016")
+    assert RunSnapshot.latest(url).micro_step == 15
+
+    resumed = run_backup_worker(tmp_path / "killed", url, s3)
+    for process, name in ((reference, "reference"), (resumed, "killed")):
+        process.communicate(timeout=300)
+        assert process.returncode == 0, (tmp_path / name / "stderr.txt").read_text()[-3000:]
+    assert json.loads((tmp_path / "killed" / "process.json").read_text()) == {"restored_step": 15}
+    assert f"removed {url}/snapshot-000000000016" in (tmp_path / "killed" / "stderr.txt").read_text()
+    ref, got = np.load(tmp_path / "reference" / "final.npz"), np.load(tmp_path / "killed" / "final.npz")
+    assert ref.files == got.files
+    for key in ref.files:
+        np.testing.assert_array_equal(ref[key], got[key])
+    # Both runs ended normally: their snapshots are gone (delete_checkpoint), the half one too.
+    assert objects(s3, bucket) == {}
+
+    # The secret key was in every worker's environment: it is in nothing the runs wrote.
+    secret = s3.env["AWS_SECRET_ACCESS_KEY"].encode()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_bytes(), path

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from corebus.delivery.storage import check_remote_writable, is_remote
 
 log = logging.getLogger("corebus")
 
@@ -92,8 +95,13 @@ def lower_thread_priority(niceness: int = 10) -> None:
 
 
 def check_writable(directory: str | os.PathLike, owner: str) -> None:
-    """Fail before training if ``directory`` cannot be created or written."""
+    """Fail before training if ``directory`` cannot be created or written (a storage URL: if no
+    object can be written under it, see :func:`corebus.kit.check_remote_writable`)."""
     from corebus.errors import ConfigError
+
+    if is_remote(directory):
+        check_remote_writable(os.fspath(directory), owner)
+        return
 
     directory = Path(directory)
     try:
@@ -191,12 +199,18 @@ class RunLock:
     """
 
     def __init__(self, target: str | os.PathLike, owner: str, directory: bool = True):
-        self.target = Path(target)
+        self.target: Path | str = os.fspath(target) if is_remote(target) else Path(target)
         self.owner = owner
-        if directory:
-            self.path = self.target / ".corebus-run.lock"
+        if isinstance(self.target, str):
+            # An object store has no lock: the lock file is local, named for the URL, so two runs
+            # on this host never share one prefix (runs on other hosts must use their own).
+            name = hashlib.sha256(os.fspath(target).encode()).hexdigest()[:24]
+            self.path = Path(tempfile.gettempdir()) / "corebus-locks" / f"{name}.lock"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif directory:
+            self.path = Path(target) / ".corebus-run.lock"
         else:
-            self.path = self.target.parent / f".{self.target.name}.lock"
+            self.path = Path(target).parent / f".{Path(target).name}.lock"
         self.sidecar = self.path.with_name(self.path.name + ".owner")
         self.held = False
 

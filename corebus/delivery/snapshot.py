@@ -13,6 +13,12 @@ Writing is transactional: a hidden temporary directory is written, fsynced and r
 place, and the previous snapshot is deleted only once the new one is complete (double
 buffering). Loading verifies the manifest; a corrupt or truncated snapshot is reported by name
 and the previous good one is used, never a partial load.
+
+On object storage (``s3://bucket/prefix``: no atomic rename of a directory) the snapshot is
+staged in a local temporary directory, its objects are uploaded, and ``manifest.json`` is
+uploaded last: a snapshot is complete only when its manifest is there and every object it lists
+has its sha256. A reader downloads and verifies; an incomplete one (its writer was killed during
+the upload) is skipped and the previous complete one is taken.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from corebus.delivery import storage
 from corebus.delivery.io import fsync_path
 from corebus.errors import ConfigError, PluginError
 
@@ -106,7 +114,7 @@ def _check_state(state: dict[str, Any], path: Path) -> None:
 class RunSnapshot:
     """A captured run: ``arrays`` (name -> numpy array) and ``state`` (JSON-serialisable)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], state: dict[str, Any], path: Path | None = None):
+    def __init__(self, arrays: dict[str, np.ndarray], state: dict[str, Any], path: Path | str | None = None):
         self.arrays = arrays
         self.state = state
         self.path = path
@@ -148,8 +156,11 @@ class RunSnapshot:
 
     # ------------------------------------------------------------------ disk
 
-    def write(self, directory: str | os.PathLike, keep: int = 2) -> Path:
-        """Write transactionally into ``directory``; keep the ``keep`` newest snapshots."""
+    def write(self, directory: str | os.PathLike, keep: int = 2) -> Path | str:
+        """Write transactionally into ``directory`` (a path or a storage URL); keep the ``keep``
+        newest snapshots."""
+        if storage.is_remote(directory):
+            return self._write_remote(os.fspath(directory), keep)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         name = self.directory_name
@@ -180,6 +191,56 @@ class RunSnapshot:
         self.path = final
         return final
 
+    def _write_remote(self, url: str, keep: int) -> str:
+        final = storage.join(url, self.directory_name)
+        staging = Path(tempfile.mkdtemp(prefix="corebus-snapshot-"))
+        try:
+            np.savez(staging / "arrays.npz", **self.arrays)
+            (staging / "state.json").write_text(json.dumps(self.state), encoding="utf-8")
+            manifest = {
+                "format": FORMAT,
+                "micro_step": self.micro_step,
+                "files": {f: _sha256(staging / f) for f in _FILES},
+            }
+            (staging / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+            # The same step written twice: its old manifest goes first, so a reader never pairs
+            # it with objects of the new write.
+            storage.remove(storage.join(final, "manifest.json"))
+            for name in (*_FILES, "manifest.json"):  # the manifest last: it completes the snapshot
+                storage.upload(staging / name, storage.join(final, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for old in [n for n in storage.listdir(url) if n.startswith(PREFIX)][:-keep]:
+            storage.remove(storage.join(url, old, "manifest.json"))  # unusable first, then gone
+            storage.remove(storage.join(url, old), recursive=True)
+        self.path = final
+        return final
+
+    @classmethod
+    def _load_remote(cls, url: str) -> "RunSnapshot":
+        """Download a snapshot's objects and verify them (the manifest first: none, no snapshot)."""
+        staging = Path(tempfile.mkdtemp(prefix="corebus-snapshot-"))
+        try:
+            try:
+                storage.download(storage.join(url, "manifest.json"), staging / "manifest.json")
+            except FileNotFoundError:
+                raise SnapshotError(
+                    f"snapshot {url} is incomplete: it has no manifest.json (its upload never finished)"
+                ) from None
+            for name in _FILES:
+                try:
+                    storage.download(storage.join(url, name), staging / name)
+                except FileNotFoundError:
+                    pass  # reported by the manifest check as missing
+            try:
+                snapshot = cls.load(staging)
+            except SnapshotError as exc:
+                raise SnapshotError(str(exc).replace(str(staging), url)) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        snapshot.path = url
+        return snapshot
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RunSnapshot":
         """Load one snapshot directory, verifying its manifest; errors name the bad file.
@@ -188,6 +249,8 @@ class RunSnapshot:
         own files by plain names, each with a matching sha256, and the state must have the
         expected shape. Anything else raises :class:`SnapshotError` (the snapshot is unusable).
         """
+        if storage.is_remote(path):
+            return cls._load_remote(os.fspath(path))
         path = Path(path)
         try:
             return cls._load(path)
@@ -249,7 +312,12 @@ class RunSnapshot:
 
     @classmethod
     def _usable(cls, directory: str | os.PathLike, restore: Any = None) -> Iterator["RunSnapshot"]:
-        candidates = sorted(Path(directory).glob(f"{PREFIX}*"), reverse=True)
+        if storage.is_remote(directory):
+            url = os.fspath(directory)
+            names = [n for n in storage.listdir(url) if n.startswith(PREFIX)]
+            candidates = [storage.join(url, n) for n in sorted(names, reverse=True)]
+        else:
+            candidates = sorted(Path(directory).glob(f"{PREFIX}*"), reverse=True)
         errors = []
         for candidate in candidates:
             try:
@@ -266,15 +334,39 @@ class RunSnapshot:
             raise SnapshotError("no usable snapshot in " + str(directory) + ": " + "; ".join(errors))
 
     @staticmethod
-    def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
+    def remove_leftovers(directory: str | os.PathLike) -> list[Path | str]:
         """Remove the temporary directories of writes that never finished (their writer died).
 
-        Call it only while holding the directory's :class:`corebus.RunLock`: no live writer then."""
-        removed = []
+        Call it only while holding the directory's :class:`corebus.RunLock`: no live writer then.
+        On object storage these are the snapshots without a manifest."""
+        if storage.is_remote(directory):
+            url, removed_urls = os.fspath(directory), []
+            for name in storage.listdir(url):
+                target = storage.join(url, name)
+                if name.startswith(PREFIX) and not storage.exists(storage.join(target, "manifest.json")):
+                    storage.remove(target, recursive=True)
+                    removed_urls.append(target)
+            return removed_urls
+        removed: list[Path | str] = []
         for tmp in Path(directory).glob(f".tmp-{PREFIX}*"):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
         return removed
+
+    @staticmethod
+    def remove_all(directory: str | os.PathLike) -> None:
+        """Remove every snapshot of ``directory`` (each manifest first: never a half-removed one
+        that still looks complete)."""
+        if storage.is_remote(directory):
+            url = os.fspath(directory)
+            for name in storage.listdir(url):
+                if name.startswith(PREFIX):
+                    storage.remove(storage.join(url, name, "manifest.json"))
+                    storage.remove(storage.join(url, name), recursive=True)
+            return
+        if Path(directory).exists():
+            for snapshot in Path(directory).glob(f"{PREFIX}*"):
+                shutil.rmtree(snapshot, ignore_errors=True)
 
     # ------------------------------------------------------------------ restore
 
