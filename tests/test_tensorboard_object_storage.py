@@ -126,3 +126,32 @@ def test_a_remote_log_dir_is_checked_before_training(s3, bucket, monkeypatch, tm
         with pytest.raises(ConfigError, match="TensorBoardLogger.*refused the credentials") as refused:
             TensorBoardLogger(f"s3://{bucket}/tb", staging_dir=tmp_path)
     assert "not-the-secret" not in str(refused.value)
+
+
+def test_a_run_resumed_on_another_machine_writes_each_point_once_to_the_store(s3, bucket, tmp_path):
+    """The resumed process has none of its predecessor's local files (another staging_dir, as on
+    another machine): it reads what the store holds first, so the steps the crashed process
+    logged after its snapshot are not written a second time."""
+    import corebus
+    from corebus.plugins import BackupAndRestore
+
+    class CrashAt7:
+        @hookimpl
+        def on_train_batch_end(self, trainer):
+            if trainer.global_step == 15:  # after the snapshot of epoch 0's end (step 12)
+                raise RuntimeError("power cut")
+
+    url, backup = f"s3://{bucket}/tb", str(tmp_path / "backup")
+    x, y = tiny_data(N)
+    fit = {"batch_size": BATCH, "epochs": 2, "shuffle": False, "verbose": 0}
+    first = TensorBoardLogger(url, update_freq=1, staging_dir=tmp_path / "machine-a")
+    with pytest.raises(corebus.PluginError, match="power cut"):
+        make_trainer([BackupAndRestore(backup, background=False), first, CrashAt7()]).fit(x, y, **fit)
+    resumed = TensorBoardLogger(url, update_freq=1, staging_dir=tmp_path / "machine-b")
+    make_trainer([BackupAndRestore(backup, background=False), resumed]).fit(x, y, **fit)
+
+    download(s3, bucket, "tb", tmp_path / "store")
+    stored = values(tmp_path / "store")  # asserts no (tag, step) twice, across every file
+    assert sorted(stored[("train", "batch_loss")]) == list(range(1, 25))
+    assert sorted(stored[("train", "epoch_loss")]) == [0, 1]
+    assert sorted(stored[("train", "run_status")].items())[-1] == (24, "FINISHED")
