@@ -9,7 +9,8 @@ hooks takes its building blocks from here, the same ones the built-ins use:
   run owns a directory), :class:`BackgroundWorker` (one writer thread, bounded, joined at the end).
 - **Object storage** (``s3://bucket/prefix``, through fsspec): :func:`is_remote`,
   :func:`check_remote_writable` (a missing bucket or refused credentials fail before training),
-  :func:`mirror_directory` (upload a local directory's new or changed files).
+  :func:`mirror_directory` (upload a local directory's new or changed files), :func:`delete_path`;
+  :func:`atomic_path` and :func:`check_writable` take storage URLs too.
 - **Loggers**: :class:`LoggerOutbox` / :class:`OutboxTarget` (a logger's one delivery path:
   lazy open, spool, staging, snapshot flush, replay), :func:`step_points` / :func:`scalar_values`, :func:`run_status`,
   :class:`LogSink` (a bounded queue and a worker thread with retries and a spool,
@@ -39,7 +40,7 @@ from corebus.bus.bus import PluginBus
 from corebus.bus.logs import LazyLogs, LoggedStep
 from corebus.delivery.alerts import Alert, AlertGate, AlertOutbox
 from corebus.delivery.backend_process import BackendError, BackendProcess, InProcessBackend
-from corebus.delivery.io import BackgroundWorker, RunLock, atomic_path, check_writable, fsync_path
+from corebus.delivery.io import BackgroundWorker, RunLock, atomic_path, check_writable, delete_path, fsync_path
 from corebus.delivery.outbox import LoggerOutbox, OutboxTarget, PendingPoints, run_status, scalar_values, step_points
 from corebus.delivery.sinks import (
     LOGGER_FLUSH_SECONDS,
@@ -92,6 +93,7 @@ __all__ = [
     "check_remote_writable",
     "check_writable",
     "compare_reports",
+    "delete_path",
     "fsync_path",
     "is_remote",
     "mirror_directory",

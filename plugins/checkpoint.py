@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from corebus import BackgroundWorker, Cadence, ConfigError, Monitor, RunLock, atomic_path, check_writable, hookimpl
+from corebus.kit import delete_path, is_remote
 
 log = logging.getLogger("corebus")
 
@@ -28,7 +29,9 @@ class ModelCheckpoint:
 
     :param filepath: where to save; may hold ``{epoch}`` (1-based, as in Keras), ``{step}``
         (global optimizer step), ``{batch}`` (1-based, with an integer ``save_freq``) and any
-        logged metric, with format specs: ``"ckpt/{epoch:02d}-{val_loss:.2f}.keras"``.
+        logged metric, with format specs: ``"ckpt/{epoch:02d}-{val_loss:.2f}.keras"``. A storage
+        URL (``s3://bucket/ckpt/{epoch}.keras``) works too: each file is saved locally and
+        uploaded in one PUT, so a reader sees a whole checkpoint or none.
     :param monitor: metric deciding "best" (``save_best_only``, ``save_top_k``).
     :param verbose: 1 prints a line for every decision, as Keras does.
     :param save_best_only: save only when ``monitor`` improves on the best value so far.
@@ -111,7 +114,7 @@ class ModelCheckpoint:
         # Fail before training, not at the first save: Keras would only fail there.
         check_writable(self._directory, "ModelCheckpoint")
         # One run owns the checkpoint directory (the file itself when no directory is given).
-        in_cwd = Path(self.filepath).parent == Path(".")
+        in_cwd = not is_remote(self.filepath) and Path(self.filepath).parent == Path(".")
         self._lock = RunLock(self.filepath if in_cwd else self._directory, "ModelCheckpoint", directory=not in_cwd)
 
     def _check_config(self) -> None:
@@ -147,8 +150,13 @@ class ModelCheckpoint:
             )
 
     @property
-    def _directory(self) -> Path:
+    def _directory(self) -> Path | str:
         # The part of the directory before any placeholder: it exists whatever the values.
+        if is_remote(self.filepath):  # a storage URL stays a string: Path folds "s3://" into "s3:/"
+            scheme, rest = self.filepath.split("://", 1)
+            parts = rest.split("/")[:-1]
+            fixed = parts[: next((i for i, part in enumerate(parts) if "{" in part), len(parts))]
+            return f"{scheme}://{'/'.join(fixed)}"
         parts = Path(self.filepath).parent.parts
         fixed = parts[: next((i for i, part in enumerate(parts) if "{" in part), len(parts))]
         return Path(*fixed) if fixed else Path(".")
@@ -156,6 +164,8 @@ class ModelCheckpoint:
     @property
     def _last_path(self) -> str:
         suffix = ".weights.h5" if self.save_weights_only else Path(self.filepath).suffix
+        if isinstance(self._directory, str):
+            return f"{self._directory}/last{suffix}"
         return str(self._directory / f"last{suffix}")
 
     # ---------------------------------------------------------------- hooks
@@ -319,7 +329,7 @@ class ModelCheckpoint:
                 self._done.append((path, step, meta, removed))
             if self.save_last and path != self._last_path:
                 with atomic_path(self._last_path) as tmp:
-                    if path is not None:
+                    if path is not None and not is_remote(path):
                         shutil.copyfile(path, tmp)
                     else:
                         self._save_file(model, tmp)
@@ -383,7 +393,7 @@ class ModelCheckpoint:
             kept = {p for p, _ in self._top_k}  # a later save may have written the same name again
             for old in removed:
                 if old not in kept:
-                    Path(old).unlink(missing_ok=True)
+                    delete_path(old)
 
     def _close(self, trainer: Any) -> None:
         worker, self._worker = self._worker, None
@@ -427,6 +437,13 @@ class ModelCheckpoint:
         self._last_saved = last_saved
 
     def _check_own(self, path: Any) -> None:
+        if isinstance(self._directory, str):
+            own_url = self._directory.rstrip("/") + "/"
+            if not isinstance(path, str) or not path.startswith(own_url) or "/../" in path or "/./" in path:
+                raise ValueError(
+                    f"ModelCheckpoint: the snapshot names {path!r}, outside this checkpoint's location {own_url!r}"
+                )
+            return
         own = self._directory.resolve()
         if not isinstance(path, str) or not Path(path).resolve().is_relative_to(own):
             raise ValueError(
@@ -437,8 +454,10 @@ class ModelCheckpoint:
 
     def _remove_leftovers(self) -> None:
         """Temporary files of writes that never finished (the writer died): removed at the start,
-        while this run holds the directory."""
+        while this run holds the directory. On object storage a save is staged locally: none."""
         directory = self._directory
+        if isinstance(directory, str):
+            return
         suffix = ".weights.h5" if self.save_weights_only else Path(self.filepath).suffix
         in_cwd = Path(self.filepath).parent == Path(".")
         pattern, prefix = f".*.tmp{suffix}", f".{Path(self.filepath).name[: -len(suffix)]}."

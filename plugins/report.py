@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from corebus import Cadence, ConfigError, MissingExtraError, check_writable, hookimpl, write_report
+from corebus.kit import is_remote
 
 log = logging.getLogger("corebus")
 
@@ -40,6 +41,8 @@ class RunReport:
     ``report_dir``: ``report.json``, PNG plots (curves, learning rate, gradient norm, timeline,
     overhead) and a self-contained ``report.html``. ``corebus report DIR`` re-renders them from
     the JSON; ``corebus compare DIR DIR ...`` overlays runs. Needs matplotlib (checked now).
+    ``report_dir`` may be a storage URL (``s3://bucket/run/report``): the files are made locally
+    and uploaded, ``report.json`` last; ``corebus report URL`` reads it back.
 
     Cost per step: nothing between cadence points; at one, the step's single batched host
     fetch (shared with any other reader) plus one LR read per optimizer.
@@ -78,7 +81,7 @@ class RunReport:
 
     def get_config(self) -> dict[str, Any]:
         return {
-            "report_dir": os.path.abspath(self.report_dir),
+            "report_dir": self.report_dir if is_remote(self.report_dir) else os.path.abspath(self.report_dir),
             "log_every_n_steps": self.log_every_n_steps,
             "gradient_norm": self.gradient_norm,
             "name": self.name,
@@ -237,7 +240,7 @@ class RunReport:
             return str(self.name)
         if getattr(trainer, "run_name", None):
             return str(trainer.run_name)
-        folder = os.path.abspath(self.report_dir)
+        folder = self.report_dir.rstrip("/") if is_remote(self.report_dir) else os.path.abspath(self.report_dir)
         if os.path.basename(folder) == "report":  # corebus-runs/<run>/report
             return os.path.basename(os.path.dirname(folder))
         return str(getattr(trainer.model, "name", "") or "")

@@ -17,6 +17,7 @@ import pytest
 import s3_server
 
 from corebus import ConfigError
+from corebus import hookimpl as corebus_hookimpl
 from corebus.delivery import storage
 from corebus.kit import RunSnapshot, SnapshotError, check_remote_writable, is_remote, mirror_directory
 
@@ -225,3 +226,118 @@ def test_sigkill_during_an_upload_leaves_the_previous_snapshot_and_resume_is_exa
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret not in path.read_bytes(), path
+
+
+# ---------------------------------------------------------------------- checkpoints and reports
+
+
+def test_checkpoints_on_s3_are_the_files_keras_saves_locally(s3, bucket, tmp_path):
+    """Keras's ModelCheckpoint (local disk) is the oracle for which files a run saves; ours, on
+    s3, holds the same names and, read back, the same weights as a local run of ours."""
+    import keras
+
+    from corebus.plugins import ModelCheckpoint
+    from corebus.testing import make_trainer, tiny_data, tiny_model
+
+    x, y = tiny_data()
+    pattern = "e{epoch}-b{batch:02d}.weights.h5"
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    keras_dir = tmp_path / "keras"
+    reference = keras.callbacks.ModelCheckpoint(str(keras_dir / pattern), save_weights_only=True, save_freq=5)
+    model.fit(x, y, callbacks=[reference], batch_size=8, epochs=2, shuffle=False, verbose=0)
+
+    fit = dict(batch_size=8, epochs=2, shuffle=False, verbose=0)
+    remote = ModelCheckpoint(f"s3://{bucket}/ckpt/{pattern}", save_weights_only=True, save_freq=5, save_last=True)
+    make_trainer([remote], optimizer=keras.optimizers.SGD(0.1)).fit(x, y, **fit)
+    local = ModelCheckpoint(tmp_path / "ours" / pattern, save_weights_only=True, save_freq=5, save_last=True)
+    make_trainer([local], optimizer=keras.optimizers.SGD(0.1)).fit(x, y, **fit)
+
+    stored = objects(s3, bucket, "ckpt/")
+    assert sorted(k.removeprefix("ckpt/") for k in stored) == sorted(os.listdir(keras_dir)) + ["last.weights.h5"]
+    assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(keras_dir)) + ["last.weights.h5"]
+    for key, body in stored.items():
+        downloaded = tmp_path / "downloaded" / key.rsplit("/", 1)[-1]
+        downloaded.parent.mkdir(exist_ok=True)
+        downloaded.write_bytes(body)
+        a, b = tiny_model(), tiny_model()
+        a.load_weights(str(downloaded))
+        b.load_weights(str(tmp_path / "ours" / downloaded.name))
+        for wa, wb in zip(a.get_weights(), b.get_weights()):
+            np.testing.assert_array_equal(wa, wb)
+
+
+def test_save_top_k_on_s3_deletes_the_objects_that_fall_out(s3, bucket):
+    import keras
+
+    from corebus.plugins import ModelCheckpoint
+    from corebus.testing import make_trainer, tiny_data
+
+    x, y = tiny_data()
+    url = f"s3://{bucket}/best/{{epoch}}-{{val_loss:.4f}}.keras"
+    plugin = ModelCheckpoint(url, monitor="val_loss", save_top_k=2)
+    make_trainer([plugin], optimizer=keras.optimizers.SGD(3.0)).fit(
+        x, y, batch_size=16, epochs=5, validation_split=0.25, shuffle=False, verbose=0
+    )
+    kept = sorted(f"s3://{bucket}/{k}" for k in objects(s3, bucket, "best/"))
+    assert kept == sorted(p for p, _ in plugin._top_k)
+    assert len(kept) == 2
+
+
+def test_report_on_s3_is_read_back_by_the_cli(s3, bucket, tmp_path):
+    from corebus.plugins import RunReport
+    from corebus.testing import make_trainer, tiny_data
+
+    url = f"s3://{bucket}/run-7/report"
+    x, y = tiny_data()
+    report = RunReport(report_dir=url)
+    make_trainer([report]).fit(x, y, batch_size=16, epochs=2, verbose=0)
+    stored = objects(s3, bucket, "run-7/report/")
+    assert {"run-7/report/report.json", "run-7/report/report.html", "run-7/report/curves.png"} <= set(stored)
+    assert json.loads(stored["run-7/report/report.json"])["run"]["name"] == "run-7"
+    assert report.get_config()["report_dir"] == url
+
+    out = subprocess.run(
+        [sys.executable, "-m", "corebus.app.cli", "report", f"s3://{bucket}/run-7", "--out", str(tmp_path / "html")],
+        capture_output=True,
+        text=True,
+        env=s3_server.environment(s3),
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "html" / "report.html").is_file()
+    missing = subprocess.run(
+        [sys.executable, "-m", "corebus.app.cli", "report", f"s3://{bucket}/no-run"],
+        capture_output=True,
+        text=True,
+        env=s3_server.environment(s3),
+        timeout=120,
+    )
+    assert missing.returncode == 2 and f"no report.json under 's3://{bucket}/no-run'" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "plugin, argument, tail",
+    [
+        ("ModelCheckpoint", "filepath", "/m-{epoch}.keras"),
+        ("BackupAndRestore", "backup_dir", ""),
+        ("RunReport", "report_dir", ""),
+    ],
+)
+def test_a_missing_bucket_fails_before_training(bucket, plugin, argument, tail):
+    import corebus.plugins
+    from corebus.testing import make_trainer, tiny_data
+
+    x, y = tiny_data()
+    steps = []
+
+    class Steps:
+        @corebus_hookimpl
+        def on_train_batch_end(self, trainer):
+            steps.append(trainer.global_step)
+
+    with pytest.raises(ConfigError, match="bucket 'no-such-bucket-here' does not exist") as info:
+        chosen = getattr(corebus.plugins, plugin)(**{argument: "s3://no-such-bucket-here/run" + tail})
+        make_trainer([chosen, Steps()]).fit(x, y, epochs=1, verbose=0)
+    assert steps == []
+    assert "aws s3 mb" in str(info.value)

@@ -60,6 +60,7 @@ KIT = {
     "check_remote_writable",
     "check_writable",
     "compare_reports",
+    "delete_path",
     "fsync_path",
     "is_remote",
     "mirror_directory",

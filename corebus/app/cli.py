@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -124,7 +125,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     try:
         report, path = load_report(args.path)
-        written = render_report(report, args.out or path.parent)
+        written = render_report(report, args.out or os.path.dirname(path))  # a file, or a storage URL
     except ConfigError as exc:
         print(f"corebus report: error: {exc}", file=sys.stderr)
         return 2

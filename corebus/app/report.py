@@ -17,10 +17,13 @@ import io
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from corebus.delivery import storage
 from corebus.delivery.io import atomic_path
 from corebus.errors import ConfigError
 
@@ -35,8 +38,18 @@ _LEVEL_COLORS = {"info": "tab:blue", "warning": "tab:orange", "error": "tab:red"
 # ---------------------------------------------------------------------- loading and writing
 
 
-def find_report(path: str | os.PathLike) -> Path:
-    """``report.json`` of a report directory, a run directory holding ``report/``, or the file."""
+def find_report(path: str | os.PathLike) -> Path | str:
+    """``report.json`` of a report directory, a run directory holding ``report/``, or the file
+    (a storage URL such as ``s3://bucket/run`` is looked up the same way)."""
+    if storage.is_remote(path):
+        url = os.fspath(path).rstrip("/")
+        for candidate in (url, storage.join(url, REPORT_JSON), storage.join(url, "report", REPORT_JSON)):
+            if candidate.endswith("/" + REPORT_JSON) and storage.exists(candidate):
+                return candidate
+        raise ConfigError(
+            f"no {REPORT_JSON} under {url!r} (nor under {storage.join(url, 'report')!r}): train with the report "
+            "plugin (report_dir=URL) and pass that URL or its parent"
+        )
     path = Path(path)
     for candidate in (path, path / REPORT_JSON, path / "report" / REPORT_JSON):
         if candidate.is_file() and candidate.name == REPORT_JSON:
@@ -52,7 +65,8 @@ def load_report(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     """The report dict and the path it was read from; a clear error for anything else."""
     file = find_report(path)
     try:
-        report = json.loads(file.read_text(encoding="utf-8"))
+        text = storage.read_bytes(file).decode("utf-8") if isinstance(file, str) else file.read_text(encoding="utf-8")
+        report = json.loads(text)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{str(file)!r} is not a readable report ({exc}); re-run training to write it again"
@@ -62,16 +76,36 @@ def load_report(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     return report, file
 
 
-def write_report(report: Mapping[str, Any], report_dir: str | os.PathLike) -> list[Path]:
-    """Write ``report.json`` (atomically) and render it; returns every file written."""
+def write_report(report: Mapping[str, Any], report_dir: str | os.PathLike) -> list[Path] | list[str]:
+    """Write ``report.json`` (atomically) and render it; returns every file written. To a storage
+    URL: the files are made locally and uploaded, ``report.json`` last (what readers look for)."""
+    if storage.is_remote(report_dir):
+        return _upload_rendered(report, os.fspath(report_dir), with_json=True)
     report_dir = Path(report_dir)
     with atomic_path(report_dir / REPORT_JSON) as tmp:
         tmp.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     return [report_dir / REPORT_JSON] + render_report(report, report_dir)
 
 
-def render_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+def _upload_rendered(report: Mapping[str, Any], url: str, with_json: bool) -> list[str]:
+    staging = Path(tempfile.mkdtemp(prefix="corebus-report-"))
+    try:
+        files = write_report(report, staging) if with_json else render_report(report, staging)
+        names = [p.name for p in files if p.name != REPORT_JSON] + ([REPORT_JSON] if with_json else [])
+        for name in names:
+            storage.upload(staging / name, storage.join(url, name))
+        for name in PLOTS:  # a stale plot from an earlier rendering would contradict this report
+            if f"{name}.png" not in names:
+                storage.remove(storage.join(url, f"{name}.png"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [storage.join(url, name) for name in names]
+
+
+def render_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path] | list[str]:
     """Draw the PNGs that have data and ``report.html`` embedding them; returns the paths."""
+    if storage.is_remote(out_dir):
+        return _upload_rendered(report, os.fspath(out_dir), with_json=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawers = {

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from corebus.delivery.storage import check_remote_writable, is_remote
+from corebus.delivery.storage import check_remote_writable, is_remote, remove, upload
 
 log = logging.getLogger("corebus")
 
@@ -57,8 +57,18 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success fsync it and rename it into place.
 
     The temporary name keeps the final suffix (Keras picks the format from it). On error the
-    temporary file is removed and ``final`` is untouched.
+    temporary file is removed and ``final`` is untouched. A storage URL (``s3://...``) is staged
+    in a local temporary file and uploaded in one PUT: readers see the whole object or none.
     """
+    if is_remote(final):
+        staging = Path(tempfile.mkdtemp(prefix="corebus-upload-"))
+        try:
+            tmp = staging / os.fspath(final).rsplit("/", 1)[-1]
+            yield tmp
+            upload(tmp, os.fspath(final))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     # Keras picks the format from the ending, and weights files must end in ".weights.h5".
@@ -80,6 +90,14 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink()
+
+
+def delete_path(path: str | os.PathLike) -> None:
+    """Delete a file, or the object a storage URL names; a missing one is no error."""
+    if is_remote(path):
+        remove(os.fspath(path))
+    else:
+        Path(path).unlink(missing_ok=True)
 
 
 def lower_thread_priority(niceness: int = 10) -> None:

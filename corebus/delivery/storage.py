@@ -167,6 +167,10 @@ def download(url: str, local: str | os.PathLike) -> None:
     filesystem(url).get_file(strip(url), os.fspath(local))
 
 
+def read_bytes(url: str) -> bytes:
+    return filesystem(url).cat_file(strip(url))
+
+
 def exists(url: str) -> bool:
     return filesystem(url).exists(strip(url))
 
