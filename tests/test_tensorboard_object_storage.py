@@ -155,3 +155,22 @@ def test_a_run_resumed_on_another_machine_writes_each_point_once_to_the_store(s3
     assert sorted(stored[("train", "batch_loss")]) == list(range(1, 25))
     assert sorted(stored[("train", "epoch_loss")]) == [0, 1]
     assert sorted(stored[("train", "run_status")].items())[-1] == (24, "FINISHED")
+
+
+def test_corebus_sync_writes_a_spool_left_in_the_staging_folder_and_uploads_it(s3, bucket, tmp_path):
+    """Records a run could not write (a full disk) wait in the spool beside the staged files;
+    ``corebus sync`` writes them and uploads the result to the run's URL."""
+    from corebus.app.cli import main as cli_main
+    from corebus.kit import Spool
+
+    url = f"s3://{bucket}/synced"
+    logger = TensorBoardLogger(url, staging_dir=tmp_path / "staging")
+    staging = Path(logger._local_dir()).parent
+    header = {"plugin": "tensorboard", "config": logger.get_config()}
+    records = [{"type": "scalars", "run": "train", "step": s, "values": {"batch_loss": 1 / s}} for s in (1, 2, 4)]
+    Spool(staging / "tensorboard.spool.jsonl", header).append(records + [{"type": "mirror"}])
+
+    assert cli_main(["sync", str(tmp_path / "staging")]) == 0
+    download(s3, bucket, "synced", tmp_path / "store")
+    assert values(tmp_path / "store") == {("train", "batch_loss"): {1: 1.0, 2: 0.5, 4: 0.25}}
+    assert not (staging / "tensorboard.spool.jsonl").exists()
