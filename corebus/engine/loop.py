@@ -116,7 +116,7 @@ class EpochLoop:
         trainer = self.trainer
         if trainer.num_workers <= 1:
             return
-        if getattr(self, "_any_fn", None) is None:
+        if self._any_fn is None:
             strategy = trainer.strategy
 
             def any_worker(flags):
@@ -134,8 +134,7 @@ class EpochLoop:
 
     def _batches(self, steps: int | None, begin: int = 0) -> Any:
         """``(first batch index, number of steps)`` per compiled call of one epoch."""
-        trainer = self.trainer
-        spe = trainer.steps_per_execution
+        spe = self.trainer.steps_per_execution
         while steps is None or begin < steps:
             n = spe if steps is None else min(spe, steps - begin)
             yield begin, n
