@@ -10,7 +10,8 @@ hooks takes its building blocks from here, the same ones the built-ins use:
 - **Object storage** (``s3://bucket/prefix``, through fsspec): :func:`is_remote`,
   :func:`check_remote_writable` (a missing bucket or refused credentials fail before training),
   :func:`mirror_directory` (upload a local directory's new or changed files), :func:`delete_path`;
-  :func:`atomic_path` and :func:`check_writable` take storage URLs too.
+  :func:`atomic_path` and :func:`check_writable` take storage URLs too; :func:`arrow_filesystem`
+  (the same store as a pyarrow file system, for Ray Train's ``storage_filesystem``).
 - **Loggers**: :class:`LoggerOutbox` / :class:`OutboxTarget` (a logger's one delivery path:
   lazy open, spool, staging, snapshot flush, replay), :func:`step_points` / :func:`scalar_values`, :func:`run_status`,
   :class:`LogSink` (a bounded queue and a worker thread with retries and a spool,
@@ -52,7 +53,7 @@ from corebus.delivery.sinks import (
     replay_spool,
 )
 from corebus.delivery.snapshot import RunSnapshot, SnapshotError
-from corebus.delivery.storage import check_remote_writable, is_remote, mirror_directory
+from corebus.delivery.storage import arrow_filesystem, check_remote_writable, is_remote, mirror_directory
 from corebus.engine.context import optimizer_names
 from corebus.errors import require_module
 
@@ -89,6 +90,7 @@ __all__ = [
     "ScaledSchedule",
     "SnapshotError",
     "Spool",
+    "arrow_filesystem",
     "atomic_path",
     "check_remote_writable",
     "check_writable",

@@ -16,11 +16,16 @@ Inside a Ray Train worker loop (``ray.train.tensorflow.TensorflowTrainer``, Ray 
 snapshot (model, optimizer, LR state, every plugin's state, data position, RNG). A worker group
 that Ray restarts after a failure, or a new run given ``resume_from=result.checkpoint``,
 continues from it at the exact next step.
+
+Ray's ``storage_path`` may be an object-store URL: ``RunConfig(name=..., **storage_config("s3://bucket/runs"))``
+checks before training that the store takes writes, and hands Ray the store through corebus's
+fsspec layer (same credentials and ``AWS_ENDPOINT_URL`` as every other corebus path).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -30,10 +35,11 @@ from typing import Any
 import numpy as np
 
 from corebus import Cadence, ConfigError, RunSnapshot, hookimpl, require_module
+from corebus.kit import arrow_filesystem, check_writable, is_remote
 
 log = logging.getLogger("corebus")
 
-__all__ = ["RayTrainReport", "load_snapshot"]
+__all__ = ["RayTrainReport", "load_snapshot", "storage_config"]
 
 
 def _ray_train() -> Any:
@@ -48,6 +54,22 @@ def load_snapshot(checkpoint: Any) -> RunSnapshot:
     if snapshot is None:
         raise ConfigError(f"{checkpoint} holds no corebus run snapshot: was it written by the ray_train plugin?")
     return snapshot
+
+
+def storage_config(storage_path: str | os.PathLike) -> dict[str, Any]:
+    """``RunConfig`` arguments for Ray Train's storage: a local folder, or a URL such as
+    ``s3://bucket/runs`` (Ray then gets ``storage_filesystem=``, a pyarrow view of corebus's
+    fsspec store: Ray's own S3 client does not read every S3-compatible server). Raises
+    :class:`corebus.ConfigError` before training when the place cannot be written (a missing
+    bucket, refused credentials), naming the fix."""
+    if is_remote(storage_path):
+        url = os.fspath(storage_path)
+        check_writable(url, "Ray storage_path")
+        filesystem, path = arrow_filesystem(url)
+        return {"storage_path": path, "storage_filesystem": filesystem}
+    path = os.path.abspath(os.fspath(storage_path))
+    check_writable(path, "Ray storage_path")
+    return {"storage_path": path}
 
 
 def _plain(value: Any) -> Any:

@@ -2,7 +2,9 @@
 workers run corebus.Trainer under MultiWorkerMirroredStrategy (Ray sets TF_CONFIG). Metrics and
 checkpoints reach Ray's Result; a checkpoint restores the run; a run resumed from a finished
 Result, and a run whose worker was killed with SIGKILL mid-epoch (Ray restarts the worker group),
-end bit-identical to an uninterrupted run. An uninterrupted 3-epoch run is the oracle."""
+end bit-identical to an uninterrupted run. An uninterrupted 3-epoch run is the oracle; its
+storage_path is a bucket of a local S3 server (moto on 127.0.0.1), so every test reading its
+checkpoints reads them back from object storage."""
 
 import os
 import signal
@@ -74,7 +76,20 @@ def train_loop(config):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def s3():
+    """A local S3 server; its endpoint and keys are in the environment the Ray workers inherit."""
+    import s3_server
+
+    server = s3_server.start()
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in server.env.items():
+            env.setenv(name, value)
+        yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     # the loop and its plugin travel by value: the workers do not have tests/ on their path
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -86,12 +101,14 @@ def fit(storage, name, epochs, kill=None, resume=None, max_failures=0):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
+    from corebus.integrations.ray import storage_config
+
     trainer = TensorflowTrainer(
         train_loop,
         train_loop_config={"epochs": epochs, "kill": kill, "resume": resume},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
-            name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures)
+            name=name, failure_config=FailureConfig(max_failures=max_failures), **storage_config(storage)
         ),
     )
     return trainer.fit()
@@ -105,11 +122,18 @@ def weights(result):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cluster, tmp_path_factory):
-    return fit(tmp_path_factory.mktemp("ray"), "uninterrupted", EPOCHS)
+def uninterrupted(cluster, s3):
+    return fit(f"s3://{s3.make_bucket()}/ray", "uninterrupted", EPOCHS)
 
 
-def test_result_holds_last_epoch_logs_and_a_run_snapshot(uninterrupted):
+def test_result_holds_last_epoch_logs_and_a_run_snapshot(uninterrupted, s3):
+    # Ray kept the run and its checkpoints in the bucket: the checkpoint is read back from there
+    assert uninterrupted.path.endswith("/ray/uninterrupted") and uninterrupted.checkpoint.path.startswith(
+        uninterrupted.path
+    )
+    bucket = uninterrupted.path.split("/", 1)[0]
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.endswith("/manifest.json") and "/checkpoint_" in k for k in keys)
     metrics = uninterrupted.metrics
     for key in ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"):
         assert isinstance(metrics[key], float), key
@@ -226,10 +250,12 @@ filename = "history.csv"
 """
 
 
-def corebus_run(*args):
+def corebus_run(*args, env=None):
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "corebus", "run", *args], capture_output=True, text=True, timeout=500)
+    return subprocess.run(
+        [sys.executable, "-m", "corebus", "run", *args], capture_output=True, text=True, timeout=500, env=env
+    )
 
 
 def test_corebus_run_print_plan_shows_the_scaling_config(tmp_path):
@@ -239,6 +265,32 @@ def test_corebus_run_print_plan_shows_the_scaling_config(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ScalingConfig(num_workers=2" in done.stdout and "a local Ray cluster" in done.stdout
     assert "ray_train" in done.stdout and not (tmp_path / "ray-run" / "ray").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing bucket", "refused credentials"])
+def test_corebus_run_unwritable_storage_path_is_one_clear_error_before_ray_starts(tmp_path, s3, problem):
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG.format(dir=tmp_path))
+    env = {**os.environ}
+    if problem == "missing bucket":
+        url, expected = "s3://no-such-bucket-here/ray", "the bucket 'no-such-bucket-here' does not exist"
+        done = corebus_run(str(config), "--workers", "2", "--storage-path", url, env=env)
+    else:
+        url, expected = f"s3://{s3.make_bucket()}/ray", "refused the credentials"
+        env["AWS_SECRET_ACCESS_KEY"] = "not-the-Secret-0123456789"
+        with s3.checking_credentials():
+            done = corebus_run(str(config), "--workers", "2", "--storage-path", url, env=env)
+        assert env["AWS_SECRET_ACCESS_KEY"] not in done.stderr
+    assert done.returncode == 2 and expected in done.stderr and "--storage-path" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr
+
+
+def test_storage_config_checks_the_store_before_training(s3):
+    from corebus import ConfigError
+    from corebus.integrations.ray import storage_config
+
+    with pytest.raises(ConfigError, match="Ray storage_path: 's3://no-such-bucket-here/r'.*aws s3 mb"):
+        storage_config("s3://no-such-bucket-here/r")
 
 
 def test_corebus_run_unreachable_address_is_one_clear_error(tmp_path):
@@ -254,13 +306,18 @@ def test_corebus_run_unreachable_address_is_one_clear_error(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_corebus_run_workers_trains_the_config_on_ray(tmp_path):
-    """Its own local cluster (the command is a separate process); the CSV is written once, by the chief."""
+def test_corebus_run_workers_trains_the_config_on_ray(tmp_path, cluster, s3):
+    """On this module's cluster (--address: no second cluster to start), with Ray's storage in a
+    bucket (--storage-path s3://...); the CSV is written once, by the chief."""
     config = tmp_path / "run.toml"
     config.write_text(CONFIG.format(dir=tmp_path))
-    done = corebus_run(str(config), "--workers", "2")
+    bucket = s3.make_bucket()
+    address = ray.get_runtime_context().gcs_address
+    done = corebus_run(str(config), "--workers", "2", "--address", address, "--storage-path", f"s3://{bucket}/ray")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "final epoch:" in done.stdout and "val_loss" not in done.stdout
     rows = (tmp_path / "ray-run" / "history.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("epoch")  # header + 2 epochs, not 2 x 2
-    assert list((tmp_path / "ray-run" / "ray" / "ray-run").glob("checkpoint_*"))
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.startswith("ray/ray-run/checkpoint_") and k.endswith("/manifest.json") for k in keys)
+    assert not (tmp_path / "ray-run" / "ray").exists()

@@ -56,6 +56,7 @@ KIT = {
     "ScaledSchedule",
     "SnapshotError",
     "Spool",
+    "arrow_filesystem",
     "atomic_path",
     "check_remote_writable",
     "check_writable",

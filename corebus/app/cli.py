@@ -52,7 +52,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from corebus.app.ray_run import run_on_ray
 
         try:
-            final = run_on_ray(args.config, overrides, args.workers or 1, args.address, args.print_plan)
+            final = run_on_ray(
+                args.config, overrides, args.workers or 1, args.address, args.print_plan, args.storage_path
+            )
         except CorebusError as exc:
             print(f"corebus run: {exc}", file=sys.stderr)
             return 2
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, metavar="N", help='train on N Ray Train workers (pip install "corebus[ray]")'
     )
     run.add_argument("--address", metavar="ADDR", help="the Ray cluster to use (default: start a local one)")
+    run.add_argument("--storage-path", metavar="URL", help="where Ray keeps results: a folder or s3://bucket/prefix")
     run.set_defaults(func=_cmd_run)
     sync = sub.add_parser("sync", help="replay undelivered logger records (spools) of a run directory")
     sync.add_argument("run_dir")

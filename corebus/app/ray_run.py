@@ -12,12 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from corebus.delivery.io import check_writable
+from corebus.delivery.storage import arrow_filesystem, is_remote
 from corebus.errors import ConfigError, require_module
 
 WHAT = "corebus run --workers"
 
 
-def scaling_plan(workers: int, address: str | None, storage: Path) -> str:
+def scaling_plan(workers: int, address: str | None, storage: Path | str) -> str:
     """What ``--print-plan`` shows of the Ray side of the run."""
     where = f"the Ray cluster at {address}" if address else f"a local Ray cluster (ray.init(num_cpus={workers}))"
     return "\n".join(
@@ -38,16 +40,24 @@ def _ray_overrides(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_on_ray(
-    path: str, overrides: dict[str, Any], workers: int, address: str | None, print_plan: bool
+    path: str,
+    overrides: dict[str, Any],
+    workers: int,
+    address: str | None,
+    print_plan: bool,
+    storage_path: str | None = None,
 ) -> dict[str, Any]:
-    """Train the config on ``workers`` Ray Train workers; returns the last epoch's metrics."""
+    """Train the config on ``workers`` Ray Train workers; returns the last epoch's metrics.
+
+    ``storage_path``: where Ray keeps results and checkpoints (default ``<run dir>/ray``); a
+    storage URL such as ``s3://bucket/runs`` is checked for writes before Ray starts."""
     from corebus.app.config import describe_config, load_run_config
     from corebus.bus.registry import instantiate
 
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give a number of workers >= 1")
     config = load_run_config(path, overrides)  # every error in the file before Ray starts
-    storage = (config.run_dir / "ray").resolve()
+    storage = storage_path if is_remote(storage_path) else Path(storage_path or config.run_dir / "ray").resolve()
     if print_plan:
         if not any(name == "ray_train" for name, _ in config.plugins):
             config.plugins.append(("ray_train", instantiate("ray_train", {})))
@@ -57,6 +67,7 @@ def run_on_ray(
         print(trainer.describe(verbose=fit.get("verbose", 1)))
         return {}
     instantiate("ray_train", {})  # the [ray] extra, named before anything starts
+    check_writable(storage, "--storage-path")  # a missing bucket or refused credentials: before Ray starts
     ray = require_module("ray", extra="ray", what=WHAT)
     train = require_module("ray.train", extra="ray", what=WHAT)
     tensorflow_train = require_module("ray.train.tensorflow", extra="ray", what=WHAT)
@@ -78,12 +89,20 @@ def run_on_ray(
             _worker_loop,
             train_loop_config={"config": str(Path(path).resolve()), "overrides": _ray_overrides(config, overrides)},
             scaling_config=train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-            run_config=train.RunConfig(name=config.run_dir.name, storage_path=str(storage)),
+            run_config=train.RunConfig(name=config.run_dir.name, **_storage(storage)),
         )
         result = trainer.fit()
     finally:
         ray.shutdown()
     return dict(result.metrics or {})
+
+
+def _storage(storage: Path | str) -> dict[str, Any]:
+    """RunConfig's storage arguments: a store URL reaches Ray through corebus's fsspec layer."""
+    if isinstance(storage, str):
+        filesystem, path = arrow_filesystem(storage)
+        return {"storage_path": path, "storage_filesystem": filesystem}
+    return {"storage_path": str(storage)}
 
 
 def _check_reachable(address: str) -> None:

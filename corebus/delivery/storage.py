@@ -98,6 +98,16 @@ def filesystem(url: str) -> Any:
     return fs
 
 
+def arrow_filesystem(url: str) -> tuple[Any, str]:
+    """``(pyarrow file system, path)`` for ``url``: pyarrow's view of the same fsspec file system
+    (what Ray Train takes as ``RunConfig(storage_filesystem=..., storage_path=path)``), so Ray
+    reads and writes with the same credentials and endpoint as the rest of corebus. It pickles
+    without credentials: each Ray worker builds its own from its environment."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(filesystem(url))), strip(url)
+
+
 def strip(url: str) -> str:
     """The path part of ``url`` as its file system names it (``bucket/prefix``)."""
     return url.split("://", 1)[1].rstrip("/")
