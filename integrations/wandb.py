@@ -209,8 +209,10 @@ class WandbLogger:
     def on_train_begin(self, trainer: Any) -> None:
         check_writable(self.dir, "WandbLogger")
         if self._outbox.is_open:  # the last model.fit raised: Keras told no callback
-            log.warning("WandbLogger: the previous fit ended without on_train_end; closing run %s", self.run_id)
-            self._outbox.close()
+            log.warning("WandbLogger: the previous fit ended without on_train_end; marking run %s FAILED", self.run_id)
+            resume_id = self._resume_id  # a snapshot loaded since names the run to continue
+            self._end("FAILED", "the fit ended without on_train_end (an exception inside model.fit)")
+            self._resume_id = resume_id
         alphabet = string.ascii_lowercase + string.digits
         self.run_id = self._resume_id or "".join(secrets.choice(alphabet) for _ in range(8))
         self._params = trainer.run_params()  # configuration only (RunContext.run_params)

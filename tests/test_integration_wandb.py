@@ -179,6 +179,32 @@ def test_model_fit_through_keras_callback(wandb_env):
     assert run.summary["corebus/status"] == "FINISHED" and run.exit_code == 0
 
 
+def test_a_model_fit_that_raised_is_marked_failed_at_the_next_fit(wandb_env):
+    """Keras has no exception hook: the same logger's next fit ends the crashed run honestly."""
+    import keras
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 5:
+                raise RuntimeError("power cut")
+
+    x, y = tiny_data(N)
+    logger = WandbLogger(log_every_n_steps=1)
+    model = tiny_model()
+    callback = corebus.KerasCallback([logger])
+    model.compile(optimizer=callback.wrap_optimizer("sgd"), loss="sparse_categorical_crossentropy")
+    with pytest.raises(RuntimeError, match="power cut"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[callback, Crash()])
+    crashed = logger.run_id
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+
+    run = only_run(wandb_env, crashed)
+    assert run.summary["corebus/status"] == "FAILED" and run.exit_code == 1
+    assert "without on_train_end" in run.summary["corebus/exception"]
+    following = only_run(wandb_env, logger.run_id)
+    assert logger.run_id != crashed and following.summary["corebus/status"] == "FINISHED"
+
+
 @pytest.mark.parametrize(
     "error, exit_code, status",
     [
