@@ -13,6 +13,7 @@ import numpy as np
 from corebus import Cadence, ConfigError, hookimpl
 from corebus.kit import (
     LoggerOutbox,
+    LogSink,
     OutboxTarget,
     check_remote_writable,
     check_writable,
@@ -163,6 +164,11 @@ class TensorBoardLogger:
         self._call_steps = 1
         self._warned_no_gradients = False
         self.hparams = bool(hparams)
+
+    @property
+    def sink(self) -> LogSink | None:
+        """The sink of the last run opened (kept after the run for its ``stats``)."""
+        return self._outbox.sink
 
     def get_config(self) -> dict[str, Any]:
         return {

@@ -16,6 +16,7 @@ from typing import Any
 from corebus import Cadence, ConfigError, Monitor, hookimpl
 from corebus.kit import (
     LoggerOutbox,
+    LogSink,
     OutboxTarget,
     atomic_path,
     check_writable,
@@ -187,6 +188,11 @@ class WandbLogger:
         self._delivered_keys: set[str] = set()  # the keys delivered at that last step
         self._sent: tuple[int, set[str]] | None = None  # (last step sent, its keys) by this process
         self._model: Any = None
+
+    @property
+    def sink(self) -> LogSink | None:
+        """The sink of the last run opened (kept after the run for its ``stats``)."""
+        return self._outbox.sink
 
     def get_config(self) -> dict[str, Any]:
         return {
