@@ -45,6 +45,9 @@ class RunContext:
       ``"test"``, ``"predict"``), ``rank`` / ``num_workers`` / ``is_chief`` /
       ``num_replicas`` (under ``tf.distribute``; a plugin declaring ``runs_on = "chief"`` is
       only registered on the chief).
+
+    Its jobs are held by parts it owns: ``dispatch`` (:class:`~corebus.engine.dispatch.Dispatch`,
+    calling the hooks) and ``run_state`` (:class:`~corebus.engine.run_state.RunState`, snapshots).
     """
 
     #: Whether a run snapshot taken mid-epoch can be resumed at that exact batch (the engine
