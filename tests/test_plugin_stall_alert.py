@@ -115,7 +115,7 @@ def test_a_stall_inside_the_compiled_step_is_caught_with_the_engine_stack():
     assert alerts.kinds() == ["stall", "stall_resolved"]
     stall = alerts.alerts[0]
     assert stall.level == "error" and stall.step == 3
-    assert "in _run_epoch" in stall.text and "in fit" in stall.text
+    assert "in run_epoch" in stall.text and "in fit" in stall.text
     assert "Thread MainThread" in stall.details and "in maybe_sleep" in stall.details  # the py_function thread
 
 
