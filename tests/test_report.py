@@ -248,7 +248,7 @@ def test_report_is_written_after_every_other_plugins_train_end_and_counts_kept_c
     assert "<title>nightly-7 - corebus run report</title>" in html
     assert f"{len(saved)} saved, 3 kept" in html
     # the timeline labels kept files only, one each: no pile of overlapping names
-    from corebus.app.report import timeline_labels
+    from corebus.app.report_plots import timeline_labels
 
     labels = [name for _, name in timeline_labels(report["checkpoints"])]
     assert sorted(labels) == sorted(p.rsplit("/", 1)[-1] for p in on_disk)
@@ -272,7 +272,7 @@ def test_explicit_name_wins_and_epochs_read_from_one(tmp_path):
 
 
 def test_step_overlay_lies_beneath_the_epoch_curves_and_fades_when_dense():
-    from corebus.app.report import _draw_curves
+    from corebus.app.report_plots import _draw_curves
 
     steps = list(range(1, 2001))
     report = {
