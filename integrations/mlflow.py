@@ -115,7 +115,7 @@ class MLflowLogger:
     every backend MLflow supports works.
 
     Alerts (``on_alert``, e.g. from ``stall_alert``) become run tags: ``corebus.alert.<kind>``
-    holds the latest of each kind with its text, ``corebus.delivery.alerts`` one line per alert.
+    holds the latest of each kind with its text, ``corebus.alerts`` one line per alert.
 
     Status: FINISHED at the end of ``fit``; FAILED when it raises; KILLED when it is stopped
     (``KeyboardInterrupt``, ``SystemExit``). Inside ``model.fit`` Keras has no exception hook,

@@ -217,12 +217,12 @@ class _Writer:
         return self._experiment_id
 
     def _log_alert(self, client: Any, run_id: str, record: dict[str, Any]) -> None:
-        """Tags: ``corebus.alert.<kind>`` (the latest of that kind) and ``corebus.delivery.alerts`` (one
+        """Tags: ``corebus.alert.<kind>`` (the latest of that kind) and ``corebus.alerts`` (one
         line per alert, newest last, cut to MLflow's tag length from the oldest end)."""
         from mlflow.entities import RunTag
 
         line = f"step {record['step']}: [{record['level']}] {record['title']}"
-        history = client.get_run(run_id).data.tags.get("corebus.delivery.alerts", "")
+        history = client.get_run(run_id).data.tags.get("corebus.alerts", "")
         if line in history.splitlines():  # a retried batch: already recorded
             return
         lines = (history + "\n" + line).strip("\n")[-MAX_TAG:]
@@ -231,7 +231,7 @@ class _Writer:
             run_id,
             tags=[
                 RunTag(clean_key(f"corebus.alert.{record['kind']}"), detail),
-                RunTag("corebus.delivery.alerts", lines),
+                RunTag("corebus.alerts", lines),
             ],
             synchronous=True,
         )

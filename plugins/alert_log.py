@@ -13,7 +13,7 @@ _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ER
 
 
 class AlertLog:
-    """Write every alert to the ``corebus.delivery.alerts`` logger (and to ``path`` as JSON lines).
+    """Write every alert to the ``corebus.alerts`` logger (and to ``path`` as JSON lines).
 
     The record is handed to a :class:`corebus.LogSink` worker, so a slow log handler (a file on
     a network disk, a remote syslog) never delays the thread that raised the alert, be it the
@@ -26,7 +26,7 @@ class AlertLog:
 
     error_policy = "warn"  # a notifier must never stop training
 
-    def __init__(self, logger: str = "corebus.delivery.alerts", min_level: str = "info", path: str | None = None):
+    def __init__(self, logger: str = "corebus.alerts", min_level: str = "info", path: str | None = None):
         self._outbox = AlertOutbox("alert_log", self._write, min_level, owner="AlertLog")
         if path is not None:
             check_writable(Path(path).parent, "AlertLog")

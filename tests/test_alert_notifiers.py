@@ -121,9 +121,9 @@ def test_trainer_alert_returns_none_when_held_back():
 def test_alert_log_writes_the_logger_and_a_jsonl_file(tmp_path, caplog):
     path = tmp_path / "alerts.jsonl"
     notifier = AlertLog(path=str(path), min_level="warning")
-    with caplog.at_level(logging.INFO, logger="corebus.delivery.alerts"):
+    with caplog.at_level(logging.INFO, logger="corebus.alerts"):
         assert deliver(notifier, alert(level="info", kind="a"), alert(kind="b", details="all stacks"))
-    (record,) = [r for r in caplog.records if r.name == "corebus.delivery.alerts"]
+    (record,) = [r for r in caplog.records if r.name == "corebus.alerts"]
     assert record.levelno == logging.ERROR and "[b] Training stalled (step 5, mnist" in record.getMessage()
     (line,) = path.read_text().splitlines()
     assert json.loads(line)["details"] == "all stacks"

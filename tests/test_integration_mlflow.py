@@ -409,7 +409,7 @@ def test_alerts_are_recorded_on_the_run_even_from_another_thread(server, tmp_pat
     tags = server.client().get_run(mlflow_logger.run_id).data.tags
     assert tags["corebus.alert.stall"] == "step 3: [error] no step for 60 s\nstack..."
     assert tags["corebus.alert.plateau"].startswith("step 12: [warning] val_loss stuck")
-    assert tags["corebus.delivery.alerts"].splitlines() == [
+    assert tags["corebus.alerts"].splitlines() == [
         "step 3: [error] no step for 60 s",
         "step 12: [warning] val_loss stuck",
     ]
