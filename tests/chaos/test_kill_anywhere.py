@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
             return name, {"last": run_worker(tmp / name), "kills": []}
         return name, run_chain(tmp / name, CHAINS[name], random.Random(f"{SEED}-{name}"))
 
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two processes at a time, as tests/test_resume.py
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two processes at a time, as tests/engine/test_resume.py
         done = dict(pool.map(go, ["uninterrupted", *CHAINS]))
     for name, run in done.items():
         assert run["last"].returncode == 0, f"{name}: {run['last'].stderr[-3000:]}"

@@ -22,7 +22,7 @@ import pytest
 
 from corebus import ConfigError, Preempted
 
-WORKER = Path(__file__).parent / "workers" / "preempt_worker.py"
+WORKER = Path(__file__).parents[1] / "workers" / "preempt_worker.py"
 
 
 def run_worker(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:

@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-WORKER = Path(__file__).parent / "workers" / "distributed_worker.py"
+WORKER = Path(__file__).parents[1] / "workers" / "distributed_worker.py"
 
 
 def launch(out, mode, *args, rank=0, ports=""):

@@ -11,7 +11,7 @@ import keras
 from corebus.engine.gradients import GradientPipelineOptimizer
 from corebus.engine.optimizer_chain import lr_owner, optimizer_chain
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_chain_goes_through_keras_and_corebus_wrappers():

@@ -21,7 +21,7 @@ def test_same_event_sequence_in_both_modes(tiny_data):
             measured = [k for k in ours[-1] if k != "steps_per_second"]  # a wall-clock rate
             if ours[:2] == ("on_log", "batch"):
                 # the engine logs each step's own values, model.fit only has running means
-                # (tests/test_step_values.py checks both)
+                # (tests/engine/test_step_values.py checks both)
                 continue
             np.testing.assert_allclose(
                 [ours[-1][k] for k in measured], [theirs[-1][k] for k in measured], rtol=1e-4, atol=1e-5

@@ -22,7 +22,7 @@ import pytest
 
 from corebus.demo import digits_mlp, load_digits_split
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 S = keras.optimizers.schedules
 

@@ -19,7 +19,7 @@ import corebus
 from corebus import ConfigError, RunSnapshot, SnapshotError
 from corebus.testing import make_trainer, tiny_data, tiny_model
 
-WORKER = Path(__file__).parent / "workers" / "resume_worker.py"
+WORKER = Path(__file__).parents[1] / "workers" / "resume_worker.py"
 STEPS = 6 * 12  # 6 epochs of 12 steps
 KILL_POINTS = sorted(random.Random(2026).sample(range(2, STEPS), 4)) + [24]  # 24: right at an epoch end
 

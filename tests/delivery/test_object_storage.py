@@ -127,7 +127,7 @@ def test_mirror_directory_to_a_missing_bucket_is_a_config_error(bucket, tmp_path
 
 # ---------------------------------------------------------------------- run snapshots and backups
 
-BACKUP_WORKER = Path(__file__).parent / "workers" / "s3_backup_worker.py"
+BACKUP_WORKER = Path(__file__).parents[1] / "workers" / "s3_backup_worker.py"
 
 
 def test_a_snapshot_on_s3_is_complete_only_with_its_manifest(s3, bucket):

@@ -186,7 +186,7 @@ def test_the_corebus_command_runs_a_config(config):
 def test_the_example_config_in_the_repository_validates(capsys, tmp_path, monkeypatch):
     from pathlib import Path
 
-    example = Path(__file__).resolve().parent.parent / "examples" / "run_config.toml"
+    example = Path(__file__).resolve().parents[2] / "examples" / "run_config.toml"
     monkeypatch.chdir(tmp_path)  # its relative paths land here
     assert cli_main(["run", str(example), "--print-plan"]) == 0
     out = capsys.readouterr().out
