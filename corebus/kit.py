@@ -23,7 +23,8 @@ hooks takes its building blocks from here, the same ones the built-ins use:
   a child process).
 - **Alerts**: :class:`Alert`, :class:`AlertGate`, :class:`AlertOutbox` (a notifier's queue).
 - **State**: :class:`RunSnapshot`, :class:`SnapshotError`.
-- **Parameters**: :func:`optimizer_names` (a plugin's ``optimizers=`` argument),
+- **Parameters**: :func:`check_number` / :func:`check_choice` (a number's range, a name from a
+  set: one rule and one message for every plugin), :func:`optimizer_names` (a plugin's ``optimizers=`` argument),
   :func:`require_module` (an optional SDK, with the ``pip install "corebus[extra]"`` hint).
 - **Bus and reports**: :class:`PluginBus` (a bus without a trainer, for tests),
   :func:`write_report` / :func:`render_report` / :func:`compare_reports` (the run report).
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from corebus.bus.bus import PluginBus
 from corebus.bus.logs import LazyLogs, LoggedStep
+from corebus.bus.params import check_choice, check_number
 from corebus.delivery.alerts import Alert, AlertGate, AlertOutbox
 from corebus.delivery.backend_process import BackendError, BackendProcess, InProcessBackend
 from corebus.delivery.io import BackgroundWorker, RunLock, atomic_path, check_writable, delete_path, fsync_path
@@ -92,6 +94,8 @@ __all__ = [
     "Spool",
     "arrow_filesystem",
     "atomic_path",
+    "check_choice",
+    "check_number",
     "check_remote_writable",
     "check_writable",
     "compare_reports",

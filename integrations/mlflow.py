@@ -22,6 +22,7 @@ from corebus.kit import (
     LoggerOutbox,
     LogSink,
     OutboxTarget,
+    check_number,
     check_writable,
     read_spool,
     redact,
@@ -167,8 +168,7 @@ class MLflowLogger:
                 f"MLflowLogger: log_every_n_steps={log_every_n_steps!r}; use a positive integer, "
                 "or None for epoch metrics only"
             )
-        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
-            raise ConfigError(f"MLflowLogger: shutdown_timeout={shutdown_timeout!r} must be a number of seconds >= 0")
+        check_number("MLflowLogger", "shutdown_timeout", shutdown_timeout, at_least=0, unit="seconds")
         if log_checkpoints is not False and (
             not isinstance(log_checkpoints, str) or log_checkpoints not in LOG_CHECKPOINTS
         ):

@@ -15,6 +15,7 @@ from corebus.kit import (
     LoggerOutbox,
     LogSink,
     OutboxTarget,
+    check_number,
     check_remote_writable,
     check_writable,
     is_remote,
@@ -138,6 +139,7 @@ class TensorBoardLogger:
         self.write_steps_per_second = bool(write_steps_per_second)
         self.update_freq = update_freq
         self.profile_batch = _profile_window(profile_batch)
+        check_number("TensorBoardLogger", "shutdown_timeout", shutdown_timeout, at_least=0, unit="seconds")
         self.shutdown_timeout = float(shutdown_timeout)
         self.write_gradients = bool(write_gradients)
         # What the gradient pipeline computes inside the step for us (see GradientPipeline).

@@ -19,6 +19,8 @@ from corebus.kit import (
     LogSink,
     OutboxTarget,
     atomic_path,
+    check_choice,
+    check_number,
     check_writable,
     read_spool,
     redact,
@@ -155,13 +157,10 @@ class WandbLogger:
         if self.log_checkpoints not in CHECKPOINT_POLICIES:
             raise ConfigError(f'WandbLogger: log_checkpoints={log_checkpoints!r}; use "kept" (or True), "all" or False')
         self.shutdown_timeout = shutdown_timeout
-        if self.mode not in MODES:
-            raise ConfigError(f"WandbLogger: mode={self.mode!r}; use one of {', '.join(MODES)}")
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ConfigError(f"WandbLogger: log_every_n_steps={log_every_n_steps!r}; use a positive integer or None")
-        for key, value in (("shutdown_timeout", shutdown_timeout), ("start_timeout", start_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"WandbLogger: {key}={value!r}; use a positive number of seconds")
+        check_choice("WandbLogger", "mode", self.mode, MODES)
+        check_number("WandbLogger", "log_every_n_steps", log_every_n_steps, at_least=1, integer=True, allow_none=True)
+        check_number("WandbLogger", "shutdown_timeout", shutdown_timeout, at_least=0, unit="seconds")
+        check_number("WandbLogger", "start_timeout", start_timeout, above=0, unit="seconds")
         self.start_timeout = start_timeout
         self.batch_log_cadence = Cadence.every_n(log_every_n_steps) if log_every_n_steps else None
         self.run_id: str | None = None

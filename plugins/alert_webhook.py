@@ -15,6 +15,7 @@ import urllib.request
 from typing import Any
 
 from corebus import Alert, AlertOutbox, ConfigError, RetryLater, hookimpl
+from corebus.kit import check_choice, check_number
 
 log = logging.getLogger("corebus")
 
@@ -61,10 +62,8 @@ class AlertWebhook:
         max_backoff: float = 60.0,
         shutdown_timeout: float = 5.0,
     ):
-        if format not in FORMATS:
-            raise ConfigError(f"AlertWebhook: format={format!r}; use one of {', '.join(FORMATS)}")
-        if not timeout > 0:
-            raise ConfigError(f"AlertWebhook: timeout={timeout!r} must be > 0 seconds")
+        check_choice("AlertWebhook", "format", format, FORMATS)
+        check_number("AlertWebhook", "timeout", timeout, above=0, unit="seconds")
         url = url or os.environ.get(url_env)
         if not url:
             raise ConfigError(f"AlertWebhook: no webhook URL; set the environment variable {url_env} (or pass url=...)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from corebus import BackgroundWorker, Cadence, ConfigError, Monitor, RunLock, atomic_path, check_writable, hookimpl
-from corebus.kit import delete_path, is_remote
+from corebus.kit import check_number, delete_path, is_remote
 
 log = logging.getLogger("corebus")
 
@@ -141,8 +141,7 @@ class ModelCheckpoint:
                 "ModelCheckpoint: save_best_only / save_top_k rank checkpoints by a metric; "
                 "pass monitor='val_loss' (or another)"
             )
-        if self.save_top_k is not None and not _positive_int(self.save_top_k):
-            raise ConfigError(f"ModelCheckpoint: save_top_k={self.save_top_k!r} must be a positive integer (or None)")
+        check_number("ModelCheckpoint", "save_top_k", self.save_top_k, at_least=1, integer=True, allow_none=True)
         if (self.save_top_k or 0) > 1 and not fields:
             raise ConfigError(
                 f"{where}: save_top_k={self.save_top_k} keeps several files, so the path needs "

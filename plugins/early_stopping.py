@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from corebus import ConfigError, Monitor, hookimpl
+from corebus import Monitor, hookimpl
+from corebus.kit import check_number
 
 
 class EarlyStopping:
@@ -46,8 +47,7 @@ class EarlyStopping:
         start_from_epoch: int = 0,
         strict: bool = False,
     ):
-        if not isinstance(patience, (int, np.integer)) or patience < 0:
-            raise ConfigError(f"EarlyStopping: patience={patience!r} must be an integer >= 0 (epochs to wait)")
+        check_number("EarlyStopping", "patience", patience, at_least=0, integer=True, unit="epochs")
         self._monitor = Monitor(monitor, mode, min_delta, owner="EarlyStopping", strict=strict)
         self.monitor = monitor
         self.mode = mode

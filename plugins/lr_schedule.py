@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from corebus import ConfigError, hookimpl
-from corebus.kit import optimizer_names
+from corebus.kit import check_choice, optimizer_names
 from corebus.plugins.schedules import CyclicalLR, LinearWarmup, StepDecay, StepFunction
 
 _schedules = keras.optimizers.schedules
@@ -79,8 +79,7 @@ class LRSchedule:
         optimizers: Iterable[str] | str | None = None,
         **params: Any,
     ):
-        if per not in ("step", "epoch"):
-            raise ConfigError(f"LRSchedule: per={per!r} is unknown; use 'step' or 'epoch'")
+        check_choice("LRSchedule", "per", per, ("step", "epoch"))
         if per == "epoch" and (warmup_steps or warmup_target is not None):
             raise ConfigError("LRSchedule: warmup_steps/warmup_target count optimizer steps; use per='step'")
         if warmup_target is not None and not warmup_steps and schedule != "cosine":

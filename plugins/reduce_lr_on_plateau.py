@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from corebus import ConfigError, Monitor, hookimpl
-from corebus.kit import optimizer_names
+from corebus.kit import check_number, optimizer_names
 
 
 class ReduceLROnPlateau:
@@ -86,10 +86,8 @@ class ReduceLROnPlateau:
                 "Keras rejects factor >= 1.0 too"
             )
         for label, value in (("patience", patience), ("cooldown", cooldown)):
-            if not isinstance(value, (int, np.integer)) or value < 0:
-                raise ConfigError(f"ReduceLROnPlateau: {label}={value!r} must be a non-negative number of epochs")
-        if min_lr < 0:
-            raise ConfigError(f"ReduceLROnPlateau: min_lr={min_lr!r} must be >= 0")
+            check_number("ReduceLROnPlateau", label, value, at_least=0, integer=True, unit="epochs")
+        check_number("ReduceLROnPlateau", "min_lr", min_lr, at_least=0)
         self._monitor = Monitor(monitor, mode, min_delta, owner="ReduceLROnPlateau", strict=strict)
         self.monitor, self.mode, self.min_delta = monitor, mode, self._monitor.min_delta
         self.factor = float(factor)

@@ -10,8 +10,8 @@ import time
 import traceback
 from typing import Any
 
-from corebus import Cadence, ConfigError, Monitor, hookimpl
-from corebus.kit import AlertGate
+from corebus import Cadence, Monitor, hookimpl
+from corebus.kit import AlertGate, check_number
 
 log = logging.getLogger("corebus")
 _now = time.monotonic
@@ -65,15 +65,11 @@ class StallAlert:
         cooldown: float = 300.0,
     ):
         for name, value in (("timeout", timeout), ("first_step_timeout", first_step_timeout), ("grace", grace)):
-            if value is not None and not value > 0:
-                raise ConfigError(f"StallAlert: {name}={value!r} must be > 0 seconds (or None)")
+            check_number("StallAlert", name, value, above=0, unit="seconds", allow_none=True)
         for name, value in (("check_every", check_every), ("patience", patience)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"StallAlert: {name}={value!r} must be an integer >= 1 (or None to switch it off)")
-        if throughput_drop is not None and not 0 < throughput_drop < 1:
-            raise ConfigError(f"StallAlert: throughput_drop={throughput_drop!r} must be a fraction in (0, 1)")
-        if divergence_factor is not None and not divergence_factor > 1:
-            raise ConfigError(f"StallAlert: divergence_factor={divergence_factor!r} must be > 1")
+            check_number("StallAlert", name, value, at_least=1, integer=True, allow_none=True)
+        check_number("StallAlert", "throughput_drop", throughput_drop, above=0, below=1, allow_none=True)
+        check_number("StallAlert", "divergence_factor", divergence_factor, above=1, allow_none=True)
         self.timeout = timeout
         self.first_step_timeout = first_step_timeout or (max(timeout, 600.0) if timeout else None)
         self.grace = grace or (max(timeout, 30.0) if timeout else None)

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from corebus import Cadence, ConfigError, hookimpl
+from corebus.kit import check_choice, check_number
 
 ACTIONS = ("stop", "raise")
 
@@ -36,10 +37,8 @@ class TerminateOnNaN:
                     f"TerminateOnNaN: raise_error={raise_error!r} contradicts action={action!r}; pass one"
                 )
             action = "raise" if raise_error else "stop"
-        if action not in ACTIONS:
-            raise ConfigError(f"TerminateOnNaN: action={action!r} is unknown; use 'stop' or 'raise'")
-        if not isinstance(check_every, int) or check_every < 1:
-            raise ConfigError(f"TerminateOnNaN: check_every={check_every!r} must be an integer >= 1 (steps)")
+        check_choice("TerminateOnNaN", "action", action, ACTIONS)
+        check_number("TerminateOnNaN", "check_every", check_every, at_least=1, integer=True, unit="steps")
         self.action = action
         self.check_every = check_every
         self._cadence = Cadence.every_n(check_every)

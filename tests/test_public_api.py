@@ -58,6 +58,8 @@ KIT = {
     "Spool",
     "arrow_filesystem",
     "atomic_path",
+    "check_choice",
+    "check_number",
     "check_remote_writable",
     "check_writable",
     "compare_reports",

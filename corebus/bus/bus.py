@@ -101,7 +101,9 @@ class PluginBus:
         """Within each tier (tryfirst, plain, trylast) call plugins in list order.
 
         pluggy calls plain impls last-registered-first but trylast impls first-registered-first,
-        so no single registration order gives list order in every tier; re-sort instead.
+        so no single registration order gives list order in every tier; re-sort instead. pluggy
+        has no public way to order implementations within a tier, so this rewrites the caller's
+        ``_hookimpls`` list; pyproject pins ``pluggy<2`` for it.
         """
         position = {name: i for i, name in enumerate(names)}
         for hook in hookspecs.__all__:

@@ -334,7 +334,7 @@ def test_background_writes_the_same_files(tmp_path, tiny_data, name):
         ({"mode": "maximum"}, "mode='maximum' is unknown"),
         ({"save_top_k": 2, "monitor": None}, "pass monitor="),
         ({"save_best_only": True, "monitor": None}, "pass monitor="),
-        ({"save_top_k": 0}, "save_top_k=0 must be a positive integer"),
+        ({"save_top_k": 0}, "save_top_k=0 must be an integer >= 1"),
         ({"filepath": "fixed.keras", "save_top_k": 2}, "needs a placeholder"),
         ({"save_freq": 0}, "save_freq=0"),
         ({"save_freq": "batch"}, "save_freq='batch'"),
