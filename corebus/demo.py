@@ -230,9 +230,7 @@ def run_demo(epochs: int = 10, batch_size: int = 64, verbose: int = 1, root: str
     print(f"  MLflow:      mlflow ui --backend-store-uri sqlite:///{run_dir / 'mlflow.db'}")
     print(f"  W&B:         wandb sync {run_dir / 'wandb'}/offline-run-*   (offline run, upload when you like)")
     print(f"  report:      {run_dir / 'report' / 'report.html'}   (regenerate: corebus report {run_dir / 'report'})")
-    print(
-        "  alerts:      the corebus.alerts log above; route them to Slack with alert_webhook (docs/alerts.md)"
-    )
+    print("  alerts:      the corebus.alerts log above; route them to Slack with alert_webhook (docs/alerts.md)")
     print("  run again:   the same stack from a file: corebus run <config.toml> (docs/config-runs.md)")
     return {"history": history.history, "test": test, "seconds": seconds, "run_dir": run_dir}
 

@@ -80,5 +80,7 @@ def test_plugin_table_names_installed_plugins_importable_as_said():
         assert len(names) == len(classes), (names, classes)
         for name, cls in zip(names, classes):
             assert name in entry_points, f"README names {name!r}, not an installed plugin"
-            package = corebus.integrations if name in ("tensorboard", "mlflow", "wandb", "ray_train") else corebus.plugins
+            package = (
+                corebus.integrations if name in ("tensorboard", "mlflow", "wandb", "ray_train") else corebus.plugins
+            )
             assert getattr(package, cls) is entry_points[name].load(), f"{package.__name__}.{cls} is not {name!r}"

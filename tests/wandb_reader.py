@@ -158,3 +158,26 @@ def run_files(wandb_dir: str | Path, run_id: str | None = None) -> list[Path]:
 
     pattern = f"*-run-*/run-{run_id}.wandb" if run_id else "*-run-*/run-*.wandb"
     return sorted(Path(wandb_dir, "wandb").glob(pattern), key=started)
+
+
+def offline_environment(scratch: Path, wandb_dir: Path | None = None) -> dict[str, str]:
+    """Environment variables for a W&B offline run that connects nowhere and writes only under
+    ``scratch`` (its data, cache, config and artifact folders) and ``wandb_dir`` (the runs, when
+    the logger is given no ``dir``): no code or git capture, no system stats or machine info."""
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB__DISABLE_STATS": "true",
+        "WANDB__DISABLE_META": "true",
+        "WANDB__DISABLE_MACHINE_INFO": "true",
+        "WANDB_DATA_DIR": str(scratch / "wandb-data"),
+        "WANDB_CACHE_DIR": str(scratch / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(scratch / "wandb-config"),
+        "WANDB_ARTIFACT_DIR": str(scratch / "wandb-artifacts"),
+    }
+    if wandb_dir is not None:
+        env["WANDB_DIR"] = str(wandb_dir)
+    return env

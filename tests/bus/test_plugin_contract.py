@@ -24,6 +24,8 @@ import pytest
 import corebus
 from corebus.testing import tiny_data, tiny_model
 
+from wandb_reader import offline_environment
+
 # Minimal parameters for plugins that cannot run on their defaults; ``{tmp}`` is the test's
 # own directory (the tests also run there, so default relative paths land in it too).
 PARAMS: dict[str, dict[str, Any]] = {
@@ -75,19 +77,8 @@ def make(name: str, tmp: Path) -> Any:
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for key, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path / "wandb"),
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB_DISABLE_CODE": "true",
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB__DISABLE_STATS": "true",
-        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-    }.items():
+    env = offline_environment(tmp_path, wandb_dir=tmp_path / "wandb")
+    for key, value in {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}.items():
         monkeypatch.setenv(key, value)
     if "wandb" in sys.modules:  # an earlier test's W&B settings must not leak into this one
         sys.modules["wandb"].teardown()

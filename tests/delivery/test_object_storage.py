@@ -22,24 +22,6 @@ from corebus.delivery import storage
 from corebus.kit import RunSnapshot, SnapshotError, check_remote_writable, is_remote, mirror_directory
 
 
-@pytest.fixture(scope="session")
-def s3():
-    server = s3_server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3, monkeypatch):
-    """A fresh bucket, with the environment set to reach the server with valid credentials."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    for name, value in s3.env.items():
-        monkeypatch.setenv(name, value)
-    return s3.make_bucket()
-
-
 def objects(s3, bucket: str, prefix: str = "") -> dict[str, bytes]:
     client = s3.client()
     listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])

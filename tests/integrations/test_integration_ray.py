@@ -76,16 +76,13 @@ def train_loop(config):
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A local S3 server; its endpoint and keys are in the environment the Ray workers inherit."""
-    import s3_server
-
-    server = s3_server.start()
+def s3(s3):
+    """The session's local S3 server (tests/conftest.py), its endpoint and keys in the environment
+    the Ray workers inherit."""
     with pytest.MonkeyPatch.context() as env:
-        for name, value in server.env.items():
+        for name, value in s3.env.items():
             env.setenv(name, value)
-        yield server
-    server.stop()
+        yield s3
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from corebus.integrations.wandb import WandbLogger
 from corebus.plugins import BackupAndRestore, EarlyStopping, ModelCheckpoint
 from corebus.testing import RecordingPlugin, make_trainer, tiny_data, tiny_model
 
-from wandb_reader import read_run, run_files
+from wandb_reader import offline_environment, read_run, run_files
 
 BATCH, N = 8, 96  # 12 steps per epoch
 
@@ -28,21 +28,7 @@ BATCH, N = 8, 96  # 12 steps per epoch
 @pytest.fixture(autouse=True)
 def wandb_env(tmp_path, monkeypatch):
     root = tmp_path / "wb"
-    for name, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(root),
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB_DISABLE_CODE": "true",
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB__DISABLE_STATS": "true",
-        "WANDB__DISABLE_META": "true",
-        "WANDB__DISABLE_MACHINE_INFO": "true",
-        "WANDB_DATA_DIR": str(tmp_path / "data"),
-        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
-        "WANDB_ARTIFACT_DIR": str(tmp_path / "artifacts"),
-    }.items():
+    for name, value in offline_environment(tmp_path, wandb_dir=root).items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
     if "wandb" in sys.modules:  # an earlier test's run (e.g. mode="disabled") left W&B's settings behind

@@ -4,36 +4,16 @@ snapshots and the end of ``fit``, and read back from the store with TensorBoard'
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
-import s3_server
 
 from corebus import ConfigError, hookimpl
 from corebus.integrations import TensorBoardLogger
 from corebus.testing import make_trainer, tiny_data
 
 BATCH, N = 8, 96  # 12 steps per epoch
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = s3_server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3, monkeypatch):
-    """A fresh bucket, with the environment set to reach the server with valid credentials."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    for name, value in s3.env.items():
-        monkeypatch.setenv(name, value)
-    return s3.make_bucket()
 
 
 def download(s3, bucket: str, prefix: str, into: Path) -> list[str]:

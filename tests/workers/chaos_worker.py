@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the W&B helpers
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -34,6 +35,8 @@ import tensorflow as tf  # noqa: E402
 import corebus  # noqa: E402
 from corebus import hookimpl  # noqa: E402
 from corebus.testing import tiny_data  # noqa: E402
+
+from wandb_reader import offline_environment  # noqa: E402
 
 EPOCHS, BATCH, SAVE_FREQ, N = 5, 16, 5, 256  # 12 steps an epoch (validation_split 0.25), 60 steps
 
@@ -116,21 +119,7 @@ def kill_during_write(k: int, killer: Killer) -> None:
 
 
 def wandb_environment(out: Path) -> None:
-    for name, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB_DISABLE_CODE": "true",
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB__DISABLE_STATS": "true",
-        "WANDB__DISABLE_META": "true",
-        "WANDB__DISABLE_MACHINE_INFO": "true",
-        "WANDB_DATA_DIR": str(out / "wandb-data"),
-        "WANDB_CACHE_DIR": str(out / "wandb-cache"),
-        "WANDB_CONFIG_DIR": str(out / "wandb-config"),
-        "WANDB_ARTIFACT_DIR": str(out / "wandb-artifacts"),
-    }.items():
-        os.environ[name] = value
+    os.environ.update(offline_environment(out))
     os.environ.pop("WANDB_PROJECT", None)
 
 
