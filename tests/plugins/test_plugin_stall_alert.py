@@ -159,7 +159,9 @@ def test_compilation_validation_and_epoch_end_get_their_grace():
     assert alerts.alerts == []
     tight = StallAlert(timeout=0.3, first_step_timeout=30, grace=0.05, check_every=None, throughput_drop=None)
     make_trainer([tight, alerts, SlowEpochEnd(0.6)]).fit(x, y, epochs=1, validation_split=0.25, **FIT)
-    assert "stall" in alerts.kinds() and "in validation" in alerts.alerts[0].text
+    # Validation's first batch (compiling the test step) has no grace now; a training step slowed
+    # by a busy machine may be reported too, so look for the validation one among them.
+    assert any(a.kind == "stall" and "in validation" in a.text for a in alerts.alerts), alerts.alerts
 
 
 def test_a_crashed_model_fit_leaves_no_watchdog_behind():
