@@ -124,7 +124,13 @@ def test_every_metric_param_and_artifact_reaches_the_server(server, tmp_path, mo
         background=True,
     )
     mlflow_logger = logger(
-        server, tmp_path, run_name=f"tiny-{mode}", log_every_n_steps=4, log_model=True, tags={"team": "corebus"}
+        server,
+        tmp_path,
+        run_name=f"tiny-{mode}",
+        log_every_n_steps=4,
+        log_model=True,
+        tags={"team": "corebus"},
+        shutdown_timeout=120,
     )
     # 72 train samples, batch 8, 3 steps per call: calls end at steps 3, 6, 9 | 12, 15, 18.
     model, hist = fit(mode, [recorder, Notifier(), mlflow_logger, checkpoint], x, y, spe=3, validation_split=0.25)
@@ -437,7 +443,7 @@ def test_a_local_store_crash_and_resume_continue_one_run_and_keep_artifacts_besi
             experiment_name="corebus-tests",
             dir=tmp_path / "mlflow",
             log_every_n_steps=1,
-            shutdown_timeout=30,
+            shutdown_timeout=120,
             log_model=True,
         )
 
@@ -479,6 +485,7 @@ def test_an_artifact_location_is_used_when_the_experiment_is_created(tmp_path, m
         dir=tmp_path / "mlflow",
         artifact_location="elsewhere/artifacts",
         log_model=True,
+        shutdown_timeout=120,  # logging the model (MLflow infers its requirements) is slow on a busy machine
     )
     make_trainer([mlflow_logger]).fit(x, y, batch_size=8, epochs=1, verbose=0)
     client = MlflowClient(tracking_uri=uri)
