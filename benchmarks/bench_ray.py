@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,19 +163,20 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
 
-    def median(values):
-        values = sorted(values)
-        return values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1 :][:2]) / 2
-
     print(f"2 workers, MultiWorkerMirroredStrategy on 127.0.0.1, global batch {GLOBAL_BATCH}, {args.repeats} rounds")
     print(f"{'variant':<26}{'steps/s':>10}{'start-up s':>12}")
     for name, results in runs.items():
-        rate = median([r["steps_per_s"] for r in results])
-        print(f"{name:<26}{rate:>10.0f}{median([r['startup_s'] for r in results]):>12.1f}")
+        rate = statistics.median([r["steps_per_s"] for r in results])
+        print(f"{name:<26}{rate:>10.0f}{statistics.median([r['startup_s'] for r in results]):>12.1f}")
     ratios = [b["steps_per_s"] / a["steps_per_s"] for a, b in zip(*runs.values())]
-    record("ray", "2 workers under Ray Train / by hand with TF_CONFIG, steps/s after epoch 1", median(ratios), ">= 0.9")
+    record(
+        "ray",
+        "2 workers under Ray Train / by hand with TF_CONFIG, steps/s after epoch 1",
+        statistics.median(ratios),
+        ">= 0.9",
+    )
     for name, results in runs.items():
-        record("ray", f"start-up {name[4:]}", median([r["startup_s"] for r in results]), unit="s")
+        record("ray", f"start-up {name[4:]}", statistics.median([r["startup_s"] for r in results]), unit="s")
     return 0
 
 
